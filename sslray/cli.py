@@ -1,0 +1,182 @@
+"""`sslray convert | pretrain | probe | demo`: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .config import ConfigError, load_config
+
+
+def _abs(p: Optional[str]) -> Optional[str]:
+    return str(Path(p).resolve()) if p and "://" not in p else p
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", help="built-in recipe name (sslray/configs/*.yaml) or a YAML file")
+    p.add_argument("--method", help="SSL method (see `sslray methods`)")
+    p.add_argument("--data", help="training .beton")
+    p.add_argument("--val", help="labelled val .beton for the kNN monitor and the probe")
+    p.add_argument("--backbone", help="timm backbone name, e.g. resnet18, vit_small_patch16_224")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="global batch over all workers")
+    p.add_argument("--lr", type=float, help="base lr per 256 images")
+    p.add_argument("--workers", type=int, help="Ray Train workers")
+    p.add_argument("--gpu", choices=["auto", "true", "false"], help="use GPUs (auto: when the cluster has them)")
+    p.add_argument("--storage", help="checkpoint storage: folder, shared mount, s3:// or gs://")
+    p.add_argument("--name", help="run name under --storage")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    p.add_argument("--experiment", help="MLflow experiment name")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="any config key, e.g. optim.base_lr=0.3")
+
+
+def config_from_args(a: argparse.Namespace):
+    flags = {
+        "method.name": a.method, "data.train": _abs(a.data), "data.val": _abs(a.val), "model.backbone": a.backbone,
+        "train.epochs": a.epochs, "data.batch_size": a.batch_size, "optim.base_lr": a.lr, "ray.num_workers": a.workers,
+        "ray.use_gpu": a.gpu, "ray.storage": a.storage, "ray.name": a.name, "tracking.tracking_uri": a.tracking_uri,
+        "tracking.experiment": a.experiment,
+    }
+    over = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    cfg = load_config(a.recipe, over + list(a.overrides))
+    # Workers may run with another cwd: make data paths absolute.
+    return cfg.replace(**{"data.train": _abs(cfg.data.train) or "", "data.val": _abs(cfg.data.val) or ""})
+
+
+def cmd_convert(a) -> int:
+    from .datasets import WriteParams, convert
+
+    params = WriteParams(write_mode=a.write_mode, max_resolution=a.max_res, jpeg_quality=a.quality)
+    convert(a.src, a.out, source=a.source, split=a.split, params=params, workers=a.workers, strict=a.strict,
+            force=a.force)
+    return 0
+
+
+def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val_subset: int = 0):
+    from .raytrain.evaluate import format_table, log_probe, probe_checkpoint
+    from .raytrain.trainer import pretrain
+
+    res = pretrain(cfg)
+    print(f"sslray: run {res.name} finished; MLflow run {res.run_id} in {res.tracking_uri}; checkpoint {res.checkpoint}")
+    report = None
+    if probe and cfg.data.val and res.checkpoint:
+        from .tracking import Tracker
+
+        report = probe_checkpoint(res.checkpoint, cfg.data.train, cfg.data.val, train_subset=probe_train_subset,
+                                  val_subset=probe_val_subset, knn_k=cfg.train.knn_k, use_gpu=cfg.ray.use_gpu)
+        log_probe(Tracker(res.tracking_uri, res.run_id), report)
+        print(format_table(report))
+    from .tracking import Tracker
+
+    Tracker(res.tracking_uri, res.run_id).end()
+    return res, report
+
+
+def cmd_pretrain(a) -> int:
+    cfg = config_from_args(a)
+    run_pretrain(cfg, probe=not a.no_probe, probe_train_subset=a.probe_train_subset or cfg.data.train_subset,
+                 probe_val_subset=a.probe_val_subset or cfg.data.val_subset)
+    return 0
+
+
+def cmd_probe(a) -> int:
+    from .raytrain.evaluate import format_table, log_probe, probe_checkpoint
+    from .tracking import Tracker
+
+    report = probe_checkpoint(a.checkpoint, _abs(a.train), _abs(a.val), train_subset=a.train_subset,
+                              val_subset=a.val_subset, knn_k=a.k, use_gpu=a.gpu)
+    print(format_table(report))
+    print(report.probe.report)
+    if a.run_id:
+        log_probe(Tracker(a.tracking_uri, a.run_id), report)
+        print(f"sslray: probe metrics logged to MLflow run {a.run_id}")
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from .demo import run_demo
+
+    return run_demo(a)
+
+
+def cmd_methods(a) -> int:
+    from .raytrain.methods import METHODS
+
+    for name in METHODS.names():
+        print(f"{name:14s} {getattr(METHODS.get(name), 'family', '')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="sslray", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="image source -> FFCV .beton + manifest")
+    c.add_argument("src", help="source folder (ImageFolder: SRC/<class>/<image>)")
+    c.add_argument("out", help="output .beton path; OUT.manifest.json is written beside it")
+    c.add_argument("--source", default="imagefolder", help="source type (imagefolder, ...)")
+    c.add_argument("--split", help="sub-folder of SRC to convert, e.g. train")
+    c.add_argument("--write-mode", default="jpg", choices=["jpg", "raw", "proportion", "smart"])
+    c.add_argument("--max-res", type=int, default=256, help="longest side kept, px")
+    c.add_argument("--quality", type=int, default=90, help="JPEG quality for write mode jpg/proportion")
+    c.add_argument("--workers", type=int, default=0, help="processes (default: CPU count, at most 8)")
+    c.add_argument("--strict", action="store_true", help="fail on the first unreadable image instead of skipping it")
+    c.add_argument("--force", action="store_true", help="convert even when the manifest says it is up to date")
+    c.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("pretrain", help="self-supervised pretraining with Ray Train, then probe, logged to MLflow")
+    add_run_args(p)
+    p.add_argument("--no-probe", action="store_true", help="skip the offline linear probe after training")
+    p.add_argument("--probe-train-subset", type=int, default=0, help="train images for the probe (0: as training)")
+    p.add_argument("--probe-val-subset", type=int, default=0, help="val images for the probe (0: as data.val_subset)")
+    p.set_defaults(func=cmd_pretrain)
+
+    q = sub.add_parser("probe", help="linear probe + kNN on frozen features, beside a random-init baseline")
+    q.add_argument("--checkpoint", required=True, help="state.pt, a checkpoint folder, or a run folder")
+    q.add_argument("--train", required=True, help="labelled .beton to fit the probe on")
+    q.add_argument("--val", required=True, help="labelled .beton to score it on")
+    q.add_argument("--train-subset", type=int, default=0)
+    q.add_argument("--val-subset", type=int, default=0)
+    q.add_argument("-k", type=int, default=200, help="kNN neighbours")
+    q.add_argument("--gpu", default="auto", choices=["auto", "true", "false"])
+    q.add_argument("--run-id", help="MLflow run to log the probe metrics to")
+    q.add_argument("--tracking-uri")
+    q.set_defaults(func=cmd_probe)
+
+    d = sub.add_parser("demo", help="CIFAR-10 end to end: extract, convert, pretrain on Ray, probe, MLflow")
+    d.add_argument("--data-dir", default="demo-data", help="where the dataset is extracted and converted")
+    d.add_argument("--archive", help="CIFAR-10 ImageFolder tar.gz (default: ../shared/data/cifar10-jpeg.tar.gz)")
+    d.add_argument("--epochs", type=int)
+    d.add_argument("--train-subset", type=int)
+    d.add_argument("--workers", type=int, default=2)
+    d.add_argument("--tracking-uri")
+    d.add_argument("overrides", nargs="*", metavar="section.key=value")
+    d.set_defaults(func=cmd_demo)
+
+    m = sub.add_parser("methods", help="list the registered SSL methods")
+    m.set_defaults(func=cmd_methods)
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, FileNotFoundError, ValueError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"sslray {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - name the failure, keep the traceback for debugging
+        from .datasets import ConversionError, DataError, SourceError
+
+        if isinstance(e, (ConversionError, DataError, SourceError)):
+            print(f"sslray {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

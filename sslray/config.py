@@ -1,0 +1,298 @@
+"""Typed, frozen run configuration: YAML recipes + ``key=value`` overrides, unknown keys rejected.
+
+One tree describes a run end to end. It is dumped as YAML with every run and flattened to
+``section.key`` params for MLflow, so a run can always be reproduced from what it logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = ""  # .beton written by `sslray convert`
+    val: str = ""  # labelled .beton for the kNN monitor and probes
+    batch_size: int = 256  # global batch (all workers together), images per step
+    decode_res: int = 32  # each image is decoded once at this square size, views are cut from it
+    loader_workers: int = 2  # FFCV decode threads per training worker
+    train_subset: int = 0  # use only the first N training images (0 = all)
+    val_subset: int = 0  # use only the first N val images (0 = all)
+    knn_bank: int = 0  # train images in the kNN memory bank (0 = all of train_subset)
+    os_cache: bool = True  # memory-map the .beton (fast when it fits in RAM; see README)
+    batches_ahead: int = 2  # batches FFCV prepares ahead of the training step
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    preset: str = "simclr"  # see sslray.datasets.views.PRESETS
+    crop_size: int = 32  # output size of global crops, px
+    min_scale: float = 0.08  # RandomResizedCrop lower area bound
+    jitter_strength: float = 0.5  # colour jitter s: (0.8s, 0.8s, 0.8s, 0.2s)
+    blur: bool = False  # Gaussian blur (off for 32-px data, as in the SimCLR CIFAR recipe)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "resnet18"  # any timm name, see sslray.raytrain.backbones
+    cifar_stem: bool = True  # 3x3 stride-1 first conv and no max-pool (small images)
+    proj_hidden_dim: int = 2048
+    proj_out_dim: int = 128
+    sync_bn: bool = True  # global batch statistics across workers (GPU only: torch's SyncBN is CUDA-only)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    name: str = "simclr"
+    temperature: float = 0.5
+    params: Mapping[str, Any] = field(default_factory=dict)  # method-specific, checked by the method
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "sgd"  # sgd | lars | adamw
+    base_lr: float = 0.06  # lr per 256 images; effective lr = base_lr * global_batch / 256
+    lr_scaling: str = "linear"  # linear | sqrt | none
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak lr
+    clip_grad: float = 0.0  # max global grad norm; 0 disables
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    channels_last: bool = True  # applied on GPU only
+    knn_k: int = 200
+    knn_temperature: float = 0.07
+    knn_every: int = 1  # epochs between kNN monitor evaluations (the last epoch always runs it)
+    log_every: int = 20  # steps between progress lines
+    max_steps_per_epoch: int = 0  # cap for smoke tests; 0 = full epochs
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    num_workers: int = 2
+    use_gpu: str = "auto"  # auto | true | false
+    cpus_per_worker: float = 1.0
+    storage: str = "./runs"  # RunConfig.storage_path: local dir, shared mount, s3:// or gs://
+    name: str = ""  # run name under storage; empty = derived from method/backbone/date
+    num_to_keep: int = 2  # checkpoints kept
+    max_failures: int = 0
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    tracking_uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd
+    experiment: str = "sslray"
+    run_name: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    views: ViewConfig = field(default_factory=ViewConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def replace(self, **overrides: Any) -> "Config":
+        """Return a copy with dotted-key overrides applied: ``cfg.replace(**{"optim.base_lr": 0.1})``."""
+        return from_dict(merge(self.to_dict(), overrides_to_tree(overrides)))
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used; the message names the key."""
+
+
+def to_dict(obj: Any) -> Any:
+    if is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, Mapping):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    typ = {"int": int, "float": float, "bool": bool, "str": str}.get(typ, typ) if isinstance(typ, str) else typ
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"config key {key!r}: expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}") from None
+    if typ is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key {key!r}: expected a number, got {value!r}") from None
+    if typ is str:
+        return "" if value is None else str(value)
+    return value
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping, got {data!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"known in {prefix.rstrip('.') or 'the root'}: {', '.join(sorted(known))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        f = known[name]
+        key = prefix + name
+        sub = f.type if not isinstance(f.type, str) else _SECTIONS.get(f.type)
+        if sub is not None and is_dataclass(sub):
+            kwargs[name] = _build(sub, value, key + ".")
+        elif name == "params":
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"config key {key!r} must be a mapping")
+            kwargs[name] = dict(value)
+        else:
+            kwargs[name] = _coerce(value, f.type, key)
+    return cls(**kwargs)
+
+
+_SECTIONS = {
+    c.__name__: c
+    for c in (DataConfig, ViewConfig, ModelConfig, MethodConfig, OptimConfig, TrainConfig, RayConfig, TrackingConfig)
+}
+
+
+def from_dict(data: Mapping[str, Any]) -> Config:
+    return _build(Config, data, "")
+
+
+def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) and k != "params":
+            out[k] = merge(out[k], v)
+        elif isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+def overrides_to_tree(overrides: Mapping[str, Any] | Sequence[str]) -> dict:
+    """``["optim.base_lr=0.1", ...]`` or ``{"optim.base_lr": 0.1}`` -> nested dict (YAML-typed values)."""
+    items: list[tuple[str, Any]] = []
+    if isinstance(overrides, Mapping):
+        items = list(overrides.items())
+    else:
+        for text in overrides:
+            if "=" not in text:
+                raise ConfigError(f"override {text!r} must look like section.key=value")
+            k, v = text.split("=", 1)
+            items.append((k.strip(), yaml.safe_load(v) if v.strip() else ""))
+    tree: dict = {}
+    for key, value in items:
+        parts = key.split(".")
+        node = tree
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r} conflicts with another override")
+        node[parts[-1]] = value
+    return tree
+
+
+def recipe_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
+    if candidate.exists():
+        return candidate
+    known = ", ".join(sorted(x.stem for x in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"recipe {name_or_path!r} is neither a YAML file nor a built-in recipe ({known})")
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must hold a mapping at the top level")
+    return data
+
+
+def load_config(recipe: str | None = None, overrides: Sequence[str] | Mapping[str, Any] = ()) -> Config:
+    """Defaults <- recipe YAML (built-in name or path) <- overrides."""
+    tree: dict = to_dict(Config())
+    if recipe:
+        tree = merge(tree, load_yaml(recipe_path(recipe)))
+    tree = merge(tree, overrides_to_tree(overrides))
+    return from_dict(tree)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def flatten(cfg: Config | Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config -> ``{"optim.base_lr": 0.06, ...}`` for MLflow params."""
+    tree = cfg.to_dict() if isinstance(cfg, Config) else cfg
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def effective_lr(cfg: Config) -> float:
+    """``base_lr * global_batch / 256`` (linear) or ``* sqrt(global_batch / 256)`` (sqrt)."""
+    ratio = cfg.data.batch_size / 256.0
+    rule = cfg.optim.lr_scaling
+    if rule == "linear":
+        return cfg.optim.base_lr * ratio
+    if rule == "sqrt":
+        return cfg.optim.base_lr * ratio**0.5
+    if rule == "none":
+        return cfg.optim.base_lr
+    raise ConfigError(f"config key 'optim.lr_scaling': expected linear, sqrt or none, got {rule!r}")
+
+
+__all__ = [
+    "Config", "ConfigError", "DataConfig", "ViewConfig", "ModelConfig", "MethodConfig", "OptimConfig",
+    "TrainConfig", "RayConfig", "TrackingConfig", "load_config", "from_dict", "dump_yaml", "flatten",
+    "effective_lr",
+]

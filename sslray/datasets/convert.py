@@ -1,0 +1,302 @@
+"""Source -> FFCV ``.beton`` + ``.manifest.json``, atomically, and never losing an image silently.
+
+Every record is decoded once up front (in parallel) so that a truncated, empty or mislabelled file
+is listed in ``manifest["skipped"]`` with its reason instead of crashing the FFCV writer half way.
+Only images that decoded become rows of the .beton. Both files are written under temporary names
+and renamed at the end: a crash never leaves a file that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageFile
+from tqdm import tqdm
+
+from .. import __version__
+from .sources import SOURCES, Record, SourceError, SourceListing
+
+# Real datasets hold images larger than PIL's bomb guard; --max-res bounds what we keep instead.
+Image.MAX_IMAGE_PIXELS = None
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error we report, never half an image
+
+MANIFEST_VERSION = 1
+WRITE_MODES = ("jpg", "raw", "proportion", "smart")
+
+
+class ConversionError(RuntimeError):
+    """Conversion cannot go on (strict mode hit a bad file, unwritable output, ...)."""
+
+
+@dataclass(frozen=True)
+class WriteParams:
+    write_mode: str = "jpg"
+    max_resolution: int = 256  # longest side kept, px; bounds RAM at load time (see README)
+    jpeg_quality: int = 90
+    compress_probability: float = 0.5  # only for write_mode=proportion
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def manifest_path(beton: str | os.PathLike) -> Path:
+    """``data/train.beton`` -> ``data/train.manifest.json``."""
+    p = Path(beton)
+    stem = p.name[: -len(".beton")] if p.name.endswith(".beton") else p.name
+    return p.with_name(stem + ".manifest.json")
+
+
+def read_manifest(beton: str | os.PathLike) -> Optional[dict]:
+    mp = manifest_path(beton)
+    if not mp.exists():
+        return None
+    try:
+        return json.loads(mp.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"manifest {mp} is not valid JSON ({e}); delete it and convert again") from None
+
+
+def to_rgb_array(img: Image.Image, max_res: int) -> np.ndarray:
+    """Any PIL mode -> HxWx3 uint8, longest side <= max_res. Alpha is composited over white."""
+    if img.format == "JPEG" and max_res and max(img.size) > 2 * max_res:
+        img.draft("RGB", (max_res, max_res))  # let libjpeg decode at 1/2..1/8 scale: fast and small
+    img.load()
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.uint32 if mode == "I" else np.uint16)
+        peak = 65535 if mode != "I" else max(int(arr.max()), 1)
+        arr = (arr.astype(np.float64) * (255.0 / peak)).round().clip(0, 255).astype(np.uint8)
+        img = Image.fromarray(arr, "L")
+    elif mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = ((arr - lo) / max(hi - lo, 1e-12) * 255).round().astype(np.uint8)
+        img = Image.fromarray(arr, "L")
+    if img.mode in ("P", "PA"):
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, rgba)
+    if img.mode != "RGB":
+        img = img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+    if max_res and max(img.size) > max_res:
+        scale = max_res / max(img.size)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
+def open_record(rec: Record) -> Image.Image:
+    if rec.loader is not None:
+        return rec.loader()
+    if os.path.getsize(rec.path) == 0:
+        raise ValueError("empty file (0 bytes)")
+    return Image.open(rec.path)
+
+
+def load_record(rec: Record, max_res: int) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL's EXIF/ICC chatter is not a data problem
+        img = open_record(rec)
+        try:
+            return to_rgb_array(img, max_res)
+        finally:
+            img.close()
+
+
+def _check(args: tuple[int, Record, int]) -> tuple[int, Optional[tuple[int, int]], Optional[str]]:
+    i, rec, max_res = args
+    try:
+        arr = load_record(rec, max_res)
+        return i, arr.shape[:2], None
+    except Exception as e:  # every failure becomes a reason in the manifest
+        reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        if "cannot identify image file" in reason:
+            reason = "not an image (cannot identify image file)"
+        return i, None, reason
+
+
+class _ValidDataset:
+    """Indexed view of the validated records for FFCV's writer (picklable for its workers)."""
+
+    def __init__(self, records: Sequence[Record], max_res: int):
+        self.records = list(records)
+        self.max_res = max_res
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        rec = self.records[i]
+        return load_record(rec, self.max_res), int(rec.label)
+
+
+def check_writable(out: Path) -> None:
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConversionError(f"cannot create output folder {parent}: {e.strerror}") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".sslray-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConversionError(f"output folder {parent} is not writable: {e.strerror}") from None
+
+
+def validate(records: Sequence[Record], max_res: int, workers: int, desc: str = "checking images"):
+    ok: list[Record] = []
+    skipped: list[dict] = []
+    shapes: list[tuple[int, int]] = []
+    results: list[Any] = [None] * len(records)
+    jobs = [(i, r, max_res) for i, r in enumerate(records)]
+    if workers > 1 and len(records) > 256 and all(r.loader is None for r in records):
+        with ProcessPoolExecutor(workers) as ex:
+            for i, shape, reason in tqdm(ex.map(_check, jobs, chunksize=256), total=len(jobs), desc=desc, unit="img"):
+                results[i] = (shape, reason)
+    else:
+        for job in tqdm(jobs, desc=desc, unit="img", disable=len(jobs) < 1000):
+            i, shape, reason = _check(job)
+            results[i] = (shape, reason)
+    for rec, (shape, reason) in zip(records, results):
+        if reason is None:
+            ok.append(rec)
+            shapes.append(shape)
+        else:
+            skipped.append({"path": rec.path, "reason": reason})
+    return ok, skipped, shapes
+
+
+def convert(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    source: str = "imagefolder",
+    split: Optional[str] = None,
+    params: WriteParams = WriteParams(),
+    workers: int = 0,
+    strict: bool = False,
+    force: bool = False,
+    listing: Optional[SourceListing] = None,
+    verbose: bool = True,
+    **source_kwargs: Any,
+) -> dict:
+    """Convert ``src`` to ``out`` (.beton) and return the manifest dict."""
+    out = Path(out)
+    if not out.name.endswith(".beton"):
+        raise ConversionError(f"output {out} must end in .beton")
+    if params.write_mode not in WRITE_MODES:
+        raise ConversionError(f"write mode {params.write_mode!r} is not one of {', '.join(WRITE_MODES)}")
+    check_writable(out)  # before any work
+    workers = workers or min(8, os.cpu_count() or 1)
+    if listing is None:
+        listing = SOURCES.get(source)(src, split=split, **source_kwargs)
+    fingerprint = listing.fingerprint()
+    settings = {"source_type": listing.source_type, "split": split, **params.as_dict(), **_jsonable(source_kwargs)}
+
+    old = read_manifest(out) if out.exists() else None
+    if old and not force and old.get("source_hash") == fingerprint and old.get("settings") == settings \
+            and old.get("beton_bytes") == out.stat().st_size:
+        if verbose:
+            print(f"{out}: up to date ({old['num_images']} images, source unchanged); nothing to do")
+        return old
+
+    t0 = time.time()
+    ok, skipped, shapes = validate(listing.records, params.max_resolution, workers)
+    skipped = listing.skipped + skipped
+    if strict and skipped:
+        first = skipped[0]
+        raise ConversionError(
+            f"--strict: {len(skipped)} file(s) cannot be converted; first: {first['path']}: {first['reason']}"
+        )
+    if not ok:
+        raise ConversionError(f"no readable images in {listing.root} ({len(skipped)} skipped)")
+
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    tmp_beton = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    mpath = manifest_path(out)
+    try:
+        writer = DatasetWriter(
+            str(tmp_beton),
+            {
+                "image": RGBImageField(
+                    write_mode=params.write_mode,
+                    max_resolution=params.max_resolution,
+                    jpeg_quality=params.jpeg_quality,
+                    compress_probability=params.compress_probability,
+                ),
+                "label": IntField(),
+            },
+            num_workers=workers,
+        )
+        writer.from_indexed_dataset(_ValidDataset(ok, params.max_resolution), chunksize=100)
+        labels = np.array([r.label for r in ok])
+        manifest = {
+            "manifest_version": MANIFEST_VERSION,
+            "sslray_version": __version__,
+            "beton": out.name,
+            "source": str(listing.root),
+            "source_type": listing.source_type,
+            "split": split,
+            "source_hash": fingerprint,
+            "settings": settings,
+            "write_params": params.as_dict(),
+            "num_images": len(ok),
+            "num_skipped": len(skipped),
+            "classes": listing.classes,
+            "class_names": listing.class_names,
+            "class_counts": {c: int((labels == i).sum()) for i, c in enumerate(listing.classes)},
+            "unlabelled": int((labels < 0).sum()),
+            "skipped": skipped,
+            "notes": listing.notes,
+            "max_height": int(max(s[0] for s in shapes)),
+            "max_width": int(max(s[1] for s in shapes)),
+            "beton_bytes": tmp_beton.stat().st_size,
+            "seconds": round(time.time() - t0, 2),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        tmp_manifest = mpath.with_name(f".{mpath.name}.partial-{os.getpid()}")
+        tmp_manifest.write_text(json.dumps(manifest, indent=2))
+        # Order matters: an old manifest must never describe the new .beton.
+        mpath.unlink(missing_ok=True)
+        os.replace(tmp_beton, out)
+        os.replace(tmp_manifest, mpath)
+    finally:
+        tmp_beton.unlink(missing_ok=True)
+    if verbose:
+        print(summary(manifest, out))
+    return manifest
+
+
+def summary(manifest: dict, out: Path) -> str:
+    lines = [
+        f"{out}: {manifest['num_images']} images converted, {manifest['num_skipped']} skipped, "
+        f"{len(manifest['classes'])} classes, {manifest['beton_bytes'] / 2**20:.1f} MiB in {manifest['seconds']} s"
+    ]
+    for s in manifest["skipped"][:10]:
+        lines.append(f"  skipped {s['path']}: {s['reason']}")
+    if manifest["num_skipped"] > 10:
+        lines.append(f"  ... and {manifest['num_skipped'] - 10} more (see {manifest_path(out)})")
+    for n in manifest["notes"]:
+        lines.append(f"  note: {n}")
+    return "\n".join(lines)
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: (list(v) if isinstance(v, (tuple, set)) else v) for k, v in d.items() if v is not None}
+
+
+__all__ = ["convert", "WriteParams", "ConversionError", "SourceError", "read_manifest", "manifest_path"]

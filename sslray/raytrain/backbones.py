@@ -1,0 +1,57 @@
+"""timm backbones that return pooled features (``num_classes=0``), with a small-image stem option."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import timm
+import torch
+from torch import nn
+
+from ..registry import Registry
+
+BACKBONES: Registry[Callable[..., nn.Module]] = Registry("backbone")
+register_backbone = BACKBONES.register
+
+
+def cifar_stem(model: nn.Module) -> nn.Module:
+    """3x3 stride-1 first conv and no max-pool: keeps 32-px inputs at 32x32 into layer1 (SimCLR, appendix B.9)."""
+    if not (hasattr(model, "conv1") and hasattr(model, "maxpool")):
+        raise ValueError(f"cifar_stem applies to ResNet-style models with conv1/maxpool, not {type(model).__name__}")
+    old = model.conv1
+    model.conv1 = nn.Conv2d(old.in_channels, old.out_channels, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def create_backbone(name: str, *, cifar_stem_: bool = False, img_size: int | None = None, **kw) -> nn.Module:
+    """A registered builder when one exists, otherwise any timm model name. ``model.num_features`` is
+    the feature width."""
+    if name in BACKBONES:
+        return BACKBONES.get(name)(cifar_stem_=cifar_stem_, img_size=img_size, **kw)
+    extra = {"img_size": img_size} if img_size and "vit" in name else {}
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=0, **extra, **kw)
+    except RuntimeError as e:
+        raise ValueError(f"backbone {name!r}: {e}") from None
+    if cifar_stem_:
+        cifar_stem(model)
+    return model
+
+
+def feature_dim(model: nn.Module) -> int:
+    return int(getattr(model, "num_features"))
+
+
+@torch.no_grad()
+def check_shapes(model: nn.Module, size: int) -> int:
+    """Run one tiny forward to fail early with a clear message when the input size does not fit."""
+    was = model.training
+    model.eval()
+    try:
+        out = model(torch.zeros(2, 3, size, size))
+    except Exception as e:
+        raise ValueError(f"backbone {type(model).__name__} does not accept {size}x{size} inputs: {e}") from None
+    finally:
+        model.train(was)
+    return out.shape[-1]

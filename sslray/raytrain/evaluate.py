@@ -1,0 +1,128 @@
+"""`sslray probe`: frozen features from a checkpoint -> linear probe + kNN, beside a random-init baseline."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import Config, from_dict
+from ..datasets.loader import dataset_info, make_loader, subset_indices
+from ..datasets.views import eval_transform
+from .knn import extract_features, knn_accuracy
+from .loop import seed_everything
+from .methods import create_method
+from .probe import ProbeResult, linear_probe
+from .session import STATE_FILE, pick_device
+
+
+def find_state(checkpoint: str | os.PathLike) -> Path:
+    """Accept a state.pt, a checkpoint folder, or a run folder (newest checkpoint inside)."""
+    p = Path(checkpoint)
+    if p.is_file():
+        return p
+    if (p / STATE_FILE).exists():
+        return p / STATE_FILE
+    found = sorted(p.glob(f"**/{STATE_FILE}"), key=lambda f: (f.parent.name, f.stat().st_mtime))
+    if not found:
+        raise FileNotFoundError(f"no checkpoint ({STATE_FILE}) under {p}")
+    return found[-1]
+
+
+def load_checkpoint(checkpoint: str | os.PathLike, device: torch.device):
+    path = find_state(checkpoint)
+    state = torch.load(path, map_location=device, weights_only=False)
+    cfg = from_dict(state["config"])
+    model = create_method(cfg).to(device)
+    model.load_state_dict(state["model"])
+    return cfg, model, state
+
+
+@dataclass
+class ProbeReport:
+    pretrained: dict
+    random_init: dict
+    probe: ProbeResult
+    random_probe: ProbeResult
+    classes: list[str]
+    extra: dict = field(default_factory=dict)
+
+    def table_rows(self) -> list[tuple[str, float, float, float]]:
+        keys = ["knn_top1", "linear_top1", "linear_top5", "linear_macro_f1"]
+        return [(k, self.random_init[k], self.pretrained[k], self.pretrained[k] - self.random_init[k]) for k in keys]
+
+
+def _features(backbone, path, indices, cfg: Config, device, batch_size):
+    loader = make_loader(path, batch_size, res=cfg.data.decode_res, device=device, train=False, indices=indices,
+                         num_workers=cfg.data.loader_workers)
+    f, y = extract_features(backbone, loader, eval_transform(cfg.views).to(device), device, cfg.train.precision)
+    return f, y
+
+
+def probe_checkpoint(checkpoint: str, train: str, val: str, *, train_subset: int = 0, val_subset: int = 0,
+                     knn_k: int = 200, use_gpu: str = "auto", batch_size: int = 512,
+                     random_baseline: bool = True, log=print) -> ProbeReport:
+    device = pick_device(0, use_gpu)
+    cfg, model, _ = load_checkpoint(checkpoint, device)
+    info = dataset_info(val)
+    tr_idx = subset_indices(dataset_info(train).num_images, train_subset, cfg.train.seed)
+    va_idx = subset_indices(info.num_images, val_subset, cfg.train.seed)
+
+    def evaluate(backbone, label):
+        log(f"probe: extracting {label} features ...")
+        ftr, ytr = _features(backbone, train, tr_idx, cfg, device, batch_size)
+        fva, yva = _features(backbone, val, va_idx, cfg, device, batch_size)
+        knn = knn_accuracy(fva, yva, ftr, ytr, info.num_classes, knn_k, cfg.train.knn_temperature)
+        log(f"probe: fitting the {label} linear probe on {len(ytr)} images ...")
+        res = linear_probe(ftr.cpu().numpy(), ytr.cpu().numpy(), fva.cpu().numpy(), yva.cpu().numpy(), info.classes,
+                           seed=cfg.train.seed)
+        flat = {"knn_top1": knn["knn_top1"], "knn_top5": knn["knn_top5"],
+                **{f"linear_{k}": v for k, v in res.metrics.items()}}
+        return flat, res
+
+    pre, pre_res = evaluate(model.backbone, "pretrained")
+    if random_baseline:
+        seed_everything(cfg.train.seed + 12345)
+        rand_model = create_method(cfg).to(device)
+        rnd, rnd_res = evaluate(rand_model.backbone, "random-init")
+    else:
+        rnd, rnd_res = {k: float("nan") for k in pre}, pre_res
+    return ProbeReport(pre, rnd, pre_res, rnd_res, info.classes,
+                       {"probe_train_images": int(len(tr_idx) if tr_idx is not None else dataset_info(train).num_images),
+                        "probe_val_images": int(len(va_idx) if va_idx is not None else info.num_images),
+                        "linear_converged": pre_res.converged})
+
+
+def log_probe(tracker, report: ProbeReport) -> None:
+    """Probe metrics as ``probe/...`` and ``random_init/...``, the per-class report and the confusion PNG."""
+    from .. import plots
+
+    metrics = {f"probe_{k}": v for k, v in report.pretrained.items()}
+    metrics.update({f"random_init_{k}": v for k, v in report.random_init.items()})
+    metrics.update({f"gain_{k}": report.pretrained[k] - report.random_init[k] for k in report.pretrained})
+    tracker.log_metrics(metrics)
+    tracker.set_tags({"sslray.probe_converged": report.probe.converged})
+    tracker.log_text(report.probe.report, "probe/classification_report.txt")
+    fig = plots.confusion(report.probe.confusion, report.classes, "linear probe (pretrained)")
+    tracker.log_figure(fig, "probe/confusion_matrix.png")
+    plots.close(fig)
+
+
+def format_table(report: ProbeReport) -> str:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="probe on the val split (frozen backbone)")
+    for col in ("metric", "random init", "pretrained", "gain"):
+        t.add_column(col, justify="right" if col != "metric" else "left")
+    for k, r, p, g in report.table_rows():
+        t.add_row(k, f"{100 * r:.2f}%", f"{100 * p:.2f}%", f"{100 * g:+.2f} pts")
+    console = Console(width=100, record=True)
+    with console.capture() as cap:
+        console.print(t)
+    return cap.get()
+
+
+__all__ = ["probe_checkpoint", "log_probe", "format_table", "load_checkpoint", "find_state", "ProbeReport"]

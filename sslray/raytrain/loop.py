@@ -1,0 +1,220 @@
+"""The per-worker training loop. Ray is only the outer shell: this runs in one plain process too.
+
+One step: uint8 batch on the device -> per-sample views -> method(views) -> loss -> optimizer
+with per-iteration warmup-cosine lr. Each epoch: kNN monitor on the val split, then
+``session.report(metrics, state)`` (rank 0 hands over the checkpoint).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ..config import Config, effective_lr, from_dict
+from ..datasets.loader import dataset_info, make_loader, subset_indices
+from ..datasets.views import build_views, eval_transform
+from . import distributed as D
+from .knn import autocast_for, extract_features, knn_accuracy
+from .methods import create_method
+from .optim import build_optimizer, set_lr, warmup_cosine
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised on a NaN/inf loss; the message names the method, the step and the last finite values."""
+
+
+@dataclass
+class Data:
+    train: object
+    bank: object
+    val: object
+    num_classes: int
+    steps_per_epoch: int
+
+
+def build_data(cfg: Config, session) -> Data:
+    d, world = cfg.data, session.world_size
+    if d.batch_size % world:
+        raise ValueError(f"config key 'data.batch_size' ({d.batch_size}) must divide evenly over {world} workers")
+    train_info = dataset_info(d.train)
+    val_info = dataset_info(d.val) if d.val else None
+    train_idx = subset_indices(train_info.num_images, d.train_subset, cfg.train.seed)
+    n_train = train_info.num_images if train_idx is None else len(train_idx)
+    per_worker = d.batch_size // world
+    if n_train // world < per_worker:
+        raise ValueError(
+            f"data.batch_size {d.batch_size} is larger than the {n_train} training images allow over {world} workers"
+        )
+    common = dict(res=d.decode_res, device=session.device, num_workers=d.loader_workers, distributed=world > 1,
+                  os_cache=d.os_cache, batches_ahead=d.batches_ahead)
+    train = make_loader(d.train, per_worker, train=True, seed=cfg.train.seed, indices=train_idx, **common)
+    bank = val = None
+    if val_info is not None:
+        bank_n = d.knn_bank or n_train
+        bank_idx = train_idx if bank_n >= n_train else (
+            subset_indices(train_info.num_images, bank_n, cfg.train.seed) if train_idx is None
+            else np.sort(np.random.default_rng(cfg.train.seed + 1).choice(train_idx, bank_n, replace=False)))
+        eval_bs = max(per_worker, 256)
+        bank = make_loader(d.train, eval_bs, train=False, indices=bank_idx, **common)
+        val = make_loader(d.val, eval_bs, train=False, indices=subset_indices(val_info.num_images, d.val_subset,
+                                                                                cfg.train.seed), **common)
+    steps = len(train)
+    if cfg.train.max_steps_per_epoch:
+        steps = min(steps, cfg.train.max_steps_per_epoch)
+    return Data(train, bank, val, len(train_info.classes), steps)
+
+
+def rng_state() -> dict:
+    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"].cpu())
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([t.cpu() for t in s["cuda"]])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def knn_monitor(model, data: Data, cfg: Config, session, evalT) -> dict:
+    """Features of the bank and val shards on every rank, gathered, then a weighted kNN."""
+    dev, prec = session.device, cfg.train.precision
+    cl = cfg.train.channels_last and dev.type == "cuda"
+    bank_f, bank_y = extract_features(model.backbone, data.bank, evalT, dev, prec, cl)
+    val_f, val_y = extract_features(model.backbone, data.val, evalT, dev, prec, cl)
+    bank_f, bank_y = D.gather_varlen(bank_f), D.gather_varlen(bank_y)
+    val_f, val_y = D.gather_varlen(val_f), D.gather_varlen(val_y)
+    return knn_accuracy(val_f, val_y, bank_f, bank_y, data.num_classes, cfg.train.knn_k, cfg.train.knn_temperature)
+
+
+def train_loop(cfg: Config, session) -> dict:
+    """Run ``cfg.train.epochs`` epochs (resuming from the session's latest checkpoint) and return
+    the last epoch's metrics."""
+    dev = session.device
+    seed_everything(cfg.train.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
+    data = build_data(cfg, session)
+    views = build_views(cfg.views).to(dev)
+    evalT = eval_transform(cfg.views).to(dev)
+    model = create_method(cfg).to(dev)
+    if session.world_size > 1 and cfg.model.sync_bn:
+        model = D.convert_global_bn(model, dev.type).to(dev)
+    cl = cfg.train.channels_last and dev.type == "cuda"
+    if cl:
+        model = model.to(memory_format=torch.channels_last)
+    net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None) if session.world_size > 1 else model
+
+    peak = effective_lr(cfg)
+    opt = build_optimizer(model, cfg.optim.name, peak, cfg.optim.weight_decay, cfg.optim.momentum)
+    total = cfg.train.epochs * data.steps_per_epoch
+    warmup = int(round(cfg.optim.warmup_epochs * data.steps_per_epoch))
+    session.log(f"sslray: {cfg.method.name} on {cfg.model.backbone}, {session.world_size} worker(s) on {dev.type}, "
+                f"global batch {cfg.data.batch_size}, {data.steps_per_epoch} steps/epoch; effective lr = "
+                f"{cfg.optim.base_lr} x {cfg.data.batch_size}/256 ({cfg.optim.lr_scaling}) = {peak:.4g}")
+
+    start_epoch, step, last = 0, 0, {}
+    state = session.restore()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch, step, last = int(state["epoch"]), int(state["step"]), state.get("metrics", {})
+        set_rng_state(state["rng"])
+        session.log(f"sslray: resumed from epoch {start_epoch} (step {step})")
+    data.train.next_epoch = start_epoch  # FFCV reseeds its order with seed + epoch
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        net.train()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=dev)
+        n_steps = 0
+        last_finite = last.get("loss")
+        for i, (x, _) in enumerate(data.train):
+            if i >= data.steps_per_epoch:
+                break
+            lr = warmup_cosine(step, total, warmup, peak, peak * cfg.optim.min_lr_ratio)
+            set_lr(opt, lr)
+            v = views(x)
+            if cl:
+                v = [t.contiguous(memory_format=torch.channels_last) for t in v]
+            with autocast_for(dev, cfg.train.precision):
+                out = net(v)
+            loss = out["loss"]
+            if not torch.isfinite(loss.detach()):
+                raise NonFiniteLossError(
+                    f"{cfg.method.name}: non-finite loss {loss.item()} at step {step} (epoch {epoch}); "
+                    f"last finite epoch loss {last_finite}, lr {lr:.4g}. The last good checkpoint is kept."
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+            opt.step()
+            if hasattr(model, "on_step"):
+                model.on_step(step, total)
+            loss_sum += loss.detach()
+            n_steps += 1
+            step += 1
+            if cfg.train.log_every and (i + 1) % cfg.train.log_every == 0:
+                el = time.perf_counter() - t0
+                session.log(f"epoch {epoch + 1}/{cfg.train.epochs} step {i + 1}/{data.steps_per_epoch} "
+                            f"loss {loss.item():.4f} lr {lr:.4g} "
+                            f"{(i + 1) * cfg.data.batch_size / el:.0f} img/s")
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        mean_loss = float(D.all_reduce_mean(loss_sum / max(1, n_steps)))
+        metrics = {
+            "epoch": epoch + 1,
+            "step": step,
+            "loss": mean_loss,
+            "lr": lr,
+            "epoch_seconds": seconds,
+            "images_per_sec": n_steps * cfg.data.batch_size / seconds,
+        }
+        if data.val is not None and ((epoch + 1) % cfg.train.knn_every == 0 or epoch + 1 == cfg.train.epochs):
+            t1 = time.perf_counter()
+            metrics.update(knn_monitor(model, data, cfg, session, evalT))
+            metrics["knn_seconds"] = time.perf_counter() - t1
+        if not math.isfinite(mean_loss):
+            raise NonFiniteLossError(f"{cfg.method.name}: non-finite mean loss in epoch {epoch + 1}")
+        session.log("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+        state = None
+        if session.rank == 0:
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "step": step,
+                     "rng": rng_state(), "config": cfg.to_dict(), "metrics": metrics,
+                     "num_classes": data.num_classes}
+        session.report(metrics, state)
+        last = metrics
+    return last
+
+
+def train_func(config: dict) -> None:
+    """Ray Train entry point: ``train_loop_config={"cfg": Config.to_dict()}``."""
+    from .session import RaySession
+
+    cfg = from_dict(config["cfg"])
+    train_loop(cfg, RaySession(cfg.ray.use_gpu))
+
+
+def run_local(cfg: Config, ckpt_dir: Optional[str] = None):
+    """Same loop, one process, no Ray (bare GPU machines, tests, benchmarks)."""
+    from .session import LocalSession
+
+    session = LocalSession(ckpt_dir, cfg.ray.use_gpu)
+    last = train_loop(cfg, session)
+    return last, session

@@ -1,0 +1,46 @@
+"""SSL methods: registered builders that compose backbone + heads + loss (+ teacher / queue).
+
+A method is an ``nn.Module`` with:
+  ``backbone``            the encoder whose pooled features are probed,
+  ``family``              contrastive | non-contrastive | clustering | distillation | MIM,
+  ``forward(views)``      -> ``{"loss": tensor, ...scalar logs}``,
+  optional ``on_step(step, total_steps)`` for momentum teachers and schedules.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+from torch import nn
+
+from ...registry import Registry
+from ..backbones import check_shapes, create_backbone
+
+METHODS: Registry[Callable[..., nn.Module]] = Registry("method")
+register_method = METHODS.register
+
+
+def build_backbone(cfg) -> tuple[nn.Module, int]:
+    bb = create_backbone(cfg.model.backbone, cifar_stem_=cfg.model.cifar_stem, img_size=cfg.views.crop_size)
+    return bb, check_shapes(bb, cfg.views.crop_size)
+
+
+def create_method(cfg) -> nn.Module:
+    """Build the method named by ``cfg.method.name``; ``cfg.method.params`` must match its keyword args."""
+    builder = METHODS.get(cfg.method.name)
+    params = dict(cfg.method.params)
+    allowed = set(inspect.signature(builder).parameters) - {"cfg", "backbone", "feat_dim"}
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise ValueError(
+            f"unknown key(s) {', '.join('method.params.' + k for k in unknown)} for method "
+            f"{cfg.method.name!r}; it accepts: {', '.join(sorted(allowed)) or 'none'}"
+        )
+    backbone, feat_dim = build_backbone(cfg)
+    return builder(cfg=cfg, backbone=backbone, feat_dim=feat_dim, **params)
+
+
+from . import simclr  # noqa: E402,F401  (registers)
+
+__all__ = ["METHODS", "register_method", "create_method", "build_backbone"]

@@ -1,0 +1,83 @@
+"""Optimizers (SGD, LARS, AdamW) and per-iteration schedules (warmup-cosine lr and wd, cosine EMA)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Biases and norm parameters get no weight decay and no LARS adaptation (as in BYOL/Barlow Twins)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "lars": True, "wd_scale": 1.0},
+        {"params": no_decay, "weight_decay": 0.0, "lars": False, "wd_scale": 0.0},
+    ]
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al., 2017) as used by SimCLR/BYOL: SGD with momentum where each weight tensor's
+    step is scaled by ``eta * ||w|| / ||g + wd * w||``; groups with ``lars=False`` are plain SGD.
+    Hand-written because torch ships no LARS and the trust-ratio exclusions are method-specific."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if g["weight_decay"]:
+                    d = d.add(p, alpha=g["weight_decay"])
+                if g.get("lars", True):
+                    pn, dn = torch.norm(p), torch.norm(d)
+                    trust = torch.where((pn > 0) & (dn > 0), g["eta"] * pn / dn, torch.ones_like(pn))
+                    d = d.mul(trust)
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None:
+                    buf = self.state[p]["momentum_buffer"] = d.clone()
+                else:
+                    buf.mul_(g["momentum"]).add_(d)
+                p.add_(buf, alpha=-g["lr"])
+        return loss
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9):
+    groups = param_groups(model, weight_decay)
+    name = name.lower()
+    if name == "sgd":
+        return torch.optim.SGD([{k: v for k, v in g.items() if k != "lars"} for g in groups], lr=lr, momentum=momentum)
+    if name == "lars":
+        return LARS(groups, lr=lr, momentum=momentum)
+    if name == "adamw":
+        return torch.optim.AdamW([{k: v for k, v in g.items() if k != "lars"} for g in groups], lr=lr,
+                                 betas=(0.9, 0.95))
+    raise ValueError(f"config key 'optim.name': unknown optimizer {name!r} (sgd, lars, adamw)")
+
+
+def warmup_cosine(step: int, total: int, warmup: int, peak: float, floor: float = 0.0) -> float:
+    """Linear warm-up from 0 to ``peak`` over ``warmup`` steps, then cosine to ``floor``."""
+    if warmup > 0 and step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def cosine_momentum(step: int, total: int, base: float) -> float:
+    """EMA momentum from ``base`` to 1 along a cosine (BYOL, eq. in sec. 3.2)."""
+    return 1 - (1 - base) * (math.cos(math.pi * step / max(1, total)) + 1) / 2
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr

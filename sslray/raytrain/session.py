@@ -1,0 +1,109 @@
+"""Where the training loop runs: inside a Ray Train worker, or as one plain process.
+
+The loop only talks to a ``Session`` (rank, device, restore, report), so the same code is tested
+and timed on a bare GPU machine without Ray, and runs under Ray Train unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from . import distributed as D
+
+STATE_FILE = "state.pt"
+
+
+def pick_device(local_rank: int = 0, use_gpu: str = "auto") -> torch.device:
+    if use_gpu in ("false", "False", False) or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+
+
+def save_state(state: dict, directory: str | os.PathLike) -> Path:
+    path = Path(directory) / STATE_FILE
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # never a half-written state file
+    return path
+
+
+def load_state(directory: str | os.PathLike, device: torch.device) -> dict:
+    return torch.load(Path(directory) / STATE_FILE, map_location=device, weights_only=False)
+
+
+class LocalSession:
+    """One process, or a torchrun-style process group already initialised by the caller.
+
+    Checkpoints go to ``ckpt_dir/epoch_XXXX/state.pt``; ``restore`` loads the newest.
+    """
+
+    def __init__(self, ckpt_dir: Optional[str] = None, use_gpu: str = "auto", printer=print):
+        self.rank = D.rank()
+        self.world_size = D.world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = pick_device(self.local_rank, use_gpu)
+        self.ckpt_dir = Path(ckpt_dir) if ckpt_dir else None
+        self.history: list[dict] = []
+        self.printer = printer
+
+    def restore(self) -> Optional[dict]:
+        if not self.ckpt_dir or not self.ckpt_dir.exists():
+            return None
+        done = sorted(p for p in self.ckpt_dir.glob("epoch_*") if (p / STATE_FILE).exists())
+        return load_state(done[-1], self.device) if done else None
+
+    def report(self, metrics: dict[str, Any], state: Optional[dict] = None) -> None:
+        self.history.append(dict(metrics))
+        if state is not None and self.ckpt_dir is not None and self.rank == 0:
+            d = self.ckpt_dir / f"epoch_{int(metrics['epoch']):04d}"
+            d.mkdir(parents=True, exist_ok=True)
+            save_state(state, d)
+
+    def log(self, msg: str) -> None:
+        if self.rank == 0:
+            self.printer(msg, flush=True)
+
+
+class RaySession:
+    """Inside a Ray Train worker (Train V2): rank from the train context, checkpoints via report."""
+
+    def __init__(self, use_gpu: str = "auto"):
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.local_rank = ctx.get_local_rank()
+        self.device = pick_device(self.local_rank, use_gpu)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+    def restore(self) -> Optional[dict]:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        with ckpt.as_directory() as d:
+            return load_state(d, self.device)
+
+    def report(self, metrics: dict[str, Any], state: Optional[dict] = None) -> None:
+        import ray.train
+
+        # report() is a barrier on every rank; only rank 0 hands over a checkpoint.
+        if state is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="sslray-ckpt-") as d:
+            save_state(state, d)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                             checkpoint_dir_name=f"epoch_{int(metrics['epoch']):04d}")
+
+    def log(self, msg: str) -> None:
+        if self.rank == 0:
+            print(msg, flush=True)

@@ -1,0 +1,133 @@
+"""The one place that talks to MLflow.
+
+Everything goes through ``MlflowClient`` with an explicit run id (no global active run), so the
+driver, a Ray Train controller callback and a later ``sslray probe`` can all write to the same run,
+and a resumed training run keeps its id. Only the driver side writes: sqlite never sees two writers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+DEFAULT_DB = "mlflow.db"
+
+
+def resolve_uri(uri: Optional[str] = None) -> str:
+    """``--tracking-uri`` > ``$MLFLOW_TRACKING_URI`` > ``sqlite:///mlflow.db`` in the cwd.
+    Relative sqlite paths become absolute so Ray processes with another cwd write the same file."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    elif "://" not in uri:  # a plain folder path: MLflow's file store
+        uri = str(Path(uri).resolve())
+    return uri
+
+
+def artifact_root(uri: str) -> Optional[str]:
+    """Artifacts beside a local sqlite file (``mlartifacts/``), not wherever the cwd happens to be."""
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri[len("sqlite:///"):]).parent / "mlartifacts")
+    return None
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _client(uri: str):
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    # Alembic prints every sqlite migration at INFO on first use; it is not news to the user.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    return MlflowClient(tracking_uri=uri)
+
+
+class Tracker:
+    """A handle on one MLflow run."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri = resolve_uri(uri)
+        self.run_id = run_id
+        self._c = None
+
+    @property
+    def client(self):
+        if self._c is None:
+            self._c = _client(self.uri)
+        return self._c
+
+    @classmethod
+    def start(cls, uri: Optional[str], experiment: str, run_name: str, tags: Mapping[str, str] = (),
+              parent_run_id: Optional[str] = None) -> "Tracker":
+        uri = resolve_uri(uri)
+        c = _client(uri)
+        exp = c.get_experiment_by_name(experiment)
+        if exp is None:
+            root = artifact_root(uri)
+            exp_id = c.create_experiment(experiment, artifact_location=Path(root).as_uri() + f"/{experiment}" if root else None)
+        else:
+            exp_id = exp.experiment_id
+        all_tags = {"sslray.git_sha": git_sha(), **dict(tags)}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = c.create_run(exp_id, run_name=run_name, tags=all_tags)
+        t = cls(uri, run.info.run_id)
+        t._c = c
+        return t
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: Optional[int] = None) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, int(step or 0)) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, path: str | os.PathLike, subdir: Optional[str] = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), subdir)
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def log_figure(self, fig, name: str) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / Path(name).name
+            fig.savefig(p, dpi=110, bbox_inches="tight")
+            sub = str(Path(name).parent) if str(Path(name).parent) != "." else None
+            self.log_artifact(p, sub)
+
+    def history(self, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in sorted(self.client.get_metric_history(self.run_id, key), key=lambda m: m.step)]
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
+
+
+def numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
