@@ -11,6 +11,10 @@ from typing import Optional, Sequence
 from .config import ConfigError, load_config
 
 
+# Modules that add their own sub-commands (each has ``register(subparsers)``).
+COMMAND_MODULES: list[str] = []
+
+
 def _abs(p: Optional[str]) -> Optional[str]:
     return str(Path(p).resolve()) if p and "://" not in p else p
 
@@ -158,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("methods", help="list the registered SSL methods")
     m.set_defaults(func=cmd_methods)
+    for mod in COMMAND_MODULES:  # each owns its sub-commands: register(subparsers)
+        import importlib
+
+        importlib.import_module(f"sslray.{mod}").register(sub)
     return ap
 
 

@@ -139,3 +139,5 @@ def eval_transform(cfg) -> EvalTransform:
 
 
 __all__ = ["AugParams", "ViewAugment", "EvalTransform", "MultiView", "PRESETS", "build_views", "eval_transform", "replace"]
+
+from . import presets as _presets  # noqa: E402,F401  (registers the other presets)

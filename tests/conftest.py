@@ -1,0 +1,77 @@
+"""Shared fixtures: real CIFAR-10 subsets from ../shared/data, and one Ray cluster per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+CIFAR_ARCHIVE = SHARED_DATA / "cifar10-jpeg.tar.gz"
+IMAGENETTE_ARCHIVE = SHARED_DATA / "imagenette2-224.tar.gz"
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        has_gpu = False
+    if not has_gpu:
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory) -> Path:
+    """The shared CIFAR-10 archive extracted once per session (ImageFolder: train/, test/)."""
+    if not CIFAR_ARCHIVE.exists():
+        pytest.skip(f"{CIFAR_ARCHIVE} not found")
+    root = tmp_path_factory.mktemp("cifar10")
+    with tarfile.open(CIFAR_ARCHIVE) as tf:
+        tf.extractall(root, filter="data")
+    return root
+
+
+def make_subset(src: Path, dst: Path, per_class: int) -> Path:
+    """Copy the first ``per_class`` images of every class: a small real ImageFolder tree."""
+    for cls in sorted(p for p in src.iterdir() if p.is_dir()):
+        out = dst / cls.name
+        out.mkdir(parents=True, exist_ok=True)
+        for f in sorted(cls.iterdir())[:per_class]:
+            shutil.copy2(f, out / f.name)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def cifar_small(cifar_root, tmp_path_factory) -> dict:
+    """Real CIFAR-10 subsets converted to .beton: 100/class train (1,000), 30/class test (300)."""
+    from sslray.datasets import WriteParams, convert
+
+    base = tmp_path_factory.mktemp("cifar_small")
+    out = {}
+    for split, n in (("train", 100), ("test", 30)):
+        tree = make_subset(cifar_root / split, base / "tree" / split, n)
+        beton = base / f"{split}.beton"
+        convert(tree, beton, params=WriteParams(max_resolution=32), workers=2, verbose=False)
+        out[split] = str(beton)
+        out[f"{split}_tree"] = tree
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray instance for the whole session (starting Ray costs ~10 s each time)."""
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    yield ray
+    ray.shutdown()
