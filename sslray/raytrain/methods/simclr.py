@@ -38,3 +38,6 @@ class SimCLR(nn.Module):
 def build_simclr(cfg, backbone, feat_dim, proj_layers: int = 2):
     return SimCLR(backbone, feat_dim, cfg.method.temperature, cfg.model.proj_hidden_dim, cfg.model.proj_out_dim,
                   proj_layers)
+
+
+build_simclr.family = SimCLR.family
