@@ -1,8 +1,29 @@
 """Pure loss functions, correct on one process; distributed gathering lives in the methods.
 
-Each is a plain function of tensors with the paper's defaults as keyword arguments.
+Each is a plain function of tensors with the paper's defaults as keyword arguments; one module per
+family: contrastive, non-contrastive, clustering, distillation, masked image modelling.
 """
 
-from .contrastive import nt_xent_loss
+from .clustering import sinkhorn, swav_loss
+from .contrastive import infonce_loss, nt_xent_loss
+from .distillation import dino_loss, update_center
+from .mim import mae_loss, num_masked, patchify, random_masking
+from .non_contrastive import (
+    barlow_twins_loss,
+    covariance_loss,
+    invariance_loss,
+    nearest_by_feature,
+    nearest_by_location,
+    negative_cosine_similarity,
+    variance_loss,
+    vicreg_loss,
+)
 
-__all__ = ["nt_xent_loss"]
+__all__ = [
+    "nt_xent_loss", "infonce_loss",
+    "negative_cosine_similarity", "barlow_twins_loss",
+    "invariance_loss", "variance_loss", "covariance_loss", "vicreg_loss", "nearest_by_location", "nearest_by_feature",
+    "sinkhorn", "swav_loss",
+    "dino_loss", "update_center",
+    "mae_loss", "patchify", "random_masking", "num_masked",
+]

@@ -26,3 +26,29 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -
     logits.fill_diagonal_(float("-inf"))  # an embedding is never its own negative
     targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
     return F.cross_entropy(logits, targets)
+
+
+def infonce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None = None, temperature: float = 0.2,
+                 offset: int = 0) -> torch.Tensor:
+    """InfoNCE (MoCo, He et al. 2020, eq. 1; MoCo v3, Chen et al. 2021, alg. 1; NNCLR, Dwibedi et al. 2021, eq. 2).
+
+    Row ``i`` of ``q`` (N, D) is positive with row ``offset + i`` of ``k`` (M, D); every other row of
+    ``k`` and every row of ``queue`` (K, D) is a negative. Inputs are L2-normalised here.
+    MoCo v2: ``k`` = momentum keys of the same images, ``queue`` = past keys, T=0.2.
+    MoCo v3 / NNCLR: ``k`` = the other view's keys of the whole batch, no queue (T 0.2 / 0.1).
+    ``offset`` lets a rank's local queries address their slice of gathered keys.
+    """
+    if q.ndim != 2 or k.ndim != 2 or q.shape[1] != k.shape[1]:
+        raise ValueError(f"infonce_loss: expected q (N, D) and k (M, D) with the same D, got {tuple(q.shape)} "
+                         f"and {tuple(k.shape)}")
+    if offset < 0 or offset + q.shape[0] > k.shape[0]:
+        raise ValueError(f"infonce_loss: positives {offset}..{offset + q.shape[0]} fall outside k's {k.shape[0]} rows")
+    if queue is not None and (queue.ndim != 2 or queue.shape[1] != q.shape[1]):
+        raise ValueError(f"infonce_loss: queue must be (K, {q.shape[1]}), got {tuple(queue.shape)}")
+    q = F.normalize(q.float(), dim=1)
+    keys = F.normalize(k.float(), dim=1)
+    if queue is not None:
+        keys = torch.cat([keys, F.normalize(queue.float(), dim=1)], 0)
+    logits = q @ keys.t() / temperature
+    targets = torch.arange(offset, offset + q.shape[0], device=q.device)
+    return F.cross_entropy(logits, targets)

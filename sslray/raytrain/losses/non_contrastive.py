@@ -1,0 +1,112 @@
+"""Non-contrastive losses: SimSiam/BYOL cosine, Barlow Twins, VICReg (and VICRegL's local matching)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _check_pair(a: torch.Tensor, b: torch.Tensor, name: str, min_n: int = 1) -> None:
+    if a.ndim != 2 or a.shape != b.shape:
+        raise ValueError(f"{name}: expected two (N, D) tensors of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape[0] < min_n:
+        raise ValueError(f"{name}: needs at least {min_n} samples, got {a.shape[0]}")
+
+
+def negative_cosine_similarity(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``-mean_i cos(p_i, stopgrad(z_i))`` (SimSiam, Chen & He 2021, eq. 1). BYOL's normalised MSE
+    (Grill et al. 2020, eq. 2) is ``2 + 2 * this``. The stop-gradient on ``z`` is applied here."""
+    _check_pair(p, z, "negative_cosine_similarity")
+    return -F.cosine_similarity(p.float(), z.detach().float(), dim=1).mean()
+
+
+def _standardise(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    # Batch-norm without affine, biased variance: what BarlowTwins' nn.BatchNorm1d(affine=False) does.
+    return (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + eps)
+
+
+def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambda_: float = 5e-3) -> torch.Tensor:
+    """Barlow Twins (Zbontar et al., ICML 2021, eq. 1): ``sum_i (1 - C_ii)^2 + lambda * sum_{i!=j} C_ij^2``
+    with ``C`` the cross-correlation of the batch-standardised embeddings (N, D).
+
+    Batch statistics make this a global-batch loss: under DDP pass gathered embeddings.
+    ``lambda_`` 5e-3 is the paper's value (1/D-ish for D=8192).
+    """
+    _check_pair(z1, z2, "barlow_twins_loss", min_n=2)
+    n = z1.shape[0]
+    c = _standardise(z1.float()).t() @ _standardise(z2.float()) / n
+    on_diag = (torch.diagonal(c) - 1).pow(2).sum()
+    off_diag = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
+    return on_diag + lambda_ * off_diag
+
+
+def invariance_loss(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """VICReg invariance term s(Z, Z'): mean squared distance (Bardes et al., ICLR 2022, eq. 5)."""
+    _check_pair(z1, z2, "invariance_loss")
+    return F.mse_loss(z1.float(), z2.float())
+
+
+def variance_loss(z: torch.Tensor, gamma: float = 1.0, eps: float = 1e-4) -> torch.Tensor:
+    """VICReg variance term v(Z) (eq. 1): mean over dimensions of ``relu(gamma - sqrt(Var + eps))``;
+    zero once every dimension's std reaches ``gamma``."""
+    if z.ndim != 2 or z.shape[0] < 2:
+        raise ValueError(f"variance_loss: expected (N, D) with N >= 2, got {tuple(z.shape)}")
+    std = torch.sqrt(z.float().var(0) + eps)
+    return F.relu(gamma - std).mean()
+
+
+def covariance_loss(z: torch.Tensor) -> torch.Tensor:
+    """VICReg covariance term c(Z) (eq. 3): squared off-diagonal covariances summed, divided by D."""
+    if z.ndim != 2 or z.shape[0] < 2:
+        raise ValueError(f"covariance_loss: expected (N, D) with N >= 2, got {tuple(z.shape)}")
+    n, d = z.shape
+    z = z.float() - z.float().mean(0)
+    cov = z.t() @ z / (n - 1)
+    return (cov.pow(2).sum() - torch.diagonal(cov).pow(2).sum()) / d
+
+
+def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0, std_coeff: float = 25.0,
+                cov_coeff: float = 1.0) -> torch.Tensor:
+    """VICReg (Bardes et al., ICLR 2022, eq. 6) with the paper's coefficients lambda=mu=25, nu=1.
+
+    Variance and covariance are batch statistics: under DDP pass gathered embeddings.
+    """
+    _check_pair(z1, z2, "vicreg_loss", min_n=2)
+    return (sim_coeff * invariance_loss(z1, z2)
+            + std_coeff * (variance_loss(z1) + variance_loss(z2)) / 2
+            + cov_coeff * (covariance_loss(z1) + covariance_loss(z2)))
+
+
+def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    # x (B, L, D), idx (B, L', k) -> (B, L', k, D)
+    b, lp, k = idx.shape
+    flat = torch.gather(x, 1, idx.reshape(b, lp * k, 1).expand(-1, -1, x.shape[-1]))
+    return flat.reshape(b, lp, k, x.shape[-1])
+
+
+def nearest_by_location(f1: torch.Tensor, f2: torch.Tensor, loc1: torch.Tensor, loc2: torch.Tensor,
+                        k: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """VICRegL location matching (Bardes et al., NeurIPS 2022, sec. 3.2): for every location of map 1,
+    the ``k`` locations of map 2 closest in *image* coordinates; pairs are then kept for the ``k``
+    locations of map 1 whose nearest partner is closest. ``f*`` (B, L, D), ``loc*`` (B, L, 2).
+    Returns matched (B*k, D) rows of map 1 and map 2."""
+    if f1.ndim != 3 or f1.shape != f2.shape or loc1.shape[:2] != f1.shape[:2] or loc1.shape != loc2.shape:
+        raise ValueError(f"nearest_by_location: expected f (B, L, D) and loc (B, L, 2), got {tuple(f1.shape)}, "
+                         f"{tuple(f2.shape)}, {tuple(loc1.shape)}, {tuple(loc2.shape)}")
+    return _match(f1, f2, torch.cdist(loc1.float(), loc2.float()), k)
+
+
+def nearest_by_feature(f1: torch.Tensor, f2: torch.Tensor, k: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """VICRegL feature matching: as :func:`nearest_by_location` but with L2 distance between features."""
+    if f1.ndim != 3 or f1.shape != f2.shape:
+        raise ValueError(f"nearest_by_feature: expected two (B, L, D) maps, got {tuple(f1.shape)} and {tuple(f2.shape)}")
+    return _match(f1, f2, torch.cdist(f1.detach().float(), f2.detach().float()), k)
+
+
+def _match(f1, f2, dist, k):
+    k = min(k, f1.shape[1])
+    best, nn_idx = dist.min(dim=2)  # (B, L): each map-1 location's nearest map-2 location
+    keep = best.topk(k, dim=1, largest=False).indices  # (B, k): the k best-matched map-1 locations
+    a = torch.gather(f1, 1, keep.unsqueeze(-1).expand(-1, -1, f1.shape[-1]))
+    b = _gather_rows(f2, torch.gather(nn_idx, 1, keep).unsqueeze(-1)).squeeze(2)
+    return a.reshape(-1, f1.shape[-1]), b.reshape(-1, f2.shape[-1])
