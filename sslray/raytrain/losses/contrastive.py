@@ -29,7 +29,7 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -
 
 
 def infonce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None = None, temperature: float = 0.2,
-                 offset: int = 0) -> torch.Tensor:
+                 offset: int = 0, in_batch_negatives: bool = True) -> torch.Tensor:
     """InfoNCE (MoCo, He et al. 2020, eq. 1; MoCo v3, Chen et al. 2021, alg. 1; NNCLR, Dwibedi et al. 2021, eq. 2).
 
     Row ``i`` of ``q`` (N, D) is positive with row ``offset + i`` of ``k`` (M, D); every other row of
@@ -37,6 +37,8 @@ def infonce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None = 
     MoCo v2: ``k`` = momentum keys of the same images, ``queue`` = past keys, T=0.2.
     MoCo v3 / NNCLR: ``k`` = the other view's keys of the whole batch, no queue (T 0.2 / 0.1).
     ``offset`` lets a rank's local queries address their slice of gathered keys.
+    ``in_batch_negatives=False`` keeps only row ``offset + i`` of ``k`` for query ``i`` (MoCo v1/v2:
+    negatives come from the queue alone).
     """
     if q.ndim != 2 or k.ndim != 2 or q.shape[1] != k.shape[1]:
         raise ValueError(f"infonce_loss: expected q (N, D) and k (M, D) with the same D, got {tuple(q.shape)} "
@@ -47,6 +49,12 @@ def infonce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None = 
         raise ValueError(f"infonce_loss: queue must be (K, {q.shape[1]}), got {tuple(queue.shape)}")
     q = F.normalize(q.float(), dim=1)
     keys = F.normalize(k.float(), dim=1)
+    if not in_batch_negatives:
+        if queue is None:
+            raise ValueError("infonce_loss: in_batch_negatives=False needs a queue of negatives")
+        pos = (q * keys[offset : offset + q.shape[0]]).sum(1, keepdim=True)
+        logits = torch.cat([pos, q @ F.normalize(queue.float(), dim=1).t()], 1) / temperature
+        return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
     if queue is not None:
         keys = torch.cat([keys, F.normalize(queue.float(), dim=1)], 0)
     logits = q @ keys.t() / temperature

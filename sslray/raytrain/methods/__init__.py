@@ -5,6 +5,10 @@ A method is an ``nn.Module`` with:
   ``family``              contrastive | non-contrastive | clustering | distillation | MIM,
   ``forward(views)``      -> ``{"loss": tensor, ...scalar logs}``,
   optional ``on_step(step, total_steps)`` for momentum teachers and schedules.
+
+Each registered builder carries ``.family`` and ``.default_views`` (the view preset its recipes name).
+Shared pieces live in small helpers: ``_ema`` (momentum teachers), ``_queue`` (feature queues),
+``_multicrop`` (multi-resolution crops).
 """
 
 from __future__ import annotations
@@ -41,6 +45,6 @@ def create_method(cfg) -> nn.Module:
     return builder(cfg=cfg, backbone=backbone, feat_dim=feat_dim, **params)
 
 
-from . import simclr  # noqa: E402,F401  (registers)
+from . import dino, mae, moco, nnclr, redundancy, siamese, simclr, swav, vicregl  # noqa: E402,F401  (register)
 
 __all__ = ["METHODS", "register_method", "create_method", "build_backbone"]

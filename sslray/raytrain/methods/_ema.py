@@ -1,0 +1,48 @@
+"""Momentum (EMA) teachers shared by MoCo v2/v3, BYOL and DINO."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..optim import cosine_momentum
+
+
+class EMATeacher(nn.Module):
+    """A gradient-free copy of the student modules (e.g. backbone, projector), applied in sequence and
+    updated as ``t <- m t + (1 - m) s`` (MoCo eq. 2, BYOL sec. 3.1).
+
+    A registered submodule, so ``state_dict()`` saves and restores it with the student. Buffers
+    (BN running statistics) are copied from the student rather than averaged.
+    """
+
+    def __init__(self, *students: nn.Module):
+        super().__init__()
+        self.module = nn.Sequential(*(copy.deepcopy(s) for s in students))
+        self.module.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.module(x)
+
+    @torch.no_grad()
+    def update(self, *students: nn.Module, momentum: float) -> None:
+        student = nn.ModuleList(students)
+        t_params, s_params = list(self.module.parameters()), list(student.parameters())
+        if len(t_params) != len(s_params):
+            raise RuntimeError("EMATeacher: student and teacher no longer have the same parameters")
+        torch._foreach_mul_(t_params, momentum)
+        torch._foreach_add_(t_params, [p.detach() for p in s_params], alpha=1 - momentum)
+        for bt, bs in zip(self.module.buffers(), student.buffers()):
+            bt.copy_(bs)
+
+
+def ema_momentum(step: int, total: int, base: float, schedule: str = "cosine") -> float:
+    """``cosine``: base -> 1 over training (BYOL, MoCo v3, DINO); ``constant``: base (MoCo v2)."""
+    if schedule == "cosine":
+        return cosine_momentum(step, total, base)
+    if schedule == "constant":
+        return base
+    raise ValueError(f"momentum schedule must be 'cosine' or 'constant', got {schedule!r}")

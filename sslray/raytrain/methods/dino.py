@@ -1,0 +1,110 @@
+"""DINO (Caron et al., ICCV 2021): a student matches an EMA teacher's centred, sharpened output across
+multi-crop views. Teacher sees the global crops only; the centre is an EMA of the global-batch mean
+(all-reduced); the teacher temperature warms up linearly; the last layer is frozen for the first epoch."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..distributed import all_reduce_mean, gather_nograd, gather_with_grad
+from ..losses import dino_loss, update_center
+from . import register_method
+from ._ema import EMATeacher, ema_momentum
+from ._multicrop import allow_any_size, encode_crops
+
+
+class DINOHead(nn.Module):
+    """3-layer MLP with GELU (no BN, as for ViTs) -> bottleneck -> L2-normalise -> weight-normalised
+    linear layer to K outputs with its norm fixed to 1 (the paper's ``norm_last_layer=True``)."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, layers: int = 3):
+        super().__init__()
+        blocks: list[nn.Module] = []
+        d = in_dim
+        for _ in range(layers - 1):
+            blocks += [nn.Linear(d, hidden_dim), nn.GELU()]
+            d = hidden_dim
+        blocks.append(nn.Linear(d, bottleneck_dim))
+        self.mlp = nn.Sequential(*blocks)
+        self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
+        self.frozen = False  # set by the method; not state (derived from the step buffer)
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(self.mlp(x), dim=-1)
+        w = F.normalize(self.last_layer.weight, dim=1)
+        if self.frozen:
+            w = w.detach() + 0 * w  # exactly-zero gradient; DDP still sees the parameter used
+        return F.linear(x, w)
+
+
+class DINO(nn.Module):
+    family = "distillation"
+
+    def __init__(self, backbone: nn.Module, head: DINOHead, out_dim: int, epochs: int, student_temp: float = 0.1,
+                 teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04, warmup_teacher_temp_epochs: int = 30,
+                 center_momentum: float = 0.9, momentum: float = 0.996, freeze_last_layer_epochs: float = 1.0,
+                 num_global: int = 2):
+        super().__init__()
+        self.backbone, self.head = allow_any_size(backbone), head
+        self.teacher = EMATeacher(self.backbone, head)
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("total", torch.zeros((), dtype=torch.long))
+        self.epochs, self.student_temp, self.teacher_temp = max(1, epochs), student_temp, teacher_temp
+        self.warmup_teacher_temp, self.warmup_epochs = warmup_teacher_temp, warmup_teacher_temp_epochs
+        self.center_momentum, self.base_momentum = center_momentum, momentum
+        self.freeze_last_layer_epochs, self.num_global = freeze_last_layer_epochs, num_global
+
+    def epoch(self) -> float:
+        """Fractional epoch of the current step (the loop's ``total`` spans all epochs)."""
+        total = int(self.total)
+        return 0.0 if total == 0 else float(self.step) * self.epochs / total
+
+    def current_teacher_temp(self) -> float:
+        e = self.epoch()
+        if self.warmup_epochs > 0 and e < self.warmup_epochs:
+            return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * e / self.warmup_epochs
+        return self.teacher_temp
+
+    def forward(self, views):
+        if len(views) < self.num_global or self.num_global < 1 or len(views) < 2:
+            raise ValueError(f"DINO needs {self.num_global} global crops first and >= 2 views, got {len(views)}")
+        self.head.frozen = self.training and self.epoch() < self.freeze_last_layer_epochs
+        student = encode_crops(lambda x: self.head(self.backbone(x)), views)
+        teacher = self.teacher(torch.cat(list(views[: self.num_global]), 0)).chunk(self.num_global, 0)
+        # The global batch on every rank (gradients routed back by gather_with_grad), so the loss
+        # equals the single-process one; the centre uses the all-reduced batch mean as in the paper.
+        loss = dino_loss([gather_with_grad(s) for s in student], [gather_nograd(t) for t in teacher],
+                         self.center, self.student_temp, self.current_teacher_temp())
+        if self.training:
+            batch_mean = all_reduce_mean(torch.cat(teacher).float().mean(0, keepdim=True))
+            update_center(self.center, batch_mean, self.center_momentum)
+        return {"loss": loss}
+
+    def on_step(self, step: int, total: int) -> None:
+        self.teacher.update(self.backbone, self.head, momentum=ema_momentum(step, total, self.base_momentum, "cosine"))
+        self.step.fill_(step + 1)
+        self.total.fill_(total)
+
+
+@register_method("dino")
+def build_dino(cfg, backbone, feat_dim, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+               teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04, warmup_teacher_temp_epochs: int = 30,
+               center_momentum: float = 0.9, momentum: float = 0.996, freeze_last_layer_epochs: float = 1.0,
+               num_global: int = 2):
+    """Paper defaults (ViT-S/16): K=65536, head 2048/256, student T=0.1 (``method.temperature``),
+    teacher T 0.04 (warm-up from 0.04 over 30 epochs), centre momentum 0.9, teacher momentum 0.996
+    to 1 (cosine), last layer frozen for 1 epoch."""
+    head = DINOHead(feat_dim, out_dim, hidden_dim, bottleneck_dim)
+    return DINO(backbone, head, out_dim, cfg.train.epochs, cfg.method.temperature, teacher_temp, warmup_teacher_temp,
+                warmup_teacher_temp_epochs, center_momentum, momentum, freeze_last_layer_epochs, num_global)
+
+
+build_dino.family = DINO.family
+build_dino.default_views = "dino"

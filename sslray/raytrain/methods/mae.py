@@ -1,0 +1,107 @@
+"""MAE (He et al., CVPR 2022): a timm ViT encodes only the visible patches; a lightweight transformer
+decoder reconstructs the pixels of the masked ones; the loss (``norm_pix_loss``) is on masked patches only."""
+
+from __future__ import annotations
+
+
+import torch
+from torch import nn
+
+from ..backbones import create_backbone
+from ..losses import mae_loss, patchify, random_masking
+from . import register_method
+
+
+def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding (MAE's decoder), (grid*grid, dim)."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a dim divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                            indexing="ij")
+    parts = []
+    for pos in (ys.reshape(-1), xs.reshape(-1)):
+        out = pos[:, None] * omega[None]
+        parts += [out.sin(), out.cos()]
+    return torch.cat(parts, 1).float()
+
+
+class MAE(nn.Module):
+    family = "MIM"
+
+    def __init__(self, backbone: nn.Module, mask_ratio: float = 0.75, norm_pix: bool = True, decoder_dim: int = 512,
+                 decoder_depth: int = 8, decoder_heads: int = 16):
+        super().__init__()
+        from timm.models.vision_transformer import Block
+
+        needed = ("patch_embed", "blocks", "norm", "pos_embed", "cls_token")
+        if not all(hasattr(backbone, a) for a in needed) or getattr(backbone, "reg_token", None) is not None:
+            raise ValueError(f"MAE needs a timm VisionTransformer backbone without register tokens, "
+                             f"got {type(backbone).__name__}")
+        self.backbone = backbone
+        self.patch = int(backbone.patch_embed.patch_size[0])
+        gh, gw = backbone.patch_embed.grid_size
+        if gh != gw:
+            raise ValueError(f"MAE: square patch grids only, got {gh}x{gw}")
+        self.num_patches = gh * gw
+        self.mask_ratio, self.norm_pix = mask_ratio, norm_pix
+        dim = backbone.embed_dim
+        self.decoder_embed = nn.Linear(dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.register_buffer("decoder_pos", torch.cat([torch.zeros(1, decoder_dim), sincos_pos_embed(decoder_dim, gh)])
+                             .unsqueeze(0), persistent=False)
+        self.decoder = nn.Sequential(*(Block(decoder_dim, decoder_heads, mlp_ratio=4.0, qkv_bias=True)
+                                       for _ in range(decoder_depth)))
+        self.decoder_norm = nn.LayerNorm(decoder_dim)
+        self.decoder_pred = nn.Linear(decoder_dim, self.patch**2 * 3)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def encode_visible(self, imgs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The ViT on visible patches only: patch embed + position, gather ``keep``, prepend the class token."""
+        bb = self.backbone
+        x = bb.patch_embed(imgs)
+        if x.ndim == 4:  # dynamic-size ViTs emit NHWC
+            x = x.flatten(1, 2)
+        prefix = 0 if getattr(bb, "no_embed_class", False) else bb.num_prefix_tokens
+        x = x + bb.pos_embed[:, prefix:]
+        x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        cls = bb.cls_token + (bb.pos_embed[:, :1] if prefix else 0)
+        x = torch.cat([cls.expand(x.shape[0], -1, -1), x], 1)
+        x = bb.norm_pre(x) if hasattr(bb, "norm_pre") else x
+        return bb.norm(bb.blocks(x))
+
+    def decode(self, latent: torch.Tensor, restore: torch.Tensor) -> torch.Tensor:
+        x = self.decoder_embed(latent)
+        b, n_vis = x.shape[0], x.shape[1] - 1
+        masks = self.mask_token.expand(b, self.num_patches - n_vis, -1)
+        tokens = torch.cat([x[:, 1:], masks], 1)
+        tokens = torch.gather(tokens, 1, restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = torch.cat([x[:, :1], tokens], 1) + self.decoder_pos
+        x = self.decoder_norm(self.decoder(x))
+        return self.decoder_pred(x[:, 1:])
+
+    def forward(self, views):
+        if len(views) != 1:
+            raise ValueError(f"MAE takes exactly 1 view, got {len(views)}")
+        imgs = views[0]
+        keep, mask, restore = random_masking(imgs.shape[0], self.num_patches, self.mask_ratio, imgs.device)
+        pred = self.decode(self.encode_visible(imgs, keep), restore)
+        loss = mae_loss(pred, patchify(imgs, self.patch), mask, self.norm_pix)
+        return {"loss": loss}
+
+
+@register_method("mae")
+def build_mae(cfg, backbone, feat_dim, mask_ratio: float = 0.75, norm_pix: bool = True, patch_size: int = 0,
+              decoder_dim: int = 512, decoder_depth: int = 8, decoder_heads: int = 16):
+    """Paper defaults: mask 75%, norm_pix_loss, decoder 512 wide, 8 blocks, 16 heads. ``patch_size`` > 0
+    rebuilds the timm ViT with that patch size (e.g. 4 for 32-px CIFAR: 8x8 patches)."""
+    current = getattr(getattr(backbone, "patch_embed", None), "patch_size", (None,))[0]
+    if patch_size and current != patch_size:
+        if cfg.views.crop_size % patch_size:
+            raise ValueError(f"method.params.patch_size {patch_size} must divide views.crop_size {cfg.views.crop_size}")
+        backbone = create_backbone(cfg.model.backbone, img_size=cfg.views.crop_size, patch_size=patch_size)
+    return MAE(backbone, mask_ratio, norm_pix, decoder_dim, decoder_depth, decoder_heads)
+
+
+build_mae.family = MAE.family
+build_mae.default_views = "mae"

@@ -1,0 +1,107 @@
+"""MoCo v2 (Chen et al. 2020, "Improved baselines") and MoCo v3 (Chen, Xie & He, ICCV 2021).
+
+v2: momentum key encoder + a queue of past keys as negatives, constant momentum 0.999, T=0.2.
+v3: no queue; a predictor on the query branch, symmetric InfoNCE whose negatives are the other
+view's keys of the *global* batch, cosine momentum schedule from 0.99.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..distributed import gather_nograd, gather_with_grad
+from ..heads import MLPHead
+from ..losses import infonce_loss
+from . import register_method
+from ._ema import EMATeacher, ema_momentum
+from ._queue import FeatureQueue
+
+
+def _two_views(views, name):
+    if len(views) != 2:
+        raise ValueError(f"{name} takes exactly 2 views, got {len(views)}")
+    return views
+
+
+class MoCoV2(nn.Module):
+    family = "contrastive"
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module, out_dim: int, temperature: float = 0.2,
+                 queue_size: int = 65536, momentum: float = 0.999, momentum_schedule: str = "constant"):
+        super().__init__()
+        self.backbone, self.projector = backbone, projector
+        self.key_encoder = EMATeacher(backbone, projector)
+        self.queue = FeatureQueue(queue_size, out_dim)
+        self.temperature, self.base_momentum, self.momentum_schedule = temperature, momentum, momentum_schedule
+
+    def forward(self, views):
+        x1, x2 = _two_views(views, "MoCo v2")
+        q = self.projector(self.backbone(x1))
+        k = self.key_encoder(x2).detach()
+        # As in the paper: one query per image, its key as the only positive, the queue as negatives.
+        # Shuffling BN (the paper's guard against BN leaking the positive) is not done; queries and
+        # keys are normalised in separate passes.
+        loss = infonce_loss(q, k, self.queue.rows(), self.temperature, in_batch_negatives=False)
+        if self.training:
+            self.queue.push(gather_nograd(torch.nn.functional.normalize(k.float(), dim=1)))
+        return {"loss": loss}
+
+    def on_step(self, step: int, total: int) -> None:
+        self.key_encoder.update(self.backbone, self.projector,
+                                momentum=ema_momentum(step, total, self.base_momentum, self.momentum_schedule))
+
+
+class MoCoV3(nn.Module):
+    family = "contrastive"
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module, predictor: nn.Module, temperature: float = 0.2,
+                 momentum: float = 0.99):
+        super().__init__()
+        self.backbone, self.projector, self.predictor = backbone, projector, predictor
+        self.momentum_encoder = EMATeacher(backbone, projector)
+        self.temperature, self.base_momentum = temperature, momentum
+
+    def _ctr(self, q, k):
+        # Queries and keys of the whole global batch (keys carry no gradient): every rank computes
+        # the global loss and gather_with_grad routes gradients back, so DDP equals one process.
+        # Scaled by 2T as in the paper's code so the gradient scale does not depend on T.
+        return infonce_loss(gather_with_grad(q), gather_nograd(k), None, self.temperature) * 2 * self.temperature
+
+    def forward(self, views):
+        x1, x2 = _two_views(views, "MoCo v3")
+        n = x1.shape[0]
+        q = self.predictor(self.projector(self.backbone(torch.cat([x1, x2]))))
+        k = self.momentum_encoder(torch.cat([x1, x2])).detach()
+        loss = self._ctr(q[:n], k[n:]) + self._ctr(q[n:], k[:n])
+        return {"loss": loss}
+
+    def on_step(self, step: int, total: int) -> None:
+        self.momentum_encoder.update(self.backbone, self.projector,
+                                     momentum=ema_momentum(step, total, self.base_momentum, "cosine"))
+
+
+@register_method("mocov2")
+def build_mocov2(cfg, backbone, feat_dim, queue_size: int = 65536, momentum: float = 0.999,
+                 momentum_schedule: str = "constant"):
+    """Projector fc-ReLU-fc without BN, as in the MoCo v2 code; T from ``method.temperature``."""
+    projector = nn.Sequential(nn.Linear(feat_dim, cfg.model.proj_hidden_dim), nn.ReLU(inplace=True),
+                              nn.Linear(cfg.model.proj_hidden_dim, cfg.model.proj_out_dim))
+    return MoCoV2(backbone, projector, cfg.model.proj_out_dim, cfg.method.temperature, queue_size, momentum,
+                  momentum_schedule)
+
+
+@register_method("mocov3")
+def build_mocov3(cfg, backbone, feat_dim, momentum: float = 0.99, pred_hidden_dim: int = 4096,
+                 proj_layers: int = 3):
+    """3-layer projector and 2-layer predictor, both ending in BN (paper, sec. 4 / appendix)."""
+    h, d = cfg.model.proj_hidden_dim, cfg.model.proj_out_dim
+    projector = MLPHead(feat_dim, h, d, layers=proj_layers, last_bn=True)
+    predictor = MLPHead(d, pred_hidden_dim, d, layers=2, last_bn=True)
+    return MoCoV3(backbone, projector, predictor, cfg.method.temperature, momentum)
+
+
+build_mocov2.family = MoCoV2.family
+build_mocov2.default_views = "simclr"
+build_mocov3.family = MoCoV3.family
+build_mocov3.default_views = "byol"

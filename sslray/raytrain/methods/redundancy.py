@@ -1,0 +1,55 @@
+"""Redundancy-reduction methods: Barlow Twins (Zbontar et al., ICML 2021) and VICReg (Bardes et al.,
+ICLR 2022). Backbone + expander + a loss on batch statistics, computed over the global batch."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..distributed import gather_with_grad
+from ..heads import MLPHead
+from ..losses import barlow_twins_loss, vicreg_loss
+from . import register_method
+
+
+class BatchStatTwins(nn.Module):
+    family = "non-contrastive"
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 name: str):
+        super().__init__()
+        self.backbone, self.projector, self.loss, self.name = backbone, projector, loss, name
+
+    def forward(self, views):
+        if len(views) != 2:
+            raise ValueError(f"{self.name} takes exactly 2 views, got {len(views)}")
+        n = views[0].shape[0]
+        z = self.projector(self.backbone(torch.cat(views, 0)))
+        # Cross-correlation / variance / covariance are statistics of the global batch: gather with
+        # gradients so every rank computes the single-process loss (see distributed.py).
+        return {"loss": self.loss(gather_with_grad(z[:n]), gather_with_grad(z[n:]))}
+
+
+@register_method("barlowtwins")
+def build_barlowtwins(cfg, backbone, feat_dim, lambda_: float = 5e-3, proj_layers: int = 3):
+    """Projector: 3 linear layers, BN+ReLU between (8192 wide in the paper); lambda 5e-3."""
+    h, d = cfg.model.proj_hidden_dim, cfg.model.proj_out_dim
+    return BatchStatTwins(backbone, MLPHead(feat_dim, h, d, layers=proj_layers),
+                          partial(barlow_twins_loss, lambda_=lambda_), "Barlow Twins")
+
+
+@register_method("vicreg")
+def build_vicreg(cfg, backbone, feat_dim, sim_coeff: float = 25.0, std_coeff: float = 25.0, cov_coeff: float = 1.0,
+                 proj_layers: int = 3):
+    """Expander: 3 linear layers, BN+ReLU between (8192 wide in the paper); lambda=mu=25, nu=1."""
+    h, d = cfg.model.proj_hidden_dim, cfg.model.proj_out_dim
+    return BatchStatTwins(backbone, MLPHead(feat_dim, h, d, layers=proj_layers),
+                          partial(vicreg_loss, sim_coeff=sim_coeff, std_coeff=std_coeff,
+                                                  cov_coeff=cov_coeff), "VICReg")
+
+
+build_barlowtwins.family = build_vicreg.family = BatchStatTwins.family
+build_barlowtwins.default_views = build_vicreg.default_views = "byol"

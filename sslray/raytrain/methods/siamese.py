@@ -1,0 +1,76 @@
+"""Predictor-based siamese methods: BYOL (Grill et al., NeurIPS 2020) and SimSiam (Chen & He, CVPR 2021).
+
+Both predict one view's target projection from the other view; they differ only in the target:
+an EMA copy of the online backbone + projector (BYOL) or the online network itself behind a
+stop-gradient (SimSiam). So one class, composed with or without an :class:`EMATeacher`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..heads import MLPHead
+from ..losses import negative_cosine_similarity
+from . import register_method
+from ._ema import EMATeacher, ema_momentum
+
+
+class PredictorSiamese(nn.Module):
+    family = "non-contrastive"
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module, predictor: nn.Module, ema_momentum: float | None):
+        super().__init__()
+        self.backbone, self.projector, self.predictor = backbone, projector, predictor
+        self.target = EMATeacher(backbone, projector) if ema_momentum is not None else None
+        self.base_momentum = ema_momentum
+
+    def forward(self, views):
+        if len(views) != 2:
+            raise ValueError(f"{type(self).__name__} takes exactly 2 views, got {len(views)}")
+        n = views[0].shape[0]
+        x = torch.cat(views, 0)
+        z = self.projector(self.backbone(x))
+        p = self.predictor(z)
+        # negative_cosine_similarity stops the gradient through its second argument.
+        t = self.target(x) if self.target is not None else z
+        loss = (negative_cosine_similarity(p[:n], t[n:]) + negative_cosine_similarity(p[n:], t[:n])) / 2
+        if self.target is not None:
+            # BYOL's symmetrised loss: 2 - 2 cos per direction, summed (eq. 2 plus its mirror).
+            loss = 4 + 4 * loss
+        return {"loss": loss}
+
+    def on_step(self, step: int, total: int) -> None:
+        if self.target is not None:
+            self.target.update(self.backbone, self.projector,
+                               momentum=ema_momentum(step, total, self.base_momentum, "cosine"))
+
+
+class BYOL(PredictorSiamese):
+    pass
+
+
+class SimSiam(PredictorSiamese):
+    pass
+
+
+@register_method("byol")
+def build_byol(cfg, backbone, feat_dim, momentum: float = 0.996, pred_hidden_dim: int = 4096):
+    """Projector and predictor: Linear-BN-ReLU-Linear, 4096 hidden, 256 out (sec. 3.3)."""
+    h, d = cfg.model.proj_hidden_dim, cfg.model.proj_out_dim
+    return BYOL(backbone, MLPHead(feat_dim, h, d, layers=2), MLPHead(d, pred_hidden_dim, d, layers=2), momentum)
+
+
+@register_method("simsiam")
+def build_simsiam(cfg, backbone, feat_dim, pred_hidden_dim: int = 512, proj_layers: int = 3):
+    """Projector 3 layers with BN on the output (2 on CIFAR in the paper), predictor a 2-layer
+    bottleneck (hidden = out/4) without BN on its output (sec. 4)."""
+    h, d = cfg.model.proj_hidden_dim, cfg.model.proj_out_dim
+    projector = MLPHead(feat_dim, h, d, layers=proj_layers, last_bn=True)
+    return SimSiam(backbone, projector, MLPHead(d, pred_hidden_dim, d, layers=2), None)
+
+
+build_byol.family = BYOL.family
+build_byol.default_views = "byol"
+build_simsiam.family = SimSiam.family
+build_simsiam.default_views = "simclr"
