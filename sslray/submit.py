@@ -1,0 +1,267 @@
+"""`sslray submit`: send a command to a Ray cluster as a Ray job, and manage it.
+
+A thin layer over the Ray Job Submission SDK, equivalent to::
+
+    ray job submit --address ADDR --working-dir . --runtime-env cluster/runtime_env.yaml -- CMD...
+
+    sslray submit [--address ADDR] [--runtime-env FILE] [--no-wait] -- sslray pretrain ...
+    sslray submit status|logs|stop JOB_ID [--address ADDR]
+    sslray submit list [--address ADDR]
+
+What it adds over the plain CLI: the token of Ray's token authentication (Ray >= 2.52) is sent
+without having to export ``RAY_AUTH_MODE=token`` first; the working dir is checked to be the
+sslray repository; and a job that would write its checkpoints or MLflow runs into its own
+temporary working dir (lost when the job ends) is flagged before it is sent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import yaml
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+DEFAULT_RUNTIME_ENV = "cluster/runtime_env.yaml"
+VERBS = ("status", "logs", "stop", "list")
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+class SubmitError(ValueError):
+    """A submission that cannot be sent as asked; the message says what to change."""
+
+
+def resolve_address(address: Optional[str] = None, env: Mapping[str, str] = os.environ) -> str:
+    """``--address`` > ``$RAY_API_SERVER_ADDRESS`` > ``$RAY_ADDRESS`` (when it is an http URL) > local.
+
+    The job server is the dashboard's HTTP port (8265), not the GCS port (6379) of ``ray start``."""
+    addr = address or env.get("RAY_API_SERVER_ADDRESS")
+    if not addr:
+        ray_addr = env.get("RAY_ADDRESS", "")
+        addr = ray_addr if ray_addr.startswith(("http://", "https://")) else DEFAULT_ADDRESS
+    if "://" not in addr:
+        addr = "http://" + addr
+    return addr.rstrip("/")
+
+
+def read_token(env: Mapping[str, str] = os.environ) -> Optional[str]:
+    """The Ray auth token, looked up in Ray's own order: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH,
+    ~/.ray/auth_token."""
+    if env.get("RAY_AUTH_TOKEN", "").strip():
+        return env["RAY_AUTH_TOKEN"].strip()
+    if env.get("RAY_AUTH_TOKEN_PATH"):
+        p = Path(env["RAY_AUTH_TOKEN_PATH"]).expanduser()
+        try:
+            token = p.read_text().strip()
+        except OSError as e:
+            raise SubmitError(f"RAY_AUTH_TOKEN_PATH={p} cannot be read: {e.strerror}") from None
+        if not token:
+            raise SubmitError(f"RAY_AUTH_TOKEN_PATH={p} is empty")
+        return token
+    default = Path(env.get("HOME", str(Path.home()))) / ".ray" / "auth_token"
+    if default.is_file():
+        return default.read_text().strip() or None
+    return None
+
+
+def auth_headers(env: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """``Authorization: Bearer <token>`` for the job server, as Ray's CLI would send it.
+
+    ``RAY_AUTH_MODE=disabled`` sends nothing; ``=token`` requires a token; unset sends the token
+    when one exists (what ``ray job submit`` does since Ray 2.52). A server with auth disabled
+    ignores the header."""
+    mode = env.get("RAY_AUTH_MODE", "").strip().lower()
+    if mode == "disabled":
+        return {}
+    token = read_token(env)
+    if token:
+        return {"Authorization": f"Bearer {token}"}
+    if mode == "token":
+        raise SubmitError("RAY_AUTH_MODE=token but no token found: set RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, "
+                          "or copy the head's ~/.ray/auth_token (`ray get-auth-token` on the head prints it)")
+    return {}
+
+
+def load_runtime_env(path: Optional[str], working_dir: Optional[str] = None,
+                     env_vars: Sequence[str] = ()) -> dict:
+    """The runtime env YAML (paths in it are relative to the cwd, as for ``ray job submit``),
+    with ``--working-dir`` and ``--env KEY=VALUE`` applied."""
+    renv: dict = {}
+    if path:
+        try:
+            renv = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as e:
+            raise SubmitError(f"runtime env {path}: {e.strerror} (submit from the repository root)") from None
+        if not isinstance(renv, dict):
+            raise SubmitError(f"runtime env {path} must hold a mapping")
+    if working_dir:
+        renv["working_dir"] = working_dir
+    for item in env_vars:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SubmitError(f"--env {item!r} must look like KEY=VALUE")
+        renv.setdefault("env_vars", {})[key] = value
+    wd = renv.get("working_dir")
+    if wd and "://" not in str(wd):
+        wd_path = Path(wd).expanduser().resolve()
+        if not (wd_path / "sslray" / "cli.py").is_file():
+            raise SubmitError(f"working_dir {wd!r} is {wd_path}, which holds no sslray/ package: "
+                              "run `sslray submit` from the repository root, or pass --working-dir")
+        renv["working_dir"] = str(wd_path)
+    return renv
+
+
+def _flag(argv: Sequence[str], name: str) -> Optional[str]:
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def check_entrypoint(argv: Sequence[str], runtime_env: Mapping) -> list[str]:
+    """Warnings for an sslray run whose results would stay in the job's temporary working dir."""
+    if len(argv) < 2 or (Path(argv[0]).name != "sslray" and list(argv[:3]) != ["python", "-m", "sslray.cli"]):
+        return []
+    if not {"pretrain", "tune"} & set(argv):
+        return []
+    notes = []
+    if _flag(argv, "--storage") is None:
+        notes.append("no --storage: checkpoints go to ./runs inside the job's temporary working dir; "
+                     "pass --storage s3://..., gs://... or a shared mount")
+    if _flag(argv, "--tracking-uri") is None and "MLFLOW_TRACKING_URI" not in runtime_env.get("env_vars", {}):
+        notes.append("no --tracking-uri: the job logs to the cluster's $MLFLOW_TRACKING_URI (set by cluster/*.yaml), "
+                     "else to sqlite:///mlflow.db inside its temporary working dir")
+    for name in ("--data", "--val"):
+        value = _flag(argv, name)
+        if value and "://" not in value and not os.path.isabs(value):
+            notes.append(f"{name} {value} is relative: it resolves inside the uploaded working dir, where data "
+                         "is excluded; give an absolute path on storage every node mounts")
+    return notes
+
+
+def client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address, headers=auth_headers())
+
+
+def wait(c, job_id: str, timeout: float = 0.0, poll: float = 2.0, follow: bool = True) -> str:
+    """Stream the job's new log lines until it reaches a terminal state; return that state."""
+    seen = 0
+    t0 = time.monotonic()
+    while True:
+        status = c.get_job_status(job_id)
+        status = str(getattr(status, "value", status))
+        if follow:
+            logs = c.get_job_logs(job_id)
+            if len(logs) > seen:
+                sys.stdout.write(logs[seen:])
+                sys.stdout.flush()
+                seen = len(logs)
+        if status in TERMINAL:
+            return status
+        if timeout and time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"job {job_id} still {status} after {timeout:.0f} s")
+        time.sleep(poll)
+
+
+def cmd_submit(a) -> int:
+    rest = list(a.rest)
+    if rest and rest[0] in VERBS:
+        return cmd_manage(rest[0], rest[1:], a)
+    if rest[:1] == ["--"]:
+        rest = rest[1:]
+    if not rest:
+        raise SubmitError("nothing to run: sslray submit [options] -- sslray pretrain ...")
+    renv = load_runtime_env(a.runtime_env, a.working_dir, a.env)
+    for note in check_entrypoint(rest, renv):
+        print(f"sslray submit: warning: {note}", file=sys.stderr)
+    address = resolve_address(a.address)
+    c = client(address)
+    entrypoint = shlex.join(rest)
+    job_id = c.submit_job(entrypoint=entrypoint, runtime_env=renv, submission_id=a.submission_id,
+                          entrypoint_num_cpus=a.entrypoint_num_cpus or None,
+                          entrypoint_num_gpus=a.entrypoint_num_gpus or None)
+    print(f"sslray submit: job {job_id} submitted to {address}: {entrypoint}")
+    print(f"  status: sslray submit status {job_id} --address {address}")
+    print(f"  logs:   sslray submit logs {job_id} --address {address}")
+    print(f"  stop:   sslray submit stop {job_id} --address {address}")
+    sys.stdout.flush()
+    if a.no_wait:
+        return 0
+    try:
+        status = wait(c, job_id)
+    except KeyboardInterrupt:
+        print(f"\nsslray submit: stopped following; job {job_id} keeps running "
+              f"(sslray submit stop {job_id} to end it)", file=sys.stderr)
+        return 130
+    print(f"sslray submit: job {job_id} {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def cmd_manage(verb: str, argv: Sequence[str], outer) -> int:
+    p = argparse.ArgumentParser(prog=f"sslray submit {verb}")
+    if verb != "list":
+        p.add_argument("job_id")
+    p.add_argument("--address", default=outer.address)
+    if verb == "logs":
+        p.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    a = p.parse_args(list(argv))
+    address = resolve_address(a.address)
+    c = client(address)
+    if verb == "list":
+        for job in sorted(c.list_jobs(), key=lambda j: j.start_time or 0):
+            print(f"{job.submission_id or job.job_id}\t{job.status}\t{job.entrypoint}")
+        return 0
+    if verb == "status":
+        info = c.get_job_info(a.job_id)
+        print(f"{a.job_id}\t{info.status}\t{info.message or ''}".rstrip())
+        return 0
+    if verb == "logs":
+        if a.follow:
+            status = wait(c, a.job_id)
+            return 0 if status == "SUCCEEDED" else 1
+        sys.stdout.write(c.get_job_logs(a.job_id))
+        return 0
+    stopped = c.stop_job(a.job_id)
+    print(f"sslray submit: job {a.job_id} " + ("stop requested" if stopped else "was not running"))
+    return 0
+
+
+def register(subparsers) -> None:
+    s = subparsers.add_parser(
+        "submit", help="run a command on a Ray cluster as a Ray job (status|logs|stop|list JOB_ID to manage)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--address", help=f"job server URL (default $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS, {DEFAULT_ADDRESS})")
+    s.add_argument("--runtime-env", default=DEFAULT_RUNTIME_ENV,
+                   help="runtime env YAML (default cluster/runtime_env.yaml; cluster/runtime_env.local.yaml "
+                        "for machines that share one installed venv)")
+    s.add_argument("--working-dir", help="override the runtime env's working_dir")
+    s.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment variable for the job, e.g. MLFLOW_TRACKING_URI=http://head:5000 (repeatable)")
+    s.add_argument("--submission-id", help="job id to use (default: generated)")
+    s.add_argument("--entrypoint-num-cpus", type=float, default=0, help="CPUs reserved for the driver command")
+    s.add_argument("--entrypoint-num-gpus", type=float, default=0, help="GPUs reserved for the driver command")
+    s.add_argument("--no-wait", action="store_true", help="return once submitted instead of following the logs")
+    s.add_argument("rest", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
+                   help="the command to run on the cluster, or: status|logs|stop|list JOB_ID")
+    s.set_defaults(func=_run)
+
+
+def _run(a) -> int:
+    try:
+        return cmd_submit(a)
+    except SubmitError as e:
+        print(f"sslray submit: error: {e}", file=sys.stderr)
+        return 2
+    except (ConnectionError, RuntimeError) as e:
+        # The SDK raises these for an unreachable job server, 401/403 (token) and unknown job ids.
+        print(f"sslray submit: error: {e}", file=sys.stderr)
+        return 1
