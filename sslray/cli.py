@@ -53,9 +53,10 @@ def config_from_args(a: argparse.Namespace):
 def cmd_convert(a) -> int:
     from .datasets import WriteParams, convert
 
-    params = WriteParams(write_mode=a.write_mode, max_resolution=a.max_res, jpeg_quality=a.quality)
+    params = WriteParams(write_mode=a.write_mode, max_resolution=a.max_res, jpeg_quality=a.quality,
+                         compress_probability=a.compress_probability)
     convert(a.src, a.out, source=a.source, split=a.split, params=params, workers=a.workers, strict=a.strict,
-            force=a.force)
+            force=a.force, classes=a.classes, fraction=a.fraction, seed=a.seed)
     return 0
 
 
@@ -119,13 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="image source -> FFCV .beton + manifest")
-    c.add_argument("src", help="source folder (ImageFolder: SRC/<class>/<image>)")
+    c.add_argument("src", help="source folder (ImageFolder: SRC/<class>/<image>), or a CSV file for --source csv")
     c.add_argument("out", help="output .beton path; OUT.manifest.json is written beside it")
-    c.add_argument("--source", default="imagefolder", help="source type (imagefolder, ...)")
-    c.add_argument("--split", help="sub-folder of SRC to convert, e.g. train")
+    c.add_argument("--source", default="imagefolder",
+                   help="imagefolder (default), imagenet100, cifar10, cifar100, unlabelled, csv (docs/datasets.md)")
+    c.add_argument("--split", help="split to convert: an ImageFolder sub-folder (e.g. train); train/val for "
+                                   "imagenet100; train/test for cifar10/cifar100")
+    c.add_argument("--classes", help="class subset: N (the first N classes, sorted) or a comma list of names")
+    c.add_argument("--fraction", type=float, help="keep this fraction of each class, e.g. 0.1 (seeded by --seed)")
+    c.add_argument("--seed", type=int, default=0, help="seed for --fraction")
     c.add_argument("--write-mode", default="jpg", choices=["jpg", "raw", "proportion", "smart"])
-    c.add_argument("--max-res", type=int, default=256, help="longest side kept, px")
+    c.add_argument("--max-res", type=int, default=256, help="longest side kept, px; bounds file size and RAM")
     c.add_argument("--quality", type=int, default=90, help="JPEG quality for write mode jpg/proportion")
+    c.add_argument("--compress-probability", type=float, default=0.5, help="share stored as JPEG in proportion mode")
     c.add_argument("--workers", type=int, default=0, help="processes (default: CPU count, at most 8)")
     c.add_argument("--strict", action="store_true", help="fail on the first unreadable image instead of skipping it")
     c.add_argument("--force", action="store_true", help="convert even when the manifest says it is up to date")

@@ -23,7 +23,7 @@ from PIL import Image, ImageFile
 from tqdm import tqdm
 
 from .. import __version__
-from .sources import SOURCES, Record, SourceError, SourceListing
+from .sources import SOURCES, Record, SourceError, SourceListing, select
 
 # Real datasets hold images larger than PIL's bomb guard; --max-res bounds what we keep instead.
 Image.MAX_IMAGE_PIXELS = None
@@ -161,7 +161,8 @@ def validate(records: Sequence[Record], max_res: int, workers: int, desc: str = 
     shapes: list[tuple[int, int]] = []
     results: list[Any] = [None] * len(records)
     jobs = [(i, r, max_res) for i, r in enumerate(records)]
-    if workers > 1 and len(records) > 256 and all(r.loader is None for r in records):
+    picklable = all(r.loader is None or getattr(r.loader, "picklable", False) for r in records)
+    if workers > 1 and len(records) > 256 and picklable:
         with ProcessPoolExecutor(workers) as ex:
             for i, shape, reason in tqdm(ex.map(_check, jobs, chunksize=256), total=len(jobs), desc=desc, unit="img"):
                 results[i] = (shape, reason)
@@ -189,10 +190,17 @@ def convert(
     strict: bool = False,
     force: bool = False,
     listing: Optional[SourceListing] = None,
+    classes: Optional[int | str | Sequence[str]] = None,
+    fraction: Optional[float] = None,
+    seed: int = 0,
     verbose: bool = True,
     **source_kwargs: Any,
 ) -> dict:
-    """Convert ``src`` to ``out`` (.beton) and return the manifest dict."""
+    """Convert ``src`` to ``out`` (.beton) and return the manifest dict.
+
+    ``classes`` / ``fraction`` / ``seed`` select a class subset and a per-class fraction (see
+    ``sources.select``); they are part of the settings, so changing them reconverts.
+    """
     out = Path(out)
     if not out.name.endswith(".beton"):
         raise ConversionError(f"output {out} must end in .beton")
@@ -202,8 +210,11 @@ def convert(
     workers = workers or min(8, os.cpu_count() or 1)
     if listing is None:
         listing = SOURCES.get(source)(src, split=split, **source_kwargs)
+    listing = select(listing, classes, fraction, seed)
     fingerprint = listing.fingerprint()
-    settings = {"source_type": listing.source_type, "split": split, **params.as_dict(), **_jsonable(source_kwargs)}
+    subset = {"classes": classes, "fraction": fraction, "seed": seed if fraction is not None else None}
+    settings = {"source_type": listing.source_type, "split": split, **params.as_dict(),
+                **_jsonable({**subset, **source_kwargs})}
 
     old = read_manifest(out) if out.exists() else None
     if old and not force and old.get("source_hash") == fingerprint and old.get("settings") == settings \
@@ -216,10 +227,9 @@ def convert(
     ok, skipped, shapes = validate(listing.records, params.max_resolution, workers)
     skipped = listing.skipped + skipped
     if strict and skipped:
-        first = skipped[0]
-        raise ConversionError(
-            f"--strict: {len(skipped)} file(s) cannot be converted; first: {first['path']}: {first['reason']}"
-        )
+        named = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:5])
+        more = f"; ... and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        raise ConversionError(f"--strict: {len(skipped)} file(s) cannot be converted: {named}{more}")
     if not ok:
         raise ConversionError(f"no readable images in {listing.root} ({len(skipped)} skipped)")
 
@@ -261,6 +271,7 @@ def convert(
             "class_counts": {c: int((labels == i).sum()) for i, c in enumerate(listing.classes)},
             "unlabelled": int((labels < 0).sum()),
             "skipped": skipped,
+            "skipped_reasons": reason_counts(skipped),
             "notes": listing.notes,
             "max_height": int(max(s[0] for s in shapes)),
             "max_width": int(max(s[1] for s in shapes)),
@@ -286,6 +297,9 @@ def summary(manifest: dict, out: Path) -> str:
         f"{out}: {manifest['num_images']} images converted, {manifest['num_skipped']} skipped, "
         f"{len(manifest['classes'])} classes, {manifest['beton_bytes'] / 2**20:.1f} MiB in {manifest['seconds']} s"
     ]
+    if manifest["num_skipped"]:
+        counts = manifest.get("skipped_reasons") or reason_counts(manifest["skipped"])
+        lines.append("  skipped by reason: " + ", ".join(f"{n} {r}" for r, n in counts.items()))
     for s in manifest["skipped"][:10]:
         lines.append(f"  skipped {s['path']}: {s['reason']}")
     if manifest["num_skipped"] > 10:
@@ -293,6 +307,15 @@ def summary(manifest: dict, out: Path) -> str:
     for n in manifest["notes"]:
         lines.append(f"  note: {n}")
     return "\n".join(lines)
+
+
+def reason_counts(skipped: Sequence[dict]) -> dict[str, int]:
+    """Skip reasons grouped by kind (the text before the first colon or bracket), most common first."""
+    counts: dict[str, int] = {}
+    for s in skipped:
+        kind = s["reason"].split(":")[0].split(" (")[0].strip()
+        counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def _jsonable(d: dict) -> dict:
