@@ -72,6 +72,9 @@ def ray_cluster():
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True, configure_logging=False)
+        # Workers unpickle test-module functions: put tests/ and the repo on their path.
+        path = os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")])
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True, configure_logging=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": path}})
     yield ray
     ray.shutdown()
