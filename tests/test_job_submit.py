@@ -1,0 +1,230 @@
+"""`sslray submit` against a real local Ray head with the job server, end to end.
+
+The e2e test starts its own head (`ray start --head --block`, its own ports and temp dir), sends
+`sslray pretrain` on a real CIFAR-10 subset from another process, polls the job to SUCCEEDED and
+reads the run back from MLflow. The head is ended through the `ray start --block` process it
+started, never with a bare `ray stop`, which would also stop other Ray instances of this user.
+The helpers (address, token, warnings) are tested in the fast tier.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from sslray import submit
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+LOCAL_ENV = "cluster/runtime_env.local.yaml"
+
+
+# ----------------------------------------------------------------------------- fast tier
+
+def test_address_resolution_prefers_flag_then_api_server_then_http_ray_address():
+    assert submit.resolve_address("10.0.0.1:8265", {}) == "http://10.0.0.1:8265"
+    assert submit.resolve_address(None, {"RAY_API_SERVER_ADDRESS": "http://h:8265/"}) == "http://h:8265"
+    assert submit.resolve_address(None, {"RAY_ADDRESS": "http://h:8265"}) == "http://h:8265"
+    # A GCS address (what `ray start` prints) is not the job server: fall back to the local one.
+    assert submit.resolve_address(None, {"RAY_ADDRESS": "10.0.0.1:6379"}) == submit.DEFAULT_ADDRESS
+
+
+def test_token_follows_rays_lookup_order(tmp_path):
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("from-home\n")
+    token_file = tmp_path / "tok"
+    token_file.write_text("from-path")
+    home = {"HOME": str(tmp_path)}
+    assert submit.auth_headers(home) == {"Authorization": "Bearer from-home"}
+    assert submit.auth_headers({**home, "RAY_AUTH_TOKEN_PATH": str(token_file)}) == {
+        "Authorization": "Bearer from-path"}
+    assert submit.auth_headers({**home, "RAY_AUTH_TOKEN": "from-env", "RAY_AUTH_TOKEN_PATH": str(token_file)}) == {
+        "Authorization": "Bearer from-env"}
+    assert submit.auth_headers({**home, "RAY_AUTH_MODE": "disabled"}) == {}
+
+
+def test_token_mode_without_a_token_names_the_fix(tmp_path):
+    assert submit.auth_headers({"HOME": str(tmp_path)}) == {}  # mode unset, no token: plain request
+    with pytest.raises(submit.SubmitError, match="RAY_AUTH_TOKEN"):
+        submit.auth_headers({"HOME": str(tmp_path), "RAY_AUTH_MODE": "token"})
+    with pytest.raises(submit.SubmitError, match="empty"):
+        (tmp_path / "empty").write_text("")
+        submit.auth_headers({"HOME": str(tmp_path), "RAY_AUTH_TOKEN_PATH": str(tmp_path / "empty")})
+
+
+def test_entrypoint_warnings_flag_results_left_in_the_job_working_dir():
+    renv = {"env_vars": {}}
+    bare = ["sslray", "pretrain", "--recipe", "smoke", "--data", "data/train.beton", "--val", "/mnt/v.beton"]
+    notes = " | ".join(submit.check_entrypoint(bare, renv))
+    assert "--storage" in notes and "--tracking-uri" in notes and "--data data/train.beton is relative" in notes
+    assert "--val" not in notes
+    full = bare[:5] + ["/mnt/t.beton", "--val", "/mnt/v.beton", "--storage", "s3://b/runs",
+                       "--tracking-uri=http://head:5000"]
+    assert submit.check_entrypoint(full, renv) == []
+    assert submit.check_entrypoint(["python", "train.py"], renv) == []
+
+
+def test_runtime_env_must_upload_the_repo(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    renv = submit.load_runtime_env(LOCAL_ENV, env_vars=["MLFLOW_TRACKING_URI=http://h:5000"])
+    assert renv["working_dir"] == str(REPO) and ".venv" in renv["excludes"]
+    assert renv["env_vars"]["MLFLOW_TRACKING_URI"] == "http://h:5000"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(submit.SubmitError, match="repository root"):
+        submit.load_runtime_env(str(REPO / LOCAL_ENV))
+    with pytest.raises(submit.SubmitError, match="KEY=VALUE"):
+        submit.load_runtime_env(None, env_vars=["NOEQUALS"])
+
+
+def test_cli_reports_an_unreachable_job_server():
+    out = subprocess.run([sys.executable, "-m", "sslray.cli", "submit", "--address", f"127.0.0.1:{_free_port()}",
+                          "status", "raysubmit_x"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert out.returncode == 1 and "sslray submit: error" in out.stderr
+
+
+# ----------------------------------------------------------------------------- local head
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalHead:
+    """A Ray head with the job server, owned by this test: own ports, own temp dir."""
+
+    def __init__(self, auth_env: dict[str, str]):
+        self.dash = _free_port()
+        self.url = f"http://127.0.0.1:{self.dash}"
+        self.temp = tempfile.mkdtemp(prefix="sslray-ray-", dir="/tmp")  # short: unix socket paths
+        self.env = {**os.environ, **auth_env, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+                    "RAY_USAGE_STATS_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+        self.env.pop("RAY_ADDRESS", None)
+        cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0",
+               f"--port={_free_port()}", f"--dashboard-port={self.dash}", "--dashboard-host=127.0.0.1",
+               "--include-dashboard=true", f"--dashboard-agent-listen-port={_free_port()}",
+               f"--ray-client-server-port={_free_port()}", "--object-store-memory=300000000",
+               f"--temp-dir={self.temp}", "--disable-usage-stats"]
+        self.log = open(Path(self.temp) / "ray-start.log", "w")
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited {self.proc.returncode}:\n{self.start_log()}")
+            try:
+                # The job API answers only once the job server module is up.
+                with urllib.request.urlopen(f"{self.url}/api/version", timeout=3) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"job server at {self.url} not up after {timeout:.0f} s:\n{self.start_log()}")
+
+    def start_log(self) -> str:
+        return (Path(self.temp) / "ray-start.log").read_text()[-4000:]
+
+    def stop(self) -> None:
+        """SIGTERM to our `ray start --block`: it ends the processes it started, and only those."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+        self.log.close()
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+def _sslray(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sslray.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _poll(client, job_id: str, until: tuple[str, ...], timeout: float) -> str:
+    t0 = time.monotonic()
+    while True:
+        status = str(client.get_job_status(job_id).value)
+        if status in until or status in submit.TERMINAL:
+            return status
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"job {job_id} still {status} after {timeout:.0f} s:\n{client.get_job_logs(job_id)[-6000:]}")
+        time.sleep(2)
+
+
+@pytest.fixture
+def local_head():
+    pytest.importorskip("ray.job_submission")
+    head = LocalHead({"RAY_AUTH_MODE": "disabled"})
+    try:
+        head.wait_ready()
+        yield head
+    finally:
+        head.stop()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_submit_pretrain_end_to_end(local_head, cifar_small, tmp_path):
+    from mlflow.tracking import MlflowClient
+    from ray.job_submission import JobSubmissionClient
+
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    job_id = f"sslray-e2e-{secrets.token_hex(4)}"
+    t0 = time.monotonic()
+    out = _sslray("submit", "--address", local_head.url, "--runtime-env", LOCAL_ENV, "--submission-id", job_id,
+                  "--no-wait", "--", "sslray", "pretrain", "--recipe", "smoke", "--data", cifar_small["train"],
+                  "--val", cifar_small["test"], "--workers", "2", "--storage", str(tmp_path / "runs"),
+                  "--tracking-uri", uri, "--experiment", "e2e", env=local_head.env)
+    assert out.returncode == 0, out.stderr
+    assert f"job {job_id} submitted" in out.stdout
+
+    client = JobSubmissionClient(local_head.url)
+    status = _poll(client, job_id, until=("SUCCEEDED",), timeout=1200)
+    logs = client.get_job_logs(job_id)
+    assert status == "SUCCEEDED", logs[-6000:]
+    print(f"e2e job {job_id}: SUCCEEDED in {time.monotonic() - t0:.0f} s")
+
+    assert "sslray: run" in logs, logs[-6000:]
+
+    exps = MlflowClient(tracking_uri=uri).search_experiments(filter_string="name = 'e2e'")
+    assert len(exps) == 1
+    found = MlflowClient(tracking_uri=uri).search_runs([exps[0].experiment_id])
+    assert len(found) == 1
+    run = found[0]
+    assert run.info.status == "FINISHED"
+    assert "knn_top1" in run.data.metrics and 0.0 <= run.data.metrics["knn_top1"] <= 1.0
+    assert Path(run.data.tags["sslray.checkpoint"]).is_relative_to(tmp_path / "runs")
+
+    st = _sslray("submit", "status", job_id, "--address", local_head.url, env=local_head.env)
+    assert st.returncode == 0 and "SUCCEEDED" in st.stdout, st.stderr
+    lg = _sslray("submit", "--address", local_head.url, "logs", job_id, env=local_head.env)
+    assert lg.returncode == 0 and "sslray: run" in lg.stdout
+
+    # stop: a long job is ended on request.
+    sleeper = _sslray("submit", "--address", local_head.url, "--runtime-env", "", "--no-wait", "--",
+                      "python", "-c", "import time; time.sleep(300)", env=local_head.env)
+    assert sleeper.returncode == 0, sleeper.stderr
+    sleeper_id = sleeper.stdout.split("job ", 1)[1].split()[0]
+    assert _poll(client, sleeper_id, until=("RUNNING",), timeout=120) == "RUNNING"
+    stop = _sslray("submit", "stop", sleeper_id, "--address", local_head.url, env=local_head.env)
+    assert stop.returncode == 0 and "stop requested" in stop.stdout
+    assert _poll(client, sleeper_id, until=("STOPPED",), timeout=120) == "STOPPED"
