@@ -12,7 +12,7 @@ from .config import ConfigError, load_config
 
 
 # Modules that add their own sub-commands (each has ``register(subparsers)``).
-COMMAND_MODULES: list[str] = ["submit"]
+COMMAND_MODULES: list[str] = ["doctor", "submit"]
 
 
 def _abs(p: Optional[str]) -> Optional[str]:

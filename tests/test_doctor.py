@@ -1,0 +1,269 @@
+"""`sslray doctor`: each missing or unreachable piece is reported by name, and the exit status follows
+what the job needs. Only loopback addresses; closed ports come from binding and releasing a socket."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from sslray import doctor
+from sslray.cli import main
+
+FAST = ["--skip", "ffcv,gpu"]  # the ffcv round trip (numba compile) is covered by the slow test
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):  # RAY_AUTH_MODE stays: a local ray.init may have set it
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def bare_home(monkeypatch, tmp_path) -> Path:
+    """A HOME without ~/.ray/auth_token, whatever this machine has."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    return home
+
+
+def closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens here now: connects are refused at once
+    return port
+
+
+@contextmanager
+def http_server(status: int, body: dict):
+    """A loopback HTTP server answering every GET/POST with ``status`` and ``body``."""
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def run(capsys, *argv) -> tuple[int, str]:
+    rc = main(["doctor", *argv])
+    return rc, capsys.readouterr().out
+
+
+def healthy_args(tmp_path) -> list[str]:
+    return ["--storage", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
+
+
+# -- must show: the three missing pieces ----------------------------------------------------------
+
+def test_healthy_run_exits_zero(tmp_path, capsys):
+    rc, out = run(capsys, *FAST, *healthy_args(tmp_path))
+    assert rc == 0, out
+    assert "ready for a job that needs ffcv, mlflow, storage" in out
+    assert "FAIL" not in out
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()  # doctor leaves no trace
+
+
+def test_tracking_uri_in_missing_folder_fails_and_names_it(tmp_path, capsys):
+    uri = "sqlite:////nonexistent-dir/x.db"
+    rc, out = run(capsys, *FAST, "--storage", str(tmp_path), "--tracking-uri", uri)
+    assert rc == 1
+    line = next(x for x in out.splitlines() if x.startswith("FAIL mlflow"))
+    assert uri in line and "/nonexistent-dir does not exist" in line and "fix:" in line
+    assert "block a job" in out.splitlines()[-1] and "mlflow" in out.splitlines()[-1]
+
+
+def test_tracking_uri_on_closed_port_fails_fast_and_names_it(tmp_path, capsys):
+    uri = f"http://127.0.0.1:{closed_port()}"
+    t0 = time.monotonic()
+    rc, out = run(capsys, *FAST, "--storage", str(tmp_path), "--tracking-uri", uri)
+    assert time.monotonic() - t0 < 5
+    assert rc == 1
+    line = next(x for x in out.splitlines() if x.startswith("FAIL mlflow"))
+    assert uri in line and "not reachable" in line and "mlflow server" in line
+
+
+def test_storage_under_a_file_fails_and_names_the_path(tmp_path, capsys):
+    (tmp_path / "afile").write_text("not a folder")
+    storage = tmp_path / "afile" / "sub"
+    rc, out = run(capsys, *FAST, "--storage", str(storage), "--tracking-uri", f"sqlite:///{tmp_path}/m.db")
+    assert rc == 1
+    line = next(x for x in out.splitlines() if x.startswith("FAIL storage"))
+    assert str(storage) in line and f"{tmp_path / 'afile'} is a file" in line
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_storage_folder_fails(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        [c] = doctor.check_storage(str(ro / "runs"), 5)
+    finally:
+        ro.chmod(0o700)
+    assert c.status == "FAIL" and str(ro) in c.detail
+
+
+def test_no_ray_cluster_at_address_fails_fast_and_names_it(tmp_path, capsys):
+    address = f"127.0.0.1:{closed_port()}"
+    t0 = time.monotonic()
+    rc, out = run(capsys, *FAST, *healthy_args(tmp_path), "--address", address)
+    assert time.monotonic() - t0 < 5
+    assert rc == 1  # an address makes ray a need
+    line = next(x for x in out.splitlines() if x.startswith("FAIL ray cluster"))
+    assert f"no Ray cluster answers at {address}" in line and "ray start --head" in line
+
+
+def test_ray_address_from_environment_is_checked(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{closed_port()}")
+    rc, out = run(capsys, *FAST, *healthy_args(tmp_path))
+    assert rc == 1 and "FAIL ray cluster" in out
+
+
+def test_failure_outside_need_is_reported_but_does_not_fail(tmp_path, capsys):
+    address = f"127.0.0.1:{closed_port()}"
+    rc, out = run(capsys, *FAST, *healthy_args(tmp_path), "--address", address, "--need", "mlflow,storage")
+    assert rc == 0
+    assert "FAIL ray cluster" in out and "(not needed by this job)" in out
+
+
+def test_unknown_need_is_a_usage_error(tmp_path, capsys):
+    assert main(["doctor", *FAST, "--need", "gpu,teleport"]) == 2
+    assert "teleport" in capsys.readouterr().err
+
+
+# -- Ray auth and the job server --------------------------------------------------------------------
+
+def test_token_auth_without_token_fails(bare_home, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    checks = doctor.check_ray(f"127.0.0.1:{closed_port()}", None, 2)
+    auth = next(c for c in checks if c.name == "ray auth")
+    assert auth.status == "FAIL" and "~/.ray/auth_token" in auth.detail
+
+
+def test_token_found_in_home_is_named_never_shown(bare_home, monkeypatch):
+    (bare_home / ".ray").mkdir()
+    (bare_home / ".ray" / "auth_token").write_text("s3cret-token\n")
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    checks = doctor.check_ray(f"127.0.0.1:{closed_port()}", None, 2)
+    auth = next(c for c in checks if c.name == "ray auth")
+    assert auth.status == "OK" and "auth_token" in auth.detail
+    assert all("s3cret" not in c.detail + c.fix for c in checks)
+
+
+def test_job_server_answering_is_ok():
+    with http_server(200, {"ray_version": "2.60.0"}) as url:
+        checks = doctor.check_ray(url, None, 2)
+    js = next(c for c in checks if c.name == "ray job server")
+    assert js.status == "OK" and "2.60.0" in js.detail and url in js.detail
+    cluster = next(c for c in checks if c.name == "ray cluster")
+    assert cluster.status == "WARN" and "GCS address" in cluster.detail  # a dashboard URL is not for ray.init
+
+
+def test_job_server_refusing_without_token_fails_with_auth_fix():
+    with http_server(401, {"error": "unauthenticated"}) as url:
+        checks = doctor.check_ray(url, None, 2)
+    js = next(c for c in checks if c.name == "ray job server")
+    assert js.status == "FAIL" and "HTTP 401" in js.detail and "RAY_AUTH_TOKEN" in js.fix
+
+
+@pytest.mark.parametrize("address, expected", [
+    ("127.0.0.1", ("", "127.0.0.1", 6379)),
+    ("10.0.0.5:6380", ("", "10.0.0.5", 6380)),
+    ("ray://head:10001", ("ray", "head", 10001)),
+    ("http://head", ("http", "head", 8265)),
+])
+def test_split_address(address, expected):
+    assert doctor.split_address(address) == expected
+
+
+# -- data, timeouts ----------------------------------------------------------------------------------
+
+def fake_beton(tmp_path, size=4096) -> Path:
+    beton = tmp_path / "d.beton"
+    beton.write_bytes(b"\0" * size)
+    (tmp_path / "d.manifest.json").write_text(json.dumps({"num_images": 3, "classes": ["a"], "beton_bytes": size}))
+    return beton
+
+
+def test_missing_data_fails_and_names_it(tmp_path, capsys):
+    rc, out = run(capsys, *FAST, *healthy_args(tmp_path), "--data", str(tmp_path / "nope.beton"))
+    assert rc == 1 and "FAIL data" in out and "nope.beton does not exist" in out
+
+
+def test_disk_against_beton_size(tmp_path, monkeypatch):
+    beton = fake_beton(tmp_path)
+    [ok] = doctor.check_data(str(beton), str(tmp_path / "runs"))
+    assert ok.status == "OK" and "3 images" in ok.detail and str(beton) in ok.detail
+    monkeypatch.setattr(doctor.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    [full] = doctor.check_data(str(beton), str(tmp_path / "runs"))
+    assert full.status == "FAIL" and "free" in full.fix
+
+
+def test_timed_never_hangs():
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        doctor.timed(lambda: time.sleep(3), 0.2)
+    assert time.monotonic() - t0 < 1
+    assert doctor.timed(lambda: 7, 1) == 7
+
+
+# -- real probes --------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_full_run_with_existing_sqlite_store(tmp_path, capsys):
+    """Everything, including the ffcv JPEG round trip and a probe experiment in a real sqlite store."""
+    from sslray.tracking import Tracker, _client
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    Tracker.start(uri, "existing", "r").end()
+    rc, out = run(capsys, *healthy_args(tmp_path), "--data", str(fake_beton(tmp_path)))
+    assert rc == 0, out
+    assert "decoded 2 JPEGs" in out and "created, wrote and deleted a probe experiment" in out
+    live = [e.name for e in _client(uri).search_experiments()]
+    assert not any(n.startswith("sslray-doctor-") for n in live)  # the probe is deleted
+
+
+@pytest.mark.slow
+def test_http_server_that_is_not_mlflow_fails(tmp_path):
+    with http_server(404, {"error": "not here"}) as url:
+        [c] = doctor.check_mlflow(url, 3)
+    assert c.status == "FAIL" and url in c.detail
+
+
+@pytest.mark.ray
+def test_reachable_ray_cluster_reports_resources(ray_cluster):
+    address = ray_cluster.get_runtime_context().gcs_address
+    checks = doctor.check_ray(address, None, 20)
+    cluster = next(c for c in checks if c.name == "ray cluster")
+    assert cluster.status == "OK", cluster.detail
+    assert "CPU" in cluster.detail and address in cluster.detail
