@@ -1,0 +1,228 @@
+"""Bad input: every image is converted correctly or listed in manifest.skipped with its path and
+reason; --strict turns a skip into a non-zero exit naming the file. One test per case."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sslray.cli import main
+from sslray.datasets import ConversionError, SourceError, WriteParams, convert, read_manifest
+from sslray.datasets.loader import read_image
+
+RAW = WriteParams(write_mode="raw", max_resolution=256)
+
+
+def good_image(size=(40, 30), seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+
+
+def tree(root: Path, bad: dict[str, bytes | Image.Image | None], n_good: int = 2) -> Path:
+    """``root/a/`` holds ``n_good`` good JPEGs; ``root/b/`` the files in ``bad`` (bytes, an image
+    saved by its extension, or None for an empty folder)."""
+    (root / "a").mkdir(parents=True)
+    for i in range(n_good):
+        good_image(seed=i).save(root / "a" / f"good{i}.jpg", quality=90)
+    (root / "b").mkdir()
+    for name, content in bad.items():
+        if content is None:
+            continue
+        p = root / "b" / name
+        if isinstance(content, bytes):
+            p.write_bytes(content)
+        else:
+            content.save(p)
+    return root
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    rc = main(["convert", *map(str, args), "--workers", "1"])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def skipped_reason(manifest: dict, name: str) -> str:
+    hits = [s["reason"] for s in manifest["skipped"] if Path(s["path"]).name == name]
+    assert hits, f"{name} not in skipped: {manifest['skipped']}"
+    return hits[0]
+
+
+def jpeg_bytes(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+def test_truncated_jpeg_is_skipped_and_strict_names_it(tmp_path, capsys):
+    data = jpeg_bytes(good_image((200, 200)))
+    src = tree(tmp_path / "src", {"cut.jpg": data[: len(data) // 2]})
+    out = tmp_path / "o.beton"
+    rc, stdout, _ = run_cli(capsys, src, out)
+    assert rc == 0
+    m = read_manifest(out)
+    assert m["num_images"] == 2 and m["num_skipped"] == 1
+    assert "truncated" in skipped_reason(m, "cut.jpg")
+    assert "2 images converted, 1 skipped" in stdout and "cut.jpg" in stdout
+    rc, _, err = run_cli(capsys, src, tmp_path / "s.beton", "--strict")
+    assert rc != 0 and "cut.jpg" in err and "--strict" in err
+    assert not (tmp_path / "s.beton").exists()
+
+
+def test_text_file_named_jpg(tmp_path, capsys):
+    src = tree(tmp_path / "src", {"notes.jpg": b"this is not an image\n" * 10})
+    rc, stdout, _ = run_cli(capsys, src, tmp_path / "o.beton")
+    m = read_manifest(tmp_path / "o.beton")
+    assert rc == 0 and m["num_images"] == 2
+    assert "not an image" in skipped_reason(m, "notes.jpg")
+    assert "skipped by reason: 1 not an image" in stdout
+
+
+def test_zero_byte_file(tmp_path, capsys):
+    src = tree(tmp_path / "src", {"empty.png": b""})
+    rc, _, _ = run_cli(capsys, src, tmp_path / "o.beton")
+    m = read_manifest(tmp_path / "o.beton")
+    assert rc == 0 and "empty file (0 bytes)" in skipped_reason(m, "empty.png")
+    rc, _, err = run_cli(capsys, src, tmp_path / "s.beton", "--strict")
+    assert rc == 2 and "empty.png" in err
+
+
+def test_cmyk_jpeg_converts_with_the_right_colours(tmp_path):
+    red = Image.new("RGB", (24, 24), (220, 30, 30)).convert("CMYK")
+    src = tree(tmp_path / "src", {"cmyk.jpg": red}, n_good=0)
+    m = convert(src, tmp_path / "o.beton", params=RAW, workers=1, verbose=False)
+    assert m["num_images"] == 1 and m["num_skipped"] == 0
+    img, label = read_image(str(tmp_path / "o.beton"), 0)
+    assert label == 1 and img.shape == (24, 24, 3)
+    np.testing.assert_allclose(img.reshape(-1, 3).mean(0), (220, 30, 30), atol=12)
+
+
+@pytest.mark.parametrize("kind", ["RGBA", "P", "I;16"])
+def test_rgba_palette_and_16bit_png(kind, tmp_path):
+    if kind == "RGBA":
+        img = Image.new("RGBA", (16, 16), (0, 0, 255, 0))  # fully transparent blue: white over a white bg
+        want = (255, 255, 255)
+    elif kind == "P":
+        img = Image.new("RGB", (16, 16), (0, 200, 0)).convert("P", palette=Image.ADAPTIVE, colors=4)
+        want = (0, 200, 0)
+    else:
+        img = Image.fromarray(np.full((16, 16), 32768, dtype=np.uint16))  # mid grey on 16 bits
+        want = (128, 128, 128)
+    src = tree(tmp_path / "src", {"x.png": img}, n_good=0)
+    if kind == "I;16":
+        assert Image.open(src / "b" / "x.png").mode in ("I;16", "I")  # really a 16-bit PNG on disk
+    m = convert(src, tmp_path / "o.beton", params=RAW, workers=1, verbose=False)
+    assert m["num_images"] == 1 and m["num_skipped"] == 0
+    np.testing.assert_allclose(read_image(str(tmp_path / "o.beton"), 0)[0].reshape(-1, 3).mean(0), want, atol=2)
+
+
+def test_greyscale_becomes_three_equal_channels(tmp_path):
+    grey = Image.fromarray(np.tile(np.arange(0, 256, 8, dtype=np.uint8), (10, 1)), "L")
+    src = tree(tmp_path / "src", {"g.png": grey}, n_good=0)
+    convert(src, tmp_path / "o.beton", params=RAW, workers=1, verbose=False)
+    img = read_image(str(tmp_path / "o.beton"), 0)[0]
+    assert img.shape == (10, 32, 3)
+    assert (img[..., 0] == img[..., 1]).all() and (img[..., 1] == img[..., 2]).all()
+    np.testing.assert_array_equal(img[..., 0], np.asarray(grey))
+
+
+def test_one_pixel_image(tmp_path):
+    src = tree(tmp_path / "src", {"dot.png": Image.new("RGB", (1, 1), (10, 20, 30))}, n_good=0)
+    m = convert(src, tmp_path / "o.beton", params=RAW, workers=1, verbose=False)
+    assert m["num_images"] == 1
+    np.testing.assert_array_equal(read_image(str(tmp_path / "o.beton"), 0)[0], [[[10, 20, 30]]])
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "png"])
+def test_very_large_image_is_resized_by_max_res(fmt, tmp_path, capsys):
+    big = good_image((6000, 4000), seed=3)  # 24 MP; the stored copy must be 300 x 200
+    src = tree(tmp_path / "src", {f"big.{fmt}": big}, n_good=1)
+    out = tmp_path / "o.beton"
+    rc, _, _ = run_cli(capsys, src, out, "--max-res", "300", "--write-mode", "raw")
+    m = read_manifest(out)
+    assert rc == 0 and m["num_images"] == 2 and m["max_width"] == 300 and m["max_height"] == 200
+    shapes = sorted(read_image(str(out), i)[0].shape for i in range(2))
+    assert shapes == [(30, 40, 3), (200, 300, 3)]
+
+
+def test_empty_class_folder_is_kept_and_noted(tmp_path, capsys):
+    src = tree(tmp_path / "src", {"unused": None})
+    (src / "c").mkdir()
+    good_image().save(src / "c" / "x.jpg")
+    rc, stdout, _ = run_cli(capsys, src, tmp_path / "o.beton")
+    m = read_manifest(tmp_path / "o.beton")
+    assert rc == 0 and m["classes"] == ["a", "b", "c"] and m["class_counts"]["b"] == 0
+    assert any("holds no images" in n and n.rstrip().split()[2].endswith("b") for n in m["notes"])
+    assert "holds no images" in stdout
+
+
+def _in100(root: Path) -> Path:
+    for split in ("train.X1", "val.X"):
+        (root / split / "n01").mkdir(parents=True)
+        good_image().save(root / split / "n01" / "a.JPEG")
+    return root
+
+
+def test_missing_labels_json_warns_and_keeps_wnids(tmp_path, capsys):
+    src = _in100(tmp_path / "in100")
+    with pytest.warns(UserWarning, match="Labels.json"):
+        rc, stdout, _ = run_cli(capsys, src, tmp_path / "o.beton", "--source", "imagenet100")
+    m = read_manifest(tmp_path / "o.beton")
+    assert rc == 0 and m["classes"] == ["n01"] and m["class_names"] == {}
+    assert "Labels.json not found" in stdout  # the summary repeats the note
+
+
+@pytest.mark.parametrize("content", ["{not json", '["n01", "tench"]', '{"n01": 3}'])
+def test_malformed_labels_json_is_an_error_naming_the_file(content, tmp_path, capsys):
+    src = _in100(tmp_path / "in100")
+    (src / "Labels.json").write_text(content)
+    rc, _, err = run_cli(capsys, src, tmp_path / "o.beton", "--source", "imagenet100")
+    assert rc == 2 and str(src / "Labels.json") in err
+    assert not (tmp_path / "o.beton").exists()
+
+
+def test_source_path_that_does_not_exist(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    for source in ("imagefolder", "imagenet100", "cifar10", "unlabelled", "csv"):
+        rc, _, err = run_cli(capsys, missing, tmp_path / "o.beton", "--source", source)
+        assert rc == 2 and f"{missing} does not exist" in err, (source, err)
+    with pytest.raises(SourceError, match="does not exist"):
+        convert(missing, tmp_path / "o.beton", verbose=False)
+
+
+def test_unwritable_output_fails_before_any_work(tmp_path, capsys, monkeypatch):
+    import importlib
+
+    C = importlib.import_module("sslray.datasets.convert")  # the module, not the function of that name
+
+    src = tree(tmp_path / "src", {})
+    blocker = tmp_path / "file"
+    blocker.write_text("a regular file where a folder should be")  # root can write anywhere else
+
+    def no_work(*a, **k):
+        raise AssertionError("images were read before the output was checked")
+
+    monkeypatch.setattr(C, "validate", no_work)
+    monkeypatch.setattr(C, "SOURCES", None)  # not even the listing may run
+    for out in (blocker / "o.beton", blocker / "sub" / "o.beton"):
+        rc, _, err = run_cli(capsys, src, out)
+        assert rc == 2 and str(blocker) in err and ("not writable" in err or "cannot create" in err), err
+    with pytest.raises(ConversionError):
+        convert(src, blocker / "o.beton", verbose=False)
+
+
+def test_mixed_bad_files_summary_counts_every_reason(tmp_path, capsys):
+    data = jpeg_bytes(good_image((100, 100)))
+    src = tree(tmp_path / "src", {"cut.jpg": data[:300], "t.jpg": b"text", "z.jpg": b"", "readme.txt": b"hi"})
+    rc, stdout, _ = run_cli(capsys, src, tmp_path / "o.beton")
+    m = read_manifest(tmp_path / "o.beton")
+    assert rc == 0 and m["num_images"] == 2 and m["num_skipped"] == 4
+    assert sum(m["skipped_reasons"].values()) == 4
+    assert {Path(s["path"]).name for s in m["skipped"]} == {"cut.jpg", "t.jpg", "z.jpg", "readme.txt"}
+    assert "2 images converted, 4 skipped" in stdout and "skipped by reason" in stdout
+    json.dumps(m)  # the manifest stays plain JSON
