@@ -1,0 +1,91 @@
+"""Conversion round trip on real CIFAR-10 images, atomicity, and the no-op rerun."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sslray.datasets import WriteParams, convert, manifest_path, read_manifest
+from sslray.datasets.convert import ConversionError
+
+
+def _read_all(beton):
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToTensor
+
+    loader = Loader(str(beton), batch_size=64, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
+                    pipelines={"image": [SimpleRGBImageDecoder(), ToTensor()], "label": [IntDecoder(), ToTensor()]})
+    xs, ys = [], []
+    for x, y in loader:
+        xs.append(x.numpy().copy())
+        ys.append(y.numpy().reshape(-1).copy())
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+@pytest.mark.parametrize("mode,tol", [("raw", 0.0), ("jpg", 12.0)])
+def test_round_trip_real_cifar(cifar_small, tmp_path, mode, tol):
+    tree = cifar_small["test_tree"]
+    out = tmp_path / f"c10_{mode}.beton"
+    m = convert(tree, out, params=WriteParams(write_mode=mode, max_resolution=32, jpeg_quality=95), workers=2,
+                verbose=False)
+    classes = sorted(p.name for p in tree.iterdir())
+    files = [(f, i) for i, c in enumerate(classes) for f in sorted((tree / c).iterdir())]
+    assert m["num_images"] == len(files) == 300
+    assert m["classes"] == classes
+    assert m["class_counts"] == {c: 30 for c in classes}
+    assert m["skipped"] == [] and m["num_skipped"] == 0
+    assert m["write_params"]["write_mode"] == mode
+
+    images, labels = _read_all(out)
+    assert labels.tolist() == [i for _, i in files]
+    src = np.stack([np.asarray(Image.open(f).convert("RGB")) for f, _ in files])
+    assert images.shape == src.shape
+    err = np.abs(images.astype(np.float32) - src.astype(np.float32)).mean(axis=(1, 2, 3))
+    assert err.max() <= tol, f"mean abs pixel error {err.max():.2f} > {tol}"
+
+
+def test_manifest_is_json_beside_the_beton(cifar_small):
+    beton = cifar_small["train"]
+    mp = manifest_path(beton)
+    assert mp.name == "train.manifest.json"
+    m = json.loads(mp.read_text())
+    assert m["num_images"] == 1000 and len(m["classes"]) == 10 and m["source_hash"]
+
+
+def test_rerun_is_a_noop_and_change_reconverts(cifar_small, tmp_path, capsys):
+    tree = cifar_small["test_tree"]
+    out = tmp_path / "x.beton"
+    p = WriteParams(write_mode="raw", max_resolution=32)
+    convert(tree, out, params=p, workers=1, verbose=False)
+    mtime = out.stat().st_mtime_ns
+    convert(tree, out, params=p, workers=1)
+    assert "up to date" in capsys.readouterr().out
+    assert out.stat().st_mtime_ns == mtime
+    convert(tree, out, params=WriteParams(write_mode="raw", max_resolution=24), workers=1, verbose=False)
+    assert out.stat().st_mtime_ns != mtime
+    assert read_manifest(out)["write_params"]["max_resolution"] == 24
+
+
+def test_crash_leaves_nothing_that_looks_finished(cifar_small, tmp_path, monkeypatch):
+    import ffcv.writer
+
+    def boom(self, *a, **k):
+        raise RuntimeError("simulated crash while writing")
+
+    monkeypatch.setattr(ffcv.writer.DatasetWriter, "from_indexed_dataset", boom)
+    out = tmp_path / "crash.beton"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        convert(cifar_small["test_tree"], out, params=WriteParams(max_resolution=32), workers=1, verbose=False)
+    assert not out.exists()
+    assert not manifest_path(out).exists()
+    assert list(tmp_path.iterdir()) == []  # no partial files left behind
+
+
+def test_output_must_end_in_beton(cifar_small, tmp_path):
+    with pytest.raises(ConversionError, match=r"\.beton"):
+        convert(cifar_small["test_tree"], tmp_path / "x.bin", verbose=False)
