@@ -1,13 +1,27 @@
-"""Per-worker FFCV loaders: each JPEG is decoded once on the CPU, uint8 batches go to the device.
+"""Per-worker loaders: each JPEG is decoded once on the CPU, uint8 batches go to the device.
 
 Views are made on the device afterwards (``sslray.datasets.views``), so the loader's only job is
 decode + copy. ffcv 1.0.2 has no per-field multi-view mapper, which is why one decode feeds all
 views.
 
-Memory: with ``os_cache=True`` the .beton is memory-mapped and shared by every worker on a node
-through the page cache, so RAM use is about the file size once, not once per worker. With
-``os_cache=False`` FFCV keeps its own per-process cache of pages it needs. ``--max-res`` at
-conversion bounds the per-image size and therefore both the file and the decode buffers.
+Sharding: every Ray Train worker builds its own loader. With ``distributed=True`` (world size > 1)
+FFCV's RANDOM order is a torch ``DistributedSampler`` over ``indices`` reading rank and world size
+from ``torch.distributed`` (which Ray Train has initialised), re-seeded every epoch by
+``set_epoch(loader.next_epoch)``: the ranks see disjoint shards that together cover the data (the
+sampler pads with a few repeats when the count does not divide). Single process: a permutation
+seeded with ``seed + epoch``. Resuming sets ``loader.next_epoch`` to get the same order back.
+
+Memory: with ``os_cache=True`` (default) the .beton is memory-mapped and shared by every worker on
+a node through the page cache, so RAM use is about the file size once, not once per worker: right
+when the file fits in RAM. ``os_cache=False`` makes FFCV read pages itself into a per-process cache
+(use it when the file is much larger than RAM, e.g. ImageNet at max-res 512 on a small node).
+``batches_ahead`` (default 2) is how many batches are decoded ahead of the training step; each
+costs ``batch x res x res x 3`` bytes per worker plus the per-thread decode buffers of
+``max_res x max_res x 3`` bytes, so ``--max-res`` at conversion bounds the file, the page cache
+and the decode buffers alike.
+
+No ffcv? ``make_loader`` on an ImageFolder directory, or ``make_torchvision_loader``, gives the same
+interface from torchvision's ``ImageFolder`` + ``DataLoader`` (slower: PIL decode in processes).
 """
 
 from __future__ import annotations
@@ -58,11 +72,15 @@ class DatasetInfo:
 
 
 def dataset_info(path: str) -> DatasetInfo:
-    """Read the .beton's manifest (or its header when converted elsewhere)."""
+    """Read the .beton's manifest (or its header when converted elsewhere); an ImageFolder
+    directory (for the torchvision loader) is described by its class folders."""
     if not path:
         raise DataError("no dataset given (expected a .beton written by `sslray convert`)")
     if not os.path.exists(path):
         raise DataError(f"dataset {path} does not exist; convert it first with `sslray convert SRC {path}`")
+    if os.path.isdir(path):
+        ds = _image_folder(path, res=0)
+        return DatasetInfo(path, len(ds), list(ds.classes))
     manifest = read_manifest(path)
     if manifest is not None:
         if manifest.get("beton_bytes") not in (None, os.path.getsize(path)):
@@ -109,7 +127,15 @@ def make_loader(
     ``train=True``: random order re-seeded every epoch (``seed + epoch``), last partial batch dropped.
     ``train=False``: sequential order, every image once (plus padding repeats when distributed).
     Images are decoded as a centre square resized to ``res`` x ``res``; views are cut from that.
+    ``distributed=True``: this rank's shard, rank and world size from ``torch.distributed``.
+    ``os_cache`` / ``batches_ahead``: see the module docstring (page-cache mmap; 2 batches ahead
+    keeps the decode threads busy while the step runs without holding more than 3 batches).
+    ``path`` may also be an ImageFolder directory: then ``make_torchvision_loader`` serves it.
     """
+    if os.path.isdir(path):
+        return make_torchvision_loader(path, batch_size, res=res, device=device, train=train, seed=seed,
+                                       indices=indices, num_workers=num_workers, distributed=distributed,
+                                       drop_last=drop_last)
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
@@ -136,3 +162,113 @@ def make_loader(
         batches_ahead=batches_ahead,
         drop_last=train if drop_last is None else drop_last,
     )
+
+
+# --- torchvision fallback (and the benchmark baseline) -------------------------------------------
+
+class _CenterSquare:
+    """PIL image -> uint8 CHW tensor of the centre square resized to ``res`` (what FFCV's
+    CenterCropRGBImageDecoder with ratio 1 gives)."""
+
+    def __init__(self, res: int):
+        self.res = res
+
+    def __call__(self, img):
+        from PIL import Image
+
+        img = img.convert("RGB")
+        s = min(img.size)
+        left, top = (img.width - s) // 2, (img.height - s) // 2
+        img = img.resize((self.res, self.res), Image.BILINEAR, box=(left, top, left + s, top + s))
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def _image_folder(root: str, res: int):
+    from torchvision.datasets import ImageFolder
+
+    try:
+        return ImageFolder(root, transform=_CenterSquare(res) if res else None)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f"{root} is not an ImageFolder tree (<class>/<image>): {e}") from None
+
+
+class TorchvisionLoader:
+    """``ImageFolder`` + ``DataLoader`` with make_loader's interface: iterating yields
+    ``(uint8 NCHW on device, int64 labels on device)``; ``next_epoch`` and ``len`` as FFCV's Loader.
+    Order: ``seed + epoch`` permutation, or a ``DistributedSampler`` shard re-seeded per epoch."""
+
+    def __init__(self, dataset, batch_size: int, *, device: torch.device, train: bool, seed: int,
+                 indices: Optional[Sequence[int]], num_workers: int, distributed: bool, drop_last: bool):
+        self.dataset, self.batch_size, self.device = dataset, batch_size, device
+        self.train, self.seed, self.num_workers, self.drop_last = train, seed, num_workers, drop_last
+        self.indices = np.arange(len(dataset)) if indices is None else np.asarray(indices)
+        self.distributed = distributed
+        self.next_epoch = 0
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self.distributed:
+            from torch.utils.data import DistributedSampler
+
+            sampler = DistributedSampler(self.indices, shuffle=self.train, seed=self.seed, drop_last=False)
+            sampler.set_epoch(epoch)
+            return self.indices[np.array(list(sampler))]
+        if self.train:
+            return np.random.default_rng(self.seed + epoch).permutation(self.indices)
+        return self.indices
+
+    def __len__(self) -> int:
+        n = len(self._order(0))
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        from torch.utils.data import DataLoader
+
+        order = self._order(self.next_epoch).tolist()
+        self.next_epoch += 1
+        cuda = self.device.type == "cuda"
+        dl = DataLoader(self.dataset, batch_size=self.batch_size, sampler=order, num_workers=self.num_workers,
+                        pin_memory=cuda, drop_last=self.drop_last, persistent_workers=False,
+                        prefetch_factor=2 if self.num_workers else None)
+        for x, y in dl:
+            yield x.to(self.device, non_blocking=cuda), y.to(self.device, non_blocking=cuda)
+
+
+def make_torchvision_loader(
+    root: str,
+    batch_size: int,
+    *,
+    res: int,
+    device: torch.device,
+    train: bool,
+    seed: int = 0,
+    indices: Optional[Sequence[int]] = None,
+    num_workers: int = 2,
+    distributed: bool = False,
+    drop_last: Optional[bool] = None,
+) -> TorchvisionLoader:
+    """Same batches as ``make_loader`` from an ImageFolder tree, for platforms without ffcv."""
+    return TorchvisionLoader(_image_folder(root, res), batch_size, device=device, train=train, seed=seed,
+                             indices=indices, num_workers=num_workers, distributed=distributed,
+                             drop_last=train if drop_last is None else drop_last)
+
+
+def read_image(path: str, index: int) -> tuple[np.ndarray, int]:
+    """One stored image (HxWx3 uint8, as written) and its label, read straight from the .beton:
+    for checking a conversion, not for training."""
+    from ffcv.reader import Reader
+    from PIL import Image
+
+    reader = Reader(path)
+    names = reader.field_names
+    meta = reader.metadata[f"f{names.index('image')}"][index]
+    label = int(reader.metadata[f"f{names.index('label')}"][index]) if "label" in names else -1
+    h, w, ptr = int(meta["height"]), int(meta["width"]), int(meta["data_ptr"])
+    size = int(reader.alloc_table["size"][reader.alloc_table["ptr"] == ptr][0])
+    with open(path, "rb") as f:
+        f.seek(ptr)
+        data = f.read(size)
+    if int(meta["mode"]) == 1:  # raw
+        return np.frombuffer(data, np.uint8)[: h * w * 3].reshape(h, w, 3).copy(), label
+    import io
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), label
