@@ -1,0 +1,224 @@
+"""Per-loss tests that can fail for the right reason: direct-formula parity, invariants (symmetry,
+temperature, equipartition, masking), and clear errors on bad shapes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sslray.raytrain.losses import (
+    barlow_twins_loss,
+    covariance_loss,
+    dino_loss,
+    infonce_loss,
+    invariance_loss,
+    mae_loss,
+    negative_cosine_similarity,
+    nt_xent_loss,
+    num_masked,
+    patchify,
+    random_masking,
+    sinkhorn,
+    swav_loss,
+    update_center,
+    variance_loss,
+    vicreg_loss,
+)
+
+
+def _g(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def nt_xent_reference(z1, z2, t):
+    """SimCLR eq. 1 written out as a double loop over the 2N anchors."""
+    z = F.normalize(torch.cat([z1, z2]).double(), dim=1)
+    n2 = z.shape[0]
+    n = n2 // 2
+    total = 0.0
+    for i in range(n2):
+        j = (i + n) % n2
+        sims = [math.exp(float(z[i] @ z[k]) / t) for k in range(n2) if k != i]
+        total += -math.log(math.exp(float(z[i] @ z[j]) / t) / sum(sims))
+    return total / n2
+
+
+@pytest.mark.parametrize("t", [0.1, 0.5, 1.0])
+def test_nt_xent_equals_direct_formula(t):
+    z1, z2 = torch.randn(6, 5, generator=_g(1)), torch.randn(6, 5, generator=_g(2))
+    assert nt_xent_loss(z1, z2, t).item() == pytest.approx(nt_xent_reference(z1, z2, t), rel=1e-5)
+
+
+def test_nt_xent_symmetric_and_temperature_matters():
+    z1, z2 = torch.randn(8, 4, generator=_g(3)), torch.randn(8, 4, generator=_g(4))
+    torch.testing.assert_close(nt_xent_loss(z1, z2), nt_xent_loss(z2, z1))
+    assert not torch.isclose(nt_xent_loss(z1, z2, 0.1), nt_xent_loss(z1, z2, 0.5))
+    # Matching views score much better than random pairs.
+    assert nt_xent_loss(z1, z1 + 1e-3, 0.1) < nt_xent_loss(z1, z2, 0.1)
+
+
+def test_infonce_matches_cross_entropy_and_moco_v2_mode():
+    q, k, queue = torch.randn(4, 3, generator=_g(5)), torch.randn(4, 3, generator=_g(6)), torch.randn(7, 3, generator=_g(7))
+    qn, kn, un = (F.normalize(x, dim=1) for x in (q, k, queue))
+    logits = torch.cat([qn @ kn.t(), qn @ un.t()], 1) / 0.2
+    torch.testing.assert_close(infonce_loss(q, k, queue, 0.2), F.cross_entropy(logits, torch.arange(4)))
+    moco = torch.cat([(qn * kn).sum(1, keepdim=True), qn @ un.t()], 1) / 0.2
+    torch.testing.assert_close(infonce_loss(q, k, queue, 0.2, in_batch_negatives=False),
+                               F.cross_entropy(moco, torch.zeros(4, dtype=torch.long)))
+    # A rank's local queries against gathered keys: the offset picks its slice of positives.
+    kk = torch.cat([torch.randn(4, 3, generator=_g(8)), k])
+    torch.testing.assert_close(infonce_loss(q, kk, None, 0.2, offset=4),
+                               F.cross_entropy(qn @ F.normalize(kk, dim=1).t() / 0.2, torch.arange(4, 8)))
+
+
+def test_negative_cosine_similarity_range_and_stop_gradient():
+    p = torch.randn(5, 4, generator=_g(9), requires_grad=True)
+    z = torch.randn(5, 4, generator=_g(10), requires_grad=True)
+    assert negative_cosine_similarity(p, p.detach() * 3).item() == pytest.approx(-1.0, abs=1e-6)
+    negative_cosine_similarity(p, z).backward()
+    assert p.grad is not None and z.grad is None
+
+
+def _white(n, d, seed=0):
+    """n samples whose d columns are exactly standardised and mutually uncorrelated."""
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=_g(seed)).double())
+    x = q[:, 1 : d + 1]  # orthonormal columns orthogonal to q[:, 0]; centre them exactly:
+    x = x - x.mean(0)
+    x, _ = torch.linalg.qr(x)
+    return (x * math.sqrt(n)).float()
+
+
+def test_barlow_twins_zero_for_identical_decorrelated_inputs():
+    z = _white(64, 8)
+    assert barlow_twins_loss(z, z).item() == pytest.approx(0.0, abs=1e-3)
+    noisy = z + 0.5 * torch.randn(z.shape, generator=_g(11))
+    assert barlow_twins_loss(z, noisy) > 0.05  # corr ~0.89 per dim: 8 * (1 - 0.89)^2
+    torch.testing.assert_close(barlow_twins_loss(z, noisy), barlow_twins_loss(noisy, z), rtol=1e-4, atol=1e-5)
+
+
+def test_barlow_twins_lambda_weights_off_diagonal():
+    a, b = torch.randn(32, 6, generator=_g(12)), torch.randn(32, 6, generator=_g(13))
+    assert barlow_twins_loss(a, b, lambda_=1.0) > barlow_twins_loss(a, b, lambda_=0.0)
+
+
+def test_vicreg_variance_term_zero_when_std_at_least_one():
+    z = torch.randn(128, 16, generator=_g(14)) * 3.0
+    assert variance_loss(z).item() == 0.0
+    z = z / z.std(0)  # std exactly 1 (sqrt(var + eps) > 1)
+    assert variance_loss(z).item() == 0.0
+    assert variance_loss(z * 0.5).item() == pytest.approx(0.5, abs=1e-3)
+
+
+def test_vicreg_terms_and_total():
+    z1, z2 = torch.randn(32, 8, generator=_g(15)), torch.randn(32, 8, generator=_g(16))
+    assert invariance_loss(z1, z1).item() == 0.0
+    assert covariance_loss(_white(64, 8)).item() == pytest.approx(0.0, abs=1e-6)
+    expected = (25 * invariance_loss(z1, z2) + 25 * (variance_loss(z1) + variance_loss(z2)) / 2
+                + covariance_loss(z1) + covariance_loss(z2))
+    torch.testing.assert_close(vicreg_loss(z1, z2), expected)
+    torch.testing.assert_close(vicreg_loss(z1, z2), vicreg_loss(z2, z1))
+
+
+def test_sinkhorn_rows_and_columns_sum_as_specified():
+    b, k = 64, 16
+    scores = F.normalize(torch.randn(b, 8, generator=_g(17)), dim=1) @ F.normalize(torch.randn(k, 8, generator=_g(18)), dim=1).t()
+    q = sinkhorn(scores, epsilon=0.05, iters=3)
+    assert q.shape == (b, k) and (q >= 0).all()
+    torch.testing.assert_close(q.sum(1), torch.ones(b))  # each sample's code is a distribution
+    # Prototype columns move towards equipartition (B/K each) with every iteration...
+    def gap(codes):
+        return float((codes.sum(0) - b / k).abs().max())
+    gaps = [gap(F.softmax(scores / 0.05, dim=1))] + [gap(sinkhorn(scores, 0.05, i)) for i in (1, 2, 3, 10)]
+    assert all(later < earlier for earlier, later in zip(gaps, gaps[1:])), gaps
+    q_many = sinkhorn(scores, epsilon=0.05, iters=200)
+    torch.testing.assert_close(q_many.sum(0), torch.full((k,), b / k), rtol=1e-3, atol=1e-3)  # exact in the limit
+
+
+def test_swav_loss_prefers_matching_scores():
+    s1 = torch.randn(16, 10, generator=_g(19))
+    codes = [sinkhorn(s1), sinkhorn(s1)]
+    match = swav_loss([s1, s1, s1], codes, 0.1)
+    other = swav_loss([s1, torch.randn(16, 10, generator=_g(20)), s1], codes, 0.1)
+    assert match < other
+
+
+def test_dino_center_is_an_ema_of_the_batch_mean():
+    center = torch.zeros(1, 5)
+    means = [torch.randn(1, 5, generator=_g(21 + i)) for i in range(3)]
+    expected = torch.zeros(1, 5)
+    for m in means:
+        update_center(center, m, momentum=0.9)
+        expected = 0.9 * expected + 0.1 * m
+    torch.testing.assert_close(center, expected)
+
+
+def test_dino_loss_formula_and_centre_effect():
+    s = [torch.randn(4, 6, generator=_g(30 + i)) for i in range(3)]
+    t = [torch.randn(4, 6, generator=_g(40 + i)) for i in range(2)]
+    c = torch.randn(6, generator=_g(50))
+    terms = []
+    for iq in range(2):
+        q = F.softmax((t[iq] - c) / 0.04, dim=1)
+        for v in range(3):
+            if v != iq:
+                terms.append(-(q * F.log_softmax(s[v] / 0.1, dim=1)).sum(1).mean())
+    torch.testing.assert_close(dino_loss(s, t, c, 0.1, 0.04), torch.stack(terms).mean())
+    assert not torch.isclose(dino_loss(s, t, c), dino_loss(s, t, torch.zeros(6)))
+
+
+def test_mae_masks_exactly_round_ratio_n_and_loss_only_on_masked():
+    for n, ratio in [(64, 0.75), (49, 0.75), (16, 0.5), (10, 0.33)]:
+        keep, mask, restore = random_masking(3, n, ratio, generator=_g(60))
+        m = int(round(ratio * n))
+        assert num_masked(n, ratio) == m
+        assert (mask.sum(1) == m).all() and keep.shape == (3, n - m)
+        # Visible indices are exactly the unmasked ones.
+        assert (torch.gather(mask, 1, keep) == 0).all()
+        assert (restore.sort(1).values == torch.arange(n)).all()
+    imgs = torch.randn(2, 3, 16, 16, generator=_g(61))
+    target = patchify(imgs, 4)
+    _, mask, _ = random_masking(2, 16, 0.75, generator=_g(62))
+    pred = torch.randn(target.shape, generator=_g(63))
+    base = mae_loss(pred, target, mask, norm_pix=False)
+    # Changing predictions on visible patches leaves the loss unchanged; on masked ones it does not.
+    vis = (mask == 0).unsqueeze(-1)
+    assert mae_loss(torch.where(vis, pred + 10, pred), target, mask, norm_pix=False) == base
+    assert mae_loss(torch.where(~vis, pred + 10, pred), target, mask, norm_pix=False) != base
+    direct = ((pred - target) ** 2).mean(-1)[mask.bool()].mean()
+    torch.testing.assert_close(base, direct)
+    normed = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    torch.testing.assert_close(mae_loss(normed, target, mask, norm_pix=True), torch.tensor(0.0), atol=1e-5, rtol=0)
+
+
+def test_patchify_layout():
+    imgs = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    p = patchify(imgs, 2)
+    assert p.shape == (2, 4, 12)
+    torch.testing.assert_close(p[0, 1].reshape(2, 2, 3).permute(2, 0, 1), imgs[0, :, 0:2, 2:4])
+
+
+@pytest.mark.parametrize("call", [
+    lambda: nt_xent_loss(torch.randn(4, 3), torch.randn(5, 3)),
+    lambda: nt_xent_loss(torch.randn(4), torch.randn(4)),
+    lambda: infonce_loss(torch.randn(4, 3), torch.randn(4, 2)),
+    lambda: infonce_loss(torch.randn(4, 3), torch.randn(4, 3), torch.randn(5, 2)),
+    lambda: barlow_twins_loss(torch.randn(4, 3), torch.randn(4, 4)),
+    lambda: vicreg_loss(torch.randn(4, 3), torch.randn(3, 3)),
+    lambda: variance_loss(torch.randn(1, 3)),
+    lambda: negative_cosine_similarity(torch.randn(4, 3), torch.randn(4, 3, 1)),
+    lambda: sinkhorn(torch.randn(4)),
+    lambda: swav_loss([torch.randn(4, 3)], [torch.randn(4, 3)]),
+    lambda: swav_loss([torch.randn(4, 3), torch.randn(4, 5)], [torch.randn(4, 3)]),
+    lambda: dino_loss([torch.randn(4, 3), torch.randn(4, 3)], [torch.randn(4, 5)], torch.zeros(5)),
+    lambda: dino_loss([torch.randn(4, 3), torch.randn(4, 3)], [torch.randn(4, 3)], torch.zeros(4)),
+    lambda: mae_loss(torch.randn(2, 4, 3), torch.randn(2, 4, 2), torch.ones(2, 4)),
+    lambda: mae_loss(torch.randn(2, 4, 3), torch.randn(2, 4, 3), torch.ones(2, 5)),
+    lambda: patchify(torch.randn(1, 3, 6, 6), 4),
+    lambda: random_masking(2, 16, 1.0),
+])
+def test_bad_shapes_raise_clear_errors(call):
+    with pytest.raises(ValueError, match=r"expected|must|need|outside|entries"):
+        call()
