@@ -2,6 +2,7 @@
 # Start (or find already running) the MLflow tracking server on the Ray head node.
 #
 #   cluster/start_mlflow.sh            # sqlite + local artifacts under ~/mlflow, port 5000
+#   cluster/start_mlflow.sh stop       # stop the server this script started (its process group)
 #   MLFLOW_BACKEND_STORE_URI=postgresql://mlflow:PASS@db-host:5432/mlflow \
 #   MLFLOW_ARTIFACTS_DESTINATION=s3://my-bucket/mlflow cluster/start_mlflow.sh
 #
@@ -30,13 +31,27 @@ mkdir -p "$STATE_DIR"
 case "$ARTIFACTS" in *://*) ;; *) mkdir -p "$ARTIFACTS" ;; esac
 
 url="http://127.0.0.1:$PORT"
+if [[ "${1:-}" == stop ]]; then
+  if [[ -f "$PID_FILE" ]] && kill -0 "$(cat "$PID_FILE")" 2>/dev/null; then
+    pid="$(cat "$PID_FILE")"
+    kill -TERM -- "-$pid"
+    for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+    kill -0 "$pid" 2>/dev/null && kill -KILL -- "-$pid"
+    echo "start_mlflow: stopped pid $pid"
+  else
+    echo "start_mlflow: not running"
+  fi
+  rm -f "$PID_FILE"
+  exit 0
+fi
 if [[ -f "$PID_FILE" ]] && kill -0 "$(cat "$PID_FILE")" 2>/dev/null; then
   echo "start_mlflow: already running (pid $(cat "$PID_FILE")) at $url"
 else
   args=(server --backend-store-uri "$BACKEND" --artifacts-destination "$ARTIFACTS" --serve-artifacts
         --host "$HOST" --port "$PORT" --workers "$WORKERS")
   [[ -n "$ALLOWED_HOSTS" ]] && args+=(--allowed-hosts "$ALLOWED_HOSTS")
-  nohup mlflow "${args[@]}" >>"$LOG_FILE" 2>&1 &
+  # Own session: `stop` ends the server and its gunicorn/uvicorn workers together.
+  setsid nohup mlflow "${args[@]}" >>"$LOG_FILE" 2>&1 &
   echo $! >"$PID_FILE"
   echo "start_mlflow: started pid $! (backend $BACKEND, artifacts $ARTIFACTS, log $LOG_FILE)"
 fi
@@ -47,7 +62,8 @@ for _ in $(seq 1 120); do
 import sys, urllib.request
 sys.exit(0 if urllib.request.urlopen(sys.argv[1], timeout=2).status == 200 else 1)
 PY
-    ip="$(hostname -I 2>/dev/null | awk '{print $1}')"
+    ip="$HOST"
+    [[ "$HOST" == 0.0.0.0 ]] && ip="$(hostname -I 2>/dev/null | awk '{print $1}')"
     echo "start_mlflow: ready. For jobs: export MLFLOW_TRACKING_URI=http://${ip:-<head-ip>}:$PORT"
     exit 0
   fi

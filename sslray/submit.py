@@ -21,8 +21,8 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
 
 import yaml
 
@@ -36,7 +36,7 @@ class SubmitError(ValueError):
     """A submission that cannot be sent as asked; the message says what to change."""
 
 
-def resolve_address(address: Optional[str] = None, env: Mapping[str, str] = os.environ) -> str:
+def resolve_address(address: str | None = None, env: Mapping[str, str] = os.environ) -> str:
     """``--address`` > ``$RAY_API_SERVER_ADDRESS`` > ``$RAY_ADDRESS`` (when it is an http URL) > local.
 
     The job server is the dashboard's HTTP port (8265), not the GCS port (6379) of ``ray start``."""
@@ -49,7 +49,7 @@ def resolve_address(address: Optional[str] = None, env: Mapping[str, str] = os.e
     return addr.rstrip("/")
 
 
-def read_token(env: Mapping[str, str] = os.environ) -> Optional[str]:
+def read_token(env: Mapping[str, str] = os.environ) -> str | None:
     """The Ray auth token, looked up in Ray's own order: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH,
     ~/.ray/auth_token."""
     if env.get("RAY_AUTH_TOKEN", "").strip():
@@ -87,7 +87,7 @@ def auth_headers(env: Mapping[str, str] = os.environ) -> dict[str, str]:
     return {}
 
 
-def load_runtime_env(path: Optional[str], working_dir: Optional[str] = None,
+def load_runtime_env(path: str | None, working_dir: str | None = None,
                      env_vars: Sequence[str] = ()) -> dict:
     """The runtime env YAML (paths in it are relative to the cwd, as for ``ray job submit``),
     with ``--working-dir`` and ``--env KEY=VALUE`` applied."""
@@ -116,7 +116,7 @@ def load_runtime_env(path: Optional[str], working_dir: Optional[str] = None,
     return renv
 
 
-def _flag(argv: Sequence[str], name: str) -> Optional[str]:
+def _flag(argv: Sequence[str], name: str) -> str | None:
     for i, a in enumerate(argv):
         if a == name and i + 1 < len(argv):
             return argv[i + 1]

@@ -89,7 +89,7 @@ def test_runtime_env_must_upload_the_repo(tmp_path, monkeypatch):
 
 def test_cli_reports_an_unreachable_job_server():
     out = subprocess.run([sys.executable, "-m", "sslray.cli", "submit", "--address", f"127.0.0.1:{_free_port()}",
-                          "status", "raysubmit_x"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          "status", "raysubmit_x"], cwd=REPO, check=False, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     assert out.returncode == 1 and "sslray submit: error" in out.stderr
 
@@ -117,7 +117,7 @@ class LocalHead:
                "--include-dashboard=true", f"--dashboard-agent-listen-port={_free_port()}",
                f"--ray-client-server-port={_free_port()}", "--object-store-memory=300000000",
                f"--temp-dir={self.temp}", "--disable-usage-stats"]
-        self.log = open(Path(self.temp) / "ray-start.log", "w")
+        self.log = open(Path(self.temp) / "ray-start.log", "w")  # noqa: SIM115 - lives as long as the head
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
@@ -128,7 +128,8 @@ class LocalHead:
                 raise RuntimeError(f"ray start exited {self.proc.returncode}:\n{self.start_log()}")
             try:
                 # The job API answers only once the job server module is up.
-                with urllib.request.urlopen(f"{self.url}/api/version", timeout=3) as r:
+                req = urllib.request.Request(f"{self.url}/api/version", headers=submit.auth_headers(self.env))
+                with urllib.request.urlopen(req, timeout=3) as r:
                     if r.status == 200:
                         return
             except OSError:
@@ -154,7 +155,7 @@ class LocalHead:
 
 def _sslray(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "sslray.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, check=False)
 
 
 def _poll(client, job_id: str, until: tuple[str, ...], timeout: float) -> str:
@@ -228,3 +229,30 @@ def test_submit_pretrain_end_to_end(local_head, cifar_small, tmp_path):
     stop = _sslray("submit", "stop", sleeper_id, "--address", local_head.url, env=local_head.env)
     assert stop.returncode == 0 and "stop requested" in stop.stdout
     assert _poll(client, sleeper_id, until=("STOPPED",), timeout=120) == "STOPPED"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_submit_to_a_token_auth_head():
+    """Ray's default for `ray start --head`: token auth. sslray submit sends the token (here from
+    RAY_AUTH_TOKEN, so ~/.ray/auth_token is left alone), the job's driver joins the cluster with
+    it, and a client without the token is refused with a message that names the fix."""
+    pytest.importorskip("ray.job_submission")
+    token = secrets.token_hex(16)
+    head = LocalHead({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+    try:
+        head.wait_ready()
+        client_env = {k: v for k, v in head.env.items() if k != "RAY_AUTH_MODE"}
+        out = _sslray("submit", "--address", head.url, "--runtime-env", "", "--", "python", "-c",
+                      "import ray; ray.init(); print('cpus', ray.cluster_resources()['CPU'])", env=client_env)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert "cpus 2.0" in out.stdout and "SUCCEEDED" in out.stdout
+
+        no_token = {k: v for k, v in head.env.items() if k != "RAY_AUTH_TOKEN"}
+        refused = _sslray("submit", "list", "--address", head.url, env={**no_token, "RAY_AUTH_MODE": "disabled"})
+        assert refused.returncode == 1 and "uthentication" in refused.stderr, refused.stderr
+        wrong = _sslray("submit", "list", "--address", head.url, env={**no_token, "RAY_AUTH_TOKEN": "wrong"})
+        assert wrong.returncode == 1 and "uthentication" in wrong.stderr, wrong.stderr
+    finally:
+        head.stop()
