@@ -15,7 +15,7 @@ from sslray.config import load_config
 from sslray.datasets.views import PRESETS, MultiView
 from sslray.raytrain.methods import METHODS, create_method
 
-BATCH = 8
+BATCH = 6
 TINY = {"model.backbone": "resnet10t", "model.cifar_stem": False, "model.proj_hidden_dim": 64,
         "model.proj_out_dim": 32, "views.crop_size": 32}
 # Per-method shrinking of the recipe's paper-sized parts (queues, prototypes, decoders).
@@ -110,7 +110,7 @@ def test_loss_falls_on_a_fixed_batch(name):
     model = build(name)
     views = fixed_views(name)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
-    steps, losses = 20, []
+    steps, losses = 16, []
     for step in range(steps):
         torch.manual_seed(100 + step)
         loss = model(views)["loss"]
