@@ -1,0 +1,48 @@
+"""The training loop without Ray: one process on real CIFAR-10, checkpoint, resume, NaN stop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sslray.config import load_config
+from sslray.raytrain.loop import NonFiniteLossError, run_local
+
+pytestmark = pytest.mark.slow
+
+
+def _cfg(cifar_small, *extra):
+    return load_config("smoke", [f"data.train={cifar_small['train']}", f"data.val={cifar_small['test']}",
+                                 "ray.num_workers=1", *extra])
+
+
+def test_local_run_learns_reports_and_resumes(cifar_small, tmp_path):
+    cfg = _cfg(cifar_small, "train.epochs=2", "train.max_steps_per_epoch=4")
+    last, session = run_local(cfg, str(tmp_path / "ckpt"))
+    assert [m["epoch"] for m in session.history] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in session.history)
+    assert 0.0 <= last["knn_top1"] <= 1.0 and last["step"] == 8
+    assert (tmp_path / "ckpt" / "epoch_0002" / "state.pt").exists()
+
+    # Same dir, more epochs: resumes at epoch 3 with the step counter carried over.
+    cfg3 = cfg.replace(**{"train.epochs": 3})
+    last3, s3 = run_local(cfg3, str(tmp_path / "ckpt"))
+    assert [m["epoch"] for m in s3.history] == [3]
+    assert last3["step"] == 12
+
+
+def test_non_finite_loss_names_the_step(cifar_small, monkeypatch):
+    from sslray.raytrain.methods import simclr
+
+    real = simclr.nt_xent_loss
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        out = real(*a, **k)
+        return out * float("nan") if calls["n"] == 3 else out
+
+    monkeypatch.setattr(simclr, "nt_xent_loss", poisoned)
+    cfg = _cfg(cifar_small, "train.epochs=1", "train.max_steps_per_epoch=5", "data.val=")
+    with pytest.raises(NonFiniteLossError, match=r"simclr: non-finite loss .* at step 2"):
+        run_local(cfg)
