@@ -71,8 +71,8 @@ def ensure_ray(address: Optional[str] = None) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True,
-                 include_dashboard=False, configure_logging=False)
+        # The dashboard also serves the state API that Train's placement-group cleaner polls.
+        ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True, configure_logging=False)
 
 
 def pretrain(cfg: Config, tracker: Optional[Tracker] = None) -> PretrainResult:
