@@ -142,6 +142,10 @@ def convert_global_bn(module: torch.nn.Module, device_type: str) -> torch.nn.Mod
             with torch.no_grad():
                 out.weight.copy_(module.weight)
                 out.bias.copy_(module.bias)
+            # Keep frozen BNs frozen (EMA teachers): a fresh requires-grad parameter that never gets a
+            # gradient leaves its DDP bucket unreduced and DDP fails on the next step.
+            out.weight.requires_grad_(module.weight.requires_grad)
+            out.bias.requires_grad_(module.bias.requires_grad)
         if module.track_running_stats:
             out.running_mean.copy_(module.running_mean)
             out.running_var.copy_(module.running_var)
