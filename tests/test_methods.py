@@ -154,3 +154,15 @@ def test_state_dict_round_trips_exactly(name):
     torch.manual_seed(5)
     b = other(views)["loss"]
     assert torch.equal(a, b), f"{name}: {float(a)} != {float(b)} after reload"
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_global_bn_conversion_keeps_teachers_frozen(name):
+    """The loop converts every BN for DDP; frozen (EMA teacher) parameters must stay frozen, or DDP
+    waits for gradients that never come and the optimizer would train the teacher."""
+    from sslray.raytrain.distributed import convert_global_bn
+
+    model = build(name)
+    before = {n for n, p in model.named_parameters() if p.requires_grad}
+    after = {n for n, p in convert_global_bn(model, "cpu").named_parameters() if p.requires_grad}
+    assert after == before
