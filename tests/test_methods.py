@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
@@ -50,7 +50,7 @@ def tiny_cfg(name: str):
     return load_config(f"{name}_cifar10", overrides)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _fresh(name: str):
     torch.manual_seed(0)
     return create_method(tiny_cfg(name))
@@ -61,7 +61,7 @@ def build(name: str):
     return copy.deepcopy(_fresh(name))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _views(name: str) -> tuple[torch.Tensor, ...]:
     return tuple(_make_views(name))
 

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .views import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, PRESETS, AugParams, _base  # noqa: F401
+from .views import (  # noqa: F401
+    CIFAR_MEAN,
+    CIFAR_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PRESETS,
+    AugParams,
+    _base,
+)
 
 
 def _small(size: int) -> bool:
@@ -92,4 +100,4 @@ def vicregl_views(size=32, min_scale=0.08, jitter_strength=0.5, blur=False, **_)
     return [(replace(v1, **whole), 1), (replace(v2, **whole), 1)]
 
 
-__all__ = ["byol_views", "dino_views", "swav_views", "mae_views", "vicregl_views", "local_crop_size"]
+__all__ = ["byol_views", "dino_views", "local_crop_size", "mae_views", "swav_views", "vicregl_views"]

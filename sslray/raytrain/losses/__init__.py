@@ -20,10 +20,22 @@ from .non_contrastive import (
 )
 
 __all__ = [
-    "nt_xent_loss", "infonce_loss",
-    "negative_cosine_similarity", "barlow_twins_loss",
-    "invariance_loss", "variance_loss", "covariance_loss", "vicreg_loss", "nearest_by_location", "nearest_by_feature",
-    "sinkhorn", "swav_loss",
-    "dino_loss", "update_center",
-    "mae_loss", "patchify", "random_masking", "num_masked",
+    "barlow_twins_loss",
+    "covariance_loss",
+    "dino_loss",
+    "infonce_loss",
+    "invariance_loss",
+    "mae_loss",
+    "nearest_by_feature",
+    "nearest_by_location",
+    "negative_cosine_similarity",
+    "nt_xent_loss",
+    "num_masked",
+    "patchify",
+    "random_masking",
+    "sinkhorn",
+    "swav_loss",
+    "update_center",
+    "variance_loss",
+    "vicreg_loss",
 ]

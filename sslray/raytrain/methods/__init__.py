@@ -14,7 +14,7 @@ Shared pieces live in small helpers: ``_ema`` (momentum teachers), ``_queue`` (f
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -45,6 +45,6 @@ def create_method(cfg) -> nn.Module:
     return builder(cfg=cfg, backbone=backbone, feat_dim=feat_dim, **params)
 
 
-from . import dino, mae, moco, nnclr, redundancy, siamese, simclr, swav, vicregl  # noqa: E402,F401  (register)
+from . import dino, mae, moco, nnclr, redundancy, siamese, simclr, swav, vicregl  # noqa: F401  (register)
 
-__all__ = ["METHODS", "register_method", "create_method", "build_backbone"]
+__all__ = ["METHODS", "build_backbone", "create_method", "register_method"]

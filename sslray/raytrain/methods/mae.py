@@ -3,7 +3,6 @@ decoder reconstructs the pixels of the masked ones; the loss (``norm_pix_loss``)
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 

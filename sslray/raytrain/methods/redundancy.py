@@ -3,8 +3,8 @@ ICLR 2022). Backbone + expander + a loss on batch statistics, computed over the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 from torch import nn
