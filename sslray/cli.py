@@ -12,7 +12,7 @@ from .config import ConfigError, load_config
 
 
 # Modules that add their own sub-commands (each has ``register(subparsers)``).
-COMMAND_MODULES: list[str] = ["doctor", "submit"]
+COMMAND_MODULES: list[str] = ["doctor", "submit", "compare", "ui", "tune.cli"]
 
 
 def _abs(p: Optional[str]) -> Optional[str]:
@@ -31,10 +31,23 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="Ray Train workers")
     p.add_argument("--gpu", choices=["auto", "true", "false"], help="use GPUs (auto: when the cluster has them)")
     p.add_argument("--storage", help="checkpoint storage: folder, shared mount, s3:// or gs://")
-    p.add_argument("--name", help="run name under --storage")
+    p.add_argument("--name", help="run name under --storage; the same name again resumes that run")
+    p.add_argument("--restart", action="store_true", help="start the named run over (the old one is moved aside)")
+    p.add_argument("--checkpoint-every", help="checkpoint interval: N epochs (e.g. 2) or N steps (e.g. 500steps)")
+    p.add_argument("--max-failures", type=int, help="worker-group restarts from the latest checkpoint (-1: no limit)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.add_argument("--experiment", help="MLflow experiment name")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="any config key, e.g. optim.base_lr=0.3")
+
+
+def parse_checkpoint_every(text: str) -> list[str]:
+    """``3`` / ``3epochs`` -> every 3 epochs; ``500steps`` -> every 500 steps (and every epoch end)."""
+    t = text.strip().lower().replace(" ", "")
+    for suffix, key in (("steps", "train.checkpoint_every_steps"), ("step", "train.checkpoint_every_steps"),
+                        ("epochs", "train.checkpoint_every"), ("epoch", "train.checkpoint_every"), ("", "train.checkpoint_every")):
+        if t.endswith(suffix) and t[: len(t) - len(suffix)].isdigit():
+            return [f"{key}={int(t[: len(t) - len(suffix)])}"]
+    raise ConfigError(f"--checkpoint-every {text!r}: expected N (epochs), Nepochs or Nsteps")
 
 
 def config_from_args(a: argparse.Namespace):
@@ -45,6 +58,10 @@ def config_from_args(a: argparse.Namespace):
         "tracking.experiment": a.experiment,
     }
     over = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    if getattr(a, "max_failures", None) is not None:
+        over.append(f"ray.max_failures={a.max_failures}")
+    if getattr(a, "checkpoint_every", None):
+        over += parse_checkpoint_every(a.checkpoint_every)
     cfg = load_config(a.recipe, over + list(a.overrides))
     # Workers may run with another cwd: make data paths absolute.
     return cfg.replace(**{"data.train": _abs(cfg.data.train) or "", "data.val": _abs(cfg.data.val) or ""})
@@ -60,11 +77,12 @@ def cmd_convert(a) -> int:
     return 0
 
 
-def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val_subset: int = 0):
+def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val_subset: int = 0,
+                 restart: bool = False):
     from .raytrain.evaluate import format_table, log_probe, probe_checkpoint
     from .raytrain.trainer import pretrain
 
-    res = pretrain(cfg)
+    res = pretrain(cfg, restart=restart)
     print(f"sslray: run {res.name} finished; MLflow run {res.run_id} in {res.tracking_uri}; checkpoint {res.checkpoint}")
     report = None
     if probe and cfg.data.val and res.checkpoint:
@@ -83,7 +101,7 @@ def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val
 def cmd_pretrain(a) -> int:
     cfg = config_from_args(a)
     run_pretrain(cfg, probe=not a.no_probe, probe_train_subset=a.probe_train_subset or cfg.data.train_subset,
-                 probe_val_subset=a.probe_val_subset or cfg.data.val_subset)
+                 probe_val_subset=a.probe_val_subset or cfg.data.val_subset, restart=a.restart)
     return 0
 
 
@@ -180,14 +198,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"sslray {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"sslray {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - name the failure, keep the traceback for debugging
         from .datasets import ConversionError, DataError, SourceError
+        from .raytrain.trainer import StorageError
 
-        if isinstance(e, (ConversionError, DataError, SourceError)):
+        if isinstance(e, (ConversionError, DataError, SourceError, StorageError)):
             print(f"sslray {args.command}: error: {e}", file=sys.stderr)
             return 2
         raise

@@ -79,6 +79,9 @@ class TrainConfig:
     knn_every: int = 1  # epochs between kNN monitor evaluations (the last epoch always runs it)
     log_every: int = 20  # steps between progress lines
     max_steps_per_epoch: int = 0  # cap for smoke tests; 0 = full epochs
+    checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always checkpoints)
+    checkpoint_every_steps: int = 0  # also checkpoint inside long epochs every N steps; 0 = off
+    report_every_steps: int = 0  # report step-level loss (MLflow `step_loss`) every N steps; 0 = off
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,8 @@ class RayConfig:
     storage: str = "./runs"  # RunConfig.storage_path: local dir, shared mount, s3:// or gs://
     name: str = ""  # run name under storage; empty = derived from method/backbone/date
     num_to_keep: int = 2  # checkpoints kept
-    max_failures: int = 0
+    max_failures: int = 0  # worker-group restarts from the latest checkpoint; -1 = unlimited
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_SPREAD | STRICT_PACK
 
 
 @dataclass(frozen=True)

@@ -127,36 +127,52 @@ def train_loop(cfg: Config, session) -> dict:
                 f"global batch {cfg.data.batch_size}, {data.steps_per_epoch} steps/epoch; effective lr = "
                 f"{cfg.optim.base_lr} x {cfg.data.batch_size}/256 ({cfg.optim.lr_scaling}) = {peak:.4g}")
 
-    start_epoch, step, last = 0, 0, {}
+    start_epoch, start_batch, step, last, partial = 0, 0, 0, {}, None
     state = session.restore()
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch, step, last = int(state["epoch"]), int(state["step"]), state.get("metrics", {})
+        start_batch, partial = int(state.get("batch_in_epoch", 0)), state.get("partial")
         set_rng_state(state["rng"])
-        session.log(f"sslray: resumed from epoch {start_epoch} (step {step})")
-    data.train.next_epoch = start_epoch  # FFCV reseeds its order with seed + epoch
+        session.log(f"sslray: resumed at epoch {start_epoch + 1}, batch {start_batch} (global step {step})")
 
-    for epoch in range(start_epoch, cfg.train.epochs):
+    def snapshot(epoch_index: int, batch_in_epoch: int, metrics: dict, part: Optional[dict]) -> Optional[dict]:
+        """Everything needed to continue exactly here: model (EMA teachers, queues and prototypes are
+        its buffers), optimizer, counters, RNG streams, and the loader epoch (its order is seed + epoch)."""
+        if session.rank != 0:
+            return None
+        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch_index,
+                "batch_in_epoch": batch_in_epoch, "step": step, "rng": rng_state(), "partial": part,
+                "loader_seed": cfg.train.seed, "config": cfg.to_dict(), "metrics": metrics,
+                "num_classes": data.num_classes}
+
+    tc = cfg.train
+    for epoch in range(start_epoch, tc.epochs):
         net.train()
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=dev)
-        n_steps = 0
+        data.train.next_epoch = epoch  # FFCV draws this epoch's order from seed + epoch
+        skip = start_batch if epoch == start_epoch else 0
+        resumed = partial if skip and partial else {"loss_sum": 0.0, "n": 0, "seconds": 0.0}
+        loss_sum = torch.tensor(float(resumed["loss_sum"]), device=dev)
+        n_steps, prior_seconds = int(resumed["n"]), float(resumed["seconds"])
         last_finite = last.get("loss")
+        t0 = time.perf_counter()
         for i, (x, _) in enumerate(data.train):
             if i >= data.steps_per_epoch:
                 break
+            if i < skip:  # already trained before the checkpoint; same order, so skip it
+                continue
             lr = warmup_cosine(step, total, warmup, peak, peak * cfg.optim.min_lr_ratio)
             set_lr(opt, lr)
             v = views(x)
             if cl:
                 v = [t.contiguous(memory_format=torch.channels_last) for t in v]
-            with autocast_for(dev, cfg.train.precision):
+            with autocast_for(dev, tc.precision):
                 out = net(v)
             loss = out["loss"]
             if not torch.isfinite(loss.detach()):
                 raise NonFiniteLossError(
-                    f"{cfg.method.name}: non-finite loss {loss.item()} at step {step} (epoch {epoch}); "
+                    f"{cfg.method.name}: non-finite loss {loss.item()} at step {step} (epoch {epoch + 1}); "
                     f"last finite epoch loss {last_finite}, lr {lr:.4g}. The last good checkpoint is kept."
                 )
             opt.zero_grad(set_to_none=True)
@@ -169,11 +185,15 @@ def train_loop(cfg: Config, session) -> dict:
             loss_sum += loss.detach()
             n_steps += 1
             step += 1
-            if cfg.train.log_every and (i + 1) % cfg.train.log_every == 0:
+            if tc.log_every and (i + 1) % tc.log_every == 0:
                 el = time.perf_counter() - t0
-                session.log(f"epoch {epoch + 1}/{cfg.train.epochs} step {i + 1}/{data.steps_per_epoch} "
-                            f"loss {loss.item():.4f} lr {lr:.4g} "
-                            f"{(i + 1) * cfg.data.batch_size / el:.0f} img/s")
+                session.log(f"epoch {epoch + 1}/{tc.epochs} step {i + 1}/{data.steps_per_epoch} "
+                            f"loss {loss.item():.4f} lr {lr:.4g} {(i + 1 - skip) * cfg.data.batch_size / el:.0f} img/s")
+            ckpt_now = tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0
+            if i + 1 < data.steps_per_epoch and (ckpt_now or (tc.report_every_steps and step % tc.report_every_steps == 0)):
+                m = {"epoch": epoch, "step": step, "step_loss": float(D.all_reduce_mean(loss.detach())), "partial": 1}
+                part = {"loss_sum": float(loss_sum), "n": n_steps, "seconds": prior_seconds + time.perf_counter() - t0}
+                session.report(m, snapshot(epoch, i + 1, last, part) if ckpt_now else None)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -183,24 +203,26 @@ def train_loop(cfg: Config, session) -> dict:
             "step": step,
             "loss": mean_loss,
             "lr": lr,
-            "epoch_seconds": seconds,
-            "images_per_sec": n_steps * cfg.data.batch_size / seconds,
+            "epoch_seconds": prior_seconds + seconds,
+            "images_per_sec": (n_steps - int(resumed["n"])) * cfg.data.batch_size / max(seconds, 1e-9),
         }
-        if data.val is not None and ((epoch + 1) % cfg.train.knn_every == 0 or epoch + 1 == cfg.train.epochs):
+        if data.val is not None and ((epoch + 1) % tc.knn_every == 0 or epoch + 1 == tc.epochs):
             t1 = time.perf_counter()
             metrics.update(knn_monitor(model, data, cfg, session, evalT))
             metrics["knn_seconds"] = time.perf_counter() - t1
         if not math.isfinite(mean_loss):
             raise NonFiniteLossError(f"{cfg.method.name}: non-finite mean loss in epoch {epoch + 1}")
         session.log("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
-        state = None
-        if session.rank == 0:
-            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "step": step,
-                     "rng": rng_state(), "config": cfg.to_dict(), "metrics": metrics,
-                     "num_classes": data.num_classes}
-        session.report(metrics, state)
+        keep = (epoch + 1) % max(1, tc.checkpoint_every) == 0 or epoch + 1 == tc.epochs
+        session.report(metrics, snapshot(epoch + 1, 0, metrics, None) if keep else None)
         last = metrics
     return last
+
+
+def checkpoint_name(metrics: dict) -> str:
+    """``epoch_0003`` after 3 epochs; ``epoch_0003_step_0000412`` inside the 4th (sorts after it)."""
+    name = f"epoch_{int(metrics['epoch']):04d}"
+    return name + f"_step_{int(metrics['step']):07d}" if metrics.get("partial") else name
 
 
 def train_func(config: dict) -> None:

@@ -60,7 +60,9 @@ class LocalSession:
     def report(self, metrics: dict[str, Any], state: Optional[dict] = None) -> None:
         self.history.append(dict(metrics))
         if state is not None and self.ckpt_dir is not None and self.rank == 0:
-            d = self.ckpt_dir / f"epoch_{int(metrics['epoch']):04d}"
+            from .loop import checkpoint_name
+
+            d = self.ckpt_dir / checkpoint_name(metrics)
             d.mkdir(parents=True, exist_ok=True)
             save_state(state, d)
 
@@ -82,6 +84,9 @@ class RaySession:
         self.device = pick_device(self.local_rank, use_gpu)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        import ray
+
+        self.node_id = ray.get_runtime_context().get_node_id()
 
     def restore(self) -> Optional[dict]:
         import ray.train
@@ -95,14 +100,18 @@ class RaySession:
     def report(self, metrics: dict[str, Any], state: Optional[dict] = None) -> None:
         import ray.train
 
-        # report() is a barrier on every rank; only rank 0 hands over a checkpoint.
+        # report() is a barrier on every rank; only rank 0 hands over a checkpoint. Each rank says
+        # which node it runs on, so the driver can record where the workers were placed.
+        metrics = {**metrics, "node_id": self.node_id}
         if state is None:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory(prefix="sslray-ckpt-") as d:
             save_state(state, d)
+            from .loop import checkpoint_name
+
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                             checkpoint_dir_name=f"epoch_{int(metrics['epoch']):04d}")
+                             checkpoint_dir_name=checkpoint_name(metrics))
 
     def log(self, msg: str) -> None:
         if self.rank == 0:

@@ -29,6 +29,7 @@ class MLflowReportCallback(_UserCallback):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self._tracker: Optional[Tracker] = None
+        self._nodes: Optional[list] = None
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
         if not metrics:
@@ -36,7 +37,14 @@ class MLflowReportCallback(_UserCallback):
         m = metrics[0]
         if self._tracker is None:
             self._tracker = Tracker(self.tracking_uri, self.run_id)
-        self._tracker.log_metrics(numeric(m), step=int(m.get("epoch", 0)))
+        nodes = sorted({str(x.get("node_id")) for x in metrics if x.get("node_id")})
+        if nodes and nodes != self._nodes:
+            self._nodes = nodes
+            self._tracker.set_tags({"sslray.num_nodes": len(nodes), "sslray.nodes": ",".join(n[:12] for n in nodes)})
+        if m.get("partial"):  # a step-level report inside an epoch: its own curve, keyed by global step
+            self._tracker.log_metrics({"step_loss": m["step_loss"]}, step=int(m["step"]))
+        else:
+            self._tracker.log_metrics(numeric(m), step=int(m.get("epoch", 0)))
         if checkpoint is not None:
             self._tracker.set_tags({"sslray.last_checkpoint": checkpoint.path})
 
@@ -57,6 +65,66 @@ def run_name(cfg: Config) -> str:
     return cfg.tracking.run_name or f"{cfg.method.name}-{cfg.model.backbone}-{data}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+RUN_FILE = "sslray_run.json"  # beside Ray's checkpoints: which MLflow run this training run writes to
+
+
+class StorageError(RuntimeError):
+    """The checkpoint storage cannot be used; raised before any training starts."""
+
+
+def check_storage(storage: str, name: str) -> str:
+    """Create ``storage/name`` and prove it is writable; returns the run folder URI/path."""
+    import pyarrow.fs as pafs
+
+    target = f"{storage.rstrip('/')}/{name}"
+    try:
+        fs, path = pafs.FileSystem.from_uri(target if "://" in target else str(Path(target).resolve()))
+        fs.create_dir(path, recursive=True)
+        probe = f"{path}/.sslray-write-probe"
+        with fs.open_output_stream(probe) as f:
+            f.write(b"ok")
+        fs.delete_file(probe)
+    except Exception as e:  # any filesystem failure means the run would lose its checkpoints
+        raise StorageError(f"checkpoint storage {target} is not writable ({type(e).__name__}: {e}); "
+                           "give --storage a writable folder, a shared mount, or s3://bucket/prefix") from None
+    return target
+
+
+def _read_run_file(run_dir: str) -> Optional[dict]:
+    import json
+
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(run_dir if "://" in run_dir else str(Path(run_dir).resolve()))
+    try:
+        with fs.open_input_stream(f"{path}/{RUN_FILE}") as f:
+            return json.loads(f.read().decode())
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def _write_run_file(run_dir: str, info: dict) -> None:
+    import json
+
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(run_dir if "://" in run_dir else str(Path(run_dir).resolve()))
+    with fs.open_output_stream(f"{path}/{RUN_FILE}") as f:
+        f.write(json.dumps(info).encode())
+
+
+def move_aside(run_dir: str) -> Optional[str]:
+    """``--restart``: keep the old run (never delete a user's checkpoints), start a fresh one."""
+    if "://" in run_dir:
+        raise StorageError(f"--restart on remote storage is not supported; use a new --name instead of {run_dir}")
+    p = Path(run_dir)
+    if not p.exists():
+        return None
+    dest = p.with_name(f"{p.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    p.rename(dest)
+    return str(dest)
+
+
 @dataclass
 class PretrainResult:
     run_id: str
@@ -75,8 +143,12 @@ def ensure_ray(address: Optional[str] = None) -> None:
         ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True, configure_logging=False)
 
 
-def pretrain(cfg: Config, tracker: Optional[Tracker] = None) -> PretrainResult:
-    """Fit ``cfg`` with Ray Train; log params, config, per-epoch metrics and curves to MLflow."""
+def pretrain(cfg: Config, tracker: Optional[Tracker] = None, restart: bool = False) -> PretrainResult:
+    """Fit ``cfg`` with Ray Train; log params, config, per-epoch metrics and curves to MLflow.
+
+    Running again with the same ``ray.name`` and ``ray.storage`` resumes from the latest checkpoint
+    and keeps writing to the same MLflow run; ``restart=True`` moves the old run aside first.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -84,25 +156,37 @@ def pretrain(cfg: Config, tracker: Optional[Tracker] = None) -> PretrainResult:
     from .loop import train_func
     from .methods import METHODS
 
-    ensure_ray()
-    use_gpu = resolve_use_gpu(cfg)
     name = cfg.ray.name or run_name(cfg)
     storage = cfg.ray.storage if "://" in cfg.ray.storage else str(Path(cfg.ray.storage).resolve())
+    run_dir = f"{storage.rstrip('/')}/{name}"
+    if restart and (old := move_aside(run_dir)):
+        print(f"sslray: --restart: the previous run was moved to {old}")
+    check_storage(storage, name)  # fail before Ray, data or models are touched
+    ensure_ray()
+    use_gpu = resolve_use_gpu(cfg)
     uri = resolve_uri(cfg.tracking.tracking_uri or None)
     family = getattr(METHODS.get(cfg.method.name), "family", None)
-    if tracker is None:
-        tracker = Tracker.start(uri, cfg.tracking.experiment, name, tags={
-            "sslray.method": cfg.method.name, "sslray.backbone": cfg.model.backbone,
-            "sslray.dataset": Path(cfg.data.train).stem, **({FAMILY_TAG: family} if family else {})})
-    tracker.log_params({**flatten(cfg), "derived.use_gpu": use_gpu, "derived.storage_name": name})
-    tracker.log_text(dump_yaml(cfg), "config.yaml")
+    previous = _read_run_file(run_dir)
+    if tracker is None and previous and previous.get("tracking_uri") == uri:
+        tracker = Tracker(uri, previous["run_id"])
+        tracker.client.update_run(tracker.run_id, status="RUNNING")
+        print(f"sslray: resuming run {name} (MLflow run {tracker.run_id}) from its latest checkpoint in {run_dir}")
+    else:
+        if tracker is None:
+            tracker = Tracker.start(uri, cfg.tracking.experiment, name, tags={
+                "sslray.method": cfg.method.name, "sslray.backbone": cfg.model.backbone,
+                "sslray.dataset": Path(cfg.data.train).stem, **({FAMILY_TAG: family} if family else {})})
+        tracker.log_params({**flatten(cfg), "derived.use_gpu": use_gpu, "derived.storage_name": name})
+        tracker.log_text(dump_yaml(cfg), "config.yaml")
+        _write_run_file(run_dir, {"run_id": tracker.run_id, "tracking_uri": uri, "name": name})
 
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"cfg": cfg.to_dict()},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
+                                     placement_strategy=cfg.ray.placement_strategy),
         run_config=RunConfig(
             name=name,
             storage_path=storage,
@@ -114,8 +198,14 @@ def pretrain(cfg: Config, tracker: Optional[Tracker] = None) -> PretrainResult:
     t0 = time.time()
     try:
         result = trainer.fit()
+    except KeyboardInterrupt:
+        tracker.end("KILLED")
+        print(f"sslray: interrupted; run the same command again (same --name {name}) to resume")
+        raise
     except BaseException:
         tracker.end("FAILED")
+        print(f"sslray: run {name} failed (max_failures={cfg.ray.max_failures}); its checkpoints are kept in "
+              f"{run_dir}; run the same command again to resume from the latest one")
         raise
     wall = time.time() - t0
     tracker.log_metrics({"train_wall_seconds": wall})
