@@ -53,5 +53,33 @@ def confusion(cm: np.ndarray, classes: Sequence[str], title: str = "confusion ma
     return fig
 
 
+def metric_vs_params(rows: Sequence[Mapping], keys: Sequence[str], metric: str, log_x: Sequence[str] = (),
+                     title: str = ""):
+    """One panel per hyperparameter: each trial's final ``metric`` against its sampled value.
+    Completed trials are dots, early-stopped ones triangles, failed ones red crosses on the floor."""
+    keys = list(keys) or ["(none)"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
+    vals = [r[metric] for r in rows if isinstance(r.get(metric), float)]
+    floor = min(vals) if vals else 0.0
+    styles = {"completed": ("o", "C0"), "stopped_early": ("^", "C1"), "failed": ("x", "red")}
+    for ax, k in zip(axes[0], keys):
+        for status, (marker, colour) in styles.items():
+            pts = [(r["config"].get(k), r.get(metric, floor) if status != "failed" else floor)
+                   for r in rows if r["status"] == status and isinstance(r["config"].get(k), (int, float))]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.scatter(xs, ys, marker=marker, c=colour, s=36, label=status.replace("_", " "))
+        if k in log_x:
+            ax.set_xscale("log")
+        ax.set_xlabel(k)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def close(fig) -> None:
     plt.close(fig)

@@ -1,0 +1,89 @@
+"""`sslray tune`: hyperparameter search over Ray Train runs, early stopping on probe metrics, MLflow."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..config import CONFIG_DIR, ConfigError, load_config
+
+
+def _abs(p):
+    return str(Path(p).resolve()) if p and "://" not in p else p
+
+
+def register(sub) -> None:
+    t = sub.add_parser("tune", help="hyperparameter search (Ray Tune + ASHA) over Ray Train runs, tracked in MLflow",
+                       description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--method", help="SSL method; its recipe <method>_cifar10 is the base unless --recipe is given")
+    t.add_argument("--recipe", help="base recipe (built-in name or YAML file)")
+    t.add_argument("--data", help="training .beton")
+    t.add_argument("--val", help="labelled val .beton (the kNN metric is measured on it)")
+    t.add_argument("--space", action="append", default=[], metavar="KEY=DIST|FILE.yaml",
+                   help="searched key, e.g. lr=loguniform(1e-3,1) temperature=choice(0.1,0.2) or a YAML file; "
+                        "repeatable. Without it, the method's default space (docs/tune.md)")
+    t.add_argument("--num-samples", type=int, default=8, help="trials (with --search grid: repeats of the grid)")
+    t.add_argument("--scheduler", default="asha", choices=["asha", "median", "pbt", "fifo"])
+    t.add_argument("--search", default="random", choices=["random", "grid", "optuna"])
+    t.add_argument("--grid-points", type=int, default=3, help="points per continuous range for --search grid")
+    t.add_argument("--metric", default="knn_top1", help="per-epoch metric the scheduler reads")
+    t.add_argument("--mode", default="max", choices=["max", "min"])
+    t.add_argument("--max-epochs", type=int, default=None, help="epochs of a trial that is never stopped")
+    t.add_argument("--grace-period", type=int, default=1, help="epochs before a trial can be stopped")
+    t.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA: keep 1/N of trials at each rung")
+    t.add_argument("--workers-per-trial", type=int, default=None, help="Ray Train workers per trial")
+    t.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 if the cluster has GPUs, else 0")
+    t.add_argument("--max-concurrent", type=int, default=0, help="0: as many trials as the cluster fits")
+    t.add_argument("--seed", type=int, default=0, help="seed of the search")
+    t.add_argument("--name", required=True, help="sweep name; rerun with the same --name/--storage to resume")
+    t.add_argument("--storage", default="./runs", help="folder (local or shared) for trial state and checkpoints")
+    t.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    t.add_argument("--experiment", default="sslray-tune", help="MLflow experiment")
+    t.add_argument("--export", metavar="BEST.yaml", help="write the best trial's config as a recipe")
+    t.add_argument("--quiet", action="store_true", help="no live trial table")
+    t.add_argument("overrides", nargs="*", metavar="section.key=value", help="fixed config keys for every trial")
+    t.set_defaults(func=cmd_tune)
+
+
+def base_config(a):
+    recipe = a.recipe
+    if not recipe and a.method and (CONFIG_DIR / f"{a.method}_cifar10.yaml").exists():
+        recipe = f"{a.method}_cifar10"
+    flags = {"method.name": a.method, "data.train": _abs(a.data), "data.val": _abs(a.val),
+             "ray.num_workers": a.workers_per_trial, "train.epochs": a.max_epochs}
+    over = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    cfg = load_config(recipe, over + list(a.overrides))
+    if not cfg.data.train:
+        raise ConfigError("give the training data: --data TRAIN.beton")
+    return cfg.replace(**{"data.train": _abs(cfg.data.train) or "", "data.val": _abs(cfg.data.val) or ""})
+
+
+def cmd_tune(a) -> int:
+    from .space import check_space, default_space, parse_space
+    from .sweep import export_recipe, make_spec, print_summary, run_sweep
+
+    cfg = base_config(a)
+    gpus = a.gpus_per_worker
+    if gpus is None:
+        import ray
+
+        from ..raytrain.trainer import ensure_ray
+
+        ensure_ray()
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    cfg = cfg.replace(**{"ray.use_gpu": "true" if gpus > 0 else "false"})
+    space = parse_space(a.space) if a.space else default_space(cfg)
+    check_space(space, cfg)
+    spec = make_spec(cfg, space, name=a.name, storage=_abs(a.storage), num_samples=a.num_samples,
+                     scheduler=a.scheduler, search=a.search, metric=a.metric, mode=a.mode,
+                     max_epochs=cfg.train.epochs, grace_period=a.grace_period, reduction_factor=a.reduction_factor,
+                     grid_points=a.grid_points, gpus_per_worker=gpus, max_concurrent=a.max_concurrent, seed=a.seed)
+    res = run_sweep(spec, tracking_uri=a.tracking_uri, experiment=a.experiment, verbose=0 if a.quiet else 1)
+    print_summary(res, res.spec.metric)
+    if a.export:
+        if res.best is None:
+            raise ValueError("no trial finished with a finite metric: nothing to export")
+        p = export_recipe(res.best_config, a.export, res.spec, res.best)
+        print(f"sslray tune: best config written to {p}; run it with: sslray pretrain --recipe {p}")
+    print(f"sslray tune: MLflow parent run {res.parent_run_id} in {res.tracking_uri}")
+    return 0

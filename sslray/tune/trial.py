@@ -1,0 +1,72 @@
+"""What one Tune trial runs: a Ray Train run (TorchTrainer, Train V2) of the ordinary training loop.
+
+The trial function is a thin driver inside the trial actor. It builds the trial's config, then a
+TorchTrainer whose RunConfig carries ``TuneReportCallback``: every per-epoch ``ray.train.report`` of
+rank 0 (epoch, loss, lr, images_per_sec, knn_top1, knn_top5, ...) becomes a Tune result, so the
+scheduler stops trials on the same metrics ``sslray pretrain`` logs. Nothing here writes to MLflow;
+the sweep driver does (sqlite allows one writer).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..config import Config, from_dict
+from .space import trial_config
+
+TRAIN_DIR = "train"  # <storage>/<sweep>/train/<trial_id>: each trial's Ray Train run and checkpoints
+
+
+def trial_train_name(trial_id: str) -> str:
+    return f"trial_{trial_id}"
+
+
+def run_trial(config: Mapping[str, Any], base: dict, sweep_dir: str, gpus_per_worker: float) -> None:
+    """Tune function trainable. A restarted trial (resumed sweep) refits the same Train run name, and
+    Train V2 resumes it from its latest checkpoint, so finished epochs are not trained twice."""
+    import ray.tune
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from ..raytrain.loop import train_func
+
+    cfg: Config = trial_config(from_dict(base), config)
+    use_gpu = gpus_per_worker > 0
+    per_worker = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
+    trial_id = ray.tune.get_context().get_trial_id()
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"cfg": cfg.to_dict()},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=per_worker),
+        run_config=RunConfig(
+            name=trial_train_name(trial_id),
+            storage_path=str(Path(sweep_dir) / TRAIN_DIR) if "://" not in sweep_dir else f"{sweep_dir}/{TRAIN_DIR}",
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
+            failure_config=FailureConfig(max_failures=0),  # a NaN or an OOM ends the trial, not the sweep
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()
+
+
+def failure_reason(text: str) -> str:
+    """One line saying why a trial failed, from the error text Tune keeps (a traceback that wraps
+    the worker's traceback): non-finite loss, out of memory, or the innermost exception line."""
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "NonFiniteLossError" in ln:
+            return "non-finite loss: " + ln.split("NonFiniteLossError:", 1)[-1].strip()
+    for ln in reversed(lines):
+        low = ln.lower()
+        if "outofmemoryerror" in low or "out of memory" in low:
+            return "out of memory: " + ln[:300]
+    for ln in reversed(lines):
+        # The innermost "SomeError: message" line of the last traceback.
+        head = ln.split(":", 1)[0]
+        if head and (head.endswith("Error") or head.endswith("Exception")) and " " not in head:
+            return ln[:300]
+    return lines[-1][:300] if lines else "unknown error"
