@@ -7,6 +7,7 @@ from typing import Mapping, Sequence
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -83,3 +84,81 @@ def metric_vs_params(rows: Sequence[Mapping], keys: Sequence[str], metric: str, 
 
 def close(fig) -> None:
     plt.close(fig)
+
+
+def overlay(series: Mapping[str, Sequence[tuple[float, float]]], title: str, ylabel: str, xlabel: str = "epoch"):
+    """Several runs on one axes, one line per label (e.g. the loss of each method against epoch)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for label, pts in series.items():
+        if len(pts):
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o", ms=4, label=label)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def panels(series: Mapping[str, Sequence[tuple[float, float]]], title: str, ylabel: str, xlabel: str = "epoch",
+           cols: int = 4):
+    """One small panel per label, each with its own y scale (losses of different methods differ by
+    orders of magnitude: Barlow Twins' is in the thousands, SimCLR's near log(2N))."""
+    keys = list(series)
+    n = max(1, len(keys))
+    cols = min(cols, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for i, ax in enumerate(axes.flat):
+        if i >= len(keys):
+            ax.axis("off")
+            continue
+        pts = series[keys[i]]
+        if len(pts):
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o", ms=4, color=cmap(i % 10))
+        ax.set_title(keys[i], fontsize=10)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def bars_by_group(labels: Sequence[str], groups: Sequence[str], values: Mapping[str, Sequence[float]],
+                  title: str = ""):
+    """One panel per metric in ``values``; bars ordered and coloured by group (e.g. SSL family),
+    a dashed divider between groups and the value printed on each bar. NaN bars are left out."""
+    order = sorted(range(len(labels)), key=lambda i: (groups[i], labels[i]))
+    names = sorted(set(groups))
+    cmap = plt.get_cmap("tab10")
+    colour = {g: cmap(i % 10) for i, g in enumerate(names)}
+    n = max(1, len(values))
+    fig, axes = plt.subplots(1, n, figsize=(max(4.0, 0.55 * len(labels) + 1.8) * n, 4.2), squeeze=False)
+    for ax, (metric, vals) in zip(axes[0], values.items()):
+        ys = [float(vals[i]) for i in order]
+        xs = np.arange(len(order))
+        ok = [i for i, y in enumerate(ys) if np.isfinite(y)]
+        bars = ax.bar(xs[ok], [ys[i] for i in ok], color=[colour[groups[order[i]]] for i in ok])
+        for b in bars:
+            ax.annotate(f"{b.get_height():.3f}", (b.get_x() + b.get_width() / 2, b.get_height()),
+                        ha="center", va="bottom", fontsize=7)
+        for k in range(1, len(order)):  # group boundaries
+            if groups[order[k]] != groups[order[k - 1]]:
+                ax.axvline(k - 0.5, ls="--", c="grey", lw=0.8)
+        ax.set_xticks(xs, [labels[i] for i in order], rotation=45, ha="right", fontsize=8)
+        ax.set_title(metric)
+        ax.grid(axis="y", alpha=0.3)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colour[g]) for g in names]
+    fig.legend(handles, names, loc="upper right", fontsize=8, title="family")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 0.88, 1))
+    return fig

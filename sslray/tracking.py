@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 DEFAULT_DB = "mlflow.db"
+# MLflow 3's UI opens an experiment on its GenAI trace overview unless it is marked as model training.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 def resolve_uri(uri: Optional[str] = None) -> str:
@@ -78,6 +80,7 @@ class Tracker:
         if exp is None:
             root = artifact_root(uri)
             exp_id = c.create_experiment(experiment, artifact_location=Path(root).as_uri() + f"/{experiment}" if root else None)
+            c.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)  # the UI opens on its runs
         else:
             exp_id = exp.experiment_id
         all_tags = {"sslray.git_sha": git_sha(), **dict(tags)}
@@ -131,3 +134,70 @@ class Tracker:
 def numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+
+
+# --- reading runs back (sslray compare, the UI test) -------------------------------------------
+
+KIND_TAG = "sslray.kind"  # "compare" marks a summary run that compares others; compares skip it
+
+
+class RunRecord:
+    """One MLflow run as plain dicts: what ``sslray compare`` reads, with no MLflow types leaking out."""
+
+    def __init__(self, run_id: str, name: str, status: str, params: Mapping[str, str],
+                 metrics: Mapping[str, float], tags: Mapping[str, str], start_time: int = 0):
+        self.run_id, self.name, self.status = run_id, name, status
+        self.params, self.metrics, self.tags = dict(params), dict(metrics), dict(tags)
+        self.start_time = start_time
+
+    @classmethod
+    def from_run(cls, run) -> "RunRecord":
+        return cls(run.info.run_id, run.info.run_name or run.data.tags.get("mlflow.runName", ""), run.info.status,
+                   run.data.params, run.data.metrics, run.data.tags, run.info.start_time or 0)
+
+    def __repr__(self) -> str:
+        return f"RunRecord({self.name!r}, {self.run_id[:8]}, {self.status})"
+
+
+def experiment_id(uri: Optional[str], experiment: str) -> str:
+    """The id of ``experiment`` in the store at ``uri``; a clear error naming the known ones if absent."""
+    c = _client(resolve_uri(uri))
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        names = sorted(e.name for e in c.search_experiments())
+        raise ValueError(f"no MLflow experiment {experiment!r} in {resolve_uri(uri)}; "
+                         f"known: {', '.join(names) or '(none)'}")
+    return exp.experiment_id
+
+
+def search_runs(uri: Optional[str], experiment: str, run_ids: Optional[list[str]] = None,
+                exclude_kinds: tuple[str, ...] = ("compare",), finished_only: bool = True) -> list[RunRecord]:
+    """Runs of ``experiment`` oldest first. ``run_ids`` picks runs by id (a unique prefix is enough) and
+    keeps them whatever their status; otherwise only FINISHED runs, minus runs tagged with an excluded kind."""
+    uri = resolve_uri(uri)
+    c = _client(uri)
+    exp_id = experiment_id(uri, experiment)
+    runs, token = [], None
+    while True:
+        page = c.search_runs([exp_id], max_results=1000, page_token=token, order_by=["attributes.start_time ASC"])
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    recs = [RunRecord.from_run(r) for r in runs]
+    if run_ids:
+        picked = []
+        for rid in run_ids:
+            hits = [r for r in recs if r.run_id.startswith(rid)]
+            if len(hits) != 1:
+                raise ValueError(f"run id {rid!r} matches {len(hits)} runs of experiment {experiment!r}")
+            picked.append(hits[0])
+        return picked
+    return [r for r in recs if r.tags.get(KIND_TAG) not in exclude_kinds
+            and (r.status == "FINISHED" or not finished_only)]
+
+
+def metric_histories(uri: Optional[str], run_id: str, keys: tuple[str, ...]) -> dict[str, list[tuple[int, float]]]:
+    """``{key: [(step, value), ...]}`` sorted by step, for each of ``keys`` (empty list when not logged)."""
+    t = Tracker(uri, run_id)
+    return {k: t.history(k) for k in keys}
