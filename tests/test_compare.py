@@ -1,0 +1,179 @@
+"""`sslray compare` and `sslray ui`.
+
+Fast tier: the table's pure parts (family from the registry with the tag as fallback, temperature /
+mask ratio, labels, Markdown) and the `mlflow ui` command line. Slow tier: real tiny CPU runs of >= 3
+methods (tests/conftest_runs.py), then `sslray compare` through the CLI, checked against MLflow.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sslray.compare import (
+    COLUMNS,
+    METRIC_OF,
+    build_rows,
+    family_of,
+    knob,
+    labels,
+    markdown_table,
+)
+from sslray.tracking import KIND_TAG, RunRecord
+
+pytest_plugins = ["conftest_runs"]
+
+
+def _rec(rid, method, params=None, metrics=None, tags=None, start=0):
+    return RunRecord(rid, f"{method}-resnet18-train-20260101-000000", "FINISHED",
+                     {"method.name": method, "model.backbone": "resnet18", "train.epochs": "2",
+                      "data.batch_size": "32", "optim.base_lr": "0.06", "method.temperature": "0.5", **(params or {})},
+                     metrics or {}, tags or {}, start)
+
+
+# ---- fast: pure parts -------------------------------------------------------------------------
+
+
+def test_family_comes_from_the_registry_and_falls_back_to_the_tag():
+    from sslray.raytrain.methods import METHODS
+
+    for name in METHODS.names():
+        assert family_of(name, {"sslray.family": "wrong"}) == METHODS.get(name).family
+    assert family_of("not-a-method-here", {"sslray.family": "clustering"}) == "clustering"
+    assert family_of("not-a-method-here", {}) == "unknown"
+
+
+def test_knob_is_temperature_for_softmax_families_mask_ratio_for_mim_and_blank_otherwise():
+    assert knob("simclr", "contrastive", {"method.temperature": "0.2"}) == "T=0.2"
+    assert knob("swav", "clustering", {"method.temperature": "0.1"}) == "T=0.1"
+    assert knob("mae", "MIM", {"method.params.mask_ratio": "0.6", "method.temperature": "0.5"}) == "mask 0.6"
+    assert knob("byol", "non-contrastive", {"method.temperature": "0.5"}) == "-"
+    from sslray.raytrain.methods import METHODS
+
+    if "mae" in METHODS:  # the signature default when the run did not set it
+        assert knob("mae", "MIM", {"method.temperature": "0.5"}) == "mask 0.75"
+
+
+def test_rows_are_ordered_by_family_and_labels_are_unambiguous():
+    runs = [_rec("a" * 32, "simclr", {"method.temperature": "0.2"}, {"probe_knn_top1": 0.3}, start=2),
+            _rec("b" * 32, "byol", metrics={"probe_knn_top1": 0.25}, start=1),
+            _rec("c" * 32, "simclr", {"method.temperature": "0.5"}, start=3),
+            _rec("d" * 32, "simclr", {"method.temperature": "0.5"}, start=4)]
+    rows = build_rows(runs)
+    assert [r["family"] for r in rows] == ["contrastive"] * 3 + ["non-contrastive"]
+    assert rows[0]["knn_top1"] == 0.3 and math.isnan(rows[1]["knn_top1"])
+    labs = labels(rows)
+    assert len(set(labs)) == 4 and labs[-1] == "byol"
+    assert labs[0] == "simclr (T=0.2)" and labs[1].startswith("simclr (T=0.5) (")
+    md = markdown_table(rows).splitlines()
+    assert len(md) == 2 + 4 and md[0].count("|") == len(COLUMNS) + 1
+    assert "30.0%" in md[2]
+
+
+def test_ui_command_points_mlflow_at_the_store(tmp_path):
+    from sslray.cli import build_parser
+    from sslray.ui import ui_command
+
+    cmd = ui_command(f"sqlite:///{tmp_path}/m.db", "127.0.0.1", 5123)
+    assert cmd[1:4] == ["-m", "mlflow", "ui"]
+    assert cmd[cmd.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path}/m.db"
+    assert cmd[cmd.index("--port") + 1] == "5123" and cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--artifacts-destination") + 1] == str(tmp_path / "mlartifacts")
+    a = build_parser().parse_args(["ui"])
+    assert (a.port, a.host) == (5000, "127.0.0.1")
+
+
+# ---- slow: real runs, the CLI, MLflow -----------------------------------------------------------
+
+
+def _png_ok(path):
+    with Image.open(path) as im:
+        assert im.width > 300 and im.height > 200, path
+        assert len(np.unique(np.asarray(im.convert("L")))) > 10, f"{path} is blank"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_runs_have_readable_names_and_filterable_tags(tiny_runs):
+    from mlflow.tracking import MlflowClient
+
+    from sslray.raytrain.methods import METHODS
+
+    c = MlflowClient(tiny_runs.uri)
+    exp = c.get_experiment_by_name(tiny_runs.experiment)
+    for method in set(tiny_runs.methods):
+        runs = c.search_runs([exp.experiment_id], f"tags.`sslray.method` = '{method}'")
+        assert runs, method
+        for r in runs:
+            backbone = r.data.params["model.backbone"]
+            assert re.fullmatch(rf"{method}-{backbone}-train-\d{{8}}-\d{{6}}", r.info.run_name), r.info.run_name
+            t = r.data.tags
+            assert t["sslray.family"] == METHODS.get(method).family and t["sslray.dataset"] == "train"
+            assert re.fullmatch(r"[0-9a-f]{7,40}|unknown", t["sslray.git_sha"])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_compare_table_and_figures_match_mlflow(tiny_runs, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from sslray.cli import main
+    from sslray.raytrain.methods import METHODS
+
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--experiment", tiny_runs.experiment, "--tracking-uri", tiny_runs.uri, "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "kNN top-1" in printed and all(m in printed for m in tiny_runs.methods)
+
+    with open(out / "compare.csv") as f:
+        rows = list(csv.DictReader(f))
+    n = len(tiny_runs.methods)
+    assert len(rows) == n and n >= 3 and len({r["method"] for r in rows}) >= 3
+    md = [ln for ln in (out / "compare.md").read_text().splitlines() if ln.startswith("|")]
+    assert len(md) == 2 + n
+
+    c = MlflowClient(tiny_runs.uri)
+    for row in rows:
+        run = c.get_run(row["run_id"])
+        p, m = run.data.params, run.data.metrics
+        assert row["run"] == run.info.run_name
+        assert row["method"] == p["method.name"] and row["family"] == METHODS.get(p["method.name"]).family
+        assert row["backbone"] == p["model.backbone"]
+        assert float(row["epochs"]) == float(p["train.epochs"])
+        assert float(row["global_batch"]) == float(p["data.batch_size"])
+        assert float(row["base_lr"]) == float(p["optim.base_lr"])
+        for col, key in METRIC_OF.items():
+            assert float(row[col]) == m[key], (row["method"], col)  # exact: the CSV keeps MLflow's floats
+        if row["family"] == "MIM":
+            assert row["temperature_or_mask"] == f"mask {float(p.get('method.params.mask_ratio', 0.75)):g}"
+        elif row["family"] == "contrastive":
+            assert row["temperature_or_mask"] == f"T={float(p['method.temperature']):g}"
+
+    for name in ("loss_curves.png", "knn_curves.png", "probe_by_family.png"):
+        _png_ok(out / name)
+
+    # One summary run, tagged, holding everything; a second compare does not count it as a run.
+    exp = c.get_experiment_by_name(tiny_runs.experiment)
+    summaries = c.search_runs([exp.experiment_id], f"tags.`{KIND_TAG}` = 'compare'")
+    assert len(summaries) == 1
+    arts = {a.path for a in c.list_artifacts(summaries[0].info.run_id)}
+    assert {"compare.csv", "compare.md", "loss_curves.png", "knn_curves.png", "probe_by_family.png"} <= arts
+    rc = main(["compare", "--experiment", tiny_runs.experiment, "--tracking-uri", tiny_runs.uri,
+               "--out", str(tmp_path / "again"), "--no-log"])
+    assert rc == 0
+    with open(tmp_path / "again" / "compare.csv") as f:
+        assert len(list(csv.DictReader(f))) == n
+
+
+def test_compare_names_the_missing_experiment(tmp_path, capsys):
+    from sslray.cli import main
+
+    rc = main(["compare", "--experiment", "nope", "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--no-log"])
+    assert rc == 2
+    assert "no MLflow experiment 'nope'" in capsys.readouterr().err
