@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 DEFAULT_DB = "mlflow.db"
-# MLflow 3's UI opens an experiment on its GenAI trace overview unless it is marked as model training.
-EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 def resolve_uri(uri: Optional[str] = None) -> str:
@@ -80,7 +78,6 @@ class Tracker:
         if exp is None:
             root = artifact_root(uri)
             exp_id = c.create_experiment(experiment, artifact_location=Path(root).as_uri() + f"/{experiment}" if root else None)
-            c.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)  # the UI opens on its runs
         else:
             exp_id = exp.experiment_id
         all_tags = {"sslray.git_sha": git_sha(), **dict(tags)}

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from typing import Optional
 
-from .tracking import artifact_root, resolve_uri
+from .tracking import artifact_root, experiment_id, resolve_uri
 
 
 def ui_command(tracking_uri: Optional[str] = None, host: str = "127.0.0.1", port: int = 5000,
@@ -27,14 +27,16 @@ def ui_command(tracking_uri: Optional[str] = None, host: str = "127.0.0.1", port
 
 
 def ui_url(host: str, port: int) -> str:
-    shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
+    shown = "localhost" if host in ("0.0.0.0", "::") else host  # where it listens; all interfaces: this host
     return f"http://{shown}:{port}"
 
 
 def cmd_ui(a) -> int:
     cmd = ui_command(a.tracking_uri, a.host, a.port, a.workers)
-    print(f"sslray ui: MLflow UI on {resolve_uri(a.tracking_uri)} at {ui_url(a.host, a.port)} (Ctrl-C stops it)",
-          flush=True)
+    url = ui_url(a.host, a.port)
+    if a.experiment:  # MLflow 3 opens an experiment on its GenAI overview: link its runs table instead
+        url += f"/#/experiments/{experiment_id(a.tracking_uri, a.experiment)}/runs"
+    print(f"sslray ui: MLflow UI on {resolve_uri(a.tracking_uri)} at {url} (Ctrl-C stops it)", flush=True)
     # MLflow 3's server also starts a GenAI job runner (eight huey consumer processes); sslray's runs
     # never use it, and on a small machine it slows the UI's start a lot. Set the variable to override.
     env = {**os.environ}
@@ -51,4 +53,5 @@ def register(sub) -> None:
     u.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 exposes it to the network)")
     u.add_argument("--port", type=int, default=5000)
     u.add_argument("--workers", type=int, default=1, help="server processes (mlflow's default is 4)")
+    u.add_argument("--experiment", help="print a link straight to this experiment's runs table")
     u.set_defaults(func=cmd_ui)

@@ -5,6 +5,7 @@ probe metrics with the values MLflow holds. A screenshot is saved under the test
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -64,17 +65,20 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300
 
 @pytest.fixture(scope="module")
 def mlflow_ui(tiny_runs, tmp_path_factory):
-    """`sslray ui` on the tiny runs' store, on a free loopback port; stopped (its process group) after."""
+    """`sslray ui` on the tiny runs' store, on a free loopback port; yields the experiment link it prints.
+    Stopped (its process group) after."""
     port = _free_port()
     log = tmp_path_factory.mktemp("ui") / "ui.log"
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "sslray.cli", "ui", "--tracking-uri", tiny_runs.uri,
-                                 "--host", "127.0.0.1", "--port", str(port)],
+                                 "--host", "127.0.0.1", "--port", str(port), "--experiment", tiny_runs.experiment],
                                 stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         _wait_http(f"{base}/health", proc, log)
-        yield base
+        printed = re.search(r"at (http://\S+)", log.read_text())  # the link `sslray ui` prints
+        assert printed, log.read_text()
+        yield printed.group(1)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -122,8 +126,9 @@ def test_ui_shows_the_run_and_its_knn_and_probe_metrics(tiny_runs, mlflow_ui, br
     name, metrics = run.info.run_name, run.data.metrics
     wait = WebDriverWait(browser, 120, poll_frequency=0.5)
 
-    # The experiment page lists the run under its readable name.
-    browser.get(f"{mlflow_ui}/#/experiments/{exp.experiment_id}/runs")
+    # The link `sslray ui --experiment` prints opens the experiment's runs, listed by readable name.
+    assert mlflow_ui.endswith(f"/#/experiments/{exp.experiment_id}/runs")
+    browser.get(mlflow_ui)
     link = wait.until(EC.visibility_of_element_located((By.XPATH, f"//a[normalize-space()='{name}']")))
     assert tiny_runs.experiment in browser.page_source
     for other in c.search_runs([exp.experiment_id]):
