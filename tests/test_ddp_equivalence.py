@@ -1,6 +1,7 @@
-"""DDP equals one process: a 2-worker Ray Train run (gloo) computes the same loss and the same
-gradients as a single process on the same global batch, for SimCLR on ResNet-18 and for every
-method whose loss gathers across ranks (negatives, batch statistics, Sinkhorn, DINO centre).
+"""DDP equals one process: a 2-worker Ray Train run (gloo, through the loop's own data-parallel
+wrapper) computes the same loss and the same gradients as a single process on the same global
+batch, for SimCLR on ResNet-18 and for every method whose loss gathers across ranks (negatives,
+batch statistics, Sinkhorn, DINO centre).
 
 Both sides build the model with the same seed; each rank takes its half of a fixed global batch
 of views. Rank results are written to files (``Result.metrics`` is not populated without a
@@ -57,32 +58,69 @@ def _grads(model) -> dict[str, torch.Tensor]:
 
 def _ddp_worker(config):
     import ray.train
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     from sslray.config import from_dict
-    from sslray.raytrain.distributed import convert_global_bn
+    from sslray.raytrain.distributed import convert_global_bn, data_parallel
 
     cfg = from_dict(config["cfg"])
     ctx = ray.train.get_context()
     r, w = ctx.get_world_rank(), ctx.get_world_size()
     model = convert_global_bn(_build(cfg), "cpu")
-    net = DDP(model)
+    net, sync = data_parallel(model, torch.device("cpu"))
     n = GLOBAL_BATCH // w
     views = [v[r * n : (r + 1) * n] for v in _global_views()]
     out = net(views)
     out["loss"].backward()
+    sync()
     torch.save({"loss": out["loss"].detach(), "grads": _grads(model)}, os.path.join(config["out"], f"rank{r}.pt"))
-    # Every gathering method, each on the tiny test build and its own preset's views.
+    ray.train.report({"done": 1})
+
+
+def _methods_worker(config):
+    """Every gathering method, each on the tiny test build and its own preset's views."""
+    import ray.train
     import test_methods as T
 
+    from sslray.raytrain.distributed import convert_global_bn, data_parallel
+
+    torch.set_num_threads(1)
+    ctx = ray.train.get_context()
+    r, w = ctx.get_world_rank(), ctx.get_world_size()
     for name in config["methods"]:
         m = convert_global_bn(_nonzero_bn(T.build(name)), "cpu")
+        net, sync = data_parallel(m, torch.device("cpu"))
         views = T.fixed_views(name)
         n = views[0].shape[0] // w
-        o = DDP(m)([v[r * n : (r + 1) * n] for v in views])
+        o = net([v[r * n : (r + 1) * n] for v in views])
         o["loss"].backward()
+        sync()
         torch.save({"loss": o["loss"].detach(), "grads": _grads(m)}, os.path.join(config["out"], f"{name}{r}.pt"))
     ray.train.report({"done": 1})
+
+
+def _fit(worker, config, tmp_path, name):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    TorchTrainer(
+        worker,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name=name, storage_path=str(tmp_path / "storage")),
+    ).fit()
+
+
+def test_every_gathering_method_matches_one_process(ray_cluster, tmp_path):
+    import test_methods as T
+
+    assert T.BATCH % 2 == 0
+    _fit(_methods_worker, {"out": str(tmp_path), "methods": GATHERING}, tmp_path, "ddp-methods")
+    torch.set_num_threads(1)
+    for name in GATHERING:
+        m = _nonzero_bn(T.build(name))
+        out = m(T.fixed_views(name))
+        out["loss"].backward()
+        _compare(tmp_path, name, out["loss"], _grads(m))
 
 
 def test_two_gloo_workers_match_one_process(ray_cluster, tmp_path):
@@ -92,7 +130,7 @@ def test_two_gloo_workers_match_one_process(ray_cluster, tmp_path):
     cfg = _cfg()
     TorchTrainer(
         _ddp_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "out": str(tmp_path), "methods": GATHERING},
+        train_loop_config={"cfg": cfg.to_dict(), "out": str(tmp_path)},
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name="ddp-equivalence", storage_path=str(tmp_path / "storage")),
@@ -103,17 +141,9 @@ def test_two_gloo_workers_match_one_process(ray_cluster, tmp_path):
     loss.backward()
     _compare(tmp_path, "rank", loss, _grads(ref))
 
-    import test_methods as T
-
-    assert T.BATCH % 2 == 0
-    for name in GATHERING:
-        m = _nonzero_bn(T.build(name))
-        out = m(T.fixed_views(name))
-        out["loss"].backward()
-        _compare(tmp_path, name, out["loss"], _grads(m))
-
 
 def _compare(tmp_path, prefix, loss, ref_grads):
+    total = float(torch.cat([g.reshape(-1) for g in ref_grads.values()]).norm())
     for r in range(2):
         got = torch.load(tmp_path / f"{prefix}{r}.pt")
         torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
@@ -123,8 +153,10 @@ def _compare(tmp_path, prefix, loss, ref_grads):
             if float(g.norm()) == 0:  # frozen for the first iterations (SwAV prototypes, DINO last layer)
                 assert float(got["grads"][name].norm()) == 0, f"{prefix}: {name} should have no gradient yet"
                 continue
-            rel = float((got["grads"][name] - g).norm() / g.norm())
-            assert rel < 1e-4, f"{prefix} rank {r}: gradient of {name} differs by {rel:.2e} (relative L2)"
+            # Relative L2 error, with a small absolute floor for gradients that are zero in exact
+            # arithmetic (a bias right before a BatchNorm) and hold only rounding noise.
+            err, ref = float((got["grads"][name] - g).norm()), float(g.norm())
+            assert err <= 1e-4 * ref + 1e-5 * total, f"{prefix} rank {r}: gradient of {name}: |diff| {err:.2e}, |ref| {ref:.2e}"
     # The check is not vacuous: nearly every parameter has a non-zero gradient.
     nonzero = sum(float(g.abs().max()) > 0 for g in ref_grads.values())
     assert nonzero >= 0.9 * len(ref_grads), f"{prefix}: only {nonzero}/{len(ref_grads)} gradients are non-zero"

@@ -153,3 +153,48 @@ def convert_global_bn(module: torch.nn.Module, device_type: str) -> torch.nn.Mod
     for name, child in module.named_children():
         out.add_module(name, convert_global_bn(child, device_type))
     return out
+
+
+@torch.no_grad()
+def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:
+    """Start every rank from rank 0's weights and buffers."""
+    if world_size() == 1:
+        return
+    for t in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(t.data, src)
+
+
+@torch.no_grad()
+def all_reduce_gradients(module: torch.nn.Module) -> None:
+    """Average gradients over ranks in one flat all_reduce, after backward has finished."""
+    if world_size() == 1:
+        return
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def data_parallel(model: torch.nn.Module, device: torch.device):
+    """``(net, sync)``: call ``net(views)``, then ``loss.backward()``, then ``sync()``.
+
+    On CUDA this is torch's DDP (NCCL, gradient all-reduce overlapped with backward, torch's
+    SyncBatchNorm). On CPU/gloo the gradients are averaged in one all_reduce after backward:
+    there the methods' own collectives inside backward (GlobalBatchNorm, gather_with_grad) share
+    the process group with DDP's asynchronous bucket all-reduces, and in a Ray worker that mix
+    was seen to produce wrong gradients, while a post-backward all-reduce matched one process.
+    """
+    if world_size() == 1:
+        return model, lambda: None
+    if device.type == "cuda":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[device.index]), lambda: None
+    broadcast_parameters(model)
+    return model, lambda: all_reduce_gradients(model)

@@ -15,7 +15,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..config import Config, effective_lr, from_dict
 from ..datasets.loader import dataset_info, make_loader, subset_indices
@@ -117,7 +116,7 @@ def train_loop(cfg: Config, session) -> dict:
     cl = cfg.train.channels_last and dev.type == "cuda"
     if cl:
         model = model.to(memory_format=torch.channels_last)
-    net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None) if session.world_size > 1 else model
+    net, sync_grads = D.data_parallel(model, dev)
 
     peak = effective_lr(cfg)
     opt = build_optimizer(model, cfg.optim.name, peak, cfg.optim.weight_decay, cfg.optim.momentum)
@@ -177,6 +176,7 @@ def train_loop(cfg: Config, session) -> dict:
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            sync_grads()
             if cfg.optim.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
             opt.step()
