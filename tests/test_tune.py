@@ -128,6 +128,24 @@ def test_optuna_is_optional_with_a_clear_error():
         assert build_search(spec, 2) is not None
 
 
+def test_schedulers_use_epochs_and_pbt_is_refused_with_a_reason():
+    pytest.importorskip("ray")
+    from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
+
+    from sslray.tune.sweep import build_scheduler, make_spec
+
+    cfg = load_config("smoke", ["data.train=x.beton", "data.val=y.beton"])
+    space = {"optim.base_lr": Dist("loguniform", (1e-3, 1.0))}
+    asha = build_scheduler(make_spec(cfg, space, name="s", storage="/tmp/s", max_epochs=9, grace_period=2))
+    assert isinstance(asha, ASHAScheduler) and asha._time_attr == "epoch" and asha._max_t == 9
+    median = build_scheduler(make_spec(cfg, space, name="s", storage="/tmp/s", scheduler="median"))
+    assert isinstance(median, MedianStoppingRule)
+    with pytest.raises(ConfigError, match="TuneReportCallback"):
+        make_spec(cfg, space, name="s", storage="/tmp/s", scheduler="pbt")
+    with pytest.raises(ConfigError, match="--val"):
+        make_spec(cfg.replace(**{"data.val": ""}), space, name="s", storage="/tmp/s")
+
+
 def test_cli_parses_tune():
     from sslray.cli import build_parser
 
@@ -148,6 +166,37 @@ TINY = ["ray.num_workers=1", "ray.use_gpu=false", "data.train_subset=256", "data
 def _children(client, parent_id):
     exp = client.get_run(parent_id).info.experiment_id
     return client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+@pytest.mark.ray
+def test_reaper_frees_placement_groups_of_dead_actors_only(ray_cluster):
+    """A stopped trial's TrainController dies with its worker placement group still reserved (it lives
+    as long as the job); the sweep driver frees exactly those, never its own live ones."""
+    ray = ray_cluster
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from sslray.tune.reaper import orphaned_placement_groups, reap
+
+    @ray.remote(num_cpus=0)
+    class Controller:
+        def start_workers(self):
+            pg = placement_group([{"CPU": 1}])
+            ray.get(pg.ready())
+            return pg.id.hex()
+
+    c = Controller.remote()
+    pg_id = ray.get(c.start_workers.remote())
+    own = placement_group([{"CPU": 1}])
+    ray.get(own.ready())
+    assert pg_id not in [p.hex() for p in orphaned_placement_groups()]
+    ray.kill(c)
+    deadline = time.time() + 30
+    while pg_id not in [p.hex() for p in orphaned_placement_groups()] and time.time() < deadline:
+        time.sleep(0.2)
+    assert [p.hex() for p in orphaned_placement_groups()] == [pg_id]
+    assert reap() == 1 and orphaned_placement_groups() == []
+    assert ray.util.placement_group_table(own)["state"] == "CREATED"
+    remove_placement_group(own)
 
 
 @pytest.mark.ray

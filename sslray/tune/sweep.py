@@ -25,6 +25,10 @@ SEARCHES = ("random", "grid", "optuna")
 # The trial function only waits on its TorchTrainer: it asks Tune for memory, not a CPU, so every
 # CPU/GPU of the cluster goes to training workers (a placement group bundle cannot be all zeros).
 TRIAL_DRIVER_MEMORY = 256 * 1024**2
+PBT_UNSUPPORTED = (
+    "--scheduler pbt is not supported yet: with Ray 2.60 Train V2 trials, TuneReportCallback hands Tune "
+    "metrics but no Tune checkpoints, so PBT would skip every exploit/explore step and run as FIFO. "
+    "Use --scheduler asha or median (docs/tune.md)")
 
 
 @dataclass
@@ -65,6 +69,8 @@ class SweepSpec:
 def make_spec(base: Config, space: Mapping[str, Dist], **kw) -> SweepSpec:
     if kw.get("scheduler", "asha") not in SCHEDULERS:
         raise ConfigError(f"--scheduler must be one of {', '.join(SCHEDULERS)}")
+    if kw.get("scheduler") == "pbt":
+        raise ConfigError(PBT_UNSUPPORTED)
     if kw.get("search", "random") not in SEARCHES:
         raise ConfigError(f"--search must be one of {', '.join(SEARCHES)}")
     if kw.get("mode", "max") not in ("max", "min"):
@@ -100,17 +106,13 @@ def max_concurrent_trials(resources: Mapping[str, float], workers: int, cpus_per
 
 
 def build_scheduler(spec: SweepSpec):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule, PopulationBasedTraining
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 
     if spec.scheduler == "asha":
         return ASHAScheduler(time_attr="epoch", max_t=spec.max_epochs, grace_period=spec.grace_period,
                              reduction_factor=spec.reduction_factor)
     if spec.scheduler == "median":
         return MedianStoppingRule(time_attr="epoch", grace_period=spec.grace_period, min_samples_required=3)
-    if spec.scheduler == "pbt":
-        return PopulationBasedTraining(time_attr="epoch", perturbation_interval=spec.grace_period,
-                                       hyperparam_mutations={k: d.to_tune() for k, d in spec.dists.items()},
-                                       seed=spec.seed)
     return FIFOScheduler()
 
 
@@ -183,7 +185,8 @@ def run_sweep(spec: SweepSpec, tracking_uri: Optional[str] = None, experiment: s
     from ray import tune
 
     from ..raytrain.trainer import ensure_ray
-    from .mlflow_callback import MLflowSweepCallback, SWEEP_TAG
+    from .mlflow_callback import SWEEP_TAG, MLflowSweepCallback
+    from .reaper import PlacementGroupReaper
     from .summary import log_summary, summarize
 
     if "://" in spec.storage:
@@ -243,7 +246,7 @@ def run_sweep(spec: SweepSpec, tracking_uri: Optional[str] = None, experiment: s
                 name=spec.name, storage_path=spec.storage, verbose=verbose,
                 failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
                 callbacks=[MLflowSweepCallback(uri, experiment, parent.run_id, spec.name, spec.base,
-                                               spec.max_epochs)]),
+                                               spec.max_epochs), PlacementGroupReaper()]),
         )
     try:
         grid = tuner.fit()
