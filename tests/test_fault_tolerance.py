@@ -85,13 +85,18 @@ def test_nan_at_step_k_stops_cleanly_and_keeps_the_checkpoint(cifar_small, tmp_p
 
 
 def _worker_pids() -> list[int]:
+    """Ray Train worker processes of this test session's Ray (descendants of this process), never
+    another Ray instance's on the same machine."""
     import psutil
 
     out = []
-    for p in psutil.process_iter(["pid", "name", "cmdline"]):
-        text = " ".join(p.info.get("cmdline") or []) + " " + (p.info.get("name") or "")
+    for p in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            text = " ".join(p.cmdline()) + " " + p.name()
+        except psutil.Error:
+            continue
         if "RayTrainWorker" in text:
-            out.append(p.info["pid"])
+            out.append(p.pid)
     return out
 
 
@@ -212,3 +217,41 @@ def test_unwritable_storage_fails_before_training(tmp_path):
     with pytest.raises(StorageError, match="a_file"):
         check_storage(str(blocker / "runs"), "x")
     assert check_storage(str(tmp_path / "ok"), "x").endswith("ok/x")
+
+
+@pytest.mark.ray
+@SLOW
+def test_exhausted_max_failures_fails_clearly_and_keeps_the_checkpoint(ray_cluster, cifar_small, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from sslray.config import load_config
+    from sslray.raytrain.trainer import pretrain
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config("smoke", [
+        f"data.train={cifar_small['train']}", "data.val=", "data.train_subset=0", "train.epochs=3",
+        "train.max_steps_per_epoch=4", "train.checkpoint_every_steps=2", "ray.max_failures=0",
+        f"ray.storage={tmp_path / 'runs'}", "ray.name=exhaust", f"tracking.tracking_uri={uri}",
+        "tracking.experiment=ft-exhaust"])
+    run_dir = tmp_path / "runs" / "exhaust"
+
+    def killer():
+        _wait_for(lambda: any(run_dir.glob("epoch_*/state.pt")), 600, "a checkpoint")
+        os.kill(sorted(_worker_pids())[-1], signal.SIGKILL)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    with pytest.raises(Exception):
+        pretrain(cfg)
+    t.join(timeout=10)
+    out = capsys.readouterr().out
+    assert "failed (max_failures=0)" in out and str(run_dir) in out and "run the same command again" in out
+    kept = list(run_dir.glob("epoch_*/state.pt"))
+    assert kept, "the last checkpoint must survive the failure"
+    import torch
+
+    state = torch.load(kept[-1], weights_only=False)
+    assert state["step"] >= 2 and "model" in state and "optimizer" in state
+    c = MlflowClient(uri)
+    runs = c.search_runs([c.get_experiment_by_name("ft-exhaust").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
