@@ -14,8 +14,15 @@ import pytest
 
 from sslray.config import ConfigError, effective_lr, load_config
 from sslray.raytrain.methods import METHODS
-from sslray.tune.space import (TEMPERATURE_RANGES, Dist, check_space, default_space, parse_dist, parse_space,
-                               trial_config)
+from sslray.tune.space import (
+    TEMPERATURE_RANGES,
+    Dist,
+    check_space,
+    default_space,
+    parse_dist,
+    parse_space,
+    trial_config,
+)
 from sslray.tune.sweep import max_concurrent_trials
 from sslray.tune.trial import failure_reason
 
@@ -243,7 +250,8 @@ def test_asha_sweep_stops_trials_logs_mlflow_and_exports_a_recipe(ray_cluster, c
     assert parent.data.params["space.optim.base_lr"] == "loguniform(0.01, 2)"
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.csv", "knn_top1_vs_hparams.png", "best_config.yaml", "space.json"} <= arts
-    csv_text = open(client.download_artifacts(parent.info.run_id, "results.csv", str(tmp_path))).read()
+    with open(client.download_artifacts(parent.info.run_id, "results.csv", str(tmp_path))) as f:
+        csv_text = f.read()
     assert len(csv_text.strip().splitlines()) == 7 and "stopped_early" in csv_text
 
     # The exported recipe loads as a recipe and trains.
@@ -299,7 +307,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, cif
             "--name", "killed", "--storage", str(storage), "--tracking-uri", uri, "--experiment", "resume",
             "--quiet", *TINY]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
-    log = open(tmp_path / "driver.log", "w")
+    log = open(tmp_path / "driver.log", "w")  # noqa: SIM115 - the killed subprocess writes it
     proc = subprocess.Popen([sys.executable, "-m", "sslray.cli", *args], env=env, stdout=log, stderr=subprocess.STDOUT,
                             cwd=tmp_path)
     deadline = time.time() + 400
@@ -317,7 +325,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, cif
         log.close()
     killed_at = time.time() * 1000
     finished = {t for t, s in statuses.items() if s in ("TERMINATED", "ERROR")}
-    assert len(finished) >= 2, open(tmp_path / "driver.log").read()[-3000:]
+    assert len(finished) >= 2, (tmp_path / "driver.log").read_text()[-3000:]
     assert len(finished) < 4, "the sweep finished before it could be killed"
 
     assert main(args) == 0  # same --name/--storage: resume

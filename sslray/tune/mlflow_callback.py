@@ -7,7 +7,8 @@ memory: a resumed sweep driver logs into the same child runs as the one that was
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 from ray.tune import Callback
 
@@ -41,7 +42,7 @@ class MLflowSweepCallback(Callback):
         self.uri, self.experiment, self.parent_run_id = uri, experiment, parent_run_id
         self.sweep_name, self.base, self.max_epochs = sweep_name, base, max_epochs
         self._runs: dict[str, str] = {}
-        self._parent: Optional[Tracker] = None
+        self._parent: Tracker | None = None
 
     # Tune pickles callbacks with the Tuner: keep MLflow clients out of the pickle.
     def __getstate__(self):
@@ -55,7 +56,7 @@ class MLflowSweepCallback(Callback):
             self._parent = Tracker(self.uri, self.parent_run_id)
         return self._parent
 
-    def _find_child(self, trial_id: str) -> Optional[str]:
+    def _find_child(self, trial_id: str) -> str | None:
         if trial_id in self._runs:
             return self._runs[trial_id]
         c = self.parent.client

@@ -12,9 +12,10 @@ from __future__ import annotations
 import ast
 import math
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -84,7 +85,7 @@ class Dist:
         else:
             pts = np.linspace(low, high, n)
         if self.kind == "randint":  # Tune's randint excludes ``high``
-            return sorted({int(round(p)) for p in np.linspace(low, high - 1, n)})
+            return sorted({round(p) for p in np.linspace(low, high - 1, n)})
         return [float(f"{p:.6g}") for p in pts]
 
     def to_tune(self, grid: bool = False, grid_points: int = 3):
@@ -97,7 +98,7 @@ class Dist:
         return {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}[self.kind](*self.args)
 
 
-_CALL = re.compile(r"^\s*([A-Za-z_]\w*)\s*\((.*)\)\s*$", re.S)
+_CALL = re.compile(r"^\s*([A-Za-z_]\w*)\s*\((.*)\)\s*$", re.DOTALL)
 
 
 def parse_dist(value: Any, key: str = "") -> Dist:

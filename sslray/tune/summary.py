@@ -6,8 +6,9 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from ..config import Config, dump_yaml, effective_lr, from_dict
 from ..tracking import Tracker
@@ -22,7 +23,7 @@ def _error_text(result) -> str:
     return str(result.error)
 
 
-def summarize(grid, spec) -> tuple[list[dict], Optional[dict]]:
+def summarize(grid, spec) -> tuple[list[dict], dict | None]:
     """Rows from Tune's ResultGrid. status: completed (reached max_epochs), stopped_early (the
     scheduler stopped it), failed (with its reason). The best trial is the best final metric among
     completed trials (early-stopped trials were judged on fewer epochs); failing that, among all."""
@@ -48,14 +49,14 @@ def summarize(grid, spec) -> tuple[list[dict], Optional[dict]]:
                 row[f"best_{spec.metric}"] = float(col.max() if spec.mode == "max" else col.min())
         try:
             row["effective_lr"] = effective_lr(trial_config(base, config))
-        except Exception:  # noqa: BLE001 - a config that cannot even be built failed the trial; it has a reason
+        except Exception:  # noqa: BLE001, S110 - a config that cannot be built failed the trial; it has a reason
             pass
         rows.append(row)
     rows.sort(key=lambda r: r["trial_id"])
     return rows, pick_best(rows, spec.metric, spec.mode)
 
 
-def pick_best(rows: list[dict], metric: str, mode: str) -> Optional[dict]:
+def pick_best(rows: list[dict], metric: str, mode: str) -> dict | None:
     def ok(r):
         return isinstance(r.get(metric), float) and math.isfinite(r[metric])
 
@@ -79,8 +80,8 @@ def results_csv(rows: list[dict], metric: str) -> str:
     return buf.getvalue()
 
 
-def log_summary(parent: Tracker, spec, rows: list[dict], best: Optional[Mapping[str, Any]],
-                best_cfg: Optional[Config]) -> None:
+def log_summary(parent: Tracker, spec, rows: list[dict], best: Mapping[str, Any] | None,
+                best_cfg: Config | None) -> None:
     from .. import plots
 
     counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "stopped_early", "failed")}

@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from ..config import Config, ConfigError, dump_yaml, effective_lr, from_dict
 from ..tracking import Tracker, resolve_uri
@@ -89,7 +90,7 @@ def make_spec(base: Config, space: Mapping[str, Dist], **kw) -> SweepSpec:
 
 
 def max_concurrent_trials(resources: Mapping[str, float], workers: int, cpus_per_worker: float,
-                          gpus_per_worker: float, total_trials: Optional[int] = None) -> int:
+                          gpus_per_worker: float, total_trials: int | None = None) -> int:
     """How many trials fit the cluster at once: each needs ``workers`` x (CPUs, GPUs). More would
     only start trial drivers that wait for workers (and hold their memory)."""
     fits = []
@@ -100,7 +101,7 @@ def max_concurrent_trials(resources: Mapping[str, float], workers: int, cpus_per
             if have < need:
                 raise ConfigError(f"one trial needs {need:g} {key} ({workers} worker(s) x {per:g}); "
                                   f"the cluster has {have:g}")
-            fits.append(int(math.floor(have / need + 1e-9)))
+            fits.append(math.floor(have / need + 1e-9))
     n = min(fits) if fits else 1
     return max(1, min(n, total_trials) if total_trials else n)
 
@@ -153,8 +154,8 @@ def make_trainable(spec: SweepSpec):
 @dataclass
 class SweepResult:
     rows: list[dict]
-    best: Optional[dict]
-    best_config: Optional[Config]
+    best: dict | None
+    best_config: Config | None
     parent_run_id: str
     tracking_uri: str
     sweep_dir: str
@@ -180,7 +181,7 @@ def _meta_path(spec: SweepSpec) -> Path:
     return Path(spec.sweep_dir) / META_FILE
 
 
-def run_sweep(spec: SweepSpec, tracking_uri: Optional[str] = None, experiment: str = "sslray",
+def run_sweep(spec: SweepSpec, tracking_uri: str | None = None, experiment: str = "sslray",
               verbose: int = 1) -> SweepResult:
     from ray import tune
 
@@ -300,4 +301,4 @@ def _fmt(v: Any) -> str:
     return "" if v is None else str(v)
 
 
-__all__ = ["SweepSpec", "make_spec", "run_sweep", "max_concurrent_trials", "export_recipe"]
+__all__ = ["SweepSpec", "export_recipe", "make_spec", "max_concurrent_trials", "run_sweep"]

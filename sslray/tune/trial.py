@@ -9,8 +9,9 @@ the sweep driver does (sqlite allows one writer).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..config import Config, from_dict
 from .space import trial_config
@@ -67,6 +68,6 @@ def failure_reason(text: str) -> str:
     for ln in reversed(lines):
         # The innermost "SomeError: message" line of the last traceback.
         head = ln.split(":", 1)[0]
-        if head and (head.endswith("Error") or head.endswith("Exception")) and " " not in head:
+        if head and head.endswith(("Error", "Exception")) and " " not in head:
             return ln[:300]
     return lines[-1][:300] if lines else "unknown error"
