@@ -1,0 +1,143 @@
+"""GPU-resident loader (order, sharding, drop_last, sources) and the two GPU benchmarks' --tiny paths on CPU."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sslray.datasets.resident import ResidentDataset, ResidentLoader, load_archive, load_image_folder, shard_order
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+def _data(n=50, res=4):
+    x = torch.arange(n, dtype=torch.int64).remainder(256).to(torch.uint8).view(n, 1, 1, 1).expand(n, 3, res, res)
+    return ResidentDataset(x.clone(), torch.arange(n) % 10, [str(i) for i in range(10)])
+
+
+def _ids(loader, epoch):
+    loader.next_epoch = epoch
+    return [int(v) for x, _ in loader for v in x[:, 0, 0, 0]]  # each image's pixel value is its index
+
+
+def test_yields_uint8_nchw_and_int64_labels_matching_images():
+    ds = _data()
+    x, y = next(iter(ResidentLoader(ds, 8, train=True, seed=0)))
+    assert x.dtype == torch.uint8 and x.shape == (8, 3, 4, 4) and y.dtype == torch.int64
+    assert torch.equal(x[:, 0, 0, 0].long() % 10, y)  # each label travels with its own image
+
+
+def test_order_reseeded_per_epoch_reproducible_and_sequential_for_eval():
+    ds = _data()
+    a, b = ResidentLoader(ds, 10, train=True, seed=3), ResidentLoader(ds, 10, train=True, seed=3)
+    e0, e1 = _ids(a, 0), _ids(a, 1)
+    assert e0 != e1 and sorted(e0) == sorted(e1) == list(range(50))
+    assert _ids(b, 1) == e1  # resume: next_epoch alone gives the same order back
+    assert _ids(ResidentLoader(ds, 10, train=True, seed=4), 0) != e0
+    assert _ids(ResidentLoader(ds, 10, train=False), 0) == list(range(50))
+
+
+def test_drop_last_for_training_only():
+    ds = _data(50)
+    tr, ev = ResidentLoader(ds, 16, train=True), ResidentLoader(ds, 16, train=False)
+    assert len(tr) == 3 and [x.shape[0] for x, _ in tr] == [16, 16, 16]
+    assert len(ev) == 4 and [x.shape[0] for x, _ in ev] == [16, 16, 16, 2]
+
+
+@pytest.mark.parametrize("n,world", [(48, 4), (50, 4), (7, 3)])
+def test_shards_disjoint_and_cover_like_distributed_sampler(n, world):
+    from torch.utils.data import DistributedSampler
+
+    for epoch in (0, 1):
+        shards = [shard_order(n, epoch, seed=5, shuffle=True, rank=r, world_size=world).tolist() for r in range(world)]
+        assert len({len(s) for s in shards}) == 1
+        flat = sum(shards, [])
+        assert set(flat) == set(range(n)) and len(flat) - n == (-n) % world  # only the padding repeats
+        for r in range(world):  # the same shards torch's DistributedSampler gives
+            s = DistributedSampler(range(n), num_replicas=world, rank=r, shuffle=True, seed=5)
+            s.set_epoch(epoch)
+            assert shards[r] == list(s)
+    ds = _data(48)
+    loaders = [ResidentLoader(ds, 4, train=True, seed=1, rank=r, world_size=4) for r in range(4)]
+    got = [set(_ids(ld, 2)) for ld in loaders]
+    assert all(len(g) == 12 for g in got) and set().union(*got) == set(range(48))
+    assert len(loaders[0]) == 3
+
+
+def test_subset_indices_respected():
+    ld = ResidentLoader(_data(), 5, train=True, indices=[1, 3, 5, 7, 9, 11, 13, 15, 17, 19])
+    assert sorted(_ids(ld, 0)) == [1, 3, 5, 7, 9, 11, 13, 15, 17, 19]
+
+
+def test_image_folder_and_archive_sources_agree(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "tree" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "tree" / c / f"{i}.png")
+    x, y, classes = load_image_folder(tmp_path / "tree")
+    assert x.shape == (6, 3, 8, 8) and y.tolist() == [0, 0, 0, 1, 1, 1] and classes == ["a", "b"]
+    assert (tmp_path / "tree.resident0.npz").exists()
+    x2, _, _ = load_image_folder(tmp_path / "tree")  # from the cache
+    assert np.array_equal(x, x2)
+    import tarfile
+
+    with tarfile.open(tmp_path / "t.tar.gz", "w:gz") as tf:
+        tf.add(tmp_path / "tree", arcname="train")
+    xa, ya, ca = load_archive(tmp_path / "t.tar.gz", "train", per_class=2)
+    assert np.array_equal(xa, x[[0, 1, 3, 4]]) and ya.tolist() == [0, 0, 1, 1] and ca == classes
+    xr, _, _ = load_image_folder(tmp_path / "tree", res=4, cache=False)
+    assert xr.shape == (6, 3, 4, 4)
+
+
+@pytest.fixture(scope="module")
+def bench_cache(tmp_path_factory):
+    if not ARCHIVE.exists():
+        pytest.skip("shared CIFAR-10 archive not present")
+    d = tmp_path_factory.mktemp("bench-cache")
+    load_archive(ARCHIVE, "test", per_class=8, cache_dir=d)  # one archive pass, shared by both scripts
+    x, y, c = load_archive(ARCHIVE, "test", per_class=30, cache_dir=d)
+    assert x.shape == (300, 3, 32, 32)
+    return d
+
+
+def test_throughput_tiny_prints_table_and_appends(bench_cache, tmp_path, monkeypatch, capsys):
+    import common
+    import throughput
+
+    results = tmp_path / "RESULTS.md"
+    monkeypatch.setattr(common, "RESULTS", results)
+    monkeypatch.setattr(common.append_results, "__defaults__", (results,))
+    # Rows 1 and 3: a contrastive ResNet and MAE; the other rows share these code paths (manual: all rows).
+    assert throughput.main(["--tiny", "--rows", "1,3", "--runs", "2", "--cache-dir", str(bench_cache), "--append"]) == 0
+    out = capsys.readouterr().out
+    rows = [ln for ln in out.splitlines() if ln.startswith("| SimCLR") or ln.startswith("| MAE")]
+    assert len(rows) == 4 and sum("resident" in r for r in rows) == 2 and sum("synthetic" in r for r in rows) == 2
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert float(cells[4].replace(",", "")) > 0 and len(cells[5].split(", ")) == 2
+    text = results.read_text()
+    assert "NOT performance" in text and "benchmarks/throughput.py --tiny" in text and "median of 2" in text
+
+
+def test_time_to_accuracy_tiny_writes_csv_and_png(bench_cache, tmp_path):
+    import time_to_accuracy as tta
+
+    out = tmp_path / "tta"
+    assert tta.main(["--tiny", "--methods", "simclr", "--cache-dir", str(bench_cache), "--out", str(out),
+                     "--set", "train.epochs=2", "train.max_steps_per_epoch=1"]) == 0
+    rows = list(csv.DictReader(open(out / "simclr.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    walls = [float(r["wall_s"]) for r in rows]
+    assert 0 < walls[0] < walls[1]
+    assert all(0.0 <= float(r["knn_top1"]) <= 1.0 for r in rows)
+    assert (out / "simclr.png").stat().st_size > 1000
