@@ -130,7 +130,7 @@ def main(argv=None) -> int:
         batch, res = (8, 32) if args.tiny else (row.batch, row.res)
         cfg = row_config(row, batch, res, steps, args.runs, args.set, args.tiny)
         name = row.name if not args.tiny else (
-            f"{row.name.split(' ')[0]} [tiny: {cfg.model.backbone}{', CIFAR stem' if cfg.model.cifar_stem else ''}]")
+            f"{row.name} [tiny: ran {cfg.model.backbone}{', CIFAR stem' if cfg.model.cifar_stem else ''}]")
         results = []
         ds, src = real_dataset(res, args.tiny, args.cache_dir, device)
 

@@ -97,6 +97,15 @@ def test_image_folder_and_archive_sources_agree(tmp_path):
     assert np.array_equal(xa, x[[0, 1, 3, 4]]) and ya.tolist() == [0, 0, 1, 1] and ca == classes
     xr, _, _ = load_image_folder(tmp_path / "tree", res=4, cache=False)
     assert xr.shape == (6, 3, 4, 4)
+    # make_loader's drop-in: same keywords, one resident copy shared by the train and eval loaders
+    from sslray.datasets.resident import make_resident_loader
+
+    kw = dict(res=8, device=torch.device("cpu"), num_workers=2, os_cache=True, batches_ahead=2, distributed=False)
+    tr = make_resident_loader(str(tmp_path / "tree"), 2, train=True, seed=0, **kw)
+    ev = make_resident_loader(str(tmp_path / "tree"), 4, train=False, indices=[0, 5], **kw)
+    assert tr.data is ev.data and len(tr) == 3 and len(ev) == 1
+    xe, ye = next(iter(ev))
+    assert torch.equal(xe, torch.from_numpy(x[[0, 5]])) and ye.tolist() == [0, 1]
 
 
 @pytest.fixture(scope="module")
