@@ -29,6 +29,7 @@ class DataConfig:
     knn_bank: int = 0  # train images in the kNN memory bank (0 = all of train_subset)
     os_cache: bool = True  # memory-map the .beton (fast when it fits in RAM; see README)
     batches_ahead: int = 2  # batches FFCV prepares ahead of the training step
+    resident: bool = False  # keep every decoded uint8 image on the device (small data such as CIFAR); FFCV otherwise
 
 
 @dataclass(frozen=True)

@@ -46,3 +46,9 @@ def test_non_finite_loss_names_the_step(cifar_small, monkeypatch):
     cfg = _cfg(cifar_small, "train.epochs=1", "train.max_steps_per_epoch=5", "data.val=")
     with pytest.raises(NonFiniteLossError, match=r"simclr: non-finite loss .* at step 2"):
         run_local(cfg)
+
+
+def test_resident_data_path_runs_the_same_loop(cifar_small):
+    cfg = _cfg(cifar_small, "data.resident=true", "train.epochs=1", "train.max_steps_per_epoch=3")
+    last, session = run_local(cfg)
+    assert last["epoch"] == 1 and last["step"] == 3 and 0.0 <= last["knn_top1"] <= 1.0

@@ -18,6 +18,7 @@ import torch
 
 from ..config import Config, effective_lr, from_dict
 from ..datasets.loader import dataset_info, make_loader, subset_indices
+from ..datasets.resident import make_resident_loader
 from ..datasets.views import build_views, eval_transform
 from . import distributed as D
 from .knn import autocast_for, extract_features, knn_accuracy
@@ -53,7 +54,8 @@ def build_data(cfg: Config, session) -> Data:
         )
     common = dict(res=d.decode_res, device=session.device, num_workers=d.loader_workers, distributed=world > 1,
                   os_cache=d.os_cache, batches_ahead=d.batches_ahead)
-    train = make_loader(d.train, per_worker, train=True, seed=cfg.train.seed, indices=train_idx, **common)
+    load = make_resident_loader if d.resident else make_loader
+    train = load(d.train, per_worker, train=True, seed=cfg.train.seed, indices=train_idx, **common)
     bank = val = None
     if val_info is not None:
         bank_n = d.knn_bank or n_train
@@ -61,8 +63,8 @@ def build_data(cfg: Config, session) -> Data:
             subset_indices(train_info.num_images, bank_n, cfg.train.seed) if train_idx is None
             else np.sort(np.random.default_rng(cfg.train.seed + 1).choice(train_idx, bank_n, replace=False)))
         eval_bs = max(per_worker, 256)
-        bank = make_loader(d.train, eval_bs, train=False, indices=bank_idx, **common)
-        val = make_loader(d.val, eval_bs, train=False, indices=subset_indices(val_info.num_images, d.val_subset,
+        bank = load(d.train, eval_bs, train=False, indices=bank_idx, **common)
+        val = load(d.val, eval_bs, train=False, indices=subset_indices(val_info.num_images, d.val_subset,
                                                                                 cfg.train.seed), **common)
     steps = len(train)
     if cfg.train.max_steps_per_epoch:
