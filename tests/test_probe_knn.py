@@ -46,3 +46,16 @@ def test_linear_probe_converges_and_reports():
     assert res.confusion.shape == (4, 4) and res.confusion.sum() == 100
     assert all(n in res.report for n in names)
     assert np.isclose(res.metrics["recall"], np.diag(res.confusion).sum() / 100, atol=0.05)
+
+
+def test_extracted_labels_survive_ffcv_buffer_reuse(cifar_small):
+    """FFCV hands out the same buffers for later batches; features and labels must be copies."""
+    from sslray.datasets.loader import make_loader
+    from sslray.datasets.views import EvalTransform
+    from sslray.raytrain.knn import extract_features
+
+    loader = make_loader(cifar_small["test"], 32, res=32, device=torch.device("cpu"), train=False, num_workers=1)
+    backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 4))
+    feats, labels = extract_features(backbone, loader, EvalTransform(32), torch.device("cpu"))
+    assert labels.tolist() == [c for c in range(10) for _ in range(30)]  # class-sorted ImageFolder order
+    assert feats.shape == (300, 4) and feats.std(0).min() > 0

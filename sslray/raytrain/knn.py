@@ -37,7 +37,8 @@ def extract_features(
             with autocast_for(device, precision):
                 f = backbone(x)
             feats.append(f.float())
-            labels.append(y.to(device).long().view(-1))
+            # FFCV reuses its output buffers for later batches: keep a copy, never a view.
+            labels.append(y.to(device).long().view(-1).clone())
     finally:
         backbone.train(was)
     if not feats:
