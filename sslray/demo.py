@@ -76,7 +76,7 @@ def run_demo(a) -> int:
     res, report = run_pretrain(cfg, probe=True, probe_train_subset=cfg.data.train_subset,
                                probe_val_subset=cfg.data.val_subset)
     print(f"demo: finished in {(time.time() - t0) / 60:.1f} min. Browse it with: "
-          f"mlflow ui --backend-store-uri {res.tracking_uri}")
+          f"sslray ui --tracking-uri {res.tracking_uri}")
     if report is not None and report.pretrained["knn_top1"] <= report.random_init["knn_top1"]:
         print("demo: warning: pretrained kNN did not beat the random-init backbone; train longer (--epochs)")
     return 0
