@@ -102,9 +102,8 @@ def list_class_folder(root: Path, class_dirs: list[Path], classes: list[str]) ->
     return records, notes, skipped
 
 
-@register_source("imagefolder")
-def imagefolder(src: str | os.PathLike, split: str | None = None, **_: object) -> SourceListing:
-    """``SRC/<class>/<image>``, or ``SRC/<split>/<class>/<image>`` with ``split`` given."""
+def split_root(src: str | os.PathLike, split: str | None) -> Path:
+    """``SRC`` or ``SRC/<split>``; a missing split names the folders that do exist."""
     root = Path(src)
     _require_dir(root)
     if split:
@@ -112,6 +111,13 @@ def imagefolder(src: str | os.PathLike, split: str | None = None, **_: object) -
         if not root.is_dir():
             have = sorted(p.name for p in Path(src).iterdir() if p.is_dir())
             raise SourceError(f"split folder {root} does not exist; {src} holds: {', '.join(have) or 'nothing'}")
+    return root
+
+
+@register_source("imagefolder")
+def imagefolder(src: str | os.PathLike, split: str | None = None, **_: object) -> SourceListing:
+    """``SRC/<class>/<image>``, or ``SRC/<split>/<class>/<image>`` with ``split`` given."""
+    root = split_root(src, split)
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
     if not class_dirs:
         raise SourceError(f"{root} holds no class folders (expected {root}/<class>/<image>)")
@@ -310,11 +316,7 @@ def cifar100(src: str | os.PathLike, split: str | None = None, **_: object) -> S
 @register_source("unlabelled")
 def unlabelled(src: str | os.PathLike, split: str | None = None, **_: object) -> SourceListing:
     """Every image under ``SRC`` (recursively), label -1: pretraining only; probes need a labelled split."""
-    root = Path(src)
-    _require_dir(root)
-    if split:
-        root = root / split
-        _require_dir(root)
+    root = split_root(src, split)
     records, skipped = [], []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
