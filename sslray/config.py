@@ -6,7 +6,6 @@ One tree describes a run end to end. It is dumped as YAML with every run and fla
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path

@@ -108,7 +108,7 @@ def train_loop(cfg: Config, session) -> dict:
     """Run ``cfg.train.epochs`` epochs (resuming from the session's latest checkpoint) and return
     the last epoch's metrics."""
     dev = session.device
-    seed_everything(cfg.train.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
+    seed_everything(cfg.train.seed)  # same init on every rank; data_parallel also broadcasts rank 0's weights
     data = build_data(cfg, session)
     views = build_views(cfg.views).to(dev)
     evalT = eval_transform(cfg.views).to(dev)
