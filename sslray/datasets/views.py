@@ -39,6 +39,9 @@ class AugParams:
     solarize_p: float = 0.0
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # Named ops from sslray.datasets.policies.POLICIES (e.g. "lorot", "dcl"), applied in order after
+    # crop + flip and before the colour ops, each on a float batch in [0, 1] with per-sample parameters.
+    policies: tuple[str, ...] = ()
 
 
 class ViewAugment(nn.Module):
@@ -53,6 +56,8 @@ class ViewAugment(nn.Module):
         ]
         if p.hflip_p > 0:
             ops.append(K.RandomHorizontalFlip(p=p.hflip_p))
+        if p.policies:
+            ops.append(PolicyOps(p.policies))
         if p.jitter_p > 0 and any(p.jitter):
             ops.append(K.ColorJitter(*p.jitter, p=p.jitter_p))
         if p.grey_p > 0:
@@ -70,6 +75,22 @@ class ViewAugment(nn.Module):
         if x.dtype == torch.uint8:
             x = x.float().div_(255.0)
         return self.ops(x)
+
+
+class PolicyOps(nn.Module):
+    """The ``AugParams.policies`` ops, looked up by name in ``sslray.datasets.policies.POLICIES``."""
+
+    def __init__(self, names: Sequence[str]):
+        super().__init__()
+        from .policies import POLICIES
+
+        self.names = tuple(names)
+        self.fns = [POLICIES.get(n) for n in self.names]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for fn in self.fns:
+            x = fn(x)
+        return x
 
 
 class EvalTransform(nn.Module):
