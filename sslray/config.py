@@ -38,6 +38,8 @@ class ViewConfig:
     min_scale: float = 0.08  # RandomResizedCrop lower area bound
     jitter_strength: float = 0.5  # colour jitter s: (0.8s, 0.8s, 0.8s, 0.2s)
     blur: bool = False  # Gaussian blur (off for 32-px data, as in the SimCLR CIFAR recipe)
+    policy: str = "default"  # view policy on top of the preset (sslray.datasets.policies.VIEW_POLICIES)
+    backend: str = "fused"  # fused (sslray's batched kernels) | kornia (kornia.augmentation); same parameters
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,8 @@ class TrainConfig:
     knn_k: int = 200
     knn_temperature: float = 0.07
     knn_every: int = 1  # epochs between kNN monitor evaluations (the last epoch always runs it)
+    online_probe: bool = True  # linear classifier trained every step on detached features, scored on val each epoch
+    online_probe_lr: float = 0.1  # its own SGD (momentum 0.9, constant lr) on per-sample standardised features
     log_every: int = 20  # steps between progress lines
     max_steps_per_epoch: int = 0  # cap for smoke tests; 0 = full epochs
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always checkpoints)

@@ -10,6 +10,7 @@ A preset maps a method family to the list of views it needs: ``ViewSpec`` = list
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
@@ -77,6 +78,157 @@ class ViewAugment(nn.Module):
         return self.ops(x)
 
 
+# ITU-R 601 luma weights (what torchvision/kornia rgb_to_grayscale use).
+_LUMA = (0.299, 0.587, 0.114)
+
+
+class FusedViewAugment(nn.Module):
+    """The same per-sample pipeline as ``ViewAugment`` in a few batched kernels, with every random
+    parameter drawn on the batch's device (no host round trip, no per-sample Python):
+
+    * crop + resize + flip: one ``affine_grid``/``grid_sample`` with a per-sample affine;
+    * brightness, contrast, saturation, hue (a rotation about the grey axis) in a per-sample random order, then
+      greyscale: composed into one 3x4 colour matrix per image and applied in one ``bmm``
+      (as DALI's ColorTwist does); clamped to [0, 1] once, after the composition;
+    * Gaussian blur: one grouped separable convolution with per-sample sigmas;
+    * solarize and normalisation: elementwise.
+
+    Written by hand because kornia.augmentation spends most of its time outside the kernels here
+    (parameter sampling on the host, one op at a time, per-op host-device copies): see the
+    ``fused`` vs ``kornia`` rows of benchmarks/loader.py and benchmarks/throughput.py in
+    benchmarks/RESULTS.md. Differences from kornia, by design: bilinear resampling without
+    antialiasing, one clamp after the colour composition instead of one per jitter op, and the
+    hue shift as a rotation about the grey axis rather than an HSV round trip.
+
+    ``last_params`` keeps the parameters of the last call (crop boxes in input pixels, flips,
+    jitter factors, blur sigmas, ...) for inspection and tests.
+    """
+
+    def __init__(self, p: AugParams):
+        super().__init__()
+        self.params = p
+        self.policy = PolicyOps(p.policies) if p.policies else None
+        self.blur_k = max(3, int(0.1 * p.size) // 2 * 2 + 1)  # same kernel size as the kornia path
+        self.register_buffer("mean", torch.tensor(p.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(p.std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("luma", torch.tensor(_LUMA), persistent=False)
+        k = 1 / math.sqrt(3)
+        self.register_buffer("kk", torch.full((3, 3), k * k), persistent=False)
+        self.register_buffer("cross_k", torch.tensor([[0, -k, k], [k, 0, -k], [-k, k, 0]]), persistent=False)
+        self.last_params: dict = {}
+
+    # -- parameters ------------------------------------------------------------------------------
+    def _boxes(self, B: int, H: int, W: int, dev) -> tuple[torch.Tensor, ...]:
+        """torchvision's RandomResizedCrop draw, vectorised: 10 tries per sample, the first that fits
+        wins; samples with none fall back to the whole image."""
+        p, tries = self.params, 10
+        area = H * W * torch.empty(B, tries, device=dev).uniform_(*p.scale)
+        logr = torch.empty(B, tries, device=dev).uniform_(math.log(p.ratio[0]), math.log(p.ratio[1]))
+        r = logr.exp()
+        w, h = (area * r).sqrt(), (area / r).sqrt()
+        ok = (w <= W) & (h <= H)
+        first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((B,), -1, device=dev))
+        pick = first.clamp(min=0).unsqueeze(1)
+        w = torch.where(first >= 0, w.gather(1, pick).squeeze(1), torch.full((B,), float(W), device=dev))
+        h = torch.where(first >= 0, h.gather(1, pick).squeeze(1), torch.full((B,), float(H), device=dev))
+        x0 = torch.rand(B, device=dev) * (W - w)
+        y0 = torch.rand(B, device=dev) * (H - h)
+        return x0, y0, w, h
+
+    def _colour(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, h, w) float in [0, 1] -> jitter (p) and greyscale (p) as one affine per image."""
+        p, B, dev = self.params, x.shape[0], x.device
+        eye = torch.eye(3, device=dev).expand(B, 3, 3)
+        A, o = eye.clone(), torch.zeros(B, 3, device=dev)
+        luma = self.luma
+        jit = p.jitter_p > 0 and any(p.jitter)
+        if jit:
+            bj, cj, sj, hj = p.jitter
+            on = torch.rand(B, device=dev) < p.jitter_p
+
+            def factor(j):
+                f = torch.empty(B, device=dev).uniform_(max(0.0, 1 - j), 1 + j)
+                return torch.where(on, f, torch.ones_like(f))
+
+            b, c, sat = factor(bj), factor(cj), factor(sj)
+            hue = torch.where(on, torch.empty(B, device=dev).uniform_(-hj, hj), torch.zeros(B, device=dev))
+            mu = x.mean(dim=(2, 3))  # per-image mean colour: contrast blends towards the current mean grey
+            grey_mat = luma.view(1, 1, 3).expand(B, 3, 3)
+            # hue: rotate colours about the grey axis (1,1,1)/sqrt(3) by 2*pi*hue, the linear map
+            # closest to an HSV hue shift (Rodrigues' formula: cos I + sin [k]x + (1 - cos) k k^T)
+            ang = 2 * math.pi * hue
+            cos, sin = ang.cos().view(B, 1, 1), ang.sin().view(B, 1, 1)
+            hue_mat = cos * eye + sin * self.cross_k + (1 - cos) * self.kk
+            sat_mat = sat.view(B, 1, 1) * eye + (1 - sat).view(B, 1, 1) * grey_mat
+            order = torch.rand(B, 4, device=dev).argsort(1)  # a random op order per image
+            for k in range(4):
+                cur_mean_grey = ((A @ mu.unsqueeze(2)).squeeze(2) + o) @ luma  # (B,)
+                mats = torch.stack([b.view(B, 1, 1) * eye, c.view(B, 1, 1) * eye, sat_mat, hue_mat], 1)
+                offs = torch.stack([torch.zeros(B, 3, device=dev),
+                                    ((1 - c) * cur_mean_grey).unsqueeze(1).expand(B, 3),
+                                    torch.zeros(B, 3, device=dev), torch.zeros(B, 3, device=dev)], 1)
+                idx = order[:, k]
+                M = mats[torch.arange(B, device=dev), idx]
+                off = offs[torch.arange(B, device=dev), idx]
+                A, o = M @ A, (M @ o.unsqueeze(2)).squeeze(2) + off
+            self.last_params.update(jitter_on=on, brightness=b, contrast=c, saturation=sat, hue=hue, order=order)
+        if p.grey_p > 0:
+            g = torch.rand(B, device=dev) < p.grey_p
+            G = torch.where(g.view(B, 1, 1), luma.view(1, 1, 3).expand(B, 3, 3), eye)
+            A, o = G @ A, (G @ o.unsqueeze(2)).squeeze(2)
+            self.last_params["grey"] = g
+        if not jit and p.grey_p <= 0:
+            return x
+        Bx, C, h, w = x.shape
+        y = torch.baddbmm(o.unsqueeze(2), A, x.reshape(B, 3, h * w)).view(B, 3, h, w)
+        return y.clamp_(0.0, 1.0)
+
+    def _blur(self, x: torch.Tensor) -> torch.Tensor:
+        p, (B, C, H, W), dev = self.params, x.shape, x.device
+        on = torch.rand(B, device=dev) < p.blur_p
+        sigma = torch.empty(B, device=dev).uniform_(*p.blur_sigma)
+        k = self.blur_k
+        t = torch.arange(k, device=dev, dtype=x.dtype) - (k - 1) / 2
+        ker = torch.exp(-(t.view(1, k) ** 2) / (2 * sigma.view(B, 1) ** 2))
+        ker = ker / ker.sum(1, keepdim=True)
+        delta = (t.abs() < 0.5).to(x.dtype).expand(B, k)
+        ker = torch.where(on.view(B, 1), ker, delta).repeat_interleave(C, 0)  # (B*C, k)
+        y = x.reshape(1, B * C, H, W)
+        pad = k // 2
+        y = nn.functional.pad(y, (pad, pad, pad, pad), mode="reflect")
+        y = nn.functional.conv2d(y, ker.view(B * C, 1, 1, k), groups=B * C)
+        y = nn.functional.conv2d(y, ker.view(B * C, 1, k, 1), groups=B * C)
+        self.last_params.update(blur_on=on, sigma=sigma)
+        return y.view(B, C, H, W)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        B, _, H, W = x.shape
+        dev = x.device
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        x0, y0, w, h = self._boxes(B, H, W, dev)
+        flip = torch.rand(B, device=dev) < p.hflip_p
+        theta = torch.zeros(B, 2, 3, device=dev)
+        theta[:, 0, 0] = (w / W) * torch.where(flip, -1.0, 1.0)
+        theta[:, 0, 2] = (2 * x0 + w) / W - 1
+        theta[:, 1, 1] = h / H
+        theta[:, 1, 2] = (2 * y0 + h) / H - 1
+        grid = nn.functional.affine_grid(theta, [B, 3, p.size, p.size], align_corners=False)
+        x = nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        self.last_params = {"x0": x0, "y0": y0, "w": w, "h": h, "flip": flip}
+        if self.policy is not None:
+            x = self.policy(x)
+        x = self._colour(x)
+        if p.blur_p > 0:
+            x = self._blur(x)
+        if p.solarize_p > 0:
+            s = torch.rand(B, device=dev) < p.solarize_p
+            x = torch.where(s.view(B, 1, 1, 1) & (x >= 0.5), 1.0 - x, x)
+            self.last_params["solarize"] = s
+        return (x - self.mean) / self.std
+
+
 class PolicyOps(nn.Module):
     """The ``AugParams.policies`` ops, looked up by name in ``sslray.datasets.policies.POLICIES``."""
 
@@ -113,9 +265,9 @@ class EvalTransform(nn.Module):
 class MultiView(nn.Module):
     """A method's view spec: ``[(ViewAugment, count), ...]`` -> list of views (globals first)."""
 
-    def __init__(self, spec: Sequence[tuple[AugParams, int]]):
+    def __init__(self, spec: Sequence[tuple[AugParams, int]], backend: str = "fused"):
         super().__init__()
-        self.augs = nn.ModuleList(ViewAugment(p) for p, _ in spec)
+        self.augs = nn.ModuleList(BACKENDS.get(backend)(p) for p, _ in spec)
         self.counts = [int(c) for _, c in spec]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -124,6 +276,10 @@ class MultiView(nn.Module):
             views.extend(aug(x) for _ in range(count))
         return views
 
+
+BACKENDS: Registry[Callable[[AugParams], nn.Module]] = Registry("view backend")
+BACKENDS.register("fused")(FusedViewAugment)
+BACKENDS.register("kornia")(ViewAugment)
 
 PRESETS: Registry[Callable[..., list[tuple[AugParams, int]]]] = Registry("view preset")
 
@@ -151,7 +307,8 @@ def build_views(cfg) -> MultiView:
     spec = PRESETS.get(cfg.preset)(
         size=cfg.crop_size, min_scale=cfg.min_scale, jitter_strength=cfg.jitter_strength, blur=cfg.blur
     )
-    return MultiView(spec)
+    spec = __import__("sslray.datasets.policies", fromlist=["_"]).apply_policy(spec, getattr(cfg, "policy", "default"), cfg)
+    return MultiView(spec, getattr(cfg, "backend", "fused"))
 
 
 def eval_transform(cfg) -> EvalTransform:
@@ -159,6 +316,6 @@ def eval_transform(cfg) -> EvalTransform:
     return EvalTransform(cfg.crop_size, CIFAR_MEAN if small else IMAGENET_MEAN, CIFAR_STD if small else IMAGENET_STD)
 
 
-__all__ = ["AugParams", "ViewAugment", "EvalTransform", "MultiView", "PRESETS", "build_views", "eval_transform", "replace"]
+__all__ = ["AugParams", "ViewAugment", "FusedViewAugment", "BACKENDS", "EvalTransform", "MultiView", "PRESETS", "build_views", "eval_transform", "replace"]
 
 from . import presets as _presets  # noqa: E402,F401  (registers the other presets)

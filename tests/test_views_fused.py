@@ -1,0 +1,142 @@
+"""FusedViewAugment (the default view backend): the same per-sample contract as the kornia path,
+plus parity with torchvision's functional ops where the fused maths is exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+
+from sslray.config import ViewConfig
+from sslray.datasets.views import AugParams, FusedViewAugment, build_views
+
+ID = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+WHOLE = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0))
+
+
+def colourful(n: int, h: int = 32, w: int = 32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, h, w), dtype=torch.uint8, generator=g)
+
+
+def test_parameters_differ_across_the_batch():
+    aug = FusedViewAugment(AugParams(size=32, jitter_p=1.0, blur_p=1.0))
+    same = colourful(1).expand(64, -1, -1, -1).contiguous()
+    torch.manual_seed(0)
+    out = aug(same)
+    P = aug.last_params
+    boxes = set(zip(*(P[k].tolist() for k in ("x0", "y0", "w", "h"))))
+    assert len(boxes) == 64
+    for k in ("brightness", "contrast", "saturation", "hue", "sigma"):
+        assert P[k].unique().numel() == 64, k
+    assert 0 < P["flip"].sum() < 64
+    assert len({tuple(r) for r in P["order"].tolist()}) > 5  # the jitter order is drawn per image too
+    flat = out.flatten(1)
+    assert torch.cdist(flat, flat).add(torch.eye(64) * 1e9).min() > 1e-3
+
+
+@pytest.mark.parametrize("scale,ratio", [((0.08, 1.0), (3 / 4, 4 / 3)), ((0.3, 0.6), (0.5, 2.0))])
+def test_crop_area_and_aspect_ratio_stay_within_bounds(scale, ratio):
+    H, W = 96, 128
+    aug = FusedViewAugment(AugParams(size=32, scale=scale, ratio=ratio, hflip_p=0, jitter_p=0, grey_p=0))
+    torch.manual_seed(1)
+    aug(colourful(2000, H, W))
+    P = aug.last_params
+    x0, y0, w, h = P["x0"], P["y0"], P["w"], P["h"]
+    eps = 1e-4
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + w <= W + eps).all() and (y0 + h <= H + eps).all()
+    area, ar = w * h / (H * W), w / h
+    fits = (area >= scale[0] - eps) & (area <= scale[1] + eps) & (ar >= ratio[0] - eps) & (ar <= ratio[1] + eps)
+    whole = (w == W) & (h == H)  # torchvision's fallback after 10 failed tries
+    assert (fits | whole).all()
+    assert whole.float().mean() < 0.05
+    assert area[fits].max() - area[fits].min() > 0.5 * (scale[1] - scale[0])
+    assert ar.log().std() > 0.1
+
+
+def test_identity_flip_and_crop_are_exact_resamples():
+    x = colourful(4)
+    out = FusedViewAugment(AugParams(size=32, hflip_p=0, jitter_p=0, grey_p=0, **WHOLE, **ID))(x)
+    torch.testing.assert_close(out, x.float() / 255, atol=1e-6, rtol=0)
+    out = FusedViewAugment(AugParams(size=32, hflip_p=1, jitter_p=0, grey_p=0, **WHOLE, **ID))(x)
+    torch.testing.assert_close(out, x.float().flip(-1) / 255, atol=1e-6, rtol=0)
+    # a half-size output of the whole image is the 2x2 average (bilinear at pixel-centre midpoints)
+    out = FusedViewAugment(AugParams(size=16, hflip_p=0, jitter_p=0, grey_p=0, **WHOLE, **ID))(x)
+    torch.testing.assert_close(out, torch.nn.functional.avg_pool2d(x.float() / 255, 2), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("which,fn", [(0, TF.adjust_brightness), (1, TF.adjust_contrast), (2, TF.adjust_saturation)])
+def test_single_jitter_ops_match_torchvision(which, fn):
+    jitter = [0.0, 0.0, 0.0, 0.0]
+    jitter[which] = 0.5
+    aug = FusedViewAugment(AugParams(size=32, hflip_p=0, jitter=tuple(jitter), jitter_p=1.0, grey_p=0, **WHOLE, **ID))
+    x = colourful(16)
+    torch.manual_seed(3)
+    out = aug(x)
+    f = aug.last_params[("brightness", "contrast", "saturation")[which]]
+    ref = torch.stack([fn(x[i].float() / 255, f[i].item()) for i in range(16)])
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+
+
+def test_hue_keeps_grey_and_luma_shift_small():
+    aug = FusedViewAugment(AugParams(size=8, hflip_p=0, jitter=(0, 0, 0, 0.5), jitter_p=1.0, grey_p=0, **WHOLE, **ID))
+    grey = torch.full((8, 3, 8, 8), 100, dtype=torch.uint8)
+    torch.testing.assert_close(aug(grey), grey.float() / 255, atol=1e-5, rtol=0)  # grey has no hue
+    x = (128 + 40 * torch.randn(256, 3, 8, 8)).clamp(0, 255).to(torch.uint8)
+    out = aug(x)
+    assert out.sub(x.float() / 255).abs().mean() > 0.01  # it changes colour
+    # a rotation about the grey axis keeps each pixel's channel mean (up to the clamp at the gamut edge)
+    assert out.mean(1).sub(x.float().div(255).mean(1)).abs().mean() < 2e-3
+
+
+def test_greyscale_solarize_and_blur():
+    x = colourful(64)
+    g = FusedViewAugment(AugParams(size=32, hflip_p=0, jitter_p=0, grey_p=1.0, **WHOLE, **ID))(x)
+    torch.testing.assert_close(g, TF.rgb_to_grayscale(x.float() / 255, num_output_channels=3), atol=2e-4, rtol=0)
+    s = FusedViewAugment(AugParams(size=32, hflip_p=0, jitter_p=0, grey_p=0, solarize_p=1.0, **WHOLE, **ID))(x)
+    xf = x.float() / 255
+    torch.testing.assert_close(s, torch.where(xf >= 0.5, 1 - xf, xf))
+    aug = FusedViewAugment(AugParams(size=32, hflip_p=0, jitter_p=0, grey_p=0, blur_p=1.0, **WHOLE, **ID))
+    torch.manual_seed(4)
+    b = aug(x)
+    sig = aug.last_params["sigma"]
+    k = aug.blur_k
+    ref = torch.stack([TF.gaussian_blur(xf[i], [k, k], [sig[i].item()] * 2) for i in range(64)])
+    torch.testing.assert_close(b, ref, atol=1e-4, rtol=0)
+    assert b.std() < xf.std()
+
+
+def test_seed_gives_determinism_and_default_backend_is_fused():
+    aug = FusedViewAugment(AugParams(size=24, blur_p=0.5, solarize_p=0.2))
+    x = colourful(16)
+    outs = []
+    for seed in (7, 7, 8):
+        torch.manual_seed(seed)
+        outs.append(aug(x))
+    assert torch.equal(outs[0], outs[1]) and not torch.allclose(outs[0], outs[2])
+    mv = build_views(ViewConfig())
+    assert all(isinstance(a, FusedViewAugment) for a in mv.augs)
+    assert all(type(a).__name__ == "ViewAugment" for a in build_views(ViewConfig(backend="kornia")).augs)
+
+
+def test_jitter_statistics_are_sane():
+    p = AugParams(size=32, hflip_p=0.5, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grey_p=0.2, **WHOLE, **ID)
+    aug = FusedViewAugment(p)
+    n = 4000
+    torch.manual_seed(2)
+    out = aug(colourful(n))
+    P = aug.last_params
+    on = P["jitter_on"]
+    assert abs(on.float().mean().item() - 0.8) < 0.04
+    for k, lo, hi in (("brightness", 0.6, 1.4), ("contrast", 0.6, 1.4), ("saturation", 0.6, 1.4), ("hue", -0.1, 0.1)):
+        f = P[k][on]
+        assert f.min() >= lo - 1e-6 and f.max() <= hi + 1e-6, k
+        mid, half = (lo + hi) / 2, (hi - lo) / 2
+        assert abs(f.mean().item() - mid) < 0.06 * half, k
+        assert abs(f.std().item() - half / 3 ** 0.5) < 0.1 * half, k
+        assert (P[k][~on] == (0.0 if k == "hue" else 1.0)).all(), k
+    assert out.min() >= 0 and out.max() <= 1
+    grey = (out[:, 0] == out[:, 1]).all(-1).all(-1) & (out[:, 1] == out[:, 2]).all(-1).all(-1)
+    assert abs(grey.float().mean().item() - 0.2) < 0.03
+    assert abs(P["flip"].float().mean().item() - 0.5) < 0.04
+    assert abs(out.mean().item() - colourful(n).float().div(255).mean().item()) < 0.03
