@@ -27,8 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-CIFAR_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-IMAGENETTE_ARCHIVE = REPO.parent / "shared" / "data" / "imagenette2-224.tar.gz"
+# The shared archives; SSLRAY_DATA_DIR points elsewhere (a machine without ../shared).
+DATA_DIR = Path(os.environ.get("SSLRAY_DATA_DIR") or REPO.parent / "shared" / "data")
+CIFAR_ARCHIVE = DATA_DIR / "cifar10-jpeg.tar.gz"
+IMAGENETTE_ARCHIVE = DATA_DIR / "imagenette2-224.tar.gz"
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 DEFAULT_CACHE = os.environ.get("SSLRAY_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "sslray"))
 

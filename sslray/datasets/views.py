@@ -1,8 +1,10 @@
 """Batched views on the device, with random parameters drawn per sample.
 
 torchvision.transforms.v2 applied to a batch draws one set of parameters for the whole batch,
-which weakens contrastive learning; kornia.augmentation draws per sample (``same_on_batch=False``)
-and runs on whatever device the batch is on, so it is the library used here.
+which weakens contrastive learning. Two backends draw per sample and run on whatever device the
+batch is on: ``fused`` (default, ``FusedViewAugment``: a few batched kernels, parameters drawn on
+the device) and ``kornia`` (``ViewAugment`` over kornia.augmentation, ``same_on_batch=False``).
+``views.backend`` picks one; both take the same ``AugParams``.
 
 A preset maps a method family to the list of views it needs: ``ViewSpec`` = list of
 ``(ViewAugment, count)``. Global crops come first, local (multi-crop) crops after.
@@ -14,7 +16,6 @@ import math
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
-import kornia.augmentation as K
 import torch
 from torch import nn
 
@@ -50,6 +51,8 @@ class ViewAugment(nn.Module):
 
     def __init__(self, p: AugParams):
         super().__init__()
+        import kornia.augmentation as K  # only this backend needs kornia
+
         self.params = p
         ops: list[nn.Module] = [
             # "resample" warps the whole batch in one call; the default "slice" loops per image.
