@@ -81,12 +81,34 @@ def run_method(method: str, args, clock0: float, device) -> list[dict]:
         steps = min(len(tr), cfg.train.max_steps_per_epoch or len(tr))
         return Data(tr, bank, val, len(train_ds.classes), steps)
 
+    if args.budget_min:
+        cfg = fit_epochs_to_budget(cfg, args, clock0, device, resident, len(train_ds))
     print(f"{method}: {cfg.model.backbone}, batch {cfg.data.batch_size}, {cfg.train.epochs} epochs on "
           f"{len(train_ds)} resident images ({device})", flush=True)
     _, hist, peak = C.run_loop(cfg, device, resident, clock0=clock0, verbose=args.verbose)
     rows = [{"method": method, **{k: m.get(k, "") for k in FIELDS[1:]}} for m in hist if not m.get("partial")]
     print(f"{method}: peak memory {peak / 2**20:,.0f} MiB", flush=True)
     return rows
+
+
+def fit_epochs_to_budget(cfg, args, clock0: float, device, make_data, n_train: int):
+    """Pick ``train.epochs`` so the run ends within ``--budget-min`` minutes of ``clock0``: time 30 steps
+    and one kNN evaluation in a throw-away run of the same config (its time counts against the budget,
+    as everything since the clock started does), then fit whole epochs into what is left, with 5% spare."""
+    probe = cfg.replace(**{"train.epochs": 1, "train.max_steps_per_epoch": min(30, cfg.train.max_steps_per_epoch or 30),
+                           "train.knn_every": 1})
+    _, hist, _ = C.run_loop(probe, device, make_data)
+    m = hist[-1]
+    epoch_s = n_train / m["images_per_sec"]
+    knn_s = float(m.get("knn_seconds", 0.0))
+    left = args.budget_min * 60 * 0.95 - (time.perf_counter() - clock0)
+    per_epoch = epoch_s + knn_s / max(1, args.knn_every)
+    epochs = max(1, int((left - knn_s) // per_epoch))  # the last epoch always evaluates
+    # the recipe's warm-up keeps its share of the schedule (10 of 200 epochs -> 5%)
+    warmup = cfg.optim.warmup_epochs * min(1.0, epochs / cfg.train.epochs)
+    print(f"budget {args.budget_min} min: ~{epoch_s:.2f} s/epoch, {knn_s:.2f} s per kNN evaluation, "
+          f"{left:.0f} s left -> {epochs} epochs, {warmup:.2g} warm-up", flush=True)
+    return cfg.replace(**{"train.epochs": epochs, "optim.warmup_epochs": warmup})
 
 
 def write_outputs(method: str, rows: list[dict], out: Path) -> tuple[Path, Path]:
@@ -119,6 +141,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
     ap.add_argument("--epochs", type=int, default=0, help="override the recipe's epochs")
+    ap.add_argument("--budget-min", type=float, default=0.0,
+                    help="fit the epoch count so each method ends within this many minutes of its clock start")
     ap.add_argument("--knn-every", type=int, default=5, help="epochs between kNN evaluations")
     ap.add_argument("--tiny", action="store_true", help="CPU check: small models, 2 epochs of 2 steps, 200 images")
     ap.add_argument("--device", default="auto")
