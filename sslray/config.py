@@ -89,6 +89,16 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    collapse: bool = True  # collapse monitors on the last step of every epoch (features and projections)
+    max_nonfinite_skips: int = 0  # consecutive NaN/inf steps skipped before the run stops; 0 = stop at the first
+    check_every: int = 50  # GPU: steps between host checks of the non-finite counters (CPU: every step)
+    pictures: bool = True  # view grid, schedules, MAE reconstructions, retrieval grid (PNG artifacts)
+    recon_every: int = 5  # MAE: epochs between reconstruction grids (the last epoch always draws one)
+    num_images: int = 8  # source images / queries per picture
+
+
+@dataclass(frozen=True)
 class RayConfig:
     num_workers: int = 2
     use_gpu: str = "auto"  # auto | true | false
@@ -115,6 +125,7 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -193,7 +204,8 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
 
 _SECTIONS = {
     c.__name__: c
-    for c in (DataConfig, ViewConfig, ModelConfig, MethodConfig, OptimConfig, TrainConfig, RayConfig, TrackingConfig)
+    for c in (DataConfig, ViewConfig, ModelConfig, MethodConfig, OptimConfig, TrainConfig, MonitorConfig, RayConfig,
+              TrackingConfig)
 }
 
 
@@ -301,6 +313,6 @@ def effective_lr(cfg: Config) -> float:
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "ViewConfig", "ModelConfig", "MethodConfig", "OptimConfig",
-    "TrainConfig", "RayConfig", "TrackingConfig", "load_config", "from_dict", "dump_yaml", "flatten",
+    "TrainConfig", "MonitorConfig", "RayConfig", "TrackingConfig", "load_config", "from_dict", "dump_yaml", "flatten",
     "effective_lr",
 ]

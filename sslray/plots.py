@@ -1,4 +1,5 @@
-"""Every picture sslray logs is drawn here (matplotlib, Agg): curves, confusion matrices."""
+"""Every picture sslray logs is drawn here (matplotlib, Agg): curves, confusion matrices, image grids
+(augmented views, MAE reconstructions, kNN retrieval) and schedules."""
 
 from __future__ import annotations
 
@@ -161,4 +162,102 @@ def bars_by_group(labels: Sequence[str], groups: Sequence[str], values: Mapping[
     if title:
         fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 0.88, 1))
+    return fig
+
+
+# --- pictures of a run: views, reconstructions, retrieval, schedules -----------------------------
+
+
+def to_images(x, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> list[np.ndarray]:
+    """A batch ``(N, 3, H, W)`` (uint8, or float normalised with ``mean``/``std``, or float in [0, 1])
+    -> a list of ``(H, W, 3)`` uint8 arrays for ``imshow``."""
+    import torch
+
+    t = torch.as_tensor(x).detach().cpu()
+    if t.dtype != torch.uint8:
+        t = t.float()
+        if mean is not None and std is not None:
+            t = t * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
+        t = (t.clamp(0, 1) * 255).round().to(torch.uint8)
+    return [a for a in t.permute(0, 2, 3, 1).numpy()]
+
+
+def image_grid(rows: Sequence[Sequence[np.ndarray]], col_titles: Sequence[str] = (), row_titles: Sequence[str] = (),
+               title: str = "", cell: float = 1.3):
+    """Rows of ``(H, W, 3)`` uint8 images (cells may differ in size, e.g. multi-crop views); a title
+    over each column and at the left of each row."""
+    n_rows = max(1, len(rows))
+    n_cols = max(1, max((len(r) for r in rows), default=1))
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(cell * n_cols + 0.6, cell * n_rows + 0.5), squeeze=False)
+    for r, ax_row in enumerate(axes):
+        for c, ax in enumerate(ax_row):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for s in ax.spines.values():
+                s.set_visible(False)
+            if r < len(rows) and c < len(rows[r]):
+                ax.imshow(rows[r][c], interpolation="nearest")
+            if r == 0 and c < len(col_titles):
+                ax.set_title(col_titles[c], fontsize=8)
+            if c == 0 and r < len(row_titles):
+                ax.set_ylabel(row_titles[r], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def schedules(series: Mapping[str, Sequence[float]], title: str = "", xlabel: str = "step",
+              xs: Sequence[float] | None = None):
+    """One panel per schedule (lr, weight decay, EMA momentum), each value against the global step
+    (``xs``; 0, 1, 2, ... when not given)."""
+    keys = [k for k, v in series.items() if len(v)]
+    n = max(1, len(keys))
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.0), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        ys = np.asarray(series[k], dtype=float)
+        ax.plot(np.arange(len(ys)) if xs is None else np.asarray(xs), ys, lw=1.5)
+        ax.set_title(k)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def png_bytes(fig, dpi: int = 110) -> bytes:
+    """The figure as PNG bytes (closed afterwards): what workers hand to the driver."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def heatmaps(panels: Mapping[str, np.ndarray], rows: Sequence[str], cols: Sequence[str], title: str = "",
+             fmt: Mapping[str, str] | None = None):
+    """One annotated heatmap per entry of ``panels`` (a ``len(rows) x len(cols)`` matrix each, NaN for a
+    missing cell), e.g. a study's method x view-policy matrices of linear and kNN top-1."""
+    n = max(1, len(panels))
+    fig, axes = plt.subplots(1, n, figsize=(1.1 * len(cols) * n + 2.2 * n, 0.55 * len(rows) + 1.9), squeeze=False)
+    for ax, (name, m) in zip(axes[0], panels.items()):
+        m = np.asarray(m, dtype=float)
+        finite = m[np.isfinite(m)]
+        im = ax.imshow(np.ma.masked_invalid(m), cmap="viridis", aspect="auto",
+                       vmin=finite.min() if finite.size else 0, vmax=finite.max() if finite.size else 1)
+        ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=8)
+        ax.set_yticks(range(len(rows)), rows, fontsize=8)
+        spec = (fmt or {}).get(name, "{:.3g}")
+        mid = (finite.min() + finite.max()) / 2 if finite.size else 0
+        for i in range(m.shape[0]):
+            for j in range(m.shape[1]):
+                ax.text(j, i, spec.format(m[i, j]) if np.isfinite(m[i, j]) else "n/a", ha="center", va="center",
+                        fontsize=8, color="grey" if not np.isfinite(m[i, j]) else "white" if m[i, j] < mid else "black")
+        ax.set_title(name, fontsize=10)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
     return fig

@@ -23,11 +23,11 @@ from ..datasets.views import build_views, eval_transform
 from . import distributed as D
 from .knn import autocast_for, extract_features, knn_accuracy
 from .methods import create_method
+from .monitors import EmbeddingTap, NonFiniteLossError, StepHealth, collapse_report, epoch_health
 from .optim import build_optimizer, set_lr, warmup_cosine
+from .pictures import RunPictures
 
-
-class NonFiniteLossError(FloatingPointError):
-    """Raised on a NaN/inf loss; the message names the method, the step and the last finite values."""
+__all__ = ["NonFiniteLossError", "train_loop", "run_local", "train_func"]
 
 
 @dataclass
@@ -127,6 +127,11 @@ def train_loop(cfg: Config, session) -> dict:
     session.log(f"sslray: {cfg.method.name} on {cfg.model.backbone}, {session.world_size} worker(s) on {dev.type}, "
                 f"global batch {cfg.data.batch_size}, {data.steps_per_epoch} steps/epoch; effective lr = "
                 f"{cfg.optim.base_lr} x {cfg.data.batch_size}/256 ({cfg.optim.lr_scaling}) = {peak:.4g}")
+    # Health: grad norms and non-finite steps on the device (the host looks every check_every steps on
+    # GPU, every step on CPU), collapse statistics of the epoch's last step, pictures on rank 0.
+    health = StepHealth(model, dev, cfg.monitor.max_nonfinite_skips, cfg.monitor.check_every if dev.type == "cuda" else 1)
+    tap = EmbeddingTap(model) if cfg.monitor.collapse else None
+    pictures = RunPictures(cfg, session, model, data, views, evalT)
 
     start_epoch, start_batch, step, last, partial = 0, 0, 0, {}, None
     state = session.restore()
@@ -156,35 +161,42 @@ def train_loop(cfg: Config, session) -> dict:
         resumed = partial if skip and partial else {"loss_sum": 0.0, "n": 0, "seconds": 0.0}
         loss_sum = torch.tensor(float(resumed["loss_sum"]), device=dev)
         n_steps, prior_seconds = int(resumed["n"]), float(resumed["seconds"])
-        last_finite = last.get("loss")
-        t0 = time.perf_counter()
+        prior_ok = float(resumed.get("n_ok", resumed["n"]))
+        health.reset_epoch()
+        t0 = t_wait = time.perf_counter()
+        wait_s = 0.0
         for i, (x, _) in enumerate(data.train):
+            wait_s += time.perf_counter() - t_wait  # host time blocked on the loader's next batch
             if i >= data.steps_per_epoch:
                 break
             if i < skip:  # already trained before the checkpoint; same order, so skip it
+                t_wait = time.perf_counter()
                 continue
             lr = warmup_cosine(step, total, warmup, peak, peak * cfg.optim.min_lr_ratio)
             set_lr(opt, lr)
             v = views(x)
             if cl:
                 v = [t.contiguous(memory_format=torch.channels_last) for t in v]
+            if tap is not None:
+                tap.armed = i + 1 == data.steps_per_epoch  # collapse statistics of the epoch's last step
             with autocast_for(dev, tc.precision):
                 out = net(v)
             loss = out["loss"]
-            if not torch.isfinite(loss.detach()):
-                raise NonFiniteLossError(
-                    f"{cfg.method.name}: non-finite loss {loss.item()} at step {step} (epoch {epoch + 1}); "
-                    f"last finite epoch loss {last_finite}, lr {lr:.4g}. The last good checkpoint is kept."
-                )
+            if step == 0 and state is None:
+                pictures.at_start(x, v, total, warmup, peak)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             sync_grads()
+            ok = health.after_backward(loss, step, lr)  # device flag: no host sync here
+            if health.due(step):
+                health.check(cfg.method.name, epoch + 1)
             if cfg.optim.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
             opt.step()
+            health.restore(ok)
             if hasattr(model, "on_step"):
                 model.on_step(step, total)
-            loss_sum += loss.detach()
+            loss_sum += torch.where(ok, loss.detach().float(), 0.0)
             n_steps += 1
             step += 1
             if tc.log_every and (i + 1) % tc.log_every == 0:
@@ -193,13 +205,17 @@ def train_loop(cfg: Config, session) -> dict:
                             f"loss {loss.item():.4f} lr {lr:.4g} {(i + 1 - skip) * cfg.data.batch_size / el:.0f} img/s")
             ckpt_now = tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0
             if i + 1 < data.steps_per_epoch and (ckpt_now or (tc.report_every_steps and step % tc.report_every_steps == 0)):
+                health.check(cfg.method.name, epoch + 1)  # never checkpoint past a bad step
                 m = {"epoch": epoch, "step": step, "step_loss": float(D.all_reduce_mean(loss.detach())), "partial": 1}
-                part = {"loss_sum": float(loss_sum), "n": n_steps, "seconds": prior_seconds + time.perf_counter() - t0}
+                part = {"loss_sum": float(loss_sum), "n": n_steps, "n_ok": prior_ok + float(health.ok_steps),
+                        "seconds": prior_seconds + time.perf_counter() - t0}
                 session.report(m, snapshot(epoch, i + 1, last, part) if ckpt_now else None)
+            t_wait = time.perf_counter()
+        health.check(cfg.method.name, epoch + 1)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-        mean_loss = float(D.all_reduce_mean(loss_sum / max(1, n_steps)))
+        mean_loss = float(D.all_reduce_mean(loss_sum / (health.ok_steps + prior_ok).clamp_min(1)))
         metrics = {
             "epoch": epoch + 1,
             "step": step,
@@ -208,12 +224,21 @@ def train_loop(cfg: Config, session) -> dict:
             "epoch_seconds": prior_seconds + seconds,
             "images_per_sec": (n_steps - int(resumed["n"])) * cfg.data.batch_size / max(seconds, 1e-9),
         }
+        metrics.update(epoch_health(health, tap, n_steps - int(resumed["n"]), wait_s, metrics["images_per_sec"],
+                                    session.world_size))
+        flags, warnings = collapse_report(metrics)
+        metrics.update(flags)
+        for w in warnings:
+            session.log(f"epoch {epoch + 1}: {w}")
+        if metrics["nonfinite_skipped_frac"] > 0:
+            session.log(f"epoch {epoch + 1}: {metrics['nonfinite_skipped_frac']:.1%} of steps skipped (non-finite loss or gradient)")
         if data.val is not None and ((epoch + 1) % tc.knn_every == 0 or epoch + 1 == tc.epochs):
             t1 = time.perf_counter()
             metrics.update(knn_monitor(model, data, cfg, session, evalT))
             metrics["knn_seconds"] = time.perf_counter() - t1
         if not math.isfinite(mean_loss):
             raise NonFiniteLossError(f"{cfg.method.name}: non-finite mean loss in epoch {epoch + 1}")
+        pictures.after_epoch(epoch + 1, epoch + 1 == tc.epochs)
         session.log("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
         keep = (epoch + 1) % max(1, tc.checkpoint_every) == 0 or epoch + 1 == tc.epochs
         session.report(metrics, snapshot(epoch + 1, 0, metrics, None) if keep else None)
@@ -232,7 +257,7 @@ def train_func(config: dict) -> None:
     from .session import RaySession
 
     cfg = from_dict(config["cfg"])
-    train_loop(cfg, RaySession(cfg.ray.use_gpu))
+    train_loop(cfg, RaySession(cfg.ray.use_gpu, config.get("pictures_dir")))
 
 
 def run_local(cfg: Config, ckpt_dir: Optional[str] = None):

@@ -36,13 +36,31 @@ def load_state(directory: str | os.PathLike, device: torch.device) -> dict:
     return torch.load(Path(directory) / STATE_FILE, map_location=device, weights_only=False)
 
 
+PICTURES_DIR = "pictures"  # beside the checkpoints: PNGs rank 0 draws, logged to MLflow by the driver
+
+
+def write_picture(folder: str, name: str, png: bytes) -> str:
+    """Write ``folder/name`` (a local folder or a pyarrow URI such as s3://...) under a temporary name
+    first, so the driver never logs half a file."""
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(folder if "://" in folder else str(Path(folder).resolve()))
+    fs.create_dir(path, recursive=True)
+    target, tmp = f"{path}/{name}", f"{path}/.{name}.tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(png)
+    fs.move(tmp, target)
+    return target
+
+
 class LocalSession:
     """One process, or a torchrun-style process group already initialised by the caller.
 
     Checkpoints go to ``ckpt_dir/epoch_XXXX/state.pt``; ``restore`` loads the newest.
     """
 
-    def __init__(self, ckpt_dir: Optional[str] = None, use_gpu: str = "auto", printer=print):
+    def __init__(self, ckpt_dir: Optional[str] = None, use_gpu: str = "auto", printer=print,
+                 pictures_dir: Optional[str] = None):
         self.rank = D.rank()
         self.world_size = D.world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -50,6 +68,8 @@ class LocalSession:
         self.ckpt_dir = Path(ckpt_dir) if ckpt_dir else None
         self.history: list[dict] = []
         self.printer = printer
+        self.pictures_dir = pictures_dir or (str(self.ckpt_dir / PICTURES_DIR) if self.ckpt_dir else None)
+        self.pictures: dict[str, bytes] = {}  # name -> PNG, also kept in memory (tests, notebooks)
 
     def restore(self) -> Optional[dict]:
         if not self.ckpt_dir or not self.ckpt_dir.exists():
@@ -70,11 +90,18 @@ class LocalSession:
         if self.rank == 0:
             self.printer(msg, flush=True)
 
+    def save_picture(self, name: str, png: bytes) -> None:
+        if self.rank != 0:
+            return
+        self.pictures[name] = png
+        if self.pictures_dir:
+            write_picture(self.pictures_dir, name, png)
+
 
 class RaySession:
     """Inside a Ray Train worker (Train V2): rank from the train context, checkpoints via report."""
 
-    def __init__(self, use_gpu: str = "auto"):
+    def __init__(self, use_gpu: str = "auto", pictures_dir: Optional[str] = None):
         import ray.train
 
         ctx = ray.train.get_context()
@@ -87,6 +114,7 @@ class RaySession:
         import ray
 
         self.node_id = ray.get_runtime_context().get_node_id()
+        self.pictures_dir = pictures_dir
 
     def restore(self) -> Optional[dict]:
         import ray.train
@@ -116,3 +144,9 @@ class RaySession:
     def log(self, msg: str) -> None:
         if self.rank == 0:
             print(msg, flush=True)
+
+    def save_picture(self, name: str, png: bytes) -> None:
+        """Rank 0 writes the PNG into the run's storage folder; the driver's MLflow callback logs it
+        after the next report (workers never write to MLflow)."""
+        if self.rank == 0 and self.pictures_dir:
+            write_picture(self.pictures_dir, name, png)

@@ -88,6 +88,28 @@ class MAE(nn.Module):
         loss = mae_loss(pred, patchify(imgs, self.patch), mask, self.norm_pix)
         return {"loss": loss}
 
+    @torch.no_grad()
+    def reconstruct(self, imgs: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(masked input, reconstruction)`` of normalised images for a picture (the MAE demo): masked
+        patches zeroed in the input; the reconstruction keeps the visible patches and pastes the
+        prediction into the masked ones, un-normalised with each patch's own mean and variance when
+        the model predicts normalised pixels. ``generator`` fixes the mask without touching the
+        global RNG."""
+        b, c, h, w = imgs.shape
+        keep, mask, restore = random_masking(b, self.num_patches, self.mask_ratio, imgs.device, generator=generator)
+        pred = self.decode(self.encode_visible(imgs, keep), restore).float()
+        target = patchify(imgs, self.patch).float()
+        if self.norm_pix:
+            pred = pred * (target.var(-1, keepdim=True) + 1e-6).sqrt() + target.mean(-1, keepdim=True)
+        m = mask.unsqueeze(-1)
+        g = h // self.patch
+
+        def unpatchify(x: torch.Tensor) -> torch.Tensor:
+            x = x.reshape(b, g, w // self.patch, self.patch, self.patch, c)
+            return torch.einsum("bhwpqc->bchpwq", x).reshape(b, c, h, w)
+
+        return unpatchify(target * (1 - m)), unpatchify(target * (1 - m) + pred * m)
+
 
 @register_method("mae")
 def build_mae(cfg, backbone, feat_dim, mask_ratio: float = 0.75, norm_pix: bool = True, patch_size: int = 0,
