@@ -4,7 +4,7 @@
 Prints the top ops by device time (self) and by host time, and the device-busy fraction: the sum of
 kernel time over the wall time of the profiled epoch. A busy fraction well under 1 means the step
 is bound by the host (Python, launches, syncs), not by the GPU. ``--out`` writes the full tables
-and a Chrome trace there.
+(and with ``--trace`` a Chrome trace) there.
 
     python benchmarks/profile_step.py --row 1 --out prof/
 """
@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--set", nargs="*", default=[])
     ap.add_argument("--out", default="")
+    ap.add_argument("--trace", action="store_true", help="also write a Chrome trace (.json.gz) under --out")
     ap.add_argument("--cache-dir", default=C.DEFAULT_CACHE)
     args = ap.parse_args(argv)
     device = C.device_of("auto")
@@ -67,7 +68,8 @@ def main(argv=None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"profile_row{args.row}.txt").write_text(summary + "\n\nby device time\n" + by_dev + "\n\nby host time\n" + by_cpu)
-        prof.export_chrome_trace(str(out / f"trace_row{args.row}.json.gz"))
+        if args.trace:
+            prof.export_chrome_trace(str(out / f"trace_row{args.row}.json.gz"))
     return 0
 
 
