@@ -48,6 +48,7 @@ class ProbeReport:
     random_probe: ProbeResult
     classes: list[str]
     extra: dict = field(default_factory=dict)
+    pictures: dict = field(default_factory=dict)  # name -> PNG bytes, logged under probe/
 
     def table_rows(self) -> list[tuple[str, float, float, float]]:
         keys = ["knn_top1", "linear_top1", "linear_top5", "linear_macro_f1"]
@@ -59,6 +60,25 @@ def _features(backbone, path, indices, cfg: Config, device, batch_size):
                          num_workers=cfg.data.loader_workers)
     f, y = extract_features(backbone, loader, eval_transform(cfg.views).to(device), device, cfg.train.precision)
     return f, y
+
+
+def _retrieval(backbone, train, val, tr_idx, va_idx, cfg: Config, device, batch_size, log) -> dict:
+    """kNN retrieval grid after probing: fixed val queries (the first 8) and their top-8 train neighbours."""
+    from .. import plots
+    from .pictures import RETRIEVAL_PNG, first_images, retrieval_figure
+
+    def loader(path, idx):
+        return make_loader(path, batch_size, res=cfg.data.decode_res, device=device, train=False, indices=idx,
+                           num_workers=cfg.data.loader_workers)
+
+    try:
+        queries = first_images(loader(val, va_idx), cfg.monitor.num_images)
+        fig = retrieval_figure(backbone, loader(train, tr_idx), queries, eval_transform(cfg.views).to(device), device,
+                               cfg.train.precision, title=f"{cfg.method.name} kNN retrieval (probe)")
+        return {RETRIEVAL_PNG: plots.png_bytes(fig)}
+    except Exception as e:  # noqa: BLE001 - a picture is never worth a failed probe
+        log(f"probe: retrieval grid skipped ({type(e).__name__}: {e})")
+        return {}
 
 
 def probe_checkpoint(checkpoint: str, train: str, val: str, *, train_subset: int = 0, val_subset: int = 0,
@@ -83,6 +103,7 @@ def probe_checkpoint(checkpoint: str, train: str, val: str, *, train_subset: int
         return flat, res
 
     pre, pre_res = evaluate(model.backbone, "pretrained")
+    pictures = _retrieval(model.backbone, train, val, tr_idx, va_idx, cfg, device, batch_size, log)
     if random_baseline:
         seed_everything(cfg.train.seed + 12345)
         rand_model = create_method(cfg).to(device)
@@ -92,7 +113,7 @@ def probe_checkpoint(checkpoint: str, train: str, val: str, *, train_subset: int
     return ProbeReport(pre, rnd, pre_res, rnd_res, info.classes,
                        {"probe_train_images": int(len(tr_idx) if tr_idx is not None else dataset_info(train).num_images),
                         "probe_val_images": int(len(va_idx) if va_idx is not None else info.num_images),
-                        "linear_converged": pre_res.converged})
+                        "linear_converged": pre_res.converged}, pictures)
 
 
 def log_probe(tracker, report: ProbeReport) -> None:
@@ -108,6 +129,13 @@ def log_probe(tracker, report: ProbeReport) -> None:
     fig = plots.confusion(report.probe.confusion, report.classes, "linear probe (pretrained)")
     tracker.log_figure(fig, "probe/confusion_matrix.png")
     plots.close(fig)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="sslray-probe-") as d:
+        for name, png in report.pictures.items():
+            path = Path(d) / name
+            path.write_bytes(png)
+            tracker.log_artifact(path, "probe")
 
 
 def format_table(report: ProbeReport) -> str:

@@ -25,11 +25,13 @@ class MLflowReportCallback(_UserCallback):
     It runs in the Train controller (one process), so sqlite sees a single writer.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str):
+    def __init__(self, tracking_uri: str, run_id: str, pictures_dir: Optional[str] = None):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
+        self.pictures_dir = pictures_dir
         self._tracker: Optional[Tracker] = None
         self._nodes: Optional[list] = None
+        self._pictures: dict[str, int] = {}  # name -> size already logged
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
         if not metrics:
@@ -45,8 +47,51 @@ class MLflowReportCallback(_UserCallback):
             self._tracker.log_metrics({"step_loss": m["step_loss"]}, step=int(m["step"]))
         else:
             self._tracker.log_metrics(numeric(m), step=int(m.get("epoch", 0)))
+            self._tracker.set_tags(health_tags(m))
         if checkpoint is not None:
             self._tracker.set_tags({"sslray.last_checkpoint": checkpoint.path})
+        if self.pictures_dir:
+            log_pictures(self._tracker, self.pictures_dir, self._pictures)
+
+
+COLLAPSE_TAG = "sslray.collapse_warning"
+NONFINITE_TAG = "sslray.nonfinite_steps"
+
+
+def health_tags(m: dict) -> dict:
+    """MLflow tags for an epoch whose monitors tripped (the text names the epoch and the statistics)."""
+    from .monitors import collapse_report
+
+    tags = {}
+    _, lines = collapse_report(m)
+    if lines:
+        tags[COLLAPSE_TAG] = f"epoch {int(m.get('epoch', 0))}: " + " | ".join(lines)
+    if m.get("nonfinite_skipped_frac", 0) > 0:
+        tags[NONFINITE_TAG] = f"epoch {int(m.get('epoch', 0))}: {m['nonfinite_skipped_frac']:.2%} of steps skipped"
+    return tags
+
+
+def log_pictures(tracker: Tracker, folder: str, seen: dict[str, int]) -> list[str]:
+    """Log the PNGs rank 0 wrote into ``folder`` (local or pyarrow URI) that are new or changed since
+    the last call, as artifacts under ``pictures/``; ``seen`` remembers name -> size."""
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(folder if "://" in folder else str(Path(folder).resolve()))
+    infos = [i for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+             if i.type == pafs.FileType.File and i.base_name.endswith(".png") and not i.base_name.startswith(".")]
+    new = [i for i in infos if seen.get(i.base_name) != i.size]
+    if not new:
+        return []
+    with tempfile.TemporaryDirectory(prefix="sslray-pictures-") as d:
+        for info in new:
+            local = Path(d) / info.base_name
+            with fs.open_input_stream(info.path) as f:
+                local.write_bytes(f.read())
+            tracker.log_artifact(local, "pictures")
+            seen[info.base_name] = info.size
+    return [i.base_name for i in new]
 
 
 def resolve_use_gpu(cfg: Config) -> bool:
@@ -154,6 +199,7 @@ def pretrain(cfg: Config, tracker: Optional[Tracker] = None, restart: bool = Fal
 
     from .. import plots
     from .loop import train_func
+    from .session import PICTURES_DIR
     from .methods import METHODS
 
     name = cfg.ray.name or run_name(cfg)
@@ -182,7 +228,7 @@ def pretrain(cfg: Config, tracker: Optional[Tracker] = None, restart: bool = Fal
 
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"cfg": cfg.to_dict()},
+        train_loop_config={"cfg": cfg.to_dict(), "pictures_dir": f"{run_dir}/{PICTURES_DIR}"},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
@@ -192,7 +238,7 @@ def pretrain(cfg: Config, tracker: Optional[Tracker] = None, restart: bool = Fal
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-            callbacks=[MLflowReportCallback(uri, tracker.run_id)],
+            callbacks=[MLflowReportCallback(uri, tracker.run_id, f"{run_dir}/{PICTURES_DIR}")],
         ),
     )
     t0 = time.time()
@@ -213,6 +259,7 @@ def pretrain(cfg: Config, tracker: Optional[Tracker] = None, restart: bool = Fal
     fig = plots.curves(series, title=name)
     tracker.log_figure(fig, "curves.png")
     plots.close(fig)
+    log_pictures(tracker, f"{run_dir}/{PICTURES_DIR}", {})  # whatever the last report's callback missed
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
     if ckpt:
         tracker.set_tags({"sslray.checkpoint": ckpt})
