@@ -12,6 +12,7 @@ from .config import ConfigError, load_config
 
 # Modules that add their own sub-commands (each has ``register(subparsers)``).
 COMMAND_MODULES: list[str] = ["doctor", "submit", "compare", "ui", "tune.cli"]
+COMMAND_MODULES += ["viewscmd"]  # `sslray views`: a method's augmented views of a .beton (sslray/viewscmd.py)
 
 
 def _abs(p: Optional[str]) -> Optional[str]:

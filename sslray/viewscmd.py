@@ -1,0 +1,66 @@
+"""`sslray views`: what a method's augmentations do to your images, before you train on them.
+
+The first images of a .beton beside the views the method's recipe makes of them, drawn by the same
+device-side code as training (``sslray.datasets.views.build_views``). Every run logs the same
+picture (``pictures/views.png``) from its first training batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def method_config(method: str, recipe: str | None = None, overrides=()):
+    """The method's config: ``recipe`` if given, else its built-in ``<method>_cifar10`` recipe, else
+    the defaults with the method's own view preset."""
+    from .config import CONFIG_DIR, load_config
+    from .raytrain.methods import METHODS
+
+    builder = METHODS.get(method)  # unknown names fail here, listing the known ones
+    if recipe is None and (CONFIG_DIR / f"{method}_cifar10.yaml").exists():
+        recipe = f"{method}_cifar10"
+    base = [f"method.name={method}"] + ([] if recipe else [f"views.preset={builder.default_views}"])
+    return load_config(recipe, base + list(overrides))
+
+
+def draw_views(data: str, method: str, out: str, recipe: str | None = None, n: int = 8, seed: int = 0,
+               overrides=(), device: str = "cpu") -> Path:
+    import torch
+
+    from . import plots
+    from .datasets.loader import dataset_info, make_loader
+    from .datasets.views import build_views
+    from .raytrain.pictures import first_images, views_figure
+
+    if not Path(data).exists():
+        raise FileNotFoundError(f"--data {data}: no such .beton")
+    cfg = method_config(method, recipe, overrides)
+    dev = torch.device(device)
+    dataset_info(data)  # a clear error for a file that is not a .beton
+    x = first_images(make_loader(data, n, res=cfg.data.decode_res, device=dev, train=False, num_workers=1), n)
+    torch.manual_seed(seed)
+    mv = build_views(cfg.views).to(dev)
+    fig = views_figure(x, mv(x), mv, n, f"{method}: {Path(data).name} and its views ({cfg.views.preset} preset)")
+    out_p = Path(out)
+    out_p.parent.mkdir(parents=True, exist_ok=True)
+    out_p.write_bytes(plots.png_bytes(fig))
+    return out_p
+
+
+def cmd_views(a) -> int:
+    p = draw_views(a.data, a.method, a.out or f"views-{a.method}.png", a.recipe, a.num, a.seed, a.overrides)
+    print(f"sslray views: wrote {p}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    v = sub.add_parser("views", help="a grid of source images beside a method's augmented views (PNG)")
+    v.add_argument("--data", required=True, help=".beton to take the first images from")
+    v.add_argument("--method", required=True, help="SSL method whose views to draw (see `sslray methods`)")
+    v.add_argument("--recipe", help="recipe for the views (default: the method's <method>_cifar10 recipe)")
+    v.add_argument("--out", help="output PNG (default views-<method>.png)")
+    v.add_argument("-n", "--num", type=int, default=8, help="source images (rows)")
+    v.add_argument("--seed", type=int, default=0, help="seed for the augmentation parameters")
+    v.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. views.min_scale=0.2")
+    v.set_defaults(func=cmd_views)
