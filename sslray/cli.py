@@ -11,7 +11,8 @@ from .config import ConfigError, load_config
 
 
 # Modules that add their own sub-commands (each has ``register(subparsers)``).
-COMMAND_MODULES: list[str] = ["doctor", "submit", "compare", "ui", "tune.cli"]
+COMMAND_MODULES: list[str] = ["doctor", "submit", "compare", "ui", "tune.cli", "eval.cli"]
+COMMAND_MODULES += ["study"]  # `sslray study`: methods x view policies (sslray/study.py)
 COMMAND_MODULES += ["viewscmd"]  # `sslray views`: a method's augmented views of a .beton (sslray/viewscmd.py)
 
 

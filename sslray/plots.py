@@ -165,6 +165,31 @@ def bars_by_group(labels: Sequence[str], groups: Sequence[str], values: Mapping[
     return fig
 
 
+def embedding(coords: Mapping[str, np.ndarray], labels: Sequence[int], classes: Sequence[str], title: str = ""):
+    """One scatter panel per entry of ``coords`` (``(N, 2)`` points, e.g. a t-SNE of pretrained and of
+    random-init features), every point coloured by its class, one shared legend."""
+    labels = np.asarray(labels)
+    n = max(1, len(coords))
+    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4.4), squeeze=False)
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    for ax, (name, xy) in zip(axes[0], coords.items()):
+        xy = np.asarray(xy)
+        for c in range(len(classes)):
+            m = labels == c
+            if m.any():
+                ax.scatter(xy[m, 0], xy[m, 1], s=6, alpha=0.8, color=cmap(c % cmap.N), label=classes[c])
+        ax.set_title(name)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles, names = axes[0][0].get_legend_handles_labels()
+    if len(classes) <= 20:
+        fig.legend(handles, names, loc="center right", fontsize=7, markerscale=2)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 0.86 if len(classes) <= 20 else 1, 1))
+    return fig
+
+
 # --- pictures of a run: views, reconstructions, retrieval, schedules -----------------------------
 
 

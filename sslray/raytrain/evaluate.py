@@ -40,6 +40,15 @@ def load_checkpoint(checkpoint: str | os.PathLike, device: torch.device):
     return cfg, model, state
 
 
+RANDOM_INIT_SEED_OFFSET = 12345  # the baseline's init seed is cfg.train.seed + this, in every protocol
+
+
+def random_init_model(cfg: Config):
+    """The same method and backbone with a fresh seeded init: the baseline every probe reports beside."""
+    seed_everything(cfg.train.seed + RANDOM_INIT_SEED_OFFSET)
+    return create_method(cfg)
+
+
 @dataclass
 class ProbeReport:
     pretrained: dict
@@ -105,8 +114,7 @@ def probe_checkpoint(checkpoint: str, train: str, val: str, *, train_subset: int
     pre, pre_res = evaluate(model.backbone, "pretrained")
     pictures = _retrieval(model.backbone, train, val, tr_idx, va_idx, cfg, device, batch_size, log)
     if random_baseline:
-        seed_everything(cfg.train.seed + 12345)
-        rand_model = create_method(cfg).to(device)
+        rand_model = random_init_model(cfg).to(device)
         rnd, rnd_res = evaluate(rand_model.backbone, "random-init")
     else:
         rnd, rnd_res = {k: float("nan") for k in pre}, pre_res
@@ -153,4 +161,5 @@ def format_table(report: ProbeReport) -> str:
     return cap.get()
 
 
-__all__ = ["probe_checkpoint", "log_probe", "format_table", "load_checkpoint", "find_state", "ProbeReport"]
+__all__ = ["probe_checkpoint", "log_probe", "format_table", "load_checkpoint", "find_state", "ProbeReport",
+           "random_init_model"]

@@ -1,0 +1,64 @@
+"""`sslray eval --protocol linear,knn,finetune,lowshot,embed`: evaluation protocols on a checkpoint."""
+
+from __future__ import annotations
+
+
+def _ints(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(t) for t in text.split(",") if t.strip()]
+
+
+def cmd_eval(a) -> int:
+    from ..cli import _abs
+    from ..raytrain.finetune import FinetuneSettings
+    from ..tracking import Tracker
+    from .protocols import parse_protocols
+    from .runner import close_figures, find_run, format_eval_table, log_eval, run_eval
+
+    names = parse_protocols(a.protocol)  # before any data or model is touched
+    ft = FinetuneSettings(epochs=a.ft_epochs, max_steps=a.ft_max_steps, batch_size=a.ft_batch_size,
+                          base_lr=a.ft_lr, layer_decay=a.ft_layer_decay, views=a.ft_views, num_workers=a.ft_workers,
+                          use_gpu=a.gpu, train_subset=a.train_subset, val_subset=a.val_subset)
+    report = run_eval(a.checkpoint, _abs(a.train), _abs(a.val), names, train_subset=a.train_subset,
+                      val_subset=a.val_subset, use_gpu=a.gpu, cache_dir=a.cache_dir, cache=not a.no_cache,
+                      knn_ks=_ints(a.knn_k), lowshot_fractions=_floats(a.lowshot_fractions),
+                      lowshot_seeds=_ints(a.lowshot_seeds), finetune=ft)
+    print(format_eval_table(report))
+    run = {"run_id": a.run_id, "tracking_uri": a.tracking_uri} if a.run_id else find_run(a.checkpoint)
+    if run and not a.no_log:
+        log_eval(Tracker(a.tracking_uri or run.get("tracking_uri"), run["run_id"]), report)
+        print(f"sslray: eval metrics and artifacts logged to MLflow run {run['run_id']}")
+    elif not a.no_log:
+        print("sslray: no MLflow run found for this checkpoint (no sslray_run.json above it); pass --run-id to log")
+    close_figures(report)
+    return 0
+
+
+def register(sub) -> None:
+    e = sub.add_parser("eval", help="evaluation protocols on a checkpoint: linear, knn, finetune, lowshot, embed")
+    e.add_argument("--checkpoint", required=True, help="state.pt, a checkpoint folder, or a run folder")
+    e.add_argument("--protocol", required=True, help="one or more of linear,knn,finetune,lowshot,embed (comma list)")
+    e.add_argument("--train", help="labelled .beton to fit on (default: the checkpoint's data.train)")
+    e.add_argument("--val", help="labelled .beton to score on (default: the checkpoint's data.val)")
+    e.add_argument("--train-subset", type=int, default=0, help="seeded random subset of train images (0: all)")
+    e.add_argument("--val-subset", type=int, default=0)
+    e.add_argument("--gpu", default="auto", choices=["auto", "true", "false"])
+    e.add_argument("--run-id", help="MLflow run to log to (default: the pretraining run of the checkpoint)")
+    e.add_argument("--tracking-uri")
+    e.add_argument("--no-log", action="store_true", help="print only, log nothing to MLflow")
+    e.add_argument("--cache-dir", help="feature cache folder (default: features/ beside the checkpoint)")
+    e.add_argument("--no-cache", action="store_true", help="always extract features, write no cache")
+    e.add_argument("--knn-k", default="10,20,100,200", help="kNN neighbour counts")
+    e.add_argument("--lowshot-fractions", default="0.01,0.1,1.0", help="label fractions per class")
+    e.add_argument("--lowshot-seeds", default="0,1,2", help="seeds of the stratified subsets")
+    e.add_argument("--ft-epochs", type=int, default=10, help="finetune: epochs (the same for the scratch run)")
+    e.add_argument("--ft-max-steps", type=int, default=0, help="finetune: cap on optimizer steps (0: none)")
+    e.add_argument("--ft-batch-size", type=int, default=256, help="finetune: global batch")
+    e.add_argument("--ft-lr", type=float, default=1e-3, help="finetune: AdamW lr per 256 images")
+    e.add_argument("--ft-layer-decay", type=float, default=0.75, help="finetune: ViT layer-wise lr decay")
+    e.add_argument("--ft-views", default="mae", help="finetune: view preset for the train images")
+    e.add_argument("--ft-workers", type=int, default=2, help="finetune: Ray Train workers")
+    e.set_defaults(func=cmd_eval)

@@ -1,0 +1,176 @@
+"""Frozen features, extracted once per (checkpoint, data, eval transform, init) and cached as .npz.
+
+Every scikit-learn protocol (linear, kNN, low-shot, t-SNE) reads the same arrays, so a checkpoint's
+backbone runs over the data once, not once per protocol. The cache file sits beside the checkpoint
+(``<checkpoint dir>/features/<init>-<key>.npz``); its key hashes the checkpoint's resolved path,
+mtime and size, each data file's path, mtime and size, the eval transform, the image subsets and
+the backbone init (pretrained, or random with its seed), so any change there means a new file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ..datasets.loader import DataError, dataset_info, make_loader, subset_indices
+from ..datasets.views import eval_transform
+from ..raytrain.evaluate import RANDOM_INIT_SEED_OFFSET, find_state, random_init_model
+from ..raytrain.knn import extract_features
+from ..raytrain.session import pick_device
+
+CACHE_VERSION = 1
+INITS = ("pretrained", "random_init")
+
+
+@dataclass
+class Features:
+    """Features and labels of the train (probe-fit) and val (score) splits for one backbone init."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+    classes: list[str]
+    init: str
+    path: Optional[Path]  # the cache file
+    from_cache: bool
+
+
+def labelled_info(path: str, role: str):
+    """``dataset_info`` that also refuses a split without class labels, naming the file."""
+    info = dataset_info(path)
+    if info.num_classes < 2:
+        raise DataError(f"{role} split {path} has no class labels (manifest classes: {info.classes or 'none'}); "
+                        "the eval protocols need a labelled .beton (convert it from a class-folder source)")
+    return info
+
+
+def _file_id(path: str) -> dict:
+    st = os.stat(path)
+    return {"path": str(Path(path).resolve()), "mtime_ns": st.st_mtime_ns, "size": st.st_size}
+
+
+def transform_id(t) -> dict:
+    """What the eval transform does to an image: resize target and normalisation."""
+    return {"type": type(t).__name__, "size": int(t.size),
+            "mean": [round(float(v), 6) for v in t.mean.flatten()], "std": [round(float(v), 6) for v in t.std.flatten()]}
+
+
+def _indices_id(idx: Optional[np.ndarray]) -> str:
+    return "all" if idx is None else hashlib.sha1(np.asarray(idx, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+class FeatureStore:
+    """Lazily loads the checkpoint and extracts (or reads back) features per backbone init.
+
+    ``cache_dir`` defaults to ``features/`` beside the checkpoint's state file; ``cache=False``
+    always extracts and writes nothing.
+    """
+
+    def __init__(self, checkpoint: str, train: str, val: str, *, train_subset: int = 0, val_subset: int = 0,
+                 use_gpu: str = "auto", batch_size: int = 512, cache_dir: Optional[str] = None, cache: bool = True,
+                 progress: bool = True, log: Callable[[str], None] = print):
+        self.state_path = find_state(checkpoint)  # FileNotFoundError naming the path
+        self.train, self.val = str(train), str(val)
+        self.train_info = labelled_info(self.train, "train")
+        self.val_info = labelled_info(self.val, "val")
+        if self.train_info.classes != self.val_info.classes:
+            raise DataError(f"train split {self.train} and val split {self.val} have different classes")
+        self.device = pick_device(0, use_gpu)
+        self.batch_size = batch_size
+        self.cache = cache
+        self.cache_dir = Path(cache_dir) if cache_dir else self.state_path.parent / "features"
+        self.progress, self.log = progress, log
+        self._state = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        from ..config import from_dict
+
+        self.cfg = from_dict(self._state["config"])
+        self.train_idx = subset_indices(self.train_info.num_images, train_subset, self.cfg.train.seed)
+        self.val_idx = subset_indices(self.val_info.num_images, val_subset, self.cfg.train.seed)
+        self._mem: dict[str, Features] = {}
+
+    @property
+    def classes(self) -> list[str]:
+        return self.val_info.classes
+
+    def key(self, init: str) -> tuple[str, dict]:
+        if init not in INITS:
+            raise ValueError(f"unknown backbone init {init!r}; expected one of {', '.join(INITS)}")
+        parts = {
+            "version": CACHE_VERSION, "checkpoint": _file_id(str(self.state_path)),
+            "init": init if init == "pretrained" else f"random_init(seed={self.cfg.train.seed + RANDOM_INIT_SEED_OFFSET})",
+            "train": _file_id(self.train), "val": _file_id(self.val),
+            "transform": transform_id(eval_transform(self.cfg.views)), "decode_res": self.cfg.data.decode_res,
+            "train_indices": _indices_id(self.train_idx), "val_indices": _indices_id(self.val_idx),
+        }
+        return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16], parts
+
+    def cache_path(self, init: str) -> Path:
+        return self.cache_dir / f"{init}-{self.key(init)[0]}.npz"
+
+    def get(self, init: str = "pretrained") -> Features:
+        if init in self._mem:
+            return self._mem[init]
+        path = self.cache_path(init)
+        if self.cache and path.exists():
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    f = Features(z["train_x"], z["train_y"], z["val_x"], z["val_y"], list(z["classes"]), init, path, True)
+                self.log(f"eval: {init} features read from the cache {path}")
+                self._mem[init] = f
+                return f
+            except (OSError, KeyError, ValueError) as e:  # a damaged cache file is rebuilt, not trusted
+                self.log(f"eval: ignoring unreadable feature cache {path} ({e})")
+        f = self._extract(init)
+        if self.cache:
+            f.path = self._write(path, f, self.key(init)[1])
+        self._mem[init] = f
+        return f
+
+    def backbone(self, init: str):
+        if init == "pretrained":
+            from ..raytrain.methods import create_method
+
+            model = create_method(self.cfg)
+            model.load_state_dict(self._state["model"])
+        else:
+            model = random_init_model(self.cfg)
+        return model.backbone.to(self.device)
+
+    def _split(self, backbone, path: str, indices, label: str):
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        loader = make_loader(path, self.batch_size, res=cfg.data.decode_res, device=self.device, train=False,
+                             indices=indices, num_workers=cfg.data.loader_workers)
+        batches = tqdm(loader, total=len(loader), desc=f"features {label}", unit="batch", disable=not self.progress,
+                       leave=False)
+        x, y = extract_features(backbone, batches, eval_transform(cfg.views).to(self.device), self.device,
+                                cfg.train.precision)
+        return x.cpu().numpy().astype(np.float32), y.cpu().numpy().astype(np.int64)
+
+    def _extract(self, init: str) -> Features:
+        self.log(f"eval: extracting {init} features of {self.state_path} ...")
+        bb = self.backbone(init)
+        tx, ty = self._split(bb, self.train, self.train_idx, f"{init} train")
+        vx, vy = self._split(bb, self.val, self.val_idx, f"{init} val")
+        return Features(tx, ty, vx, vy, list(self.classes), init, None, False)
+
+    def _write(self, path: Path, f: Features, parts: dict) -> Optional[Path]:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp.npz")
+            np.savez(tmp, train_x=f.train_x, train_y=f.train_y, val_x=f.val_x, val_y=f.val_y,
+                     classes=np.array(f.classes), meta=np.array(json.dumps(parts)))
+            os.replace(tmp, path)  # never a half-written cache file
+            return path
+        except OSError as e:
+            self.log(f"eval: could not write the feature cache {path} ({e}); pass --cache-dir to keep features")
+            return None

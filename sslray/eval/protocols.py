@@ -1,0 +1,180 @@
+"""The evaluation protocols, one registered function each: ``PROTOCOLS.get(name)(ctx) -> ProtocolResult``.
+
+Every protocol scores the pretrained backbone and, beside it, the same backbone from a seeded random
+init. The scikit-learn ones (linear, knn, lowshot, embed) read the cached frozen features of
+``ctx.store``; ``finetune`` trains the whole backbone with Ray Train workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..raytrain.knn import knn_accuracy
+from ..raytrain.probe import linear_probe
+from ..registry import Registry
+from .features import INITS, FeatureStore
+from .lowshot import fraction_label, stratified_indices
+
+LABELS = {"pretrained": "pretrained", "random_init": "random init"}
+
+
+@dataclass
+class ProtocolResult:
+    name: str
+    pretrained: dict[str, float]
+    random_init: dict[str, float]
+    texts: dict[str, str] = field(default_factory=dict)  # artifact name -> text
+    figures: dict[str, Any] = field(default_factory=dict)  # artifact name -> matplotlib figure
+    info: dict[str, Any] = field(default_factory=dict)  # settings and sizes, logged as JSON
+
+    def gain(self) -> dict[str, float]:
+        """Pretrained minus random init, for every metric but spreads (``*_std``)."""
+        return {k: v - self.random_init[k] for k, v in self.pretrained.items()
+                if k in self.random_init and not k.endswith("_std")}
+
+
+@dataclass
+class EvalContext:
+    store: FeatureStore
+    knn_ks: Sequence[int] = (10, 20, 100, 200)
+    knn_temperature: Optional[float] = None  # None: the checkpoint's train.knn_temperature
+    lowshot_fractions: Sequence[float] = (0.01, 0.1, 1.0)
+    lowshot_seeds: Sequence[int] = (0, 1, 2)
+    embed_points: int = 2000  # t-SNE cost grows with N; a stratified sample of the val split above this
+    finetune: Any = None  # sslray.raytrain.finetune.FinetuneSettings
+    log: Callable[[str], None] = print
+
+
+PROTOCOLS: Registry[Callable[[EvalContext], ProtocolResult]] = Registry("eval protocol")
+register_protocol = PROTOCOLS.register
+
+
+def parse_protocols(text: str | Sequence[str]) -> list[str]:
+    """``"linear,knn"`` (or a list) -> checked, de-duplicated names; an unknown one names the known ones."""
+    items = text.split(",") if isinstance(text, str) else [p for t in text for p in str(t).split(",")]
+    names = []
+    for raw in items:
+        name = raw.strip().lower()
+        if not name:
+            continue
+        if name not in PROTOCOLS:
+            raise ValueError(f"--protocol: unknown eval protocol {name!r}; known: {', '.join(PROTOCOLS.names())}")
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise ValueError(f"--protocol: no protocol given; known: {', '.join(PROTOCOLS.names())}")
+    return names
+
+
+@register_protocol("linear")
+def linear(ctx: EvalContext) -> ProtocolResult:
+    """The scikit-learn logistic-regression probe on standardised frozen features."""
+    out, texts, figs, info = {}, {}, {}, {}
+    from .. import plots
+
+    for init in INITS:
+        f = ctx.store.get(init)
+        ctx.log(f"eval linear: fitting the {LABELS[init]} probe on {len(f.train_y)} images ...")
+        res = linear_probe(f.train_x, f.train_y, f.val_x, f.val_y, f.classes, seed=ctx.store.cfg.train.seed)
+        out[init] = {f"linear_{k}": v for k, v in res.metrics.items()}
+        texts[f"linear/classification_report_{init}.txt"] = res.report
+        figs[f"linear/confusion_{init}.png"] = plots.confusion(res.confusion, f.classes, f"linear probe ({LABELS[init]})")
+        info[f"converged_{init}"] = res.converged
+    info.update(train_images=int(len(f.train_y)), val_images=int(len(f.val_y)))
+    return ProtocolResult("linear", out["pretrained"], out["random_init"], texts, figs, info)
+
+
+@register_protocol("knn")
+def knn(ctx: EvalContext) -> ProtocolResult:
+    """Weighted kNN (Wu et al., 2018): cosine similarity, the top-k neighbours vote with exp(sim / T)."""
+    t = ctx.knn_temperature if ctx.knn_temperature is not None else ctx.store.cfg.train.knn_temperature
+    out = {}
+    for init in INITS:
+        f = ctx.store.get(init)
+        bank, bank_y = torch.from_numpy(f.train_x), torch.from_numpy(f.train_y)
+        q, qy = torch.from_numpy(f.val_x), torch.from_numpy(f.val_y)
+        m = {}
+        for k in ctx.knn_ks:
+            acc = knn_accuracy(q, qy, bank, bank_y, len(f.classes), int(k), t)
+            m[f"knn_k{k}_top1"], m[f"knn_k{k}_top5"] = acc["knn_top1"], acc["knn_top5"]
+        out[init] = m
+    info = {"ks": list(map(int, ctx.knn_ks)), "temperature": t, "bank_images": int(len(f.train_y)),
+            "note": "k above the bank size uses the whole bank"}
+    return ProtocolResult("knn", out["pretrained"], out["random_init"], info=info)
+
+
+@register_protocol("lowshot")
+def lowshot(ctx: EvalContext) -> ProtocolResult:
+    """Linear probes on stratified, seeded subsets of the train labels; mean and std over the seeds.
+
+    The 100% subset is the same for every seed and the lbfgs fit is deterministic, so it is fitted
+    once (std 0) rather than repeated.
+    """
+    from tqdm.auto import tqdm
+
+    out, info = {}, {"fractions": list(ctx.lowshot_fractions), "seeds": list(ctx.lowshot_seeds), "subsets": {}}
+    jobs = [(init, fr) for init in INITS for fr in ctx.lowshot_fractions]
+    bar = tqdm(total=sum(1 if fr >= 1 else len(ctx.lowshot_seeds) for _, fr in jobs), desc="low-shot probes",
+               disable=not ctx.store.progress, leave=False)
+    for init in INITS:
+        f = ctx.store.get(init)
+        m = {}
+        for fr in ctx.lowshot_fractions:
+            seeds = list(ctx.lowshot_seeds)[:1] if fr >= 1 else list(ctx.lowshot_seeds)
+            top1, f1 = [], []
+            for seed in seeds:
+                idx = stratified_indices(f.train_y, fr, seed)
+                res = linear_probe(f.train_x[idx], f.train_y[idx], f.val_x, f.val_y, f.classes, seed=seed)
+                top1.append(res.metrics["top1"])
+                f1.append(res.metrics["macro_f1"])
+                info["subsets"][f"{fraction_label(fr)}_seed{seed}"] = int(len(idx))
+                bar.update(1)
+            lab = fraction_label(fr)
+            m.update({f"lowshot_{lab}_top1_mean": float(np.mean(top1)), f"lowshot_{lab}_top1_std": float(np.std(top1)),
+                      f"lowshot_{lab}_macro_f1_mean": float(np.mean(f1)),
+                      f"lowshot_{lab}_macro_f1_std": float(np.std(f1)), f"lowshot_{lab}_runs": len(seeds)})
+        out[init] = m
+    bar.close()
+    return ProtocolResult("lowshot", out["pretrained"], out["random_init"], info=info)
+
+
+@register_protocol("embed")
+def embed(ctx: EvalContext) -> ProtocolResult:
+    """2-D t-SNE of the val features coloured by class (PNG), plus the cosine silhouette of the
+    features themselves as a number that does not depend on the t-SNE run."""
+    from sklearn.manifold import TSNE
+    from sklearn.metrics import silhouette_score
+
+    from .. import plots
+
+    seed = ctx.store.cfg.train.seed
+    coords, out = {}, {}
+    for init in INITS:
+        f = ctx.store.get(init)
+        keep = np.arange(len(f.val_y))
+        if len(keep) > ctx.embed_points:
+            keep = stratified_indices(f.val_y, ctx.embed_points / len(keep), seed)
+        x, y = f.val_x[keep], f.val_y[keep]
+        ctx.log(f"eval embed: t-SNE of {len(y)} {LABELS[init]} val features ...")
+        perplexity = float(min(30.0, max(2.0, (len(y) - 1) / 3)))
+        coords[LABELS[init]] = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+        out[init] = {"embed_silhouette": float(silhouette_score(x, y, metric="cosine"))}
+    fig = plots.embedding(coords, y, f.classes, title="t-SNE of val features")
+    return ProtocolResult("embed", out["pretrained"], out["random_init"], figures={"embed/tsne.png": fig},
+                          info={"points": int(len(y)), "perplexity": perplexity})
+
+
+@register_protocol("finetune")
+def finetune(ctx: EvalContext) -> ProtocolResult:
+    """Whole-backbone supervised fine-tuning on Ray Train workers, and the same budget from random init."""
+    from ..raytrain.finetune import FinetuneSettings, finetune_compare
+
+    s = ctx.finetune or FinetuneSettings()
+    st = ctx.store
+    res = finetune_compare(str(st.state_path), st.train, st.val, s, log=ctx.log)
+    info = {"settings": s.__dict__, **res["info"]}
+    return ProtocolResult("finetune", res["pretrained"], res["random_init"], info=info)

@@ -1,0 +1,141 @@
+"""`sslray eval`: run protocols on a checkpoint, log them to its pretraining MLflow run, print one table."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from ..raytrain.evaluate import find_state
+from .features import FeatureStore
+from .protocols import PROTOCOLS, EvalContext, ProtocolResult, parse_protocols
+
+RUN_FILE = "sslray_run.json"  # written by sslray.raytrain.trainer beside a run's checkpoints
+
+
+@dataclass
+class EvalReport:
+    checkpoint: str
+    results: list[ProtocolResult]
+    features: dict = field(default_factory=dict)  # init -> {"path": cache file, "from_cache": bool}
+
+    def metrics(self) -> dict[str, float]:
+        """MLflow metrics: ``eval_<m>`` (pretrained), ``eval_random_init_<m>`` and ``eval_gain_<m>``."""
+        out: dict[str, float] = {}
+        for r in self.results:
+            out.update({f"eval_{k}": v for k, v in r.pretrained.items()})
+            out.update({f"eval_random_init_{k}": v for k, v in r.random_init.items()})
+            out.update({f"eval_gain_{k}": v for k, v in r.gain().items()})
+        return out
+
+    def summary(self) -> dict:
+        return {"checkpoint": self.checkpoint, "features": self.features,
+                "protocols": {r.name: {"pretrained": r.pretrained, "random_init": r.random_init, "gain": r.gain(),
+                                       "info": r.info} for r in self.results}}
+
+
+def find_run(checkpoint: str) -> Optional[dict]:
+    """The ``{"run_id", "tracking_uri"}`` that ``sslray pretrain`` recorded for the run holding this
+    checkpoint (``sslray_run.json`` in the run folder), or None."""
+    p = find_state(checkpoint).resolve().parent
+    for d in (p, *p.parents):
+        f = d / RUN_FILE
+        if f.exists():
+            try:
+                return json.loads(f.read_text())
+            except (OSError, ValueError):
+                return None
+    return None
+
+
+def run_eval(checkpoint: str, train: Optional[str], val: Optional[str], protocols: str | Sequence[str], *,
+             train_subset: int = 0, val_subset: int = 0, use_gpu: str = "auto", batch_size: int = 512,
+             cache_dir: Optional[str] = None, cache: bool = True, progress: bool = True,
+             log: Callable[[str], None] = print, **ctx_kw) -> EvalReport:
+    """Run ``protocols`` (names or ``"linear,knn"``) on ``checkpoint``. ``train``/``val`` default to the
+    checkpoint's own ``data.train``/``data.val``; ``ctx_kw`` sets ``EvalContext`` fields (knn_ks, ...)."""
+    names = parse_protocols(protocols)  # unknown names fail before any work
+    if not train or not val:
+        import torch
+
+        from ..config import from_dict
+
+        cfg = from_dict(torch.load(find_state(checkpoint), map_location="cpu", weights_only=False)["config"])
+        for role, given, key in (("train", train, cfg.data.train), ("val", val, cfg.data.val)):
+            if not given and not key:
+                raise ValueError(f"no --{role} split given and the checkpoint's config key 'data.{role}' is empty")
+        train, val = train or cfg.data.train, val or cfg.data.val
+    store = FeatureStore(checkpoint, train, val, train_subset=train_subset, val_subset=val_subset, use_gpu=use_gpu,
+                         batch_size=batch_size, cache_dir=cache_dir, cache=cache, progress=progress, log=log)
+    ctx = EvalContext(store, log=log, **ctx_kw)
+    results = []
+    for name in names:
+        log(f"eval: protocol {name} ...")
+        results.append(PROTOCOLS.get(name)(ctx))
+    feats = {init: {"path": str(f.path) if f.path else None, "from_cache": f.from_cache}
+             for init, f in store._mem.items()}
+    return EvalReport(str(store.state_path), results, feats)
+
+
+def log_eval(tracker, report: EvalReport) -> None:
+    """Metrics on the run, plus ``eval/summary.json``, the table, and each protocol's texts and PNGs."""
+    tracker.log_metrics(report.metrics())
+    tracker.set_tags({"sslray.eval_protocols": ",".join(r.name for r in report.results)})
+    tracker.log_text(json.dumps(report.summary(), indent=2, default=str), "eval/summary.json")
+    tracker.log_text(format_eval_table(report, markdown=True), "eval/summary.md")
+    for r in report.results:
+        for name, text in r.texts.items():
+            tracker.log_text(text, f"eval/{name}")
+        for name, fig in r.figures.items():
+            tracker.log_figure(fig, f"eval/{name}")
+
+
+def close_figures(report: EvalReport) -> None:
+    from .. import plots
+
+    for r in report.results:
+        for fig in r.figures.values():
+            plots.close(fig)
+
+
+def _pm(mean: float, std: float) -> str:
+    return f"{100 * mean:.2f} ± {100 * std:.2f}%"
+
+
+def _rows(report: EvalReport) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for r in report.results:
+        for k, p in r.pretrained.items():
+            if k.endswith(("_std", "_runs")) or k not in r.random_init:
+                continue
+            rnd = r.random_init[k]
+            if k.endswith("_mean"):
+                sd = k[: -len("_mean")] + "_std"
+                rows.append((k[: -len("_mean")], _pm(rnd, r.random_init.get(sd, 0.0)), _pm(p, r.pretrained.get(sd, 0.0)),
+                             f"{100 * (p - rnd):+.2f} pts"))
+            else:
+                rows.append((k, f"{100 * rnd:.2f}%" if "silhouette" not in k else f"{rnd:.3f}",
+                             f"{100 * p:.2f}%" if "silhouette" not in k else f"{p:.3f}",
+                             f"{100 * (p - rnd):+.2f} pts" if "silhouette" not in k else f"{p - rnd:+.3f}"))
+    return rows
+
+
+def format_eval_table(report: EvalReport, markdown: bool = False) -> str:
+    cols = ("metric", "random init", "pretrained", "gain")
+    rows = _rows(report)
+    if markdown:
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"eval protocols on the val split: {Path(report.checkpoint).parent.name}")
+    for c in cols:
+        t.add_column(c, justify="left" if c == "metric" else "right")
+    for r in rows:
+        t.add_row(*r)
+    console = Console(width=110, record=True)
+    with console.capture() as cap:
+        console.print(t)
+    return cap.get()

@@ -1,0 +1,275 @@
+"""Supervised fine-tuning of a whole pretrained backbone on Ray Train workers, beside the same budget
+from a random init.
+
+Each worker: the checkpoint's backbone (or the seeded random init every probe uses) + a linear head,
+AdamW with per-step warmup-cosine lr, layer-wise lr decay on ViTs (BEiT / MAE fine-tuning: block i
+of L gets ``decay ** (L + 1 - (i + 1))`` of the lr, the patch embedding ``decay ** (L + 1)``, the head
+1), labels with smoothing, and one augmented view per image from a view preset
+(``sslray.datasets.views.PRESETS``, cut on the device with per-sample parameters). Gradients are
+averaged the way the pretraining loop does it (``distributed.data_parallel``). The val split is
+scored in disjoint per-rank slices, gathered, then top-1, top-5 and macro F1 (scikit-learn).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import distributed as D
+from .knn import autocast_for
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    epochs: int = 10  # passes over the (sub)set of train images
+    max_steps: int = 0  # cap on optimizer steps in all (smoke tests); 0 = epochs x steps per epoch
+    batch_size: int = 256  # global batch over all workers, images per step
+    base_lr: float = 1e-3  # AdamW lr per 256 images (effective lr = base_lr * batch / 256)
+    weight_decay: float = 0.05
+    layer_decay: float = 0.75  # ViT layer-wise lr decay; 1.0 turns it off; non-ViT backbones ignore it
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    views: str = "mae"  # view preset for the train images (MAE's: random-resized crop + flip)
+    min_scale: float = 0.2  # the preset's crop scale lower bound
+    num_workers: int = 2  # Ray Train workers
+    cpus_per_worker: float = 1.0
+    use_gpu: str = "auto"
+    train_subset: int = 0  # seeded random subset of the train split (0 = all)
+    val_subset: int = 0
+    seed: int = 0
+    storage: str = ""  # Ray's run folder; empty = a temporary folder (nothing is checkpointed)
+
+
+class Classifier(nn.Module):
+    def __init__(self, backbone: nn.Module, feat_dim: int, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(feat_dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.01)  # small head init, as MAE's fine-tuning
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def is_vit(backbone: nn.Module) -> bool:
+    return hasattr(backbone, "blocks") and hasattr(backbone, "patch_embed")
+
+
+def vit_layer_id(name: str, num_blocks: int) -> int:
+    """0 for the embeddings, i + 1 for ``blocks.i``, ``num_blocks + 1`` for the final norm (and head)."""
+    if name.startswith(("cls_token", "pos_embed", "patch_embed", "reg_token", "mask_token")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return num_blocks + 1
+
+
+def layer_decay_groups(model: Classifier, weight_decay: float, layer_decay: float) -> list[dict]:
+    """AdamW param groups with an ``lr_scale`` each: layer-wise decay on ViTs, 1 elsewhere; no weight
+    decay on biases, norms and tokens."""
+    bb = model.backbone
+    vit = is_vit(bb) and layer_decay < 1.0
+    n = len(bb.blocks) if vit else 0
+    groups: dict[tuple[int, bool], dict] = {}
+    for full, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        name = full[len("backbone."):] if full.startswith("backbone.") else None
+        lid = (vit_layer_id(name, n) if vit and name is not None else n + 1)
+        no_wd = p.ndim <= 1 or full.endswith(".bias") or (name or "") in ("cls_token", "pos_embed", "reg_token")
+        g = groups.setdefault((lid, no_wd), {"params": [], "weight_decay": 0.0 if no_wd else weight_decay,
+                                             "lr_scale": layer_decay ** (n + 1 - lid) if vit else 1.0,
+                                             "layer_id": lid})
+        g["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+def classification_metrics(logits: np.ndarray, y: np.ndarray, num_classes: int) -> dict:
+    from sklearn.metrics import accuracy_score, f1_score, top_k_accuracy_score
+
+    labels = np.arange(num_classes)
+    pred = logits.argmax(1)
+    k = min(5, num_classes - 1)
+    return {"top1": float(accuracy_score(y, pred)),
+            "top5": float(top_k_accuracy_score(y, logits, k=k, labels=labels)) if num_classes > 2 else
+            float(accuracy_score(y, pred)),
+            "macro_f1": float(f1_score(y, pred, average="macro", labels=labels, zero_division=0))}
+
+
+def finetune_loop(c: dict, session) -> dict:
+    """One worker's fine-tuning run; ``c`` holds plain values (it crosses the Ray boundary)."""
+    from ..datasets.loader import dataset_info, make_loader, subset_indices
+    from ..datasets.views import BACKENDS, PRESETS, eval_transform
+    from .evaluate import load_checkpoint, random_init_model
+    from .loop import seed_everything
+    from .optim import warmup_cosine
+
+    s = FinetuneSettings(**c["settings"])
+    dev, world = session.device, session.world_size
+    cfg, model, _ = load_checkpoint(c["state_path"], torch.device("cpu"))
+    if c["init"] == "random_init":
+        model = random_init_model(cfg)
+    seed_everything(s.seed)  # the head and the data order are the same for both inits
+    info = dataset_info(c["train"])
+    net = Classifier(model.backbone, int(model.backbone.num_features), info.num_classes)
+    if world > 1:
+        net = D.convert_global_bn(net, dev.type)
+    net = net.to(dev)
+    ddp, sync_grads = D.data_parallel(net, dev)
+    if s.batch_size % world:
+        raise ValueError(f"finetune batch_size {s.batch_size} must divide evenly over {world} workers")
+    per = s.batch_size // world
+    tr_idx = subset_indices(info.num_images, s.train_subset, s.seed)
+    n_train = info.num_images if tr_idx is None else len(tr_idx)
+    if n_train // world < per:
+        raise ValueError(f"finetune batch_size {s.batch_size} is larger than the {n_train} train images allow")
+    common = dict(res=cfg.data.decode_res, device=dev, num_workers=cfg.data.loader_workers)
+    train = make_loader(c["train"], per, train=True, seed=s.seed, indices=tr_idx, distributed=world > 1, **common)
+    va_all = subset_indices(dataset_info(c["val"]).num_images, s.val_subset, s.seed)
+    va_all = np.arange(dataset_info(c["val"]).num_images) if va_all is None else va_all
+    va_idx = np.array_split(va_all, world)[session.rank]  # disjoint slices: every val image scored once
+    val = make_loader(c["val"], max(per, 256), train=False, indices=va_idx, **common)
+    # The preset's first view, built by the run's view backend (same per-sample mechanism as pretraining).
+    params = PRESETS.get(s.views)(size=cfg.views.crop_size, min_scale=s.min_scale)[0][0]
+    aug = BACKENDS.get(getattr(cfg.views, "backend", "fused"))(params).to(dev)
+    evalT = eval_transform(cfg.views).to(dev)
+
+    steps_per_epoch = len(train)
+    total = s.epochs * steps_per_epoch if not s.max_steps else min(s.max_steps, s.epochs * steps_per_epoch)
+    epochs = -(-total // steps_per_epoch)
+    peak = s.base_lr * s.batch_size / 256
+    warm = int(round(s.warmup_epochs * steps_per_epoch))
+    opt = torch.optim.AdamW(layer_decay_groups(net, s.weight_decay, s.layer_decay), lr=peak, betas=(0.9, 0.999))
+    session.log(f"finetune ({c['init']}): {cfg.model.backbone}, {world} worker(s) on {dev.type}, global batch "
+                f"{s.batch_size}, {total} steps; effective lr = {s.base_lr} x {s.batch_size}/256 = {peak:.4g}, "
+                f"layer decay {s.layer_decay if is_vit(net.backbone) else 'off (not a ViT)'}")
+    step, t0, last = 0, time.perf_counter(), {}
+    for epoch in range(epochs):
+        ddp.train()
+        train.next_epoch = epoch
+        loss_sum, n = torch.zeros((), device=dev), 0
+        for x, y in train:
+            if step >= total:
+                break
+            lr = warmup_cosine(step, total, warm, peak)
+            for g in opt.param_groups:
+                g["lr"] = lr * g["lr_scale"]
+            with autocast_for(dev, cfg.train.precision):
+                logits = ddp(aug(x))
+            loss = F.cross_entropy(logits.float(), y.long().view(-1), label_smoothing=s.label_smoothing)
+            if not torch.isfinite(loss.detach()):
+                raise FloatingPointError(f"finetune ({c['init']}): non-finite loss at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            sync_grads()
+            opt.step()
+            loss_sum += loss.detach()
+            n += 1
+            step += 1
+        last = {"epoch": epoch + 1, "step": step, "train_loss": float(D.all_reduce_mean(loss_sum / max(1, n))),
+                **evaluate_logits(net, val, evalT, dev, cfg.train.precision, info.num_classes),
+                "seconds": time.perf_counter() - t0}
+        session.report(last)
+    return last
+
+
+@torch.no_grad()
+def evaluate_logits(net: nn.Module, loader, evalT, dev, precision: str, num_classes: int) -> dict:
+    was = net.training
+    net.eval()
+    outs, ys = [], []
+    for x, y in loader:
+        with autocast_for(dev, precision):
+            outs.append(net(evalT(x)).float())
+        ys.append(y.to(dev).long().view(-1).clone())  # FFCV reuses its buffers
+    net.train(was)
+    logits = D.gather_varlen(torch.cat(outs)).cpu().numpy()
+    y = D.gather_varlen(torch.cat(ys)).cpu().numpy()
+    return {**classification_metrics(logits, y, num_classes), "val_images": int(len(y))}
+
+
+class _Reporter:
+    """Ray Train session for ``finetune_loop``: rank/device from RaySession, metrics via ray.train.report."""
+
+    def __init__(self, use_gpu: str):
+        from .session import RaySession
+
+        self._s = RaySession(use_gpu)
+        self.rank, self.world_size, self.device = self._s.rank, self._s.world_size, self._s.device
+
+    def report(self, metrics: dict) -> None:
+        import ray.train
+
+        ray.train.report(metrics)
+
+    def log(self, msg: str) -> None:
+        self._s.log(msg)
+
+
+def finetune_func(config: dict) -> None:
+    """Ray Train entry point."""
+    finetune_loop(config, _Reporter(config["settings"]["use_gpu"]))
+
+
+def run_finetune(state_path: str, train: str, val: str, init: str, s: FinetuneSettings) -> dict:
+    """One TorchTrainer fit; returns the last epoch's metrics (rank 0)."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .trainer import ensure_ray
+
+    ensure_ray()
+    mode = str(s.use_gpu).lower()
+    use_gpu = mode in ("true", "1", "yes") or (mode == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
+    storage = s.storage or tempfile.mkdtemp(prefix="sslray-finetune-")
+    trainer = TorchTrainer(
+        finetune_func,
+        train_loop_config={"state_path": str(state_path), "train": train, "val": val, "init": init,
+                           "settings": asdict(s)},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": s.cpus_per_worker}),
+        run_config=RunConfig(name=f"finetune-{init}-{time.strftime('%Y%m%d-%H%M%S')}",
+                             storage_path=str(Path(storage).resolve())),
+    )
+    result = trainer.fit()
+    return dict(result.metrics or {})
+
+
+def finetune_compare(state_path: str, train: str, val: str, s: FinetuneSettings,
+                     log: Callable[[str], None] = print) -> dict:
+    """Fine-tune the pretrained backbone and, with the same settings and steps, a random init."""
+    out, info = {}, {}
+    for init in ("pretrained", "random_init"):
+        log(f"eval finetune: fitting the {init.replace('_', ' ')} backbone on Ray Train ...")
+        m = run_finetune(state_path, train, val, init, s)
+        out[init] = {f"finetune_{k}": float(m[k]) for k in ("top1", "top5", "macro_f1")}
+        info[init] = {k: m.get(k) for k in ("epoch", "step", "train_loss", "seconds", "val_images")}
+    return {"pretrained": out["pretrained"], "random_init": out["random_init"], "info": info}
+
+
+def run_local_finetune(state_path: str, train: str, val: str, init: str, s: FinetuneSettings,
+                       printer: Optional[Callable] = None) -> dict:
+    """The same loop in this process (world size 1), for tests of the loop itself without Ray."""
+    from .session import LocalSession
+
+    class _S(LocalSession):
+        def report(self, metrics, state=None):
+            self.history.append(dict(metrics))
+
+    return finetune_loop({"state_path": state_path, "train": train, "val": val, "init": init, "settings": asdict(s)},
+                         _S(None, s.use_gpu, printer or print))
+
+
+__all__ = ["FinetuneSettings", "Classifier", "layer_decay_groups", "vit_layer_id", "finetune_loop",
+           "finetune_compare", "run_finetune", "run_local_finetune", "classification_metrics"]

@@ -1,0 +1,236 @@
+"""Eval protocols on real CIFAR-10 subsets: features cached per checkpoint, linear / kNN / low-shot /
+t-SNE beside the random-init baseline, logged to the pretraining run; fine-tune vs scratch on Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sslray.eval import features as F
+from sslray.eval import find_run, log_eval, parse_protocols, run_eval, stratified_indices
+from sslray.eval.lowshot import fraction_label, per_class_count
+
+pytest_plugins = ["conftest_runs"]
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(cifar_small, tmp_path_factory) -> dict:
+    """A checkpoint trained for 2 SimCLR steps in one process (no Ray), inside a run folder that names an
+    MLflow run the way `sslray pretrain` does (sslray_run.json)."""
+    from sslray.config import load_config
+    from sslray.raytrain.loop import run_local
+    from sslray.tracking import Tracker
+
+    root = tmp_path_factory.mktemp("eval_ckpt")
+    cfg = load_config("smoke", [f"data.train={cifar_small['train']}", "data.val=", "train.epochs=1",
+                                "train.max_steps_per_epoch=2", "ray.use_gpu=false"])
+    run_local(cfg, str(root / "run" / "checkpoints"))
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    tracker = Tracker.start(uri, "eval-tests", "tiny")
+    (root / "run" / "sslray_run.json").write_text(json.dumps({"run_id": tracker.run_id, "tracking_uri": uri}))
+    state = next((root / "run" / "checkpoints").glob("epoch_*/state.pt"))
+    return {"state": state, "run_dir": root / "run", "uri": uri, "run_id": tracker.run_id}
+
+
+def _quiet(*_a, **_k):
+    pass
+
+
+def _eval(tiny_ckpt, cifar_small, protocols, **kw):
+    return run_eval(str(tiny_ckpt["run_dir"]), cifar_small["train"], cifar_small["test"], protocols, use_gpu="false",
+                    progress=False, log=_quiet, **kw)
+
+
+# --- stratified, seeded subsets ---------------------------------------------------------------------
+
+def test_stratified_subsets_are_seeded_and_exact_per_class(cifar_small):
+    """Real CIFAR labels (100 per class): exact per-class counts; same seed same indices, other seed other."""
+    from sslray.datasets.resident import load_beton
+
+    _, labels, _ = load_beton(cifar_small["train"], 32)
+    labels = np.asarray(labels)
+    for fraction, per_class in ((0.01, 1), (0.1, 10), (0.25, 25), (1.0, 100)):
+        a = stratified_indices(labels, fraction, seed=0)
+        assert np.array_equal(a, stratified_indices(labels, fraction, seed=0))
+        assert len(np.unique(a)) == len(a) and np.all(np.diff(a) > 0)
+        assert np.bincount(labels[a], minlength=10).tolist() == [per_class] * 10
+        if fraction < 1:
+            assert not np.array_equal(a, stratified_indices(labels, fraction, seed=1))
+            assert not np.array_equal(stratified_indices(labels, fraction, 1), stratified_indices(labels, fraction, 2))
+        else:
+            assert np.array_equal(a, np.arange(len(labels)))
+
+
+def test_stratified_subsets_on_unbalanced_classes():
+    labels = np.array([0] * 7 + [1] * 200 + [2] * 31)
+    idx = stratified_indices(labels, 0.1, seed=3)
+    assert np.bincount(labels[idx]).tolist() == [per_class_count(7, 0.1), 20, 3] == [1, 20, 3]
+    # a class's draw does not depend on the other classes
+    other = stratified_indices(np.array([0] * 7 + [1] * 5 + [2] * 31), 0.1, seed=3)
+    assert set(idx[labels[idx] == 0]) == set(other[other < 7])
+    with pytest.raises(ValueError, match="fraction"):
+        per_class_count(10, 0.0)
+    assert [fraction_label(f) for f in (0.01, 0.1, 1.0, 0.005)] == ["1pct", "10pct", "100pct", "0_5pct"]
+
+
+# --- bad input ----------------------------------------------------------------------------------------
+
+def test_unknown_protocol_names_the_known_ones():
+    assert parse_protocols("linear, knn,linear") == ["linear", "knn"]
+    with pytest.raises(ValueError, match=r"unknown eval protocol 'bogus'.*embed, finetune, knn, linear, lowshot"):
+        parse_protocols("linear,bogus")
+
+
+def test_cli_rejects_unknown_protocol_and_missing_checkpoint(tmp_path, capsys):
+    from sslray.cli import main
+
+    assert main(["eval", "--checkpoint", str(tmp_path), "--protocol", "linear,tsne"]) == 2
+    assert "unknown eval protocol 'tsne'" in capsys.readouterr().err
+    missing = tmp_path / "nowhere"
+    assert main(["eval", "--checkpoint", str(missing), "--protocol", "knn", "--no-log"]) == 2
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_unlabelled_val_split_is_refused_by_name(tiny_ckpt, cifar_small, tmp_path):
+    beton = tmp_path / "unlabelled.beton"
+    beton.write_bytes(b"\0" * 16)
+    (tmp_path / "unlabelled.manifest.json").write_text(json.dumps(
+        {"num_images": 4, "classes": [], "beton_bytes": 16}))
+    with pytest.raises(F.DataError, match=f"val split {beton} has no class labels"):
+        run_eval(str(tiny_ckpt["state"]), cifar_small["train"], str(beton), "knn", use_gpu="false", log=_quiet)
+
+
+# --- the feature cache ------------------------------------------------------------------------------
+
+def test_features_are_extracted_once_per_checkpoint(tiny_ckpt, cifar_small, monkeypatch):
+    calls = []
+    real = F.extract_features
+    monkeypatch.setattr(F, "extract_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = _eval(tiny_ckpt, cifar_small, "knn")
+    assert len(calls) == 4  # train + val, pretrained + random init
+    paths = {init: Path(v["path"]) for init, v in first.features.items()}
+    assert all(p.exists() and p.parent == tiny_ckpt["state"].parent / "features" for p in paths.values())
+    assert not any(v["from_cache"] for v in first.features.values())
+
+    def boom(*a, **k):
+        raise AssertionError("features were extracted again")
+
+    monkeypatch.setattr(F, "extract_features", boom)
+    second = _eval(tiny_ckpt, cifar_small, "knn")
+    assert all(v["from_cache"] for v in second.features.values())
+    assert second.results[0].pretrained == first.results[0].pretrained  # same arrays, same kNN numbers
+
+    # a changed eval transform or checkpoint mtime is a different cache entry
+    store = F.FeatureStore(str(tiny_ckpt["state"]), cifar_small["train"], cifar_small["test"], use_gpu="false",
+                           log=_quiet)
+    key = store.key("pretrained")[0]
+    assert store.key("random_init")[0] != key
+    st = tiny_ckpt["state"].stat()
+    try:
+        os.utime(tiny_ckpt["state"], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        assert F.FeatureStore(str(tiny_ckpt["state"]), cifar_small["train"], cifar_small["test"], use_gpu="false",
+                              log=_quiet).key("pretrained")[0] != key
+    finally:
+        os.utime(tiny_ckpt["state"], ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+# --- protocols on real CIFAR-10 ---------------------------------------------------------------------
+
+@pytest.mark.slow  # two linear probes to convergence: ~15-30 s on 2 busy cores
+def test_knn_linear_embed_log_to_the_pretraining_run(tiny_ckpt, cifar_small, tmp_path):
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    report = _eval(tiny_ckpt, cifar_small, "linear,knn,embed")
+    by = {r.name: r for r in report.results}
+    assert list(by) == ["linear", "knn", "embed"]
+    for k in (10, 20, 100, 200):
+        for init in (by["knn"].pretrained, by["knn"].random_init):
+            assert 0 <= init[f"knn_k{k}_top1"] <= init[f"knn_k{k}_top5"] <= 1
+    assert set(by["linear"].pretrained) == {"linear_top1", "linear_top5", "linear_macro_f1", "linear_precision",
+                                            "linear_recall"}
+    assert by["linear"].info["train_images"] == 1000 and by["linear"].info["val_images"] == 300
+    assert -1 <= by["embed"].pretrained["embed_silhouette"] <= 1
+
+    run = find_run(str(tiny_ckpt["state"]))
+    assert run["run_id"] == tiny_ckpt["run_id"]
+    from sslray.tracking import Tracker
+
+    log_eval(Tracker(run["tracking_uri"], run["run_id"]), report)
+    c = MlflowClient(tracking_uri=tiny_ckpt["uri"])
+    m = c.get_run(tiny_ckpt["run_id"]).data.metrics
+    assert m["eval_knn_k20_top1"] == by["knn"].pretrained["knn_k20_top1"]
+    assert m["eval_random_init_linear_top1"] == by["linear"].random_init["linear_top1"]
+    assert m["eval_gain_linear_top1"] == pytest.approx(m["eval_linear_top1"] - m["eval_random_init_linear_top1"])
+    png = Path(c.download_artifacts(tiny_ckpt["run_id"], "eval/embed/tsne.png", str(tmp_path)))
+    img = np.asarray(Image.open(png).convert("L"))
+    assert img.shape[0] > 200 and img.std() > 10  # a drawn scatter, not a blank canvas
+    summary = json.loads(Path(c.download_artifacts(tiny_ckpt["run_id"], "eval/summary.json", str(tmp_path))).read_text())
+    assert set(summary["protocols"]) == {"linear", "knn", "embed"}
+
+
+@pytest.mark.slow  # 14 probes
+def test_lowshot_probes_on_real_cifar(tiny_ckpt, cifar_small):
+    report = _eval(tiny_ckpt, cifar_small, "lowshot")
+    (r,) = report.results
+    for side in (r.pretrained, r.random_init):
+        for lab, runs in (("1pct", 3), ("10pct", 3), ("100pct", 1)):
+            assert side[f"lowshot_{lab}_runs"] == runs
+            assert 0 <= side[f"lowshot_{lab}_top1_mean"] <= 1 and side[f"lowshot_{lab}_top1_std"] >= 0
+        assert side["lowshot_100pct_top1_std"] == 0.0
+    # 100 train images per class: 1 -> 10 images, 10% -> 100, 100% -> 1000, one subset per seed
+    assert r.info["subsets"] == {**{f"1pct_seed{s}": 10 for s in (0, 1, 2)},
+                                 **{f"10pct_seed{s}": 100 for s in (0, 1, 2)}, "100pct_seed0": 1000}
+    assert "lowshot_1pct_top1_std" not in r.gain() and "lowshot_1pct_top1_mean" in r.gain()
+    from sslray.eval import format_eval_table
+
+    table = format_eval_table(report, markdown=True)
+    assert "lowshot_10pct_top1" in table and "±" in table
+
+
+# --- fine-tuning --------------------------------------------------------------------------------------
+
+def test_layer_decay_scales_vit_blocks_and_leaves_resnets_alone():
+    from sslray.raytrain.backbones import create_backbone
+    from sslray.raytrain.finetune import Classifier, layer_decay_groups
+
+    vit = create_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3)
+    groups = layer_decay_groups(Classifier(vit, vit.num_features, 10), 0.05, 0.5)
+    scale = {g["layer_id"]: g["lr_scale"] for g in groups}
+    assert scale == {0: 0.5**4, 1: 0.5**3, 2: 0.5**2, 3: 0.5, 4: 1.0}
+    assert sum(len(g["params"]) for g in groups) == len(list(vit.parameters())) + 2
+    assert all(g["weight_decay"] == 0 for g in groups if any(p.ndim <= 1 for p in g["params"]))
+    rn = create_backbone("resnet18")
+    assert {g["lr_scale"] for g in layer_decay_groups(Classifier(rn, rn.num_features, 10), 0.05, 0.5)} == {1.0}
+
+
+def test_finetune_loop_runs_in_one_process(tiny_ckpt, cifar_small):
+    from sslray.raytrain.finetune import FinetuneSettings, run_local_finetune
+
+    s = FinetuneSettings(max_steps=2, batch_size=32, use_gpu="false", train_subset=128, views="mae")
+    m = run_local_finetune(str(tiny_ckpt["state"]), cifar_small["train"], cifar_small["test"], "pretrained", s,
+                           printer=_quiet)
+    assert m["step"] == 2 and m["val_images"] == 300 and np.isfinite(m["train_loss"])
+    assert 0 <= m["top1"] <= m["top5"] <= 1 and 0 <= m["macro_f1"] <= 1
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_finetune_against_scratch_on_ray(ray_cluster, tiny_ckpt, cifar_small, tmp_path):
+    from sslray.raytrain.finetune import FinetuneSettings
+
+    s = FinetuneSettings(max_steps=2, batch_size=32, num_workers=2, use_gpu="false", train_subset=128,
+                         storage=str(tmp_path / "ray"))
+    report = _eval(tiny_ckpt, cifar_small, "finetune", finetune=s)
+    (r,) = report.results
+    keys = {"finetune_top1", "finetune_top5", "finetune_macro_f1"}
+    assert set(r.pretrained) == set(r.random_init) == keys == set(r.gain())
+    for init in ("pretrained", "random_init"):
+        # the same budget for both: 2 steps, every val image scored once over the 2 workers' slices
+        assert r.info[init]["step"] == 2 and r.info[init]["val_images"] == 300
+    assert r.gain()["finetune_top1"] == pytest.approx(r.pretrained["finetune_top1"] - r.random_init["finetune_top1"])
+    assert report.metrics()["eval_gain_finetune_macro_f1"] == r.gain()["finetune_macro_f1"]
