@@ -26,6 +26,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="training .beton")
     p.add_argument("--val", help="labelled val .beton for the kNN monitor and the probe")
     p.add_argument("--backbone", help="timm backbone name, e.g. resnet18, vit_small_patch16_224")
+    p.add_argument("--views", help="view policy on the method's preset (views.policy): default, simclr, "
+                                   "orthogonality, lorot, dcl, mae")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="global batch over all workers")
     p.add_argument("--lr", type=float, help="base lr per 256 images")
@@ -56,7 +58,7 @@ def config_from_args(a: argparse.Namespace):
         "method.name": a.method, "data.train": _abs(a.data), "data.val": _abs(a.val), "model.backbone": a.backbone,
         "train.epochs": a.epochs, "data.batch_size": a.batch_size, "optim.base_lr": a.lr, "ray.num_workers": a.workers,
         "ray.use_gpu": a.gpu, "ray.storage": a.storage, "ray.name": a.name, "tracking.tracking_uri": a.tracking_uri,
-        "tracking.experiment": a.experiment,
+        "tracking.experiment": a.experiment, "views.policy": getattr(a, "views", None),
     }
     over = [f"{k}={v}" for k, v in flags.items() if v is not None]
     if getattr(a, "max_failures", None) is not None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import Config, ConfigError, load_yaml
+from ..config import Config, ConfigError, load_config, load_yaml
 
 # Short names users type; the space itself always holds full config keys.
 ALIASES = {
@@ -189,10 +189,17 @@ def check_space(space: Mapping[str, Dist], cfg: Config) -> None:
             raise ConfigError(f"batch sizes {bad} do not divide over {cfg.ray.num_workers} workers per trial")
 
 
+RECIPE_KEY = "recipe"  # a sampled recipe (built-in name or YAML path) replaces the base config of that trial
+
+
 def trial_config(base: Config, sampled: Mapping[str, Any]) -> Config:
     """The config a trial runs: the base with the sampled keys applied. ``optim.base_lr`` stays the lr
-    per 256 images; ``effective_lr(cfg)`` applies ``optim.lr_scaling`` for the trial's batch size."""
+    per 256 images; ``effective_lr(cfg)`` applies ``optim.lr_scaling`` for the trial's batch size.
+    A sampled ``recipe`` (a grid over whole configs, e.g. one resolved recipe per method in
+    ``sslray study``) is loaded in place of the base, then the other sampled keys apply."""
     keys = {k: v for k, v in sampled.items() if not k.startswith("_")}
+    if RECIPE_KEY in keys:
+        base = load_config(str(keys.pop(RECIPE_KEY)))
     return base.replace(**keys) if keys else base
 
 

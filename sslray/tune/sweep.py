@@ -50,6 +50,7 @@ class SweepSpec:
     gpus_per_worker: float = 0.0
     max_concurrent: int = 0  # 0: from cluster resources and trial size
     seed: int = 0
+    train_fn: str = ""  # "module:function" the workers run instead of the loop's train_func ("": the loop's)
 
     @property
     def dists(self) -> dict[str, Dist]:
@@ -147,7 +148,7 @@ def make_trainable(spec: SweepSpec):
     from ray import tune
 
     fn = tune.with_parameters(run_trial, base=spec.base, sweep_dir=spec.sweep_dir,
-                              gpus_per_worker=spec.gpus_per_worker)
+                              gpus_per_worker=spec.gpus_per_worker, train_fn=spec.train_fn)
     return tune.with_resources(fn, {"memory": TRIAL_DRIVER_MEMORY})
 
 

@@ -23,9 +23,11 @@ def trial_train_name(trial_id: str) -> str:
     return f"trial_{trial_id}"
 
 
-def run_trial(config: Mapping[str, Any], base: dict, sweep_dir: str, gpus_per_worker: float) -> None:
+def run_trial(config: Mapping[str, Any], base: dict, sweep_dir: str, gpus_per_worker: float,
+              train_fn: str = "") -> None:
     """Tune function trainable. A restarted trial (resumed sweep) refits the same Train run name, and
-    Train V2 resumes it from its latest checkpoint, so finished epochs are not trained twice."""
+    Train V2 resumes it from its latest checkpoint, so finished epochs are not trained twice.
+    ``train_fn`` ("module:function") replaces the loop's ``train_func`` as the workers' entry point."""
     import ray.tune
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -37,6 +39,11 @@ def run_trial(config: Mapping[str, Any], base: dict, sweep_dir: str, gpus_per_wo
     use_gpu = gpus_per_worker > 0
     per_worker = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
     trial_id = ray.tune.get_context().get_trial_id()
+    if train_fn:
+        import importlib
+
+        module, _, name = train_fn.partition(":")
+        train_func = getattr(importlib.import_module(module), name)
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"cfg": cfg.to_dict()},

@@ -1,0 +1,186 @@
+"""`sslray study`: per-method configs, the grid spec, the matrix outputs (fast); a 3 methods x 3 view
+policies study on a small real Imagenette subset through Ray Tune + Ray Train + MLflow (ray, slow)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import tarfile
+
+import pytest
+
+from sslray.config import ConfigError, from_dict, load_config
+from sslray.study import (
+    check_policies,
+    heatmap,
+    make_study_spec,
+    matrix,
+    method_config,
+    scoped_overrides,
+    to_csv,
+    to_markdown,
+)
+from sslray.tune.space import trial_config
+
+# --------------------------------------------------------------------------------------------- fast
+
+COMMON = ["data.train=/d/train.beton", "data.val=/d/val.beton", "train.epochs=2"]
+
+
+def test_each_method_keeps_its_own_recipe_under_the_shared_settings():
+    cfgs = {m: method_config(m, None, [*COMMON, "model.backbone=resnet10t"]) for m in ("simclr", "byol", "barlowtwins")}
+    assert {m: (c.optim.name, c.views.preset) for m, c in cfgs.items()} == {
+        "simclr": ("sgd", "simclr"), "byol": ("lars", "byol"), "barlowtwins": ("lars", "byol")}
+    assert all(c.model.backbone == "resnet10t" and c.train.epochs == 2 for c in cfgs.values())
+    assert cfgs["byol"].method.params["momentum"] == load_config("byol_cifar10").method.params["momentum"]
+
+
+def test_a_shared_recipe_gets_each_methods_own_view_preset():
+    assert method_config("byol", "smoke", COMMON).views.preset == "byol"
+    assert method_config("dino", "smoke", COMMON).views.preset == "dino"
+
+
+def test_scoped_overrides_apply_to_their_method_only():
+    over = ["data.batch_size=64", "byol:method.params.pred_hidden_dim=64", "data.train=s3://b/x:y.beton"]
+    assert scoped_overrides("byol", over) == ["data.batch_size=64", "method.params.pred_hidden_dim=64",
+                                              "data.train=s3://b/x:y.beton"]
+    assert scoped_overrides("simclr", over) == ["data.batch_size=64", "data.train=s3://b/x:y.beton"]
+
+
+def test_spec_is_a_grid_of_resolved_recipes_by_policy(tmp_path):
+    cfgs = {m: method_config(m, None, COMMON) for m in ("simclr", "byol")}
+    spec = make_study_spec(cfgs, ["default", "lorot", "dcl"], name="st", storage=str(tmp_path))
+    assert spec.search == "grid" and spec.scheduler == "fifo" and spec.num_samples == 1
+    assert spec.total_trials() == 6 and spec.train_fn == "sslray.study:study_train_func"
+    kind, recipes = spec.space["recipe"]
+    assert kind == "grid" and all(p.startswith(str(tmp_path / "st" / "recipes")) for p in recipes)
+    base = from_dict(spec.base)
+    for method, path in zip(("simclr", "byol"), recipes):
+        cfg = trial_config(base, {"recipe": path, "views.policy": "dcl"})
+        assert cfg == cfgs[method].replace(**{"views.policy": "dcl"})
+
+
+def test_unknown_policy_or_method_is_refused_by_name(tmp_path):
+    with pytest.raises(ConfigError, match="nope.*known: .*lorot"):
+        check_policies(["default", "nope"])
+    from sslray.cli import main
+
+    assert main(["study", "--methods", "simclr,nosuch", "--data", "x", "--val", "y", "--epochs", "1",
+                 "--name", "s", "--storage", str(tmp_path), "--gpus-per-worker", "0"]) == 2
+
+
+def _cells():
+    cells = []
+    for i, m in enumerate(("simclr", "byol")):
+        for j, p in enumerate(("default", "lorot")):
+            cells.append({"method": m, "policy": p, "status": "completed", "trial_id": f"t{i}{j}", "reason": "",
+                          "linear_top1": 0.1 * (i + 1) + 0.01 * j, "knn_top1": 0.2 + 0.01 * j, "train_seconds": 10.0})
+    cells[-1].update(status="failed", reason="out of memory: ...")
+    del cells[-1]["linear_top1"]
+    return cells
+
+
+def test_matrix_markdown_and_csv():
+    cells, methods, policies = _cells(), ["simclr", "byol"], ["default", "lorot"]
+    m = matrix(cells, methods, policies, "linear_top1")
+    assert m[0] == [pytest.approx(0.1), pytest.approx(0.11)] and m[1][0] == pytest.approx(0.2) and math.isnan(m[1][1])
+    md = to_markdown(cells, methods, policies, "t")
+    assert "| simclr | 10.0% | 11.0% |" in md and "| byol | 20.0% | n/a |" in md
+    assert "byol x lorot: failed, out of memory" in md and "### peak GPU MiB" in md
+    rows = list(csv.DictReader(io.StringIO(to_csv(cells, methods, policies))))
+    assert [(r["method"], r["policy"]) for r in rows] == [(a, b) for a in methods for b in policies]
+    assert rows[0]["linear_top1"] == "0.1" and rows[3]["linear_top1"] == ""
+
+
+def test_heatmap_has_a_panel_per_metric_and_skips_missing_gpu_memory():
+    fig = heatmap(_cells(), ["simclr", "byol"], ["default", "lorot"], "t")
+    assert [ax.get_title() for ax in fig.axes if ax.get_title()] == ["linear top-1", "kNN top-1", "train seconds"]
+    cells = _cells()
+    for c in cells:
+        c["peak_gpu_mem_mb"] = 100.0
+    fig = heatmap(cells, ["simclr", "byol"], ["default", "lorot"], "t")
+    assert "peak GPU MiB" in [ax.get_title() for ax in fig.axes]
+
+
+# --------------------------------------------------------------------------------------- ray, slow
+
+IMAGENETTE_PER_CLASS = {"train": 0.02, "val": 0.02}  # ~19 train and ~8 val images per class, 10 classes
+
+
+@pytest.fixture(scope="module")
+def imagenette_small(tmp_path_factory):
+    """The shared Imagenette extracted, then a small per-class subset converted with `sslray convert`."""
+    from conftest import IMAGENETTE_ARCHIVE
+
+    from sslray.cli import main
+
+    if not IMAGENETTE_ARCHIVE.exists():
+        pytest.skip(f"{IMAGENETTE_ARCHIVE} not found")
+    root = tmp_path_factory.mktemp("imagenette")
+    with tarfile.open(IMAGENETTE_ARCHIVE) as tf:
+        tf.extractall(root / "src", filter="data")
+    out = {}
+    for split, frac in IMAGENETTE_PER_CLASS.items():
+        beton = root / f"{split}.beton"
+        assert main(["convert", str(root / "src"), str(beton), "--split", split, "--fraction", str(frac),
+                     "--max-res", "64", "--workers", "2"]) == 0
+        out[split] = str(beton)
+    return out
+
+
+TINY_STUDY = ["--backbone", "resnet10t", "--batch-size", "32", "--workers-per-trial", "1", "--gpus-per-worker", "0",
+              "model.cifar_stem=false", "model.proj_hidden_dim=64", "model.proj_out_dim=32", "data.decode_res=32",
+              "views.crop_size=32", "data.loader_workers=1", "train.max_steps_per_epoch=2", "train.log_every=0",
+              "optim.warmup_epochs=0", "ray.num_to_keep=1", "byol:method.params.pred_hidden_dim=64"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_study_3_methods_x_3_policies_on_imagenette(ray_cluster, imagenette_small, tmp_path, monkeypatch, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from sslray.cli import main
+    from sslray.datasets.loader import dataset_info
+
+    assert len(dataset_info(imagenette_small["train"]).classes) == 10
+    monkeypatch.chdir(tmp_path)
+    methods, policies = ["simclr", "byol", "barlowtwins"], ["default", "lorot", "dcl"]
+    rc = main(["study", "--methods", ",".join(methods), "--views", ",".join(policies),
+               "--data", imagenette_small["train"], "--val", imagenette_small["val"], "--epochs", "1",
+               "--name", "inette", "--storage", str(tmp_path / "runs"), "--experiment", "study", "--quiet",
+               *TINY_STUDY])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "### linear top-1" in out and "| barlowtwins |" in out
+
+    study_dir = tmp_path / "runs" / "inette" / "study"
+    rows = list(csv.DictReader(open(study_dir / "matrix.csv")))
+    assert [(r["method"], r["policy"]) for r in rows] == [(m, p) for m in methods for p in policies]
+    for r in rows:
+        assert r["status"] == "completed" and not r["reason"], r
+        for key in ("linear_top1", "knn_top1", "knn_top1_monitor"):
+            assert 0.0 <= float(r[key]) <= 1.0, (key, r)
+        assert float(r["train_seconds"]) > 0 and float(r["peak_rss_mb"]) > 0 and r["peak_gpu_mem_mb"] == ""
+    assert (study_dir / "heatmap.png").stat().st_size > 10_000
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("study")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert parent.data.params["study.methods"] == "simclr,byol,barlowtwins" and parent.data.metrics["cells"] == 9
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id, "study")}
+    assert arts == {"study/matrix.csv", "study/matrix.md", "study/heatmap.png"}
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    cells = {(c.data.tags["sslray.study.method"], c.data.tags["sslray.study.policy"]): c for c in children}
+    assert set(cells) == {(m, p) for m in methods for p in policies}
+    by_csv = {(r["method"], r["policy"]): r for r in rows}
+    for key, child in cells.items():
+        assert child.data.params["method.name"] == key[0] and child.data.params["views.policy"] == key[1]
+        assert child.data.metrics["probe_linear_top1"] == pytest.approx(float(by_csv[key]["linear_top1"]))
+        assert child.info.run_name == f"inette-{key[0]}-{key[1]}"
+    # each method ran its own recipe (BYOL and Barlow Twins with LARS, SimCLR with SGD)
+    assert cells[("byol", "dcl")].data.params["optim.name"] == "lars"
+    assert cells[("simclr", "lorot")].data.params["optim.name"] == "sgd"
