@@ -80,7 +80,7 @@ class TrainConfig:
     knn_temperature: float = 0.07
     knn_every: int = 1  # epochs between kNN monitor evaluations (the last epoch always runs it)
     online_probe: bool = True  # linear classifier trained every step on detached features, scored on val each epoch
-    online_probe_lr: float = 0.1  # its own SGD (momentum 0.9, constant lr) on per-sample standardised features
+    online_probe_lr: float = 1e-3  # its own Adam (constant lr, no decay) on per-dimension standardised features
     log_every: int = 20  # steps between progress lines
     max_steps_per_epoch: int = 0  # cap for smoke tests; 0 = full epochs
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always checkpoints)

@@ -24,6 +24,7 @@ from . import distributed as D
 from .knn import autocast_for, extract_features, knn_accuracy
 from .methods import create_method
 from .monitors import EmbeddingTap, NonFiniteLossError, StepHealth, collapse_report, epoch_health
+from .online_probe import OnlineProbe
 from .optim import build_optimizer, set_lr, warmup_cosine
 from .pictures import RunPictures
 
@@ -122,6 +123,7 @@ def train_loop(cfg: Config, session) -> dict:
 
     peak = effective_lr(cfg)
     opt = build_optimizer(model, cfg.optim.name, peak, cfg.optim.weight_decay, cfg.optim.momentum)
+    probe = OnlineProbe.from_config(cfg, model, data.num_classes, evalT, dev)  # own optimizer, detached features
     total = cfg.train.epochs * data.steps_per_epoch
     warmup = int(round(cfg.optim.warmup_epochs * data.steps_per_epoch))
     session.log(f"sslray: {cfg.method.name} on {cfg.model.backbone}, {session.world_size} worker(s) on {dev.type}, "
@@ -141,6 +143,8 @@ def train_loop(cfg: Config, session) -> dict:
         start_epoch, step, last = int(state["epoch"]), int(state["step"]), state.get("metrics", {})
         start_batch, partial = int(state.get("batch_in_epoch", 0)), state.get("partial")
         set_rng_state(state["rng"])
+        if probe is not None and state.get("online_probe"):
+            probe.load_state_dict(state["online_probe"])
         session.log(f"sslray: resumed at epoch {start_epoch + 1}, batch {start_batch} (global step {step})")
 
     def snapshot(epoch_index: int, batch_in_epoch: int, metrics: dict, part: Optional[dict]) -> Optional[dict]:
@@ -151,7 +155,7 @@ def train_loop(cfg: Config, session) -> dict:
         return {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch_index,
                 "batch_in_epoch": batch_in_epoch, "step": step, "rng": rng_state(), "partial": part,
                 "loader_seed": cfg.train.seed, "config": cfg.to_dict(), "metrics": metrics,
-                "num_classes": data.num_classes}
+                "num_classes": data.num_classes, "online_probe": probe.state_dict() if probe is not None else None}
 
     tc = cfg.train
     for epoch in range(start_epoch, tc.epochs):
@@ -165,7 +169,7 @@ def train_loop(cfg: Config, session) -> dict:
         health.reset_epoch()
         t0 = t_wait = time.perf_counter()
         wait_s = 0.0
-        for i, (x, _) in enumerate(data.train):
+        for i, (x, y) in enumerate(data.train):
             wait_s += time.perf_counter() - t_wait  # host time blocked on the loader's next batch
             if i >= data.steps_per_epoch:
                 break
@@ -196,6 +200,8 @@ def train_loop(cfg: Config, session) -> dict:
             health.restore(ok)
             if hasattr(model, "on_step"):
                 model.on_step(step, total)
+            if probe is not None:
+                probe.step(model.backbone, x, y)
             loss_sum += torch.where(ok, loss.detach().float(), 0.0)
             n_steps += 1
             step += 1
@@ -236,6 +242,8 @@ def train_loop(cfg: Config, session) -> dict:
             t1 = time.perf_counter()
             metrics.update(knn_monitor(model, data, cfg, session, evalT))
             metrics["knn_seconds"] = time.perf_counter() - t1
+        if probe is not None:
+            metrics.update(probe.epoch_metrics(model.backbone, data.val))
         if not math.isfinite(mean_loss):
             raise NonFiniteLossError(f"{cfg.method.name}: non-finite mean loss in epoch {epoch + 1}")
         pictures.after_epoch(epoch + 1, epoch + 1 == tc.epochs)
