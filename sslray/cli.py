@@ -81,7 +81,7 @@ def cmd_convert(a) -> int:
 
 
 def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val_subset: int = 0,
-                 restart: bool = False):
+                 restart: bool = False, eval_protocols: Optional[str] = None):
     from .raytrain.evaluate import format_table, log_probe, probe_checkpoint
     from .raytrain.trainer import pretrain
 
@@ -97,6 +97,16 @@ def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val
         print(format_table(report))
     from .tracking import Tracker
 
+    if eval_protocols and res.checkpoint:  # `--eval linear,knn,...`: the protocols of `sslray eval`, same run
+        from .eval import format_eval_table, log_eval, run_eval
+        from .eval.runner import close_figures
+
+        ev = run_eval(res.checkpoint, cfg.data.train, cfg.data.val or None, eval_protocols,
+                      train_subset=probe_train_subset, val_subset=probe_val_subset, use_gpu=cfg.ray.use_gpu)
+        log_eval(Tracker(res.tracking_uri, res.run_id), ev)
+        close_figures(ev)
+        print(format_eval_table(ev))
+
     Tracker(res.tracking_uri, res.run_id).end()
     return res, report
 
@@ -104,7 +114,8 @@ def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val
 def cmd_pretrain(a) -> int:
     cfg = config_from_args(a)
     run_pretrain(cfg, probe=not a.no_probe, probe_train_subset=a.probe_train_subset or cfg.data.train_subset,
-                 probe_val_subset=a.probe_val_subset or cfg.data.val_subset, restart=a.restart)
+                 probe_val_subset=a.probe_val_subset or cfg.data.val_subset, restart=a.restart,
+                 eval_protocols=a.eval)
     return 0
 
 
@@ -164,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-probe", action="store_true", help="skip the offline linear probe after training")
     p.add_argument("--probe-train-subset", type=int, default=0, help="train images for the probe (0: as training)")
     p.add_argument("--probe-val-subset", type=int, default=0, help="val images for the probe (0: as data.val_subset)")
+    p.add_argument("--eval", metavar="PROTOCOLS",
+                   help="after training, also run these eval protocols (e.g. linear,knn,lowshot; see `sslray eval`)")
     p.set_defaults(func=cmd_pretrain)
 
     q = sub.add_parser("probe", help="linear probe + kNN on frozen features, beside a random-init baseline")
