@@ -113,6 +113,10 @@ def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val
 
 def cmd_pretrain(a) -> int:
     cfg = config_from_args(a)
+    if a.eval:  # an unknown protocol fails now, not after hours of training
+        from .eval import parse_protocols
+
+        parse_protocols(a.eval)
     run_pretrain(cfg, probe=not a.no_probe, probe_train_subset=a.probe_train_subset or cfg.data.train_subset,
                  probe_val_subset=a.probe_val_subset or cfg.data.val_subset, restart=a.restart,
                  eval_protocols=a.eval)
