@@ -116,7 +116,7 @@ def cmd_pretrain(a) -> int:
     if a.eval:  # an unknown protocol fails now, not after hours of training
         from .eval import parse_protocols
 
-        parse_protocols(a.eval)
+        parse_protocols(a.eval, option="--eval")
     run_pretrain(cfg, probe=not a.no_probe, probe_train_subset=a.probe_train_subset or cfg.data.train_subset,
                  probe_val_subset=a.probe_val_subset or cfg.data.val_subset, restart=a.restart,
                  eval_protocols=a.eval)

@@ -53,7 +53,7 @@ PROTOCOLS: Registry[Callable[[EvalContext], ProtocolResult]] = Registry("eval pr
 register_protocol = PROTOCOLS.register
 
 
-def parse_protocols(text: str | Sequence[str]) -> list[str]:
+def parse_protocols(text: str | Sequence[str], option: str = "--protocol") -> list[str]:
     """``"linear,knn"`` (or a list) -> checked, de-duplicated names; an unknown one names the known ones."""
     items = text.split(",") if isinstance(text, str) else [p for t in text for p in str(t).split(",")]
     names = []
@@ -62,11 +62,11 @@ def parse_protocols(text: str | Sequence[str]) -> list[str]:
         if not name:
             continue
         if name not in PROTOCOLS:
-            raise ValueError(f"--protocol: unknown eval protocol {name!r}; known: {', '.join(PROTOCOLS.names())}")
+            raise ValueError(f"{option}: unknown eval protocol {name!r}; known: {', '.join(PROTOCOLS.names())}")
         if name not in names:
             names.append(name)
     if not names:
-        raise ValueError(f"--protocol: no protocol given; known: {', '.join(PROTOCOLS.names())}")
+        raise ValueError(f"{option}: no protocol given; known: {', '.join(PROTOCOLS.names())}")
     return names
 
 
