@@ -166,3 +166,37 @@ def test_global_bn_conversion_keeps_teachers_frozen(name):
     before = {n for n, p in model.named_parameters() if p.requires_grad}
     after = {n for n, p in convert_global_bn(model, "cpu").named_parameters() if p.requires_grad}
     assert after == before
+
+
+# (method, frozen parameter, tiny params that set the frozen window to 3 of the 8 steps of 1 epoch run below)
+FROZEN = [("dino", "head.last_layer.weight", {"freeze_last_layer_epochs": 0.375}),
+          ("swav", "prototypes.weight", {"freeze_prototypes_steps": 3})]
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "lars", "adamw"])
+@pytest.mark.parametrize("name,param,window", FROZEN, ids=[f[0] for f in FROZEN])
+def test_frozen_weights_stay_bit_identical_inside_the_window(name, param, window, opt_name):
+    """Weight decay and momentum must not move a frozen layer (a zero gradient alone would let AdamW's
+    decoupled decay and SGD/LARS's wd*w shrink it); after the window it trains."""
+    from sslray.raytrain.optim import build_optimizer
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg(name).replace(**{"train.epochs": 1, **{f"method.params.{k}": v for k, v in window.items()}})
+    model = create_method(cfg)
+    views = fixed_views(name)
+    opt = build_optimizer(model, opt_name, lr=0.05, weight_decay=0.1, momentum=0.9)
+    total, window_steps = 8, 3
+    frozen0 = dict(model.named_parameters())[param].detach().clone()
+    other0 = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    history = []
+    for step in range(total):
+        loss = model(views)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        model.on_step(step, total)
+        history.append(dict(model.named_parameters())[param].detach().clone())
+    for step in range(window_steps):
+        assert torch.equal(history[step], frozen0), f"{name}/{opt_name}: {param} moved at step {step} while frozen"
+    assert not torch.equal(history[-1], frozen0), f"{name}/{opt_name}: {param} never trained after the window"
+    assert any(not torch.equal(v, other0[k]) for k, v in model.backbone.state_dict().items()), "nothing trained"

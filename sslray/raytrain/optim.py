@@ -56,13 +56,34 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     groups = param_groups(model, weight_decay)
     name = name.lower()
     if name == "sgd":
-        return torch.optim.SGD([{k: v for k, v in g.items() if k != "lars"} for g in groups], lr=lr, momentum=momentum)
-    if name == "lars":
-        return LARS(groups, lr=lr, momentum=momentum)
-    if name == "adamw":
-        return torch.optim.AdamW([{k: v for k, v in g.items() if k != "lars"} for g in groups], lr=lr,
-                                 betas=(0.9, 0.95))
-    raise ValueError(f"config key 'optim.name': unknown optimizer {name!r} (sgd, lars, adamw)")
+        opt = torch.optim.SGD([{k: v for k, v in g.items() if k != "lars"} for g in groups], lr=lr, momentum=momentum)
+    elif name == "lars":
+        opt = LARS(groups, lr=lr, momentum=momentum)
+    elif name == "adamw":
+        opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "lars"} for g in groups], lr=lr,
+                                betas=(0.9, 0.95))
+    else:
+        raise ValueError(f"config key 'optim.name': unknown optimizer {name!r} (sgd, lars, adamw)")
+    if hasattr(model, "frozen_parameters"):
+        skip_frozen(opt, model)
+    return opt
+
+
+def skip_frozen(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Before every ``optimizer.step()``, drop the gradients of the parameters ``model.frozen_parameters()``
+    names for this step (DINO's last layer in epoch 1, SwAV's prototypes in the first iterations).
+
+    A zero gradient is not enough: decoupled weight decay (AdamW), SGD's and LARS's ``wd * w`` term and
+    momentum from earlier steps would still move them. With ``grad = None`` every optimizer here skips
+    the parameter entirely, as DINO's ``cancel_gradients_last_layer`` does. The methods still give
+    these parameters an exactly-zero gradient in backward, so DDP's reducer sees them used.
+    """
+
+    def hook(opt, args, kwargs):
+        for p in model.frozen_parameters():
+            p.grad = None
+
+    optimizer.register_step_pre_hook(hook)
 
 
 def warmup_cosine(step: int, total: int, warmup: int, peak: float, floor: float = 0.0) -> float:

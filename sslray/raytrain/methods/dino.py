@@ -72,6 +72,10 @@ class DINO(nn.Module):
             return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * e / self.warmup_epochs
         return self.teacher_temp
 
+    def frozen_parameters(self) -> list[nn.Parameter]:
+        """The last layer during the first ``freeze_last_layer_epochs`` (the optimizer skips it then)."""
+        return [self.head.last_layer.weight] if self.epoch() < self.freeze_last_layer_epochs else []
+
     def forward(self, views):
         if len(views) < self.num_global or self.num_global < 1 or len(views) < 2:
             raise ValueError(f"DINO needs {self.num_global} global crops first and >= 2 views, got {len(views)}")

@@ -24,6 +24,8 @@ class SwAV(nn.Module):
         super().__init__()
         self.backbone, self.projector = allow_any_size(backbone), projector
         self.prototypes = nn.Linear(out_dim, num_prototypes, bias=False)
+        with torch.no_grad():  # on the unit sphere from the start, so the frozen window needs no re-projection
+            self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
         self.temperature, self.epsilon, self.iters, self.num_global = temperature, epsilon, sinkhorn_iters, num_global
         self.queue_start_step, self.freeze_prototypes_steps = queue_start_step, freeze_prototypes_steps
         # One queue of past global-crop embeddings per global crop, as in the paper's code.
@@ -31,9 +33,16 @@ class SwAV(nn.Module):
             if queue_size > 0 else None
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
+    def frozen(self) -> bool:
+        return int(self.step) < self.freeze_prototypes_steps
+
+    def frozen_parameters(self) -> list[nn.Parameter]:
+        """The prototypes during the first ``freeze_prototypes_steps`` (the optimizer skips them then)."""
+        return [self.prototypes.weight] if self.frozen() else []
+
     def _prototype_weight(self) -> torch.Tensor:
         w = self.prototypes.weight
-        if int(self.step) < self.freeze_prototypes_steps:
+        if self.frozen():
             # Frozen (paper: no prototype update in the first iterations): an exactly-zero gradient
             # keeps DDP's reducer happy where a detached weight would leave it waiting.
             return w.detach() + 0 * w
@@ -42,8 +51,8 @@ class SwAV(nn.Module):
     def forward(self, views):
         if len(views) <= self.num_global:
             raise ValueError(f"SwAV needs more than {self.num_global} views (global crops first), got {len(views)}")
-        if self.training:
-            with torch.no_grad():  # prototypes live on the unit sphere (alg. 1)
+        if self.training and not self.frozen():
+            with torch.no_grad():  # prototypes live on the unit sphere (alg. 1); frozen ones already do
                 self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
         z = [F.normalize(c.float(), dim=1) for c in encode_crops(lambda x: self.projector(self.backbone(x)), views)]
         # The global batch on every rank: Sinkhorn's equipartition spans all ranks and the loss equals
