@@ -40,7 +40,7 @@ TINY = ["model.cifar_stem=false", "model.proj_hidden_dim=64", "model.proj_out_di
 TINY_METHOD = {"byol": ["method.params.pred_hidden_dim=64"],
                "mae": ["method.params.decoder_dim=32", "method.params.decoder_depth=1", "method.params.decoder_heads=2",
                        "method.params.patch_size=8"]}
-FIELDS = ["method", "epoch", "step", "wall_s", "loss", "knn_top1", "knn_top5", "epoch_seconds", "images_per_sec",
+FIELDS = ["method", "epoch", "step", "wall_s", "loss", "knn_top1", "knn_top5", "online_probe_top1", "epoch_seconds", "images_per_sec",
           "knn_seconds"]
 
 
