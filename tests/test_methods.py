@@ -200,3 +200,81 @@ def test_frozen_weights_stay_bit_identical_inside_the_window(name, param, window
         assert torch.equal(history[step], frozen0), f"{name}/{opt_name}: {param} moved at step {step} while frozen"
     assert not torch.equal(history[-1], frozen0), f"{name}/{opt_name}: {param} never trained after the window"
     assert any(not torch.equal(v, other0[k]) for k, v in model.backbone.state_dict().items()), "nothing trained"
+
+
+def _recording_encoder(seen: list):
+    def encode(x):
+        seen.append(x.clone())
+        return x.flatten(1) * 1.0
+    return encode
+
+
+def test_mocov2_shuffled_bn_is_a_permutation_that_is_undone():
+    from sslray.raytrain.methods.moco import shuffled_bn_forward
+
+    x = torch.arange(16 * 3 * 2 * 2, dtype=torch.float32).view(16, 3, 2, 2)
+    seen: list = []
+    torch.manual_seed(0)
+    k = shuffled_bn_forward(_recording_encoder(seen), x, groups=4)
+    assert torch.equal(k, x.flatten(1)), "keys are not back in the order of their images"
+    assert [c.shape[0] for c in seen] == [4, 4, 4, 4], "keys were not encoded in 4 BN groups"
+    order = [int(r[0, 0, 0]) // 12 for c in seen for r in c]  # image index of every encoded row
+    assert sorted(order) == list(range(16)) and order != list(range(16)), "not a shuffle of the batch"
+    # Groups never drop below 2 images (BN's minimum), and groups=1 is one pass.
+    seen.clear()
+    shuffled_bn_forward(_recording_encoder(seen), x[:6], groups=8)
+    assert [c.shape[0] for c in seen] == [2, 2, 2]
+
+
+def test_mocov2_keys_use_per_group_bn_statistics():
+    """With BN in the key encoder, grouped keys differ from one full-batch pass (the point of it)
+    and each key equals its own group's BN of that image."""
+    from sslray.raytrain.methods.moco import shuffled_bn_forward
+
+    bn = torch.nn.BatchNorm1d(5).train()
+    x = torch.randn(12, 5)
+    seen: list = []
+
+    def encode(c):
+        seen.append(c.clone())
+        return bn(c)
+
+    torch.manual_seed(3)
+    k = shuffled_bn_forward(encode, x, groups=3)
+    assert not torch.allclose(k, bn(x), atol=1e-4)
+    for c in seen:  # every image's key is its group's normalisation
+        for row, key in zip(c, bn(c)):
+            i = int((x == row).all(1).nonzero())
+            torch.testing.assert_close(k[i], key)
+
+
+def _shuffle_rank(rank: int, world: int, init: str, out: str):
+    import torch.distributed as dist
+
+    from sslray.raytrain.methods.moco import shuffled_bn_forward
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.manual_seed(rank)  # different RNGs: rank 0's permutation must win
+        x = torch.arange(8, dtype=torch.float32).view(8, 1) + 8 * rank  # global images 0..15
+        seen: list = []
+        k = shuffled_bn_forward(_recording_encoder(seen), x, groups=4)
+        torch.save({"k": k, "seen": torch.cat(seen).view(-1), "groups": len(seen)}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes
+def test_mocov2_shuffle_across_two_ranks(tmp_path):
+    """Each rank encodes a slice of the globally shuffled batch and gets its own images' keys back."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "keys")
+    mp.spawn(_shuffle_rank, args=(2, f"file://{tmp_path / 'rdv'}", out), nprocs=2, join=True)
+    r = [torch.load(f"{out}.{i}") for i in range(2)]
+    for i in range(2):
+        assert torch.equal(r[i]["k"].view(-1), torch.arange(8.0) + 8 * i), f"rank {i} got other images' keys"
+        assert r[i]["groups"] == 2  # 4 groups over the global batch = 2 per rank
+    encoded = torch.cat([r[0]["seen"], r[1]["seen"]])
+    assert sorted(encoded.tolist()) == list(range(16)), "the ranks did not split one permutation"
+    assert any(v >= 8 for v in r[0]["seen"].tolist()), "rank 0 only encoded its own images: no shuffle across ranks"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..distributed import gather_nograd, gather_with_grad
+from ..distributed import gather_nograd, gather_with_grad, rank, world_size
 from ..heads import MLPHead
 from ..losses import infonce_loss
 from . import register_method
@@ -24,24 +24,51 @@ def _two_views(views, name):
     return views
 
 
+@torch.no_grad()
+def shuffled_bn_forward(encode, x: torch.Tensor, groups: int) -> torch.Tensor:
+    """MoCo's shuffling BN (sec. 3.3): keys are encoded in BN groups of a random permutation of the
+    *global* batch and put back in order, so a query's BN statistics and its key's come from different
+    images and BN cannot leak the positive.
+
+    Across ranks the global key batch is gathered, permuted by rank 0's permutation (broadcast), each
+    rank encodes its slice and the unshuffled keys come back for its own images (the paper's
+    ``_batch_shuffle_ddp``). ``groups`` is the number of BN groups over the global batch (the paper's
+    8 GPUs); each rank splits its slice into ``groups // world`` of them, so one process with 8 groups
+    sees the same group sizes as 8 workers. Groups keep >= 2 images (BN needs two).
+    """
+    n, world = x.shape[0], world_size()
+    x_all = gather_nograd(x)
+    perm = torch.randperm(x_all.shape[0], device=x.device)
+    if world > 1:
+        torch.distributed.broadcast(perm, 0)
+    mine = slice(rank() * n, (rank() + 1) * n)
+    k_mine = x_all[perm[mine]]
+    per_rank = max(1, min(groups // world, n // 2))
+    k = torch.cat([encode(c) for c in k_mine.chunk(per_rank)])
+    return gather_nograd(k)[perm.argsort()[mine]]
+
+
 class MoCoV2(nn.Module):
     family = "contrastive"
 
     def __init__(self, backbone: nn.Module, projector: nn.Module, out_dim: int, temperature: float = 0.2,
-                 queue_size: int = 65536, momentum: float = 0.999, momentum_schedule: str = "constant"):
+                 queue_size: int = 65536, momentum: float = 0.999, momentum_schedule: str = "constant",
+                 shuffle_bn_groups: int = 8):
         super().__init__()
         self.backbone, self.projector = backbone, projector
         self.key_encoder = EMATeacher(backbone, projector)
         self.queue = FeatureQueue(queue_size, out_dim)
         self.temperature, self.base_momentum, self.momentum_schedule = temperature, momentum, momentum_schedule
+        self.shuffle_bn_groups = shuffle_bn_groups
 
     def forward(self, views):
         x1, x2 = _two_views(views, "MoCo v2")
         q = self.projector(self.backbone(x1))
-        k = self.key_encoder(x2).detach()
+        if self.training and self.shuffle_bn_groups > 0:
+            k = shuffled_bn_forward(self.key_encoder, x2, self.shuffle_bn_groups)
+        else:
+            k = self.key_encoder(x2).detach()
         # As in the paper: one query per image, its key as the only positive, the queue as negatives.
-        # Shuffling BN (the paper's guard against BN leaking the positive) is not done; queries and
-        # keys are normalised in separate passes.
         loss = infonce_loss(q, k, self.queue.rows(), self.temperature, in_batch_negatives=False)
         if self.training:
             self.queue.push(gather_nograd(torch.nn.functional.normalize(k.float(), dim=1)))
@@ -83,12 +110,13 @@ class MoCoV3(nn.Module):
 
 @register_method("mocov2")
 def build_mocov2(cfg, backbone, feat_dim, queue_size: int = 65536, momentum: float = 0.999,
-                 momentum_schedule: str = "constant"):
-    """Projector fc-ReLU-fc without BN, as in the MoCo v2 code; T from ``method.temperature``."""
+                 momentum_schedule: str = "constant", shuffle_bn_groups: int = 8):
+    """Projector fc-ReLU-fc without BN, as in the MoCo v2 code; T from ``method.temperature``; keys
+    through shuffling BN in 8 groups over the global batch (the paper's 8 GPUs; 0 turns it off)."""
     projector = nn.Sequential(nn.Linear(feat_dim, cfg.model.proj_hidden_dim), nn.ReLU(inplace=True),
                               nn.Linear(cfg.model.proj_hidden_dim, cfg.model.proj_out_dim))
     return MoCoV2(backbone, projector, cfg.model.proj_out_dim, cfg.method.temperature, queue_size, momentum,
-                  momentum_schedule)
+                  momentum_schedule, shuffle_bn_groups)
 
 
 @register_method("mocov3")
