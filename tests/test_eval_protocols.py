@@ -138,6 +138,21 @@ def test_features_are_extracted_once_per_checkpoint(tiny_ckpt, cifar_small, monk
         os.utime(tiny_ckpt["state"], ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
+def test_cli_eval_prints_the_table_and_logs_to_the_run_it_finds(tiny_ckpt, cifar_small, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from sslray.cli import main
+
+    rc = main(["eval", "--checkpoint", str(tiny_ckpt["run_dir"]), "--train", cifar_small["train"], "--val",
+               cifar_small["test"], "--protocol", "knn", "--knn-k", "10,20", "--gpu", "false"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "knn_k20_top1" in out and "random init" in out and "knn_k100" not in out
+    assert f"logged to MLflow run {tiny_ckpt['run_id']}" in out
+    run = MlflowClient(tracking_uri=tiny_ckpt["uri"]).get_run(tiny_ckpt["run_id"])
+    assert {"eval_knn_k10_top1", "eval_random_init_knn_k20_top5", "eval_gain_knn_k20_top1"} <= set(run.data.metrics)
+    assert run.data.tags["sslray.eval_protocols"] == "knn"
+
+
 # --- protocols on real CIFAR-10 ---------------------------------------------------------------------
 
 @pytest.mark.slow  # two linear probes to convergence: ~15-30 s on 2 busy cores
@@ -234,3 +249,19 @@ def test_finetune_against_scratch_on_ray(ray_cluster, tiny_ckpt, cifar_small, tm
         assert r.info[init]["step"] == 2 and r.info[init]["val_images"] == 300
     assert r.gain()["finetune_top1"] == pytest.approx(r.pretrained["finetune_top1"] - r.random_init["finetune_top1"])
     assert report.metrics()["eval_gain_finetune_macro_f1"] == r.gain()["finetune_macro_f1"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_eval_finds_and_logs_to_a_real_pretraining_run(tiny_runs, capsys):
+    """The shared tiny Ray runs: `sslray eval` on a run folder uses its config's data and its MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    from sslray.cli import main
+
+    run_dir = sorted(p.parent for p in (tiny_runs.root / "runs").glob("*/sslray_run.json"))[0]
+    run_id = json.loads((run_dir / "sslray_run.json").read_text())["run_id"]
+    assert main(["eval", "--checkpoint", str(run_dir), "--protocol", "knn", "--knn-k", "20", "--gpu", "false"]) == 0
+    assert f"logged to MLflow run {run_id}" in capsys.readouterr().out
+    metrics = MlflowClient(tracking_uri=tiny_runs.uri).get_run(run_id).data.metrics
+    assert {"eval_knn_k20_top1", "eval_random_init_knn_k20_top1", "eval_gain_knn_k20_top1"} <= set(metrics)

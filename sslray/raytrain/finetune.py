@@ -178,7 +178,9 @@ def finetune_loop(c: dict, session) -> dict:
         last = {"epoch": epoch + 1, "step": step, "train_loss": float(D.all_reduce_mean(loss_sum / max(1, n))),
                 **evaluate_logits(net, val, evalT, dev, cfg.train.precision, info.num_classes),
                 "seconds": time.perf_counter() - t0}
-        session.report(last)
+        session.log(f"finetune ({c['init']}): epoch {epoch + 1}/{epochs} step {step}/{total} "
+                    f"train loss {last['train_loss']:.4f} val top-1 {last['top1']:.4f} ({last['seconds']:.0f} s)")
+        session.report(last, final=epoch + 1 == epochs)
     return last
 
 
@@ -206,10 +208,19 @@ class _Reporter:
         self._s = RaySession(use_gpu)
         self.rank, self.world_size, self.device = self._s.rank, self._s.world_size, self._s.device
 
-    def report(self, metrics: dict) -> None:
+    def report(self, metrics: dict, final: bool = False) -> None:
+        """Ray Train V2 keeps a run's metrics with its checkpoints, so the last report carries a tiny one
+        (``metrics.json``, rank 0) and ``Result.metrics`` returns the final scores to the driver."""
+        import json
+
         import ray.train
 
-        ray.train.report(metrics)
+        if not final or self.rank != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="sslray-finetune-") as d:
+            Path(d, "metrics.json").write_text(json.dumps(metrics))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     def log(self, msg: str) -> None:
         self._s.log(msg)
@@ -243,7 +254,10 @@ def run_finetune(state_path: str, train: str, val: str, init: str, s: FinetuneSe
                              storage_path=str(Path(storage).resolve())),
     )
     result = trainer.fit()
-    return dict(result.metrics or {})
+    metrics = dict(result.metrics or {})
+    if "top1" not in metrics:
+        raise RuntimeError(f"finetune ({init}): the Ray Train run in {storage} reported no final scores")
+    return metrics
 
 
 def finetune_compare(state_path: str, train: str, val: str, s: FinetuneSettings,
@@ -264,7 +278,7 @@ def run_local_finetune(state_path: str, train: str, val: str, init: str, s: Fine
     from .session import LocalSession
 
     class _S(LocalSession):
-        def report(self, metrics, state=None):
+        def report(self, metrics, state=None, final=False):
             self.history.append(dict(metrics))
 
     return finetune_loop({"state_path": state_path, "train": train, "val": val, "init": init, "settings": asdict(s)},
