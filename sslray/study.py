@@ -310,8 +310,9 @@ def log_study(sweep, cells: list[dict], methods: Sequence[str], policies: Sequen
                         f"{STUDY_TAG}.method": cell["method"], f"{STUDY_TAG}.policy": cell["policy"]})
         child.log_metrics({f"probe_{k}": cell[k] for k in ("linear_top1", "linear_top5", "linear_macro_f1",
                                                             "knn_top1", "knn_top5") if k in cell})
-        child.log_metrics({k: cell[k] for k in ("train_seconds", "wall_seconds", "peak_gpu_mem_mb", "peak_rss_mb")
-                           if k in cell})
+        child.log_metrics({k: cell[k] for k in ("train_seconds", "peak_gpu_mem_mb", "peak_rss_mb") if k in cell})
+        if isinstance(cell.get("wall_seconds"), (int, float)):  # the name `sslray compare` reads as wall time
+            child.log_metrics({"train_wall_seconds": cell["wall_seconds"]})
     parent.set_tags({STUDY_TAG: sweep.spec.name})
     parent.log_params({"study.methods": ",".join(methods), "study.policies": ",".join(policies)})
     parent.log_metrics({"cells": len(cells), "cells_failed": sum(x["status"] == "failed" for x in cells)})
