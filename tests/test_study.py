@@ -103,6 +103,22 @@ def test_heatmap_has_a_panel_per_metric_and_skips_missing_gpu_memory():
     assert "peak GPU MiB" in [ax.get_title() for ax in fig.axes]
 
 
+def test_peak_memory_session_adds_memory_to_every_report(monkeypatch):
+    import torch
+
+    from sslray.raytrain.session import RaySession
+    from sslray.study import PeakMemorySession
+
+    seen = []
+    monkeypatch.setattr(RaySession, "report", lambda self, metrics, state=None: seen.append((metrics, state)))
+    s = object.__new__(PeakMemorySession)  # no Ray Train context needed for report()
+    s.device = torch.device("cpu")
+    s.report({"epoch": 1, "loss": 0.5}, {"model": 1})
+    (metrics, state), = seen
+    assert metrics["epoch"] == 1 and state == {"model": 1}
+    assert metrics["peak_rss_mb"] > 10 and "peak_gpu_mem_mb" not in metrics  # CPU: no GPU figure is made up
+
+
 # --------------------------------------------------------------------------------------- ray, slow
 
 IMAGENETTE_PER_CLASS = {"train": 0.02, "val": 0.02}  # ~19 train and ~8 val images per class, 10 classes
@@ -155,7 +171,7 @@ def test_study_3_methods_x_3_policies_on_imagenette(ray_cluster, imagenette_smal
     assert "### linear top-1" in out and "| barlowtwins |" in out
 
     study_dir = tmp_path / "runs" / "inette" / "study"
-    rows = list(csv.DictReader(open(study_dir / "matrix.csv")))
+    rows = list(csv.DictReader(io.StringIO((study_dir / "matrix.csv").read_text())))
     assert [(r["method"], r["policy"]) for r in rows] == [(m, p) for m in methods for p in policies]
     for r in rows:
         assert r["status"] == "completed" and not r["reason"], r
