@@ -9,6 +9,7 @@ import torch
 from sslray.datasets.policies import (
     POLICIES,
     VIEW_POLICIES,
+    LoRotParams,
     apply_policy,
     dcl_apply,
     dcl_permutation,
@@ -225,3 +226,20 @@ def test_build_views_reads_views_policy():
     mv = build_views(cfg.views)
     assert all(a.params.policies == ("lorot",) for a in mv.augs)
     assert all(a.params.policies == () for a in build_views(load_config("byol_cifar10").views).augs)
+
+
+@pytest.mark.gpu
+def test_ops_run_on_the_gpu_with_parameters_drawn_there():
+    x = batch(b=32).cuda()
+    torch.manual_seed(0)
+    p = lorot_params(x)
+    assert p.k.device.type == "cuda"
+    cpu = LoRotParams(*(t.cpu() for t in (p.k, p.top, p.left, p.height, p.width)))
+    assert torch.equal(lorot_apply(x, p).cpu(), lorot_apply(x.cpu(), cpu))
+    perm = dcl_permutation(len(x), 4, 1.0, x.device)
+    assert perm.device.type == "cuda"
+    assert torch.equal(dcl_apply(x, perm, 4).cpu(), dcl_apply(x.cpu(), perm.cpu(), 4))
+    for name in POLICIES.names():
+        torch.manual_seed(1)
+        y = POLICIES.get(name)(x)
+        assert y.device == x.device and torch.equal(y.flatten(2).sort(-1).values, x.flatten(2).sort(-1).values)
