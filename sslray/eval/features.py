@@ -122,7 +122,8 @@ class FeatureStore:
         if self.cache and path.exists():
             try:
                 with np.load(path, allow_pickle=False) as z:
-                    f = Features(z["train_x"], z["train_y"], z["val_x"], z["val_y"], list(z["classes"]), init, path, True)
+                    f = Features(z["train_x"], z["train_y"], z["val_x"], z["val_y"], [str(c) for c in z["classes"]], init,
+                                 path, True)
                 self.log(f"eval: {init} features read from the cache {path}")
                 self._mem[init] = f
                 return f
