@@ -97,6 +97,8 @@ class LocalSession:
         if self.pictures_dir:
             write_picture(self.pictures_dir, name, png)
 
+    keeps_pictures = True  # in memory at least
+
 
 class RaySession:
     """Inside a Ray Train worker (Train V2): rank from the train context, checkpoints via report."""
@@ -150,3 +152,8 @@ class RaySession:
         after the next report (workers never write to MLflow)."""
         if self.rank == 0 and self.pictures_dir:
             write_picture(self.pictures_dir, name, png)
+
+    @property
+    def keeps_pictures(self) -> bool:
+        """False inside Tune trials and other runs without a pictures folder: nothing is drawn."""
+        return bool(self.pictures_dir)
