@@ -124,7 +124,9 @@ class RunPictures:
     def __init__(self, cfg, session, model, data, multiview, evalT):
         self.cfg, self.session, self.model, self.data = cfg, session, model, data
         self.multiview, self.evalT = multiview, evalT
-        self.on = bool(cfg.monitor.pictures) and session.rank == 0 and getattr(session, "keeps_pictures", True)
+        # Sessions without a place for pictures (Tune trials, benchmark sessions) draw nothing.
+        self.on = (bool(cfg.monitor.pictures) and session.rank == 0 and hasattr(session, "save_picture")
+                   and getattr(session, "keeps_pictures", True))
         self.n = max(1, cfg.monitor.num_images)
         self._fixed = None
 
