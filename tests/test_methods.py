@@ -11,7 +11,7 @@ from functools import cache
 import pytest
 import torch
 
-from sslray.config import load_config
+from sslray.config import CONFIG_DIR, load_config
 from sslray.datasets.views import PRESETS, MultiView
 from sslray.raytrain.methods import METHODS, create_method
 
@@ -278,3 +278,44 @@ def test_mocov2_shuffle_across_two_ranks(tmp_path):
     encoded = torch.cat([r[0]["seen"], r[1]["seen"]])
     assert sorted(encoded.tolist()) == list(range(16)), "the ranks did not split one permutation"
     assert any(v >= 8 for v in r[0]["seen"].tolist()), "rank 0 only encoded its own images: no shuffle across ranks"
+
+
+RECIPES = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+METHOD_RECIPES = [r for r in RECIPES if r.rsplit("_", 1)[0] in METHODS]
+
+
+def test_every_method_has_a_cifar_and_an_imagenet_recipe():
+    for name in METHODS.names():
+        assert f"{name}_cifar10" in RECIPES and f"{name}_imagenet" in RECIPES, name
+        big = load_config(f"{name}_imagenet")
+        assert big.method.name == name and big.views.crop_size == 224 and not big.model.cifar_stem
+        assert big.data.decode_res >= big.views.crop_size and big.views.preset == METHODS.get(name).default_views
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_loads_with_known_method_preset_and_params(recipe):
+    from sslray.config import effective_lr
+
+    cfg = load_config(recipe)
+    builder = METHODS.get(cfg.method.name)
+    assert cfg.views.preset in PRESETS
+    assert set(cfg.method.params) <= set(inspect.signature(builder).parameters) - {"cfg", "backbone", "feat_dim"}
+    assert effective_lr(cfg) > 0 and cfg.optim.name in {"sgd", "lars", "adamw"}
+
+
+@pytest.mark.slow  # full-size models (ResNet-50, ViT-S/B, 8192-wide projectors): ~1-3 s each on a CPU
+@pytest.mark.parametrize("recipe", METHOD_RECIPES)
+def test_every_recipe_builds_its_method_and_runs_a_tiny_batch(recipe):
+    """Exactly as the recipe says (no shrinking): its backbone, heads and view preset on 2 images."""
+    from sslray.datasets.views import build_views
+
+    cfg = load_config(recipe)
+    torch.manual_seed(0)
+    model = create_method(cfg).train()
+    size = cfg.data.decode_res
+    imgs = (torch.rand(2, 3, size, size) * 255).to(torch.uint8)
+    views = build_views(cfg.views)(imgs)
+    assert views[0].shape[-1] == cfg.views.crop_size
+    with torch.no_grad():
+        loss = model(views)["loss"]
+    assert loss.ndim == 0 and torch.isfinite(loss), f"{recipe}: loss {loss}"

@@ -101,12 +101,14 @@ class VICRegL(nn.Module):
 
 @register_method("vicregl")
 def build_vicregl(cfg, backbone, feat_dim, alpha: float = 0.75, num_matches: int = 4, sim_coeff: float = 25.0,
-                  std_coeff: float = 25.0, cov_coeff: float = 1.0, local_hidden_dim: int = 0, proj_layers: int = 3):
-    """Global expander as VICReg; the local projector is the same MLP applied to every cell (8192 in
-    the paper; ``local_hidden_dim`` 0 = the global width). alpha 0.75; crops from ``views.min_scale``."""
+                  std_coeff: float = 25.0, cov_coeff: float = 1.0, local_hidden_dim: int = 0, local_out_dim: int = 0,
+                  proj_layers: int = 3):
+    """Global expander as VICReg; the local projector is an MLP applied to every cell (512-512-512 for
+    ResNet-50 in the paper's code; ``local_hidden_dim`` / ``local_out_dim`` 0 = the global sizes).
+    alpha 0.75; crops from ``views.min_scale``."""
     h, d = cfg.model.proj_hidden_dim, cfg.model.proj_out_dim
     projector = MLPHead(feat_dim, h, d, layers=proj_layers)
-    local = MLPHead(feat_dim, local_hidden_dim or h, d, layers=proj_layers)
+    local = MLPHead(feat_dim, local_hidden_dim or h, local_out_dim or d, layers=proj_layers)
     return VICRegL(backbone, projector, local, alpha, num_matches, sim_coeff, std_coeff, cov_coeff,
                    (cfg.views.min_scale, 1.0))
 
