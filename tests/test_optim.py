@@ -1,0 +1,68 @@
+"""Optimizers and schedules: LARS leaves biases and norm parameters out of adaptation and decay,
+warm-up cosine lr and cosine EMA momentum hit their end points."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sslray.raytrain.optim import LARS, build_optimizer, cosine_momentum, param_groups, warmup_cosine
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+
+
+def test_bias_and_norm_parameters_get_no_decay_and_no_lars():
+    m = _model()
+    decay, no_decay = param_groups(m, 1e-4)
+    names = {id(p): n for n, p in m.named_parameters()}
+    assert sorted(names[id(p)] for p in decay["params"]) == ["0.weight", "2.weight"]
+    assert sorted(names[id(p)] for p in no_decay["params"]) == ["0.bias", "1.bias", "1.weight", "2.bias"]
+    assert decay["lars"] and decay["weight_decay"] == 1e-4
+    assert not no_decay["lars"] and no_decay["weight_decay"] == 0.0
+
+
+def test_lars_step_matches_the_formula():
+    m = _model()
+    for p in m.parameters():
+        p.grad = torch.randn_like(p)
+    w0 = {n: p.detach().clone() for n, p in m.named_parameters()}
+    g = {n: p.grad.clone() for n, p in m.named_parameters()}
+    lr, wd, eta = 0.5, 1e-2, 0.001
+    opt = LARS(param_groups(m, wd), lr=lr, momentum=0.9, eta=eta)
+    opt.step()
+    params = dict(m.named_parameters())
+    d = g["0.weight"] + wd * w0["0.weight"]  # a weight: decayed, then scaled by the trust ratio
+    trust = eta * w0["0.weight"].norm() / d.norm()
+    torch.testing.assert_close(params["0.weight"], w0["0.weight"] - lr * trust * d)
+    for n in ("0.bias", "1.weight", "1.bias"):  # plain SGD: no decay, no adaptation
+        torch.testing.assert_close(params[n], w0[n] - lr * g[n])
+
+
+@pytest.mark.parametrize("name", ["sgd", "lars", "adamw"])
+def test_build_optimizer_keeps_the_groups(name):
+    opt = build_optimizer(_model(), name, lr=0.1, weight_decay=0.05)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+    with pytest.raises(ValueError, match="optim.name"):
+        build_optimizer(_model(), "rmsprop", lr=0.1, weight_decay=0.0)
+
+
+def test_warmup_cosine_end_points():
+    peak, floor, total, warm = 1.0, 0.01, 100, 10
+    lrs = [warmup_cosine(s, total, warm, peak, floor) for s in range(total + 1)]
+    assert lrs[0] == pytest.approx(peak / warm) and lrs[warm - 1] == pytest.approx(peak)
+    assert lrs[warm] == pytest.approx(peak) and lrs[total] == pytest.approx(floor)
+    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1 :])), "not decreasing after warm-up"
+    mid = warm + (total - warm) // 2
+    assert lrs[mid] == pytest.approx(floor + (peak - floor) / 2)
+
+
+def test_cosine_momentum_goes_from_base_to_one():
+    assert cosine_momentum(0, 100, 0.996) == pytest.approx(0.996)
+    assert cosine_momentum(100, 100, 0.996) == pytest.approx(1.0)
+    assert cosine_momentum(50, 100, 0.996) == pytest.approx(1 - 0.004 * (math.cos(math.pi / 2) + 1) / 2)
