@@ -258,3 +258,39 @@ def test_a_skipped_non_finite_step_is_counted_and_the_run_goes_on(cifar_small, m
     last, session = run_local(_cfg(cifar_small, "train.epochs=1", "monitor.max_nonfinite_skips=1", "data.val="))
     assert last["step"] == 4 and math.isfinite(last["loss"])
     assert last["nonfinite_skipped_frac"] == pytest.approx(0.25)
+
+
+@pytest.mark.gpu
+def test_per_step_bookkeeping_never_syncs_the_host_on_cuda():
+    """The reason the check is deferred: after_backward/restore/due run every step and must queue
+    device work only. torch's sync debug mode turns any host sync inside them into an error."""
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    for max_skips in (0, 2):
+        model = Tiny().to(dev)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+        health = StepHealth(model, dev, max_skips=max_skips, check_every=50)
+        for step in range(4):
+            loss = model(torch.randn(8, 4, device=dev)) * (float("nan") if step == 2 else 1.0)
+            opt.zero_grad()
+            loss.backward()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                ok = health.after_backward(loss, step, lr=0.1)
+                assert not health.due(step)
+                opt.step()
+                health.restore(ok)
+                sums = health.epoch_metrics(step + 1)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        # max_skips=0 does not mask: the bad step poisons the weights, so every later step is bad too
+        # until the host looks (and stops the run, naming the first); with skips the run recovers.
+        assert float(sums["nonfinite_skipped_frac"]) == pytest.approx(0.5 if max_skips == 0 else 0.25)
+        if max_skips == 0:
+            with pytest.raises(NonFiniteLossError, match=r"at step 2 \(epoch 1\)"):
+                health.check("tiny", 1)
+        else:
+            health.check("tiny", 1)  # one skipped step is within the limit
+            assert all(torch.isfinite(p).all() for p in model.parameters())
+    x = torch.randn(64, 16, device=dev)
+    assert tripped({k: float(v) for k, v in collapse_stats(x).items()}) == []

@@ -194,7 +194,11 @@ class StepHealth:
     def restore(self, ok: torch.Tensor) -> None:
         """After ``optimizer.step()``: put back the parameters of a skipped step (no-op when ``ok``)."""
         if self._backup is not None:
-            torch._foreach_lerp_([p.data for p in self.params], self._backup, (1 - ok.float()))
+            # p += (backup - p) * (1 - ok), with the flag as a tensor: a Python scalar weight would sync.
+            params = [p.data for p in self.params]
+            torch._foreach_sub_(self._backup, params)
+            torch._foreach_mul_(self._backup, 1 - ok.float())
+            torch._foreach_add_(params, self._backup)
             self._backup = None
 
     def due(self, step: int) -> bool:
