@@ -153,6 +153,24 @@ def test_cli_eval_prints_the_table_and_logs_to_the_run_it_finds(tiny_ckpt, cifar
     assert run.data.tags["sslray.eval_protocols"] == "knn"
 
 
+def test_pretrain_eval_option_runs_the_protocols_on_the_final_checkpoint(tiny_ckpt, cifar_small, monkeypatch):
+    """`sslray pretrain --eval knn`: after training, the protocols run on the returned checkpoint and land
+    in the training run before it is marked finished (training itself is stubbed: its tests are elsewhere)."""
+    from mlflow.tracking import MlflowClient
+
+    from sslray.cli import run_pretrain
+    from sslray.config import load_config
+    from sslray.raytrain import trainer
+
+    res = trainer.PretrainResult(tiny_ckpt["run_id"], tiny_ckpt["uri"], str(tiny_ckpt["state"].parent), {}, "tiny", "")
+    monkeypatch.setattr(trainer, "pretrain", lambda cfg, restart=False: res)
+    cfg = load_config("smoke", [f"data.train={cifar_small['train']}", f"data.val={cifar_small['test']}",
+                                "ray.use_gpu=false"])
+    run_pretrain(cfg, probe=False, eval_protocols="knn")
+    run = MlflowClient(tracking_uri=tiny_ckpt["uri"]).get_run(tiny_ckpt["run_id"])
+    assert "eval_knn_k200_top1" in run.data.metrics and run.info.status == "FINISHED"
+
+
 # --- protocols on real CIFAR-10 ---------------------------------------------------------------------
 
 @pytest.mark.slow  # two linear probes to convergence: ~15-30 s on 2 busy cores
