@@ -125,7 +125,10 @@ def test_views_command_draws_the_methods_views(cifar_small, tmp_path, capsys):
     out = tmp_path / "v.png"
     assert main(["views", "--data", cifar_small["test"], "--method", "byol", "--out", str(out), "-n", "4"]) == 0
     arr = assert_png(out.read_bytes())
-    assert arr.shape[1] > arr.shape[0]  # 4 rows of source + 2 views: wider than tall
+    two = tmp_path / "v2.png"
+    assert main(["views", "--data", cifar_small["test"], "--method", "byol", "--out", str(two), "-n", "2"]) == 0
+    arr2 = assert_png(two.read_bytes())
+    assert arr.shape[0] > 1.5 * arr2.shape[0] and abs(arr.shape[1] - arr2.shape[1]) < 0.1 * arr.shape[1]  # rows = images
     assert main(["views", "--data", cifar_small["test"], "--method", "nosuch"]) == 2
     assert "unknown method 'nosuch'" in capsys.readouterr().err
     assert main(["views", "--data", str(tmp_path / "missing.beton"), "--method", "simclr"]) == 2
