@@ -4,8 +4,8 @@ Each cell (method, policy) is a Tune trial that fits a TorchTrainer through the 
 ``sslray tune`` (``sslray.tune.sweep.run_sweep``): the grid runs over two keys, ``recipe`` (one
 resolved config per method: the method's own recipe plus the study's shared settings, written under
 ``<storage>/<name>/recipes/``) and ``views.policy``. The sweep's parent MLflow run holds every cell as
-a child run. After the grid, each cell's final checkpoint gets the offline linear probe and kNN (one
-Ray task per cell, so they run where the GPUs are), and the driver writes the matrix
+a child run. After the grid, each cell's final checkpoint gets the offline linear probe and kNN (in
+as many Ray tasks as cells trained at once, so they run where the GPUs are), and the driver writes the matrix
 method x policy -> linear top-1, kNN top-1, train seconds, peak GPU memory: printed, saved under
 ``<storage>/<name>/study/`` and attached to the parent run as CSV, Markdown and a heatmap PNG.
 Only the driver writes to MLflow.
@@ -33,7 +33,7 @@ STUDY_TAG = "sslray.study"
 DEFAULT_VIEWS = "default,orthogonality,lorot,dcl"
 # The matrix: (key, heading, number format); top-1 values are fractions in [0, 1].
 MATRIX = (("linear_top1", "linear top-1", "{:.1%}"), ("knn_top1", "kNN top-1", "{:.1%}"),
-          ("train_seconds", "train seconds", "{:.0f}"), ("peak_gpu_mem_mb", "peak GPU MiB", "{:.0f}"))
+          ("train_seconds", "train seconds", "{:.1f}"), ("peak_gpu_mem_mb", "peak GPU MiB", "{:.0f}"))
 CSV_COLUMNS = ("method", "policy", "status", "linear_top1", "linear_top5", "linear_macro_f1", "knn_top1",
                "knn_top5", "knn_top1_monitor", "epochs", "train_seconds", "wall_seconds", "peak_gpu_mem_mb",
                "peak_rss_mb", "trial_id", "run_id", "reason")
@@ -150,14 +150,19 @@ def study_train_func(config: dict) -> None:
     train_loop(cfg, PeakMemorySession(cfg.ray.use_gpu))
 
 
-def probe_cell(checkpoint: str, train: str, val: str, train_subset: int, val_subset: int, knn_k: int,
-               use_gpu: str) -> dict:
-    """Offline linear probe + kNN of one cell's final checkpoint (runs as a Ray task)."""
+def probe_cells_task(jobs: list[dict]) -> list[dict]:
+    """Offline linear probe + kNN of several cells' final checkpoints, one after the other in one Ray
+    task (one process start and one loader compile for all of them). A failing cell returns its error."""
     from .raytrain.evaluate import probe_checkpoint
 
-    rep = probe_checkpoint(checkpoint, train, val, train_subset=train_subset, val_subset=val_subset, knn_k=knn_k,
-                           use_gpu=use_gpu, random_baseline=False, log=lambda *a, **k: None)
-    return {**rep.pretrained, "linear_converged": bool(rep.probe.converged)}
+    out = []
+    for job in jobs:
+        try:
+            rep = probe_checkpoint(**job, random_baseline=False, log=lambda *a, **k: None)
+            out.append({**rep.pretrained, "linear_converged": bool(rep.probe.converged)})
+        except Exception as e:  # noqa: BLE001 - one cell's probe failing must not lose the others
+            out.append({"reason": f"probe failed: {type(e).__name__}: {str(e).strip()[:300]}"})
+    return out
 
 
 # ------------------------------------------------------------------------------------ the driver
@@ -200,16 +205,16 @@ def collect_cells(sweep) -> list[dict]:
 
 
 def probe_cells(cells: list[dict], sweep_dir: str, gpus_per_worker: float, train_subset: int = 0,
-                val_subset: int = 0) -> None:
-    """Linear probe + kNN on every finished cell's last checkpoint, as parallel Ray tasks."""
+                val_subset: int = 0, tasks: int = 1) -> None:
+    """Linear probe + kNN on every finished cell's last checkpoint, spread over ``tasks`` parallel Ray
+    tasks (as many as cells trained at once), each on a GPU when the cells had one."""
     import ray
 
     from .raytrain.evaluate import find_state
     from .tune.trial import TRAIN_DIR, trial_train_name
 
     gpu = gpus_per_worker > 0
-    task = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0, max_retries=0)(probe_cell)
-    pending = []
+    todo = []
     for c in cells:
         if c["status"] == "failed":
             continue
@@ -219,13 +224,22 @@ def probe_cells(cells: list[dict], sweep_dir: str, gpus_per_worker: float, train
             c["reason"] = f"probe: {e}"
             continue
         cfg = c["config"]
-        pending.append((c, task.remote(str(ckpt), cfg.data.train, cfg.data.val, train_subset or cfg.data.train_subset,
-                                       val_subset or cfg.data.val_subset, cfg.train.knn_k, "true" if gpu else "false")))
-    for c, ref in pending:
+        todo.append((c, {"checkpoint": str(ckpt), "train": cfg.data.train, "val": cfg.data.val,
+                         "train_subset": train_subset or cfg.data.train_subset,
+                         "val_subset": val_subset or cfg.data.val_subset, "knn_k": cfg.train.knn_k,
+                         "use_gpu": "true" if gpu else "false"}))
+    if not todo:
+        return
+    task = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0, max_retries=0)(probe_cells_task)
+    groups = [todo[i::max(1, min(tasks, len(todo)))] for i in range(max(1, min(tasks, len(todo))))]
+    refs = [(group, task.remote([job for _, job in group])) for group in groups]
+    for group, ref in refs:
         try:
-            c.update(ray.get(ref))
-        except Exception as e:  # noqa: BLE001 - one cell's probe failing must not lose the others
-            c["reason"] = f"probe failed: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__}"
+            results = ray.get(ref)
+        except Exception as e:  # noqa: BLE001 - a lost task fails its cells' probes, not the study
+            results = [{"reason": f"probe task failed: {type(e).__name__}: {str(e).strip()[-300:]}"}] * len(group)
+        for (c, _), res in zip(group, results):
+            c.update(res)
 
 
 def matrix(cells: list[dict], methods: Sequence[str], policies: Sequence[str], key: str) -> list[list[float]]:
@@ -328,7 +342,8 @@ def run_study(spec, methods: Sequence[str], policies: Sequence[str], tracking_ur
 
     sweep = run_sweep(spec, tracking_uri=tracking_uri, experiment=experiment, verbose=verbose)
     cells = collect_cells(sweep)
-    probe_cells(cells, sweep.sweep_dir, sweep.spec.gpus_per_worker, probe_train_subset, probe_val_subset)
+    probe_cells(cells, sweep.sweep_dir, sweep.spec.gpus_per_worker, probe_train_subset, probe_val_subset,
+                tasks=max(1, sweep.spec.max_concurrent))
     base = from_dict(sweep.spec.base)
     title = (f"study {sweep.spec.name}: {base.model.backbone}, {sweep.spec.max_epochs} epoch(s), "
              f"{Path(base.data.train).name}")
