@@ -72,6 +72,13 @@ def test_probe_state_round_trips_exactly():
     assert a.epoch_metrics(net, None) == b.epoch_metrics(net, None)
 
 
+def test_max_batch_caps_the_extra_forward():
+    net = _net()
+    p = OnlineProbe(8, 4, EvalTransform(16), CPU, precision="fp32", max_batch=5)
+    p.step(net, *_batch(16))
+    assert float(p.sums[1]) == 5
+
+
 def test_epoch_metrics_report_and_reset():
     net = _net()
     p = _probe()
@@ -179,3 +186,28 @@ def test_loop_reports_probe_metrics_and_resumes_exactly(cifar_small, tmp_path):
     for k, v in sa["model"].items():
         assert torch.equal(v, sc["model"][k]), f"the probe changed the SSL model ({k})"
 
+
+
+
+@pytest.mark.slow
+def test_the_probe_reuses_the_training_forward(cifar_small, monkeypatch):
+    """With a projector the probe trains on the first view's features from the SSL forward, never on
+    a forward of its own: the extra-forward path is made to fail, and the run still trains the probe."""
+    from sslray.config import load_config
+    from sslray.raytrain.loop import run_local
+    from sslray.raytrain.online_probe import OnlineProbe
+
+    def no_extra_forward(self, backbone, x, y):
+        raise AssertionError("the probe ran its own backbone forward")
+
+    monkeypatch.setattr(OnlineProbe, "step", no_extra_forward)
+    fed = []
+    real = OnlineProbe.step_features
+    monkeypatch.setattr(OnlineProbe, "step_features", lambda self, f, y: (fed.append((f.shape, y.shape)), real(self, f, y)))
+    cfg = load_config("smoke", [f"data.train={cifar_small['train']}", f"data.val={cifar_small['test']}",
+                                "ray.num_workers=1", "train.epochs=1", "train.max_steps_per_epoch=3",
+                                "train.online_probe=true"])
+    last, _ = run_local(cfg)
+    per_worker = cfg.data.batch_size
+    assert fed == [((per_worker, fed[0][0][1]), (per_worker,))] * 3  # one batch of first-view features per step
+    assert 0.0 <= last["online_probe_top1"] <= 1.0 and "online_probe_train_top1" in last

@@ -132,7 +132,9 @@ def train_loop(cfg: Config, session) -> dict:
     # Health: grad norms and non-finite steps on the device (the host looks every check_every steps on
     # GPU, every step on CPU), collapse statistics of the epoch's last step, pictures on rank 0.
     health = StepHealth(model, dev, cfg.monitor.max_nonfinite_skips, cfg.monitor.check_every if dev.type == "cuda" else 1)
-    tap = EmbeddingTap(model) if cfg.monitor.collapse else None
+    # The tap also feeds the online probe the first view's backbone features (no extra forward).
+    tap = EmbeddingTap(model) if cfg.monitor.collapse or probe is not None else None
+    probe_tap = probe is not None and tap.from_head
     pictures = RunPictures(cfg, session, model, data, views, evalT)
 
     start_epoch, start_batch, step, last, partial = 0, 0, 0, {}, None
@@ -182,9 +184,13 @@ def train_loop(cfg: Config, session) -> dict:
             if cl:
                 v = [t.contiguous(memory_format=torch.channels_last) for t in v]
             if tap is not None:
-                tap.armed = i + 1 == data.steps_per_epoch  # collapse statistics of the epoch's last step
+                tap.captured = {}
+                # collapse statistics of the epoch's last step; the probe's features every step
+                tap.armed = probe_tap or (cfg.monitor.collapse and i + 1 == data.steps_per_epoch)
             with autocast_for(dev, tc.precision):
                 out = net(v)
+            if tap is not None:
+                tap.armed = False
             loss = out["loss"]
             if step == 0 and state is None:
                 pictures.at_start(x, v, total, warmup, peak)
@@ -201,7 +207,11 @@ def train_loop(cfg: Config, session) -> dict:
             if hasattr(model, "on_step"):
                 model.on_step(step, total)
             if probe is not None:
-                probe.step(model.backbone, x, y)
+                f = tap.captured.get("feats") if probe_tap else None
+                if f is not None and f.ndim == 2 and f.shape[0] >= y.shape[0]:
+                    probe.step_features(f[: y.shape[0]], y)  # views are batched view-major: rows 0..B-1 = view 1
+                else:
+                    probe.step(model.backbone, x, y)
             loss_sum += torch.where(ok, loss.detach().float(), 0.0)
             n_steps += 1
             step += 1
@@ -230,7 +240,7 @@ def train_loop(cfg: Config, session) -> dict:
             "epoch_seconds": prior_seconds + seconds,
             "images_per_sec": (n_steps - int(resumed["n"])) * cfg.data.batch_size / max(seconds, 1e-9),
         }
-        metrics.update(epoch_health(health, tap, n_steps - int(resumed["n"]), wait_s, metrics["images_per_sec"],
+        metrics.update(epoch_health(health, tap if cfg.monitor.collapse else None, n_steps - int(resumed["n"]), wait_s, metrics["images_per_sec"],
                                     session.world_size))
         flags, warnings = collapse_report(metrics)
         metrics.update(flags)

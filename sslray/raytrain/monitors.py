@@ -75,6 +75,7 @@ class EmbeddingTap:
         self._handles = []
         head = next((m for m in (getattr(model, n, None) for n in HEAD_NAMES) if isinstance(m, nn.Module)), None)
         backbone = getattr(model, "backbone", None)
+        self.from_head = head is not None  # feats = the projector's input, i.e. the backbone's pooled output
         if head is not None:
             self._handles.append(head.register_forward_hook(self._on_head))
         elif backbone is not None:

@@ -1,9 +1,12 @@
 """Online linear probe: a linear classifier trained beside the SSL objective on detached backbone features.
 
-Every training step the probe takes the step's labelled batch, encodes it with the backbone in eval
-mode under ``no_grad`` (the eval transform, so BN running statistics, parameters, gradients and the
-RNG streams of the run are untouched and the SSL trajectory is the same with or without it), and takes
-one step of its own SGD on cross-entropy. At the end of each epoch it scores the val split, and the
+Every training step the probe takes the backbone features of the step's first view, which the
+training forward already computed (caught by the loop's ``EmbeddingTap`` on the projector's input,
+detached: parameters, gradients, BN statistics and the RNG streams of the run are untouched, so the
+SSL trajectory is the same with or without it), and takes one step of its own optimizer on
+cross-entropy with the batch's labels. Methods without a projector (MAE, whose encoder sees only
+visible patches) instead encode the clean batch with the backbone in eval mode under ``no_grad``
+(``step``), at the cost of one extra forward per step. At the end of each epoch it scores the val split, and the
 loop reports ``online_probe_top1`` / ``online_probe_top5`` (val), ``online_probe_train_top1`` and
 ``online_probe_train_loss`` (running over the epoch's steps, before each update) so Tune can stop
 trials on them (the online evaluation of BYOL, sec. 4, and solo-learn).
@@ -37,7 +40,7 @@ class OnlineProbe:
 
     def __init__(self, feat_dim: int, num_classes: int, transform: nn.Module, device: torch.device,
                  lr: float = 1e-3, precision: str = "auto", channels_last: bool = False, seed: int = 0,
-                 norm_momentum: float = 0.1):
+                 norm_momentum: float = 0.1, max_batch: int = 0):
         if num_classes < 2:
             raise ValueError(f"online probe needs labelled data with >= 2 classes, got {num_classes}")
         with torch.random.fork_rng(devices=[]):  # its own init stream: the run's RNG (views) stays as it was
@@ -47,7 +50,7 @@ class OnlineProbe:
         self.opt = torch.optim.Adam(self.head.parameters(), lr=lr)
         self.running_mean = torch.zeros(feat_dim, device=device)
         self.running_var = torch.ones(feat_dim, device=device)
-        self.norm_momentum = norm_momentum
+        self.norm_momentum, self.max_batch = norm_momentum, max_batch
         self.transform, self.device = transform, device
         self.precision, self.channels_last = precision, channels_last
         self.num_classes = num_classes
@@ -64,7 +67,7 @@ class OnlineProbe:
         cl = tc.channels_last and device.type == "cuda"
         feat_dim = _feature_dim(model.backbone, transform, cfg.views.crop_size, device)
         return cls(feat_dim, num_classes, transform, device, tc.online_probe_lr, precision=tc.precision,
-                   channels_last=cl, seed=tc.seed)
+                   channels_last=cl, seed=tc.seed, max_batch=tc.online_probe_batch)
 
     def features(self, backbone: nn.Module, batches: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
         return extract_features(backbone, batches, self.transform, self.device, self.precision, self.channels_last)
@@ -83,8 +86,19 @@ class OnlineProbe:
         return (f - mean) * torch.rsqrt(var + 1e-5)
 
     def step(self, backbone: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
-        """One Adam step on this rank's labelled batch ``(x uint8, y)``; gradients averaged over ranks."""
+        """One Adam step on this rank's labelled batch ``(x uint8, y)``, encoded here with the eval
+        transform (one extra backbone forward, on its first ``max_batch`` images when set, so it stays
+        small beside e.g. MAE's step, which encodes a quarter of the patches); gradients averaged over ranks."""
+        if self.max_batch:
+            x, y = x[: self.max_batch], y[: self.max_batch]
         f, y = self.features(backbone, [(x, y)])
+        self.step_features(f, y)
+
+    def step_features(self, f: torch.Tensor, y: torch.Tensor) -> None:
+        """One Adam step on features the training forward already computed (detached here): the
+        loop's default, since it costs no extra forward (solo-learn's online classifier does the
+        same, on the first augmented view)."""
+        f, y = f.detach().float(), y.to(f.device).long().view(-1)
         logits = self.head(self._standardise_train(f))
         loss = F.cross_entropy(logits, y)
         self.opt.zero_grad(set_to_none=True)
