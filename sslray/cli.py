@@ -66,6 +66,10 @@ def config_from_args(a: argparse.Namespace):
     if getattr(a, "checkpoint_every", None):
         over += parse_checkpoint_every(a.checkpoint_every)
     cfg = load_config(a.recipe, over + list(a.overrides))
+    if cfg.views.policy != "default":  # an unknown view policy fails here, naming the known ones, not in the workers
+        from .datasets.policies import VIEW_POLICIES
+
+        VIEW_POLICIES.get(cfg.views.policy)
     # Workers may run with another cwd: make data paths absolute.
     return cfg.replace(**{"data.train": _abs(cfg.data.train) or "", "data.val": _abs(cfg.data.val) or ""})
 

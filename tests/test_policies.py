@@ -243,3 +243,11 @@ def test_ops_run_on_the_gpu_with_parameters_drawn_there():
         torch.manual_seed(1)
         y = POLICIES.get(name)(x)
         assert y.device == x.device and torch.equal(y.flatten(2).sort(-1).values, x.flatten(2).sort(-1).values)
+
+
+def test_pretrain_refuses_an_unknown_view_policy_before_starting(capsys):
+    from sslray.cli import main
+
+    assert main(["pretrain", "--recipe", "smoke", "--data", "x.beton", "--views", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown view policy 'nope'" in err and "lorot" in err
