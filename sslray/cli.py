@@ -104,9 +104,13 @@ def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val
     if eval_protocols and res.checkpoint:  # `--eval linear,knn,...`: the protocols of `sslray eval`, same run
         from .eval import format_eval_table, log_eval, run_eval
         from .eval.runner import close_figures
+        from .raytrain.finetune import FinetuneSettings
 
+        ft = FinetuneSettings(num_workers=cfg.ray.num_workers, cpus_per_worker=cfg.ray.cpus_per_worker,
+                              use_gpu=cfg.ray.use_gpu, seed=cfg.train.seed)  # the training run's workers
         ev = run_eval(res.checkpoint, cfg.data.train, cfg.data.val or None, eval_protocols,
-                      train_subset=probe_train_subset, val_subset=probe_val_subset, use_gpu=cfg.ray.use_gpu)
+                      train_subset=probe_train_subset, val_subset=probe_val_subset, use_gpu=cfg.ray.use_gpu,
+                      finetune=ft)
         log_eval(Tracker(res.tracking_uri, res.run_id), ev)
         close_figures(ev)
         print(format_eval_table(ev))
