@@ -255,7 +255,7 @@ def test_a_skipped_non_finite_step_is_counted_and_the_run_goes_on(cifar_small, m
         return out * float("nan") if calls["n"] == 2 else out
 
     monkeypatch.setattr(simclr, "nt_xent_loss", poisoned)
-    last, session = run_local(_cfg(cifar_small, "train.epochs=1", "monitor.max_nonfinite_skips=1", "data.val="))
+    last, _ = run_local(_cfg(cifar_small, "train.epochs=1", "monitor.max_nonfinite_skips=1", "data.val="))
     assert last["step"] == 4 and math.isfinite(last["loss"])
     assert last["nonfinite_skipped_frac"] == pytest.approx(0.25)
 

@@ -128,7 +128,8 @@ def test_views_command_draws_the_methods_views(cifar_small, tmp_path, capsys):
     two = tmp_path / "v2.png"
     assert main(["views", "--data", cifar_small["test"], "--method", "byol", "--out", str(two), "-n", "2"]) == 0
     arr2 = assert_png(two.read_bytes())
-    assert arr.shape[0] > 1.5 * arr2.shape[0] and abs(arr.shape[1] - arr2.shape[1]) < 0.1 * arr.shape[1]  # rows = images
+    # One row per source image; the widths differ by the title only.
+    assert arr.shape[0] > 1.5 * arr2.shape[0] and abs(arr.shape[1] - arr2.shape[1]) < 0.1 * arr.shape[1]
     assert main(["views", "--data", cifar_small["test"], "--method", "nosuch"]) == 2
     assert "unknown method 'nosuch'" in capsys.readouterr().err
     assert main(["views", "--data", str(tmp_path / "missing.beton"), "--method", "simclr"]) == 2

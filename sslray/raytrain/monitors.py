@@ -214,7 +214,8 @@ class StepHealth:
             lr = self._lrs.get(trip, float("nan"))
             skipped = f"; {self.max_skips} consecutive non-finite steps were skipped" if self.max_skips else ""
             raise NonFiniteLossError(
-                f"{method}: non-finite loss {float(self.trip_loss)} or gradient at step {trip} (epoch {epoch}){skipped}; "
+                f"{method}: non-finite loss {float(self.trip_loss)} or gradient at step {trip} (epoch {epoch})"
+                f"{skipped}; "
                 f"last finite loss {last:.6g} at step {last_step}, lr {lr:.4g}. The last good checkpoint is kept.")
         keep = max(self._lrs, default=0)
         self._lrs = {keep: self._lrs[keep]} if self._lrs else {}

@@ -115,7 +115,8 @@ def retrieval_figure(backbone, bank, queries: torch.Tensor, evalT, device, preci
     qs = plots.to_images(queries)
     rows = [[qs[i]] + plots.to_images(thumbs_t[top.indices[i].cpu()]) for i in range(len(qs))]
     names = ["query"] + [f"#{j + 1}" for j in range(top.indices.shape[1])]
-    return plots.image_grid(rows, names, title=f"{title} (top-{top.indices.shape[1]} of {bank_f.shape[0]} train images)")
+    k = top.indices.shape[1]
+    return plots.image_grid(rows, names, title=f"{title} (top-{k} of {bank_f.shape[0]} train images)")
 
 
 class RunPictures:
