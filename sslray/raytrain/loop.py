@@ -131,7 +131,8 @@ def train_loop(cfg: Config, session) -> dict:
                 f"{cfg.optim.base_lr} x {cfg.data.batch_size}/256 ({cfg.optim.lr_scaling}) = {peak:.4g}")
     # Health: grad norms and non-finite steps on the device (the host looks every check_every steps on
     # GPU, every step on CPU), collapse statistics of the epoch's last step, pictures on rank 0.
-    health = StepHealth(model, dev, cfg.monitor.max_nonfinite_skips, cfg.monitor.check_every if dev.type == "cuda" else 1)
+    health = StepHealth(model, dev, cfg.monitor.max_nonfinite_skips,
+                        cfg.monitor.check_every if dev.type == "cuda" else 1)
     # The tap also feeds the online probe the first view's backbone features (no extra forward).
     tap = EmbeddingTap(model) if cfg.monitor.collapse or probe is not None else None
     probe_tap = probe is not None and tap.from_head
@@ -240,14 +241,16 @@ def train_loop(cfg: Config, session) -> dict:
             "epoch_seconds": prior_seconds + seconds,
             "images_per_sec": (n_steps - int(resumed["n"])) * cfg.data.batch_size / max(seconds, 1e-9),
         }
-        metrics.update(epoch_health(health, tap if cfg.monitor.collapse else None, n_steps - int(resumed["n"]), wait_s, metrics["images_per_sec"],
+        metrics.update(epoch_health(health, tap if cfg.monitor.collapse else None, n_steps - int(resumed["n"]), wait_s,
+                                    metrics["images_per_sec"],
                                     session.world_size))
         flags, warnings = collapse_report(metrics)
         metrics.update(flags)
         for w in warnings:
             session.log(f"epoch {epoch + 1}: {w}")
         if metrics["nonfinite_skipped_frac"] > 0:
-            session.log(f"epoch {epoch + 1}: {metrics['nonfinite_skipped_frac']:.1%} of steps skipped (non-finite loss or gradient)")
+            session.log(f"epoch {epoch + 1}: {metrics['nonfinite_skipped_frac']:.1%} of steps skipped "
+                        "(non-finite loss or gradient)")
         if data.val is not None and ((epoch + 1) % tc.knn_every == 0 or epoch + 1 == tc.epochs):
             t1 = time.perf_counter()
             metrics.update(knn_monitor(model, data, cfg, session, evalT))
