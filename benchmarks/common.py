@@ -165,6 +165,10 @@ def versions() -> str:
             out.append(f"{pkg} absent")
     if torch.cuda.is_available():
         out.append(f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
+    stamp = REPO / ".commit"  # a source snapshot without .git (git archive) names its commit here
+    if stamp.exists():
+        out.append(f"sslray {stamp.read_text().strip()}")
+        return ", ".join(out)
     try:
         sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=10).stdout.strip()

@@ -195,13 +195,28 @@ class FusedViewAugment(nn.Module):
         ker = torch.exp(-(t.view(1, k) ** 2) / (2 * sigma.view(B, 1) ** 2))
         ker = ker / ker.sum(1, keepdim=True)
         delta = (t.abs() < 0.5).to(x.dtype).expand(B, k)
-        ker = torch.where(on.view(B, 1), ker, delta).repeat_interleave(C, 0)  # (B*C, k)
+        self.last_params.update(blur_on=on, sigma=sigma)
+        if dev.type == "cpu":
+            # On the CPU the convolution dominates the whole pipeline, so blur only the selected images
+            # (on a GPU that selection would cost a host sync; there the unselected get a delta kernel).
+            idx = on.nonzero().view(-1)
+            if idx.numel():
+                x = x.clone()
+                x[idx] = self._conv(x[idx], ker[idx])
+            return x
+        return self._conv(x, torch.where(on.view(B, 1), ker, delta))
+
+    @staticmethod
+    def _conv(x: torch.Tensor, ker: torch.Tensor) -> torch.Tensor:
+        """Separable blur of each image with its own 1-D kernel: ``ker`` (B, k)."""
+        B, C, H, W = x.shape
+        k = ker.shape[1]
+        ker = ker.repeat_interleave(C, 0)  # (B*C, k)
         y = x.reshape(1, B * C, H, W)
         pad = k // 2
         y = nn.functional.pad(y, (pad, pad, pad, pad), mode="reflect")
         y = nn.functional.conv2d(y, ker.view(B * C, 1, 1, k), groups=B * C)
         y = nn.functional.conv2d(y, ker.view(B * C, 1, k, 1), groups=B * C)
-        self.last_params.update(blur_on=on, sigma=sigma)
         return y.view(B, C, H, W)
 
     @torch.no_grad()
