@@ -2,7 +2,8 @@
 
 Side by side, in one run, with the same CPU count (decode + every augmentation, both views ready as
 normalised float tensors):
-  * sslray: FFCV .beton (jpg q90, max-res 256) -> uint8 batches -> kornia ViewAugment x 2
+  * sslray: FFCV .beton (jpg q90, max-res 256) -> uint8 batches -> ViewAugment x 2, with the default
+    fused backend and with the kornia backend
   * baseline: torchvision ImageFolder + DataLoader + PIL transforms (SimCLR's recipe) x 2 views
   * context rows: FFCV decode alone; ViewAugment alone per op on synthetic uint8 batches.
 
@@ -89,16 +90,16 @@ def run_pipeline(name: str, a) -> list[float]:
 
     torch.set_num_threads(a.cpus)
     cpu = torch.device("cpu")
-    if name in ("ffcv_views", "ffcv_decode"):
+    if name in ("ffcv_views", "ffcv_views_kornia", "ffcv_decode"):
         from sslray.datasets import make_loader
         from sslray.datasets.views import MultiView
 
         loader = make_loader(a.beton, a.batch, res=SIZE, device=cpu, train=True, num_workers=a.cpus)
-        views = MultiView(simclr_spec())
+        views = MultiView(simclr_spec(), backend="kornia" if name == "ffcv_views_kornia" else "fused")
 
         def step(b):
             x, _ = b
-            if name == "ffcv_views":
+            if name != "ffcv_decode":
                 v = views(x)
                 assert len(v) == 2 and v[0].dtype == torch.float32 and v[0].shape[-1] == SIZE
             return len(x)
@@ -143,7 +144,14 @@ def per_op_rates(cpus: int, batch: int = 64) -> dict[str, float]:
     aug(x)
     t0 = time.perf_counter()
     aug(x)
-    out["whole ViewAugment (1 view)"] = batch / (time.perf_counter() - t0)
+    out["whole kornia ViewAugment (1 view)"] = batch / (time.perf_counter() - t0)
+    from sslray.datasets.views import FusedViewAugment
+
+    fused = FusedViewAugment(p)
+    fused(x)
+    t0 = time.perf_counter()
+    fused(x)
+    out["whole FusedViewAugment (1 view)"] = batch / (time.perf_counter() - t0)
     return out
 
 
@@ -236,7 +244,8 @@ def main() -> int:
     prepare(a)
     rows = []
     for name, label in (("torchvision", "torchvision ImageFolder + DataLoader + PIL transforms, 2 views"),
-                        ("ffcv_views", "sslray FFCV + kornia ViewAugment (CPU), 2 views"),
+                        ("ffcv_views", "sslray FFCV + fused views (CPU), 2 views"),
+                        ("ffcv_views_kornia", "sslray FFCV + kornia views (CPU), 2 views"),
                         ("ffcv_decode", "sslray FFCV decode only (uint8 batches, no views)")):
         cmd = [sys.executable, __file__, "--_run", name, "--_tree", a.tree, "--_beton", a.beton,
                "--cpus", str(a.cpus), "--batch", str(a.batch), "--images", str(a.images), "--runs", str(a.runs)]
@@ -260,7 +269,8 @@ def main() -> int:
     for _, label, med, rates, rss in rows:
         lines.append(f"| {label} | {med:,.0f} | {', '.join(f'{r:.0f}' for r in rates)} | "
                      f"{rss / 2**20:,.0f} MiB | {med / base:.2f}x |")
-    lines += ["", "ViewAugment alone on the CPU (synthetic uint8 batch of 64 at 224 px), views/s per op:", "",
+    lines += ["", "Views alone on the CPU (synthetic uint8 batch of 64 at 224 px), views/s: each kornia op, then each "
+              "whole backend:", "",
               "| op | views/s |", "| --- | --- |"]
     lines += [f"| {k} | {v:,.0f} |" for k, v in ops.items()]
     table = "\n".join(lines)
