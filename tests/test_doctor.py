@@ -121,16 +121,37 @@ def test_storage_under_a_file_fails_and_names_the_path(tmp_path, capsys):
     assert str(storage) in line and f"{tmp_path / 'afile'} is a file" in line
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_read_only_storage_folder_fails(tmp_path):
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder nobody can write into: a read-only tmpfs mount when running as root (root ignores
+    mode bits), else a mode 0500 folder."""
     ro = tmp_path / "ro"
     ro.mkdir()
-    ro.chmod(0o500)
-    try:
-        [c] = doctor.check_storage(str(ro / "runs"), 5)
-    finally:
-        ro.chmod(0o700)
-    assert c.status == "FAIL" and str(ro) in c.detail
+    if os.geteuid() == 0:
+        import subprocess
+
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True)
+        if r.returncode:
+            pytest.skip(f"root writes into mode-0500 folders and a read-only mount failed: {r.stderr.decode().strip()}")
+        try:
+            yield ro
+        finally:
+            subprocess.run(["umount", str(ro)], check=False)
+    else:
+        ro.chmod(0o500)
+        try:
+            yield ro
+        finally:
+            ro.chmod(0o700)
+
+
+def test_read_only_storage_folder_fails(read_only_folder, capsys, tmp_path):
+    storage = read_only_folder / "runs"
+    [c] = doctor.check_storage(str(storage), 5)
+    assert c.status == "FAIL" and str(read_only_folder) in c.detail
+    rc, out = run(capsys, *FAST, "--storage", str(storage), "--tracking-uri", f"sqlite:///{tmp_path}/m.db")
+    assert rc == 1 and any(x.startswith("FAIL storage") and str(read_only_folder) in x for x in out.splitlines())
+    assert not storage.exists()
 
 
 def test_no_ray_cluster_at_address_fails_fast_and_names_it(tmp_path, capsys):
