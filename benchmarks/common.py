@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -182,6 +183,13 @@ def versions() -> str:
 def header(title: str, command: str, runs: int) -> str:
     return (f"\n## {title}, {datetime.now():%Y-%m-%d %H:%M}\n\n- machine: {machine()}\n- versions: {versions()}\n"
             f"- command: `{command}`\n- median of {runs} timed runs\n")
+
+
+def append_table(script: str, argv, title: str, runs: int, lines: list[str], note: str = "") -> None:
+    """Append one benchmark table to RESULTS.md under a header naming the exact command."""
+    args = sys.argv[1:] if argv is None else argv
+    cmd = "python " + " ".join(shlex.quote(a) for a in [f"benchmarks/{script}", *args])
+    append_results(header(title, cmd, runs) + note + "\n" + "\n".join(lines) + "\n")
 
 
 def append_results(text: str, path: Path = RESULTS) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -157,13 +156,12 @@ def main(argv=None) -> int:
             lines.append(line)
             print(line, flush=True)
     if args.append:
-        cmd = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/throughput.py", *(sys.argv[1:] if argv is None else argv)])
         title = "Throughput: sslray's training step, real vs synthetic data"
         if args.tiny or device.type == "cpu":
             title += " (CPU --tiny: a correctness check, NOT performance)"
         note = (f"\nEach run = one epoch of {steps} steps of `train_loop` (first epoch = warm-up, excluded); "
-                f"device synchronised at each epoch's end. ratio = row / synthetic row of the same step.\n\n")
-        C.append_results(C.header(title, cmd, args.runs) + note + "\n".join(lines) + "\n")
+                f"device synchronised at each epoch's end. ratio = row / synthetic row of the same step.\n")
+        C.append_table("throughput.py", argv, title, args.runs, lines, note)
     return 0
 
 

@@ -25,7 +25,6 @@ PROCESS_T0 = time.perf_counter()
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
-import shlex  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -176,12 +175,10 @@ def main(argv=None) -> int:
         print(lines[-1], flush=True)
     print("\n".join(lines))
     if args.append:
-        cmd = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/time_to_accuracy.py",
-                                                             *(sys.argv[1:] if argv is None else argv)])
         title = "Time to accuracy on CIFAR-10, GPU-resident data, one process"
         if args.tiny or device.type == "cpu":
             title += " (CPU --tiny: a correctness check, NOT performance)"
-        C.append_results(C.header(title, cmd, 1) + f"\nCSVs and curves in `{out}/`.\n\n" + "\n".join(lines) + "\n")
+        C.append_table("time_to_accuracy.py", argv, title, 1, lines, f"\nCSVs and curves in `{out}/`.\n")
     return 0
 
 

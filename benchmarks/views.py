@@ -13,7 +13,6 @@ rotating. ``--append`` adds the table to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -82,11 +81,8 @@ def main(argv=None) -> int:
             lines.append(line)
             print(line, flush=True)
     if args.append:
-        cmd = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/views.py", *(sys.argv[1:] if argv is None else argv)])
         title = "Views alone: fused vs kornia backend, two SimCLR views per image"
-        if args.tiny or device.type == "cpu":
-            title += " (CPU)"
-        C.append_results(C.header(title, cmd, args.runs) + "\n" + "\n".join(lines) + "\n")
+        C.append_table("views.py", argv, title + (" (CPU)" if args.tiny or device.type == "cpu" else ""), args.runs, lines)
     return 0
 
 

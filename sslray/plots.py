@@ -14,14 +14,15 @@ import numpy as np  # noqa: E402
 
 
 def curves(series: Mapping[str, Sequence[tuple[float, float]]], title: str = "", xlabel: str = "epoch",
-           baselines: Mapping[str, float] | None = None):
-    """One panel per metric; ``baselines`` draws a dashed reference (e.g. random-init kNN)."""
+           baselines: Mapping[str, float] | None = None, marker: str | None = "o", height: float = 3.2):
+    """One panel per metric, each a list of ``(x, y)``; ``baselines`` draws a dashed reference (e.g.
+    random-init kNN)."""
     keys = [k for k, v in series.items() if len(v)]
     n = max(1, len(keys))
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, height), squeeze=False)
     for ax, k in zip(axes[0], keys):
         xs, ys = zip(*series[k])
-        ax.plot(xs, ys, marker="o", ms=3)
+        ax.plot(xs, ys, marker=marker, ms=3, lw=1.5)
         if baselines and k in baselines:
             ax.axhline(baselines[k], ls="--", c="grey", label="random init")
             ax.legend(fontsize=8)
@@ -236,19 +237,11 @@ def schedules(series: Mapping[str, Sequence[float]], title: str = "", xlabel: st
               xs: Sequence[float] | None = None):
     """One panel per schedule (lr, weight decay, EMA momentum), each value against the global step
     (``xs``; 0, 1, 2, ... when not given)."""
-    keys = [k for k, v in series.items() if len(v)]
-    n = max(1, len(keys))
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.0), squeeze=False)
-    for ax, k in zip(axes[0], keys):
-        ys = np.asarray(series[k], dtype=float)
-        ax.plot(np.arange(len(ys)) if xs is None else np.asarray(xs), ys, lw=1.5)
-        ax.set_title(k)
-        ax.set_xlabel(xlabel)
-        ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    pts = {}
+    for k, v in series.items():
+        ys = np.asarray(v, dtype=float)
+        pts[k] = list(zip(np.arange(len(ys)) if xs is None else np.asarray(xs), ys))
+    return curves(pts, title=title, xlabel=xlabel, marker=None, height=3.0)
 
 
 def png_bytes(fig, dpi: int = 110) -> bytes:

@@ -150,3 +150,38 @@ def test_time_to_accuracy_tiny_writes_csv_and_png(bench_cache, tmp_path):
     assert 0 < walls[0] < walls[1]
     assert all(0.0 <= float(r["knn_top1"]) <= 1.0 for r in rows)
     assert (out / "simclr.png").stat().st_size > 1000
+
+
+def test_views_tiny_compares_backends_side_by_side(tmp_path, monkeypatch, capsys):
+    import common
+    import views as views_bench
+
+    results = tmp_path / "RESULTS.md"
+    monkeypatch.setattr(common.append_results, "__defaults__", (results,))
+    assert views_bench.main(["--tiny", "--runs", "2", "--append"]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if "[tiny]" in ln]
+    assert len(rows) == 4 and {r.split("|")[2].strip() for r in rows} == {"fused", "kornia"}
+    kornia_rows = [r for r in rows if "| kornia |" in r]
+    assert all(r.strip().endswith("| 1.00x |") for r in kornia_rows)  # ratios are against kornia
+    assert "benchmarks/views.py --tiny" in results.read_text()
+
+
+@pytest.mark.slow
+def test_profile_step_tiny_names_where_time_goes(bench_cache, tmp_path, capsys):
+    import profile_step
+
+    assert profile_step.main(["--tiny", "--cache-dir", str(bench_cache), "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "profile_row1.txt").read_text()
+    assert "img/s in the loop" in text and "by host time" in text and "aten::" in text
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_budget_fits_epochs(bench_cache, tmp_path, capsys):
+    import time_to_accuracy as tta
+
+    out = tmp_path / "tta"
+    assert tta.main(["--tiny", "--methods", "simclr", "--cache-dir", str(bench_cache), "--out", str(out),
+                     "--budget-min", "0.01"]) == 0
+    assert "budget 0.01 min" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(out / "simclr.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1]  # no time left: the fit falls back to one epoch
