@@ -68,6 +68,7 @@ class OptimConfig:
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak lr
     clip_grad: float = 0.0  # max global grad norm; 0 disables
+    weight_decay_end: float = -1.0  # cosine from weight_decay to this over training (DINO 0.04 -> 0.4); < 0: constant
 
 
 @dataclass(frozen=True)

@@ -66,3 +66,45 @@ def test_cosine_momentum_goes_from_base_to_one():
     assert cosine_momentum(0, 100, 0.996) == pytest.approx(0.996)
     assert cosine_momentum(100, 100, 0.996) == pytest.approx(1.0)
     assert cosine_momentum(50, 100, 0.996) == pytest.approx(1 - 0.004 * (math.cos(math.pi / 2) + 1) / 2)
+
+
+def test_weight_decay_schedule_end_points_and_group_scales():
+    from torch import nn
+
+    from sslray.raytrain.optim import build_optimizer, set_weight_decay, weight_decay_at
+
+    assert weight_decay_at(0, 100, 0.04, 0.4) == pytest.approx(0.04)
+    assert weight_decay_at(100, 100, 0.04, 0.4) == pytest.approx(0.4)
+    assert weight_decay_at(50, 100, 0.04, 0.4) == pytest.approx(0.22)
+    mids = [weight_decay_at(s, 100, 0.04, 0.4) for s in range(101)]
+    assert all(a <= b for a, b in zip(mids, mids[1:]))  # rises monotonically
+    assert weight_decay_at(70, 100, 0.05, -1.0) == 0.05  # end < 0: constant
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    for name in ("sgd", "lars", "adamw"):
+        opt = build_optimizer(model, name, 0.1, 0.04)
+        set_weight_decay(opt, 0.3)
+        decays = sorted(g["weight_decay"] for g in opt.param_groups)
+        assert decays == [0.0, 0.3], name  # biases and norm parameters stay undecayed
+
+
+def test_loop_applies_the_weight_decay_schedule(monkeypatch):
+    """The loop sets each step's decay from optim.weight_decay_end, rising along the cosine."""
+    from sslray.config import load_config
+    from sslray.datasets.resident import ResidentDataset, ResidentLoader
+    from sslray.raytrain import loop as L
+    from sslray.raytrain.session import LocalSession
+
+    assert load_config("dino_imagenet").optim.weight_decay_end == 0.4  # DINO's recipe uses it
+    seen = []
+    real = L.set_weight_decay
+    monkeypatch.setattr(L, "set_weight_decay", lambda opt, wd: (seen.append(wd), real(opt, wd)))
+    g = torch.Generator().manual_seed(0)
+    ds = ResidentDataset(torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, generator=g),
+                         torch.arange(32) % 4, ["a", "b", "c", "d"])
+    monkeypatch.setattr(L, "build_data", lambda cfg, session: L.Data(
+        ResidentLoader(ds, 8, train=True), None, None, 4, 4))
+    cfg = load_config("smoke", ["ray.num_workers=1", "data.batch_size=8", "train.epochs=2",
+                                "optim.weight_decay=0.01", "optim.weight_decay_end=0.1", "train.online_probe=false"])
+    L.train_loop(cfg, LocalSession(None))
+    assert len(seen) == 8 and seen[0] == pytest.approx(0.01)
+    assert all(a < b for a, b in zip(seen, seen[1:])) and seen[-1] < 0.1

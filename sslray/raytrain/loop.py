@@ -25,7 +25,7 @@ from .knn import autocast_for, extract_features, knn_accuracy
 from .methods import create_method
 from .monitors import EmbeddingTap, NonFiniteLossError, StepHealth, collapse_report, epoch_health
 from .online_probe import OnlineProbe
-from .optim import build_optimizer, set_lr, warmup_cosine
+from .optim import build_optimizer, set_lr, set_weight_decay, warmup_cosine, weight_decay_at
 from .pictures import RunPictures
 
 __all__ = ["NonFiniteLossError", "train_loop", "run_local", "train_func"]
@@ -181,6 +181,8 @@ def train_loop(cfg: Config, session) -> dict:
                 continue
             lr = warmup_cosine(step, total, warmup, peak, peak * cfg.optim.min_lr_ratio)
             set_lr(opt, lr)
+            if cfg.optim.weight_decay_end >= 0:
+                set_weight_decay(opt, weight_decay_at(step, total, cfg.optim.weight_decay, cfg.optim.weight_decay_end))
             v = views(x)
             if cl:
                 v = [t.contiguous(memory_format=torch.channels_last) for t in v]

@@ -99,6 +99,18 @@ def cosine_momentum(step: int, total: int, base: float) -> float:
     return 1 - (1 - base) * (math.cos(math.pi * step / max(1, total)) + 1) / 2
 
 
+def weight_decay_at(step: int, total: int, start: float, end: float) -> float:
+    """Per-iteration weight decay: ``start`` held when ``end`` < 0, else a cosine from ``start`` to
+    ``end`` (DINO's 0.04 -> 0.4), the same curve as the lr's without warm-up."""
+    return start if end < 0 else warmup_cosine(step, total, 0, start, end)
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, wd: float) -> None:
+    """Every group's decay is ``wd`` times its ``wd_scale`` (0 for biases and norm parameters)."""
+    for g in optimizer.param_groups:
+        g["weight_decay"] = wd * g.get("wd_scale", 1.0)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .. import plots
 from .knn import autocast_for
-from .optim import warmup_cosine
+from .optim import warmup_cosine, weight_decay_at
 
 VIEWS_PNG = "views.png"
 SCHEDULES_PNG = "schedules.png"
@@ -47,7 +47,8 @@ def schedule_series(cfg, model, total: int, warmup: int, peak: float, points: in
     steps = np.unique(np.linspace(0, max(0, total - 1), min(max(1, total), points)).astype(int))
     floor = peak * cfg.optim.min_lr_ratio
     series = {"lr": [warmup_cosine(int(s), total, warmup, peak, floor) for s in steps],
-              "weight_decay": [cfg.optim.weight_decay] * len(steps)}
+              "weight_decay": [weight_decay_at(int(s), total, cfg.optim.weight_decay, cfg.optim.weight_decay_end)
+                               for s in steps]}
     base = getattr(model, "base_momentum", None)
     if isinstance(base, float):
         sched = getattr(model, "momentum_schedule", "cosine")
