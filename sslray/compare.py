@@ -95,6 +95,23 @@ class Column:
     numeric: bool = False
 
 
+# Where each probe column reads from, first present wins: `sslray probe` logs probe_* / gain_*,
+# `sslray eval` logs eval_* / eval_gain_* (kNN at k=200, the monitor's k).
+SOURCES = {"knn_top1": ("probe_knn_top1", "eval_knn_k200_top1"),
+           "linear_top1": ("probe_linear_top1", "eval_linear_top1"),
+           "macro_f1": ("probe_linear_macro_f1", "eval_linear_macro_f1"),
+           "gain_linear_top1": ("gain_linear_top1", "eval_gain_linear_top1")}
+
+
+def source_metric(r: "RunRecord", key: str) -> str:
+    """The MLflow metric a probe column shows for this run (the first of ``SOURCES[key]`` it has)."""
+    return next((m for m in SOURCES[key] if m in r.metrics), SOURCES[key][0])
+
+
+def _metric(r: "RunRecord", key: str) -> float:
+    return _num(r.metrics.get(source_metric(r, key)))
+
+
 COLUMNS: tuple[Column, ...] = (
     Column("run", "run", lambda r, f: r.name),
     Column("method", "method", lambda r, f: r.params.get("method.name") or r.tags.get("sslray.method", "")),
@@ -105,11 +122,11 @@ COLUMNS: tuple[Column, ...] = (
     Column("base_lr", "lr (per 256)", lambda r, f: _num(r.params.get("optim.base_lr")), _g, True),
     Column("temperature_or_mask", "T / mask ratio",
            lambda r, f: knob(r.params.get("method.name", ""), f, r.params)),
-    Column("knn_top1", "kNN top-1", lambda r, f: _num(r.metrics.get("probe_knn_top1")), _pct, True),
-    Column("linear_top1", "linear top-1", lambda r, f: _num(r.metrics.get("probe_linear_top1")), _pct, True),
-    Column("macro_f1", "macro F1", lambda r, f: _num(r.metrics.get("probe_linear_macro_f1")),
+    Column("knn_top1", "kNN top-1", lambda r, f: _metric(r, "knn_top1"), _pct, True),
+    Column("linear_top1", "linear top-1", lambda r, f: _metric(r, "linear_top1"), _pct, True),
+    Column("macro_f1", "macro F1", lambda r, f: _metric(r, "macro_f1"),
            lambda v: "" if math.isnan(v) else f"{v:.3f}", True),
-    Column("gain_linear_top1", "gain vs random init", lambda r, f: _num(r.metrics.get("gain_linear_top1")), _pts, True),
+    Column("gain_linear_top1", "gain vs random init", lambda r, f: _metric(r, "gain_linear_top1"), _pts, True),
     Column("wall_seconds", "wall time", lambda r, f: _num(r.metrics.get("train_wall_seconds")), _duration, True),
     Column("images_per_sec", "images/s", lambda r, f: _num(r.metrics.get("images_per_sec")),
            lambda v: "" if math.isnan(v) else f"{v:.0f}", True),
@@ -125,6 +142,8 @@ def build_rows(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
     """One dict per run (CSV keys plus ``run_id``), ordered by family, method, then start time."""
     rows = []
     for r in runs:
+        if "sslray.study" in r.tags:  # a study's parent run holds the matrix, its cells are the rows
+            continue
         method = r.params.get("method.name") or r.tags.get("sslray.method", "")
         fam = family_of(method, r.tags)
         row = {"run_id": r.run_id, **{c.key: c.get(r, fam) for c in COLUMNS}, "_start": r.start_time}

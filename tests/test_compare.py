@@ -75,6 +75,19 @@ def test_rows_are_ordered_by_family_and_labels_are_unambiguous():
     assert "30.0%" in md[2]
 
 
+def test_eval_metrics_fill_the_probe_columns_and_study_parents_are_skipped():
+    probe = _rec("a", "simclr", metrics={"probe_knn_top1": 0.5, "eval_knn_k200_top1": 0.9})
+    evaluated = _rec("b", "byol", metrics={"eval_knn_k200_top1": 0.6, "eval_linear_top1": 0.7,
+                                           "eval_linear_macro_f1": 0.65, "eval_gain_linear_top1": 0.3})
+    parent = _rec("c", "simclr", tags={"sslray.study": "s1"})
+    rows = {r["run_id"]: r for r in build_rows([probe, evaluated, parent])}
+    assert set(rows) == {"a", "b"}
+    assert rows["a"]["knn_top1"] == 0.5  # `sslray probe`'s figure wins where both exist
+    assert (rows["b"]["knn_top1"], rows["b"]["linear_top1"], rows["b"]["macro_f1"], rows["b"]["gain_linear_top1"]) \
+        == (0.6, 0.7, 0.65, 0.3)
+    assert math.isnan(rows["a"]["linear_top1"])
+
+
 def test_ui_command_points_mlflow_at_the_store(tmp_path):
     from sslray.cli import build_parser
     from sslray.ui import ui_command
