@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._counters import add_counters, counter, set_counter
+
 
 class FeatureQueue(nn.Module):
     """``size`` rows of ``dim`` features held in registered buffers (``state_dict`` round-trips them).
@@ -23,8 +25,8 @@ class FeatureQueue(nn.Module):
             raise ValueError(f"FeatureQueue: init must be 'random' or 'empty', got {init!r}")
         data = F.normalize(torch.randn(size, dim), dim=1) if init == "random" else torch.zeros(size, dim)
         self.register_buffer("queue", data)
-        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
-        self.register_buffer("count", torch.tensor(size if init == "random" else 0, dtype=torch.long))
+        add_counters(self, "ptr", "count")  # host mirrors: pushing never waits on the device
+        set_counter(self, "count", size if init == "random" else 0)
 
     @property
     def size(self) -> int:
@@ -32,7 +34,7 @@ class FeatureQueue(nn.Module):
 
     def rows(self) -> torch.Tensor:
         """The valid rows (all of them once the queue has filled)."""
-        n = int(self.count)
+        n = counter(self, "count")
         return self.queue if n == self.size else self.queue[:n]
 
     @torch.no_grad()
@@ -40,11 +42,11 @@ class FeatureQueue(nn.Module):
         if x.ndim != 2 or x.shape[1] != self.queue.shape[1]:
             raise ValueError(f"FeatureQueue.push: expected (N, {self.queue.shape[1]}), got {tuple(x.shape)}")
         x = x.detach().to(self.queue.dtype)[-self.size:]
-        n, p = x.shape[0], int(self.ptr)
+        n, p = x.shape[0], counter(self, "ptr")
         idx = (torch.arange(n, device=x.device) + p) % self.size
         self.queue[idx] = x
-        self.ptr.fill_((p + n) % self.size)
-        self.count.fill_(min(self.size, int(self.count) + n))
+        set_counter(self, "ptr", (p + n) % self.size)
+        set_counter(self, "count", min(self.size, counter(self, "count") + n))
 
     @torch.no_grad()
     def nearest(self, z: torch.Tensor) -> torch.Tensor:

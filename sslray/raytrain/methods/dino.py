@@ -11,6 +11,7 @@ from torch import nn
 from ..distributed import all_reduce_mean, gather_nograd, gather_with_grad
 from ..losses import dino_loss, update_center
 from . import register_method
+from ._counters import add_counters, counter, set_counter
 from ._ema import EMATeacher, ema_momentum
 from ._multicrop import allow_any_size, encode_crops
 
@@ -54,8 +55,7 @@ class DINO(nn.Module):
         self.backbone, self.head = allow_any_size(backbone), head
         self.teacher = EMATeacher(self.backbone, head)
         self.register_buffer("center", torch.zeros(1, out_dim))
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        self.register_buffer("total", torch.zeros((), dtype=torch.long))
+        add_counters(self, "step", "total")
         self.epochs, self.student_temp, self.teacher_temp = max(1, epochs), student_temp, teacher_temp
         self.warmup_teacher_temp, self.warmup_epochs = warmup_teacher_temp, warmup_teacher_temp_epochs
         self.center_momentum, self.base_momentum = center_momentum, momentum
@@ -63,8 +63,8 @@ class DINO(nn.Module):
 
     def epoch(self) -> float:
         """Fractional epoch of the current step (the loop's ``total`` spans all epochs)."""
-        total = int(self.total)
-        return 0.0 if total == 0 else float(self.step) * self.epochs / total
+        total = counter(self, "total")
+        return 0.0 if total == 0 else counter(self, "step") * self.epochs / total
 
     def current_teacher_temp(self) -> float:
         e = self.epoch()
@@ -93,8 +93,8 @@ class DINO(nn.Module):
 
     def on_step(self, step: int, total: int) -> None:
         self.teacher.update(self.backbone, self.head, momentum=ema_momentum(step, total, self.base_momentum, "cosine"))
-        self.step.fill_(step + 1)
-        self.total.fill_(total)
+        set_counter(self, "step", step + 1)
+        set_counter(self, "total", total)
 
 
 @register_method("dino")

@@ -11,6 +11,7 @@ from ..distributed import gather_with_grad
 from ..heads import MLPHead
 from ..losses import sinkhorn, swav_loss
 from . import register_method
+from ._counters import add_counters, counter, set_counter
 from ._multicrop import allow_any_size, encode_crops
 from ._queue import FeatureQueue
 
@@ -31,10 +32,10 @@ class SwAV(nn.Module):
         # One queue of past global-crop embeddings per global crop, as in the paper's code.
         self.queues = nn.ModuleList(FeatureQueue(queue_size, out_dim, init="empty") for _ in range(num_global)) \
             if queue_size > 0 else None
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        add_counters(self, "step")
 
     def frozen(self) -> bool:
-        return int(self.step) < self.freeze_prototypes_steps
+        return counter(self, "step") < self.freeze_prototypes_steps
 
     def frozen_parameters(self) -> list[nn.Parameter]:
         """The prototypes during the first ``freeze_prototypes_steps`` (the optimizer skips them then)."""
@@ -61,7 +62,7 @@ class SwAV(nn.Module):
         w = self._prototype_weight()
         scores = [c @ w.t().float() for c in z]
         codes = []
-        use_queue = self.queues is not None and int(self.step) >= self.queue_start_step
+        use_queue = self.queues is not None and counter(self, "step") >= self.queue_start_step
         for i in range(self.num_global):
             s = scores[i].detach()
             if use_queue and self.queues[i].count > 0:
@@ -74,7 +75,7 @@ class SwAV(nn.Module):
         return {"loss": loss}
 
     def on_step(self, step: int, total: int) -> None:
-        self.step.fill_(step + 1)
+        set_counter(self, "step", step + 1)
 
 
 @register_method("swav")
