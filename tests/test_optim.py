@@ -108,3 +108,25 @@ def test_loop_applies_the_weight_decay_schedule(monkeypatch):
     L.train_loop(cfg, LocalSession(None))
     assert len(seen) == 8 and seen[0] == pytest.approx(0.01)
     assert all(a < b for a, b in zip(seen, seen[1:])) and seen[-1] < 0.1
+
+
+def test_simsiam_predictor_keeps_a_fixed_lr():
+    from sslray.config import load_config
+    from sslray.raytrain.methods import create_method
+    from sslray.raytrain.optim import build_optimizer, set_lr
+
+    over = ["model.backbone=resnet18", "model.proj_hidden_dim=32", "model.proj_out_dim=16", "method.params.pred_hidden_dim=8"]
+    model = create_method(load_config("simsiam_cifar10", over))
+    pred = {id(p) for p in model.predictor.parameters()}
+    for name in ("sgd", "lars", "adamw"):
+        opt = build_optimizer(model, name, 0.06, 5e-4)
+        set_lr(opt, 0.001)
+        for g in opt.param_groups:
+            ids = {id(p) for p in g["params"]}
+            assert g["lr"] == (0.06 if ids <= pred else 0.001), name
+            assert ids <= pred or not ids & pred  # a group is all predictor or none of it
+        assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    off = create_method(load_config("simsiam_cifar10", over + ["method.params.fix_pred_lr=false"]))
+    opt = build_optimizer(off, "sgd", 0.06, 5e-4)
+    set_lr(opt, 0.001)
+    assert all(g["lr"] == 0.001 for g in opt.param_groups)

@@ -8,17 +8,25 @@ import torch
 from torch import nn
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Biases and norm parameters get no weight decay and no LARS adaptation (as in BYOL/Barlow Twins)."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, lr: float = 0.0) -> list[dict]:
+    """Biases and norm parameters get no weight decay and no LARS adaptation (as in BYOL/Barlow Twins).
+    Parameters a method names in ``fixed_lr_parameters()`` (SimSiam's predictor) go to groups marked
+    ``fixed_lr`` = ``lr``, which ``set_lr`` leaves at that value."""
+    fixed = {id(p) for p in getattr(model, "fixed_lr_parameters", lambda: [])()}
+    buckets: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay, "lars": True, "wd_scale": 1.0},
-        {"params": no_decay, "weight_decay": 0.0, "lars": False, "wd_scale": 0.0},
-    ]
+        key = (not (p.ndim <= 1 or name.endswith(".bias")), id(p) in fixed)
+        buckets.setdefault(key, []).append(p)
+    groups = []
+    for (decay, is_fixed), params in sorted(buckets.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
+        g = {"params": params, "weight_decay": weight_decay if decay else 0.0, "lars": decay,
+             "wd_scale": 1.0 if decay else 0.0}
+        if is_fixed:
+            g["fixed_lr"] = lr
+        groups.append(g)
+    return groups
 
 
 class LARS(torch.optim.Optimizer):
@@ -53,7 +61,7 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9):
-    groups = param_groups(model, weight_decay)
+    groups = param_groups(model, weight_decay, lr)
     name = name.lower()
     if name == "sgd":
         opt = torch.optim.SGD([{k: v for k, v in g.items() if k != "lars"} for g in groups], lr=lr, momentum=momentum)
@@ -112,5 +120,6 @@ def set_weight_decay(optimizer: torch.optim.Optimizer, wd: float) -> None:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The scheduled lr for every group, except groups marked ``fixed_lr`` (they keep theirs)."""
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = g["fixed_lr"] if "fixed_lr" in g else lr

@@ -51,7 +51,12 @@ class BYOL(PredictorSiamese):
 
 
 class SimSiam(PredictorSiamese):
-    pass
+    fix_pred_lr = True
+
+    def fixed_lr_parameters(self) -> list[nn.Parameter]:
+        """The predictor keeps the peak lr, no cosine decay (SimSiam sec. 4.2: "fix lr for predictor"
+        gives better results); ``method.params.fix_pred_lr=false`` schedules it like the rest."""
+        return list(self.predictor.parameters()) if self.fix_pred_lr else []
 
 
 @register_method("byol")
@@ -62,12 +67,14 @@ def build_byol(cfg, backbone, feat_dim, momentum: float = 0.996, pred_hidden_dim
 
 
 @register_method("simsiam")
-def build_simsiam(cfg, backbone, feat_dim, pred_hidden_dim: int = 512, proj_layers: int = 3):
+def build_simsiam(cfg, backbone, feat_dim, pred_hidden_dim: int = 512, proj_layers: int = 3, fix_pred_lr: bool = True):
     """Projector 3 layers with BN on the output (2 on CIFAR in the paper), predictor a 2-layer
     bottleneck (hidden = out/4) without BN on its output (sec. 4)."""
     h, d = cfg.model.proj_hidden_dim, cfg.model.proj_out_dim
     projector = MLPHead(feat_dim, h, d, layers=proj_layers, last_bn=True)
-    return SimSiam(backbone, projector, MLPHead(d, pred_hidden_dim, d, layers=2), None)
+    model = SimSiam(backbone, projector, MLPHead(d, pred_hidden_dim, d, layers=2), None)
+    model.fix_pred_lr = bool(fix_pred_lr)
+    return model
 
 
 build_byol.family = BYOL.family
