@@ -140,3 +140,17 @@ def test_jitter_statistics_are_sane():
     assert abs(grey.float().mean().item() - 0.2) < 0.03
     assert abs(P["flip"].float().mean().item() - 0.5) < 0.04
     assert abs(out.mean().item() - colourful(n).float().div(255).mean().item()) < 0.03
+
+
+def test_multicrop_count_and_size_come_from_the_config():
+    import dataclasses
+
+    cfg = ViewConfig(preset="dino", crop_size=64, local_crops=3, local_size=24)
+    mv = build_views(cfg)
+    assert sum(mv.counts) == 5
+    sizes = [a.params.size for a, c in zip(mv.augs, mv.counts) for _ in range(c)]
+    assert sizes.count(64) == 2 and sizes.count(24) == 3
+    assert sum(build_views(dataclasses.replace(cfg, local_crops=0)).counts) == 2
+    assert sum(build_views(ViewConfig(preset="swav", crop_size=64)).counts) == 8  # the preset's 6 locals
+    with pytest.raises(ValueError, match="views.local_crops"):
+        build_views(ViewConfig(preset="simclr", local_crops=4))

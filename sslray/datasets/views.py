@@ -320,10 +320,21 @@ def simclr_views(size=32, min_scale=0.08, jitter_strength=0.5, blur=False, **_):
     return [(_base(size, min_scale, jitter_strength, blur, size <= 64), 2)]
 
 
+MULTICROP_PRESETS = ("dino", "swav")
+
+
 def build_views(cfg) -> MultiView:
     """``cfg`` is the run's ``ViewConfig``."""
+    extra = {}
+    if getattr(cfg, "local_crops", -1) >= 0:
+        extra["n_local"] = cfg.local_crops
+    if getattr(cfg, "local_size", 0) > 0:
+        extra["local_size"] = cfg.local_size
+    if extra and cfg.preset not in MULTICROP_PRESETS:
+        raise ValueError(f"config keys views.local_crops / views.local_size apply to the multi-crop presets "
+                         f"({', '.join(MULTICROP_PRESETS)}), not views.preset={cfg.preset!r}")
     spec = PRESETS.get(cfg.preset)(
-        size=cfg.crop_size, min_scale=cfg.min_scale, jitter_strength=cfg.jitter_strength, blur=cfg.blur
+        size=cfg.crop_size, min_scale=cfg.min_scale, jitter_strength=cfg.jitter_strength, blur=cfg.blur, **extra
     )
     spec = __import__("sslray.datasets.policies", fromlist=["_"]).apply_policy(spec, getattr(cfg, "policy", "default"), cfg)
     return MultiView(spec, getattr(cfg, "backend", "fused"))
