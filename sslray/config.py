@@ -70,6 +70,7 @@ class OptimConfig:
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak lr
     clip_grad: float = 0.0  # max global grad norm; 0 disables
+    no_decay_lr_scale: float = 1.0  # lr of biases and norm parameters / the scheduled lr (Barlow Twins: 0.024)
     weight_decay_end: float = -1.0  # cosine from weight_decay to this over training (DINO 0.04 -> 0.4); < 0: constant
 
 

@@ -130,3 +130,15 @@ def test_simsiam_predictor_keeps_a_fixed_lr():
     opt = build_optimizer(off, "sgd", 0.06, 5e-4)
     set_lr(opt, 0.001)
     assert all(g["lr"] == 0.001 for g in opt.param_groups)
+
+
+def test_biases_and_norms_can_run_at_a_scaled_lr():
+    from sslray.config import load_config
+    from sslray.raytrain.optim import build_optimizer, set_lr
+
+    assert load_config("barlowtwins_imagenet").optim.no_decay_lr_scale == 0.024
+    model = _model()
+    opt = build_optimizer(model, "lars", 0.2, 1e-6, no_decay_lr_scale=0.024)
+    set_lr(opt, 0.1)
+    by_decay = {g["weight_decay"] > 0: g["lr"] for g in opt.param_groups}
+    assert by_decay[True] == pytest.approx(0.1) and by_decay[False] == pytest.approx(0.0024)

@@ -122,7 +122,8 @@ def train_loop(cfg: Config, session) -> dict:
     net, sync_grads = D.data_parallel(model, dev)
 
     peak = effective_lr(cfg)
-    opt = build_optimizer(model, cfg.optim.name, peak, cfg.optim.weight_decay, cfg.optim.momentum)
+    opt = build_optimizer(model, cfg.optim.name, peak, cfg.optim.weight_decay, cfg.optim.momentum,
+                          cfg.optim.no_decay_lr_scale)
     probe = OnlineProbe.from_config(cfg, model, data.num_classes, evalT, dev)  # own optimizer, detached features
     total = cfg.train.epochs * data.steps_per_epoch
     warmup = int(round(cfg.optim.warmup_epochs * data.steps_per_epoch))
