@@ -7,6 +7,7 @@ and timed on a bare GPU machine without Ray, and runs under Ray Train unchanged.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -144,8 +145,11 @@ class RaySession:
                              checkpoint_dir_name=checkpoint_name(metrics))
 
     def log(self, msg: str) -> None:
+        # Straight to the process's stdout (which Ray streams to the driver): Ray Train patches
+        # print() in workers to go to its logger and, where stdout is wrapped, to stdout as well,
+        # which printed every progress line twice.
         if self.rank == 0:
-            print(msg, flush=True)
+            print(msg, file=sys.__stdout__, flush=True)
 
     def save_picture(self, name: str, png: bytes) -> None:
         """Rank 0 writes the PNG into the run's storage folder; the driver's MLflow callback logs it
