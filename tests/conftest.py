@@ -66,6 +66,24 @@ def cifar_small(cifar_root, tmp_path_factory) -> dict:
     return out
 
 
+@pytest.fixture
+def poison_loss(monkeypatch):
+    """``poison_loss(k)``: SimCLR's loss turns NaN on its k-th call (1-based), in this process."""
+    from sslray.raytrain.methods import simclr
+
+    def arm(at_call: int) -> None:
+        real, calls = simclr.nt_xent_loss, {"n": 0}
+
+        def poisoned(*a, **k):
+            calls["n"] += 1
+            out = real(*a, **k)
+            return out * float("nan") if calls["n"] == at_call else out
+
+        monkeypatch.setattr(simclr, "nt_xent_loss", poisoned)
+
+    return arm
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray instance for the whole session (starting Ray costs ~10 s each time)."""

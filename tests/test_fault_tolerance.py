@@ -63,19 +63,11 @@ def test_sigkill_mid_epoch_resumes_bit_for_bit(cifar_small, tmp_path):
     assert b[-1]["loss"] == a[-1]["loss"] and b[-1]["step"] == a[-1]["step"] == 12
 
 
-def test_nan_at_step_k_stops_cleanly_and_keeps_the_checkpoint(cifar_small, tmp_path, monkeypatch):
+def test_nan_at_step_k_stops_cleanly_and_keeps_the_checkpoint(cifar_small, tmp_path, poison_loss):
     from sslray.config import load_config
     from sslray.raytrain.loop import NonFiniteLossError, run_local
-    from sslray.raytrain.methods import simclr
 
-    real, calls = simclr.nt_xent_loss, {"n": 0}
-
-    def poisoned(*a, **k):
-        calls["n"] += 1
-        out = real(*a, **k)
-        return out * float("nan") if calls["n"] == 4 else out
-
-    monkeypatch.setattr(simclr, "nt_xent_loss", poisoned)
+    poison_loss(4)
     cfg = load_config("smoke", [f"data.train={cifar_small['train']}", "data.val=", "ray.num_workers=1",
                                 "train.epochs=1", "train.max_steps_per_epoch=6", "train.checkpoint_every_steps=2"])
     with pytest.raises(NonFiniteLossError, match=r"at step 3 \(epoch 1\)"):

@@ -31,18 +31,8 @@ def test_local_run_learns_reports_and_resumes(cifar_small, tmp_path):
     assert last3["step"] == 12
 
 
-def test_non_finite_loss_names_the_step(cifar_small, monkeypatch):
-    from sslray.raytrain.methods import simclr
-
-    real = simclr.nt_xent_loss
-    calls = {"n": 0}
-
-    def poisoned(*a, **k):
-        calls["n"] += 1
-        out = real(*a, **k)
-        return out * float("nan") if calls["n"] == 3 else out
-
-    monkeypatch.setattr(simclr, "nt_xent_loss", poisoned)
+def test_non_finite_loss_names_the_step(cifar_small, poison_loss):
+    poison_loss(3)
     cfg = _cfg(cifar_small, "train.epochs=1", "train.max_steps_per_epoch=5", "data.val=")
     with pytest.raises(NonFiniteLossError, match=r"simclr: non-finite loss .* at step 2"):
         run_local(cfg)

@@ -243,18 +243,10 @@ def test_healthy_simclr_stays_quiet_and_a_constant_projector_fires(cifar_small, 
 
 
 @pytest.mark.slow
-def test_a_skipped_non_finite_step_is_counted_and_the_run_goes_on(cifar_small, monkeypatch):
+def test_a_skipped_non_finite_step_is_counted_and_the_run_goes_on(cifar_small, poison_loss):
     from sslray.raytrain.loop import run_local
-    from sslray.raytrain.methods import simclr
 
-    real, calls = simclr.nt_xent_loss, {"n": 0}
-
-    def poisoned(*a, **k):
-        calls["n"] += 1
-        out = real(*a, **k)
-        return out * float("nan") if calls["n"] == 2 else out
-
-    monkeypatch.setattr(simclr, "nt_xent_loss", poisoned)
+    poison_loss(2)
     last, _ = run_local(_cfg(cifar_small, "train.epochs=1", "monitor.max_nonfinite_skips=1", "data.val="))
     assert last["step"] == 4 and math.isfinite(last["loss"])
     assert last["nonfinite_skipped_frac"] == pytest.approx(0.25)

@@ -182,7 +182,7 @@ class FusedViewAugment(nn.Module):
             self.last_params["grey"] = g
         if not jit and p.grey_p <= 0:
             return x
-        Bx, C, h, w = x.shape
+        h, w = x.shape[-2:]
         y = torch.baddbmm(o.unsqueeze(2), A, x.reshape(B, 3, h * w)).view(B, 3, h, w)
         return y.clamp_(0.0, 1.0)
 
@@ -336,7 +336,9 @@ def build_views(cfg) -> MultiView:
     spec = PRESETS.get(cfg.preset)(
         size=cfg.crop_size, min_scale=cfg.min_scale, jitter_strength=cfg.jitter_strength, blur=cfg.blur, **extra
     )
-    spec = __import__("sslray.datasets.policies", fromlist=["_"]).apply_policy(spec, getattr(cfg, "policy", "default"), cfg)
+    from .policies import apply_policy  # here: policies.py imports this module
+
+    spec = apply_policy(spec, getattr(cfg, "policy", "default"), cfg)
     return MultiView(spec, getattr(cfg, "backend", "fused"))
 
 
