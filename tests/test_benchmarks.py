@@ -160,9 +160,11 @@ def test_views_tiny_compares_backends_side_by_side(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(common.append_results, "__defaults__", (results,))
     assert views_bench.main(["--tiny", "--runs", "2", "--append"]) == 0
     rows = [ln for ln in capsys.readouterr().out.splitlines() if "[tiny]" in ln]
-    assert len(rows) == 4 and {r.split("|")[2].strip() for r in rows} == {"fused", "kornia"}
+    assert len(rows) == 6 and {r.split("|")[2].strip() for r in rows} == {"fused", "fused-per-view", "kornia"}
     kornia_rows = [r for r in rows if "| kornia |" in r]
     assert all(r.strip().endswith("| 1.00x |") for r in kornia_rows)  # ratios are against kornia
+    ops = {r.split("|")[2].strip(): int(r.split("|")[5]) for r in rows[:3]}
+    assert ops["fused"] < 0.6 * ops["fused-per-view"]  # the two views share one call's parameter kernels
     assert "benchmarks/views.py --tiny" in results.read_text()
 
 

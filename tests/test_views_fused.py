@@ -138,3 +138,41 @@ def test_multicrop_count_and_size_come_from_the_config():
     assert sum(build_views(ViewConfig(preset="swav", crop_size=64)).counts) == 8  # the preset's 6 locals
     with pytest.raises(ValueError, match="views.local_crops"):
         build_views(ViewConfig(preset="simclr", local_crops=4))
+
+
+def test_views_of_one_group_share_a_call_with_each_rows_own_probabilities():
+    """BYOL's pair differs only in probabilities (solarize 0 / 0.2, blur 1.0 / 0.1), so the fused
+    MultiView makes both views in one call; each view's rows keep their own probabilities and every
+    view of an image gets its own crop."""
+    from sslray.datasets.presets import byol_views
+    from sslray.datasets.views import MultiView, batch_groups
+
+    spec = byol_views(size=16, blur=True)
+    mv = MultiView(spec)
+    assert batch_groups([p for p, _ in spec]) == [[0, 1]] and len(mv.batched) == 1
+    n = 3000
+    x = colourful(n, 16, 16)
+    torch.manual_seed(0)
+    v1, v2 = mv(x)
+    assert v1.shape == v2.shape == (n, 3, 16, 16)
+    P = mv.batched[0].last_params
+    sol, blur = P["solarize"], P["blur_on"]
+    assert not sol[:n].any() and abs(sol[n:].float().mean().item() - 0.2) < 0.03
+    assert blur[:n].all() and abs(blur[n:].float().mean().item() - 0.1) < 0.03
+    assert (P["x0"][:n] != P["x0"][n:]).float().mean() > 0.99  # view 1 and view 2 of an image: two crops
+    assert abs(P["jitter_on"].float().mean().item() - 0.8) < 0.03  # shared probabilities stay as they were
+
+
+def test_multicrop_groups_globals_and_locals_and_keeps_the_view_order():
+    from sslray.datasets.presets import dino_views
+    from sslray.datasets.views import MultiView
+
+    spec = dino_views(size=32, n_local=4, local_size=16)
+    mv = MultiView(spec)
+    assert mv.groups == [[0, 1], [2]]  # two globals in one call, the 4 locals in another
+    views = mv(colourful(8))
+    assert [tuple(v.shape[-2:]) for v in views] == [(32, 32)] * 2 + [(16, 16)] * 4
+    flat = torch.stack([v.flatten(1) for v in views[2:]])  # the four local crops of an image all differ
+    assert all((flat[i] - flat[j]).abs().amax(1).min() > 0 for i in range(4) for j in range(i))
+    kornia = MultiView(spec, backend="kornia")
+    assert not kornia.groups and [tuple(v.shape) for v in kornia(colourful(8))] == [tuple(v.shape) for v in views]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -119,6 +119,7 @@ class FusedViewAugment(nn.Module):
         self.register_buffer("kk", torch.full((3, 3), k * k), persistent=False)
         self.register_buffer("cross_k", torch.tensor([[0, -k, k], [k, 0, -k], [-k, k, 0]]), persistent=False)
         self.last_params: dict = {}
+        self._row_p: dict = {}
 
     # -- parameters ------------------------------------------------------------------------------
     def _boxes(self, B: int, H: int, W: int, dev) -> tuple[torch.Tensor, ...]:
@@ -147,7 +148,7 @@ class FusedViewAugment(nn.Module):
         jit = p.jitter_p > 0 and any(p.jitter)
         if jit:
             bj, cj, sj, hj = p.jitter
-            on = torch.rand(B, device=dev) < p.jitter_p
+            on = self._draw("jitter_p", B, dev)
 
             def factor(j):
                 f = torch.empty(B, device=dev).uniform_(max(0.0, 1 - j), 1 + j)
@@ -164,19 +165,18 @@ class FusedViewAugment(nn.Module):
             hue_mat = cos * eye + sin * self.cross_k + (1 - cos) * self.kk
             sat_mat = sat.view(B, 1, 1) * eye + (1 - sat).view(B, 1, 1) * grey_mat
             order = torch.rand(B, 4, device=dev).argsort(1)  # a random op order per image
+            mats = torch.stack([b.view(B, 1, 1) * eye, c.view(B, 1, 1) * eye, sat_mat, hue_mat], 1)
+            rows = torch.arange(B, device=dev)
             for k in range(4):
-                cur_mean_grey = ((A @ mu.unsqueeze(2)).squeeze(2) + o) @ luma  # (B,)
-                mats = torch.stack([b.view(B, 1, 1) * eye, c.view(B, 1, 1) * eye, sat_mat, hue_mat], 1)
-                offs = torch.stack([torch.zeros(B, 3, device=dev),
-                                    ((1 - c) * cur_mean_grey).unsqueeze(1).expand(B, 3),
-                                    torch.zeros(B, 3, device=dev), torch.zeros(B, 3, device=dev)], 1)
                 idx = order[:, k]
-                M = mats[torch.arange(B, device=dev), idx]
-                off = offs[torch.arange(B, device=dev), idx]
+                M = mats[rows, idx]
+                # only contrast adds an offset: (1 - c) x the current mean grey, the same in all channels
+                cur_mean_grey = ((A @ mu.unsqueeze(2)).squeeze(2) + o) @ luma  # (B,)
+                off = torch.where(idx == 1, (1 - c) * cur_mean_grey, 0.0).unsqueeze(1)
                 A, o = M @ A, (M @ o.unsqueeze(2)).squeeze(2) + off
             self.last_params.update(jitter_on=on, brightness=b, contrast=c, saturation=sat, hue=hue, order=order)
         if p.grey_p > 0:
-            g = torch.rand(B, device=dev) < p.grey_p
+            g = self._draw("grey_p", B, dev)
             G = torch.where(g.view(B, 1, 1), luma.view(1, 1, 3).expand(B, 3, 3), eye)
             A, o = G @ A, (G @ o.unsqueeze(2)).squeeze(2)
             self.last_params["grey"] = g
@@ -188,7 +188,7 @@ class FusedViewAugment(nn.Module):
 
     def _blur(self, x: torch.Tensor) -> torch.Tensor:
         p, (B, C, H, W), dev = self.params, x.shape, x.device
-        on = torch.rand(B, device=dev) < p.blur_p
+        on = self._draw("blur_p", B, dev)
         sigma = torch.empty(B, device=dev).uniform_(*p.blur_sigma)
         k = self.blur_k
         t = torch.arange(k, device=dev, dtype=x.dtype) - (k - 1) / 2
@@ -219,14 +219,23 @@ class FusedViewAugment(nn.Module):
         y = nn.functional.conv2d(y, ker.view(B * C, 1, k, 1), groups=B * C)
         return y.view(B, C, H, W)
 
+    def _draw(self, name: str, n: int, dev) -> torch.Tensor:
+        """Per-sample Bernoulli draws for probability ``name``: the row's own probability when the call
+        passed ``row_p`` (views of several ``AugParams`` in one batch), else ``self.params``'."""
+        p = self._row_p.get(name, getattr(self.params, name))
+        return torch.rand(n, device=dev) < p
+
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, row_p: Optional[dict] = None) -> torch.Tensor:
+        """``row_p`` maps names in ``PROB_FIELDS`` to per-row probabilities (a tensor of x's length);
+        ``self.params`` must then hold the largest of each (a probability of 0 there skips the op)."""
+        self._row_p = row_p or {}
         p = self.params
         B, _, H, W = x.shape
         dev = x.device
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
         x0, y0, w, h = self._boxes(B, H, W, dev)
-        flip = torch.rand(B, device=dev) < p.hflip_p
+        flip = self._draw("hflip_p", B, dev)
         theta = torch.zeros(B, 2, 3, device=dev)
         theta[:, 0, 0] = (w / W) * torch.where(flip, -1.0, 1.0)
         theta[:, 0, 2] = (2 * x0 + w) / W - 1
@@ -241,7 +250,7 @@ class FusedViewAugment(nn.Module):
         if p.blur_p > 0:
             x = self._blur(x)
         if p.solarize_p > 0:
-            s = torch.rand(B, device=dev) < p.solarize_p
+            s = self._draw("solarize_p", B, dev)
             x = torch.where(s.view(B, 1, 1, 1) & (x >= 0.5), 1.0 - x, x)
             self.last_params["solarize"] = s
         return (x - self.mean) / self.std
@@ -280,18 +289,73 @@ class EvalTransform(nn.Module):
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
 
-class MultiView(nn.Module):
-    """A method's view spec: ``[(ViewAugment, count), ...]`` -> list of views (globals first)."""
+# The per-sample probabilities of AugParams; views whose params differ only in these can share one call.
+PROB_FIELDS = ("hflip_p", "jitter_p", "grey_p", "blur_p", "solarize_p")
 
-    def __init__(self, spec: Sequence[tuple[AugParams, int]], backend: str = "fused"):
+
+def batch_groups(params: Sequence[AugParams]) -> list[list[int]]:
+    """Consecutive spec entries that differ at most in their probabilities (BYOL's asymmetric pair,
+    DINO's two globals, n identical local crops are one entry): the indices of each group."""
+    groups: list[list[int]] = []
+    key = lambda p: replace(p, **{f: 0.0 for f in PROB_FIELDS})  # noqa: E731
+    for i, p in enumerate(params):
+        if groups and key(params[groups[-1][0]]) == key(p):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+class MultiView(nn.Module):
+    """A method's view spec: ``[(AugParams, count), ...]`` -> list of views (globals first).
+
+    ``augs[i]`` is entry i's augmentation (``.params`` = its AugParams) and ``counts[i]`` its count.
+    With the ``fused`` backend every group of ``batch_groups`` runs as one call on the batch repeated
+    once per view, each row with its own entry's probabilities: parameters are still drawn per image
+    and per view, but the ~150 small parameter kernels and the resample/colour/blur kernels run once
+    per group instead of once per view (the step is launch-bound at small batch on a GPU).
+    """
+
+    def __init__(self, spec: Sequence[tuple[AugParams, int]], backend: str = "fused", group: bool = True):
         super().__init__()
         self.augs = nn.ModuleList(BACKENDS.get(backend)(p) for p, _ in spec)
         self.counts = [int(c) for _, c in spec]
+        self.groups: list[list[int]] = []
+        self.batched = nn.ModuleList()
+        if backend == "fused" and group:  # group=False: one call per view (benchmarks/views.py compares)
+            params = [p for p, _ in spec]
+            for idx in batch_groups(params):
+                merged = replace(params[idx[0]], **{f: max(getattr(params[i], f) for i in idx) for f in PROB_FIELDS})
+                self.groups.append(idx)
+                self.batched.append(FusedViewAugment(merged))
+        self._row_p: dict = {}
+
+    def _rows(self, g: int, b: int, dev) -> dict:
+        """Per-row probabilities of group ``g`` for batch size ``b`` (cached: built once per size)."""
+        key = (g, b, str(dev))
+        if key not in self._row_p:
+            rows = {}
+            for f in PROB_FIELDS:
+                vals = [float(getattr(self.augs[i].params, f)) for i in self.groups[g] for _ in range(self.counts[i])]
+                if len(set(vals)) > 1:
+                    rows[f] = torch.tensor(vals, device=dev).repeat_interleave(b)
+            self._row_p[key] = rows
+        return self._row_p[key]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         views = []
-        for aug, count in zip(self.augs, self.counts):
-            views.extend(aug(x) for _ in range(count))
+        if not self.groups:
+            for aug, count in zip(self.augs, self.counts):
+                views.extend(aug(x) for _ in range(count))
+            return views
+        b = x.shape[0]
+        for g, (idx, aug) in enumerate(zip(self.groups, self.batched)):
+            n = sum(self.counts[i] for i in idx)
+            if n == 1:
+                views.append(aug(x))
+                continue
+            out = aug(x.repeat(n, 1, 1, 1), self._rows(g, b, x.device))
+            views.extend(out.split(b))
         return views
 
 
@@ -347,6 +411,6 @@ def eval_transform(cfg) -> EvalTransform:
     return EvalTransform(cfg.crop_size, CIFAR_MEAN if small else IMAGENET_MEAN, CIFAR_STD if small else IMAGENET_STD)
 
 
-__all__ = ["AugParams", "ViewAugment", "FusedViewAugment", "BACKENDS", "EvalTransform", "MultiView", "PRESETS", "build_views", "eval_transform", "replace"]
+__all__ = ["AugParams", "ViewAugment", "FusedViewAugment", "BACKENDS", "PROB_FIELDS", "batch_groups", "EvalTransform", "MultiView", "PRESETS", "build_views", "eval_transform", "replace"]
 
 from . import presets as _presets  # noqa: E402,F401  (registers the other presets)
