@@ -10,6 +10,7 @@ from functools import cache
 
 import pytest
 import torch
+from torch import nn
 
 from sslray.config import CONFIG_DIR, load_config
 from sslray.datasets.views import PRESETS, MultiView
@@ -321,3 +322,25 @@ def test_every_recipe_builds_its_method_and_runs_a_tiny_batch(recipe):
     with torch.no_grad():
         loss = model(views)["loss"]
     assert loss.ndim == 0 and torch.isfinite(loss), f"{recipe}: loss {loss}"
+
+
+def test_ema_teacher_update_is_the_momentum_average_and_copies_buffers():
+    """t <- m t + (1 - m) s for every parameter; BN running statistics (float and the int64 batch
+    counter) copied from the student, not averaged."""
+    from sslray.raytrain.methods._ema import EMATeacher
+
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    teacher = EMATeacher(student)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+    student.train()(torch.randn(16, 4))  # moves the running statistics and the counter
+    before = [p.clone() for p in teacher.module.parameters()]
+    teacher.update(student, momentum=0.9)
+    for t0, t, s in zip(before, teacher.module.parameters(), student.parameters()):
+        torch.testing.assert_close(t, 0.9 * t0 + 0.1 * s)
+        assert not t.requires_grad
+    for bt, bs in zip(teacher.module.buffers(), student.buffers()):
+        assert bt.dtype == bs.dtype and torch.equal(bt, bs)
+    assert int(teacher.module[0][1].num_batches_tracked) == 1

@@ -44,6 +44,51 @@ def test_lars_step_matches_the_formula():
         torch.testing.assert_close(params[n], w0[n] - lr * g[n])
 
 
+def _lars_reference(params_and_groups, state, eta=0.001):
+    """The per-tensor LARS update, written out one parameter at a time."""
+    for g in params_and_groups:
+        for p in g["params"]:
+            if p.grad is None:
+                continue
+            d = p.grad + g["weight_decay"] * p if g["weight_decay"] else p.grad
+            if g["lars"]:
+                pn, dn = p.norm(), d.norm()
+                d = d * (eta * pn / dn if pn > 0 and dn > 0 else 1.0)
+            buf = state.get(p)
+            state[p] = d.clone() if buf is None else buf * g["momentum"] + d
+            p.sub_(g["lr"] * state[p])
+
+
+def test_lars_matches_a_per_tensor_reference_over_steps():
+    """The batched (foreach) step equals the per-tensor formula over several momentum steps, with a
+    zero weight (trust ratio 1), a parameter without a gradient (skipped) and lr changes between steps."""
+    torch.manual_seed(0)
+    a, b = _model(), _model()
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        a[0].weight[0].zero_(), b[0].weight[0].zero_()
+        a[2].weight.zero_(), b[2].weight.zero_()  # a whole zero weight: ||w|| = 0 -> trust 1
+    opt = LARS(param_groups(a, 1e-2), lr=0.5, momentum=0.9)
+    ref_groups = [dict(g, momentum=0.9) for g in param_groups(b, 1e-2)]
+    state = {}
+    for step in range(5):
+        lr = 0.5 * (1 - step / 10)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        for g in ref_groups:
+            g["lr"] = lr
+        grads = [torch.randn_like(p) for p in a.parameters()]
+        for pa, pb, gr in zip(a.parameters(), b.parameters(), grads):
+            skip = step == 2 and pa is a[1].bias
+            pa.grad = None if skip else gr.clone()
+            pb.grad = None if skip else gr.clone()
+        opt.step()
+        with torch.no_grad():
+            _lars_reference(ref_groups, state)
+        for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+            torch.testing.assert_close(pa, pb, msg=f"step {step}: {n}")
+
+
 @pytest.mark.parametrize("name", ["sgd", "lars", "adamw"])
 def test_build_optimizer_keeps_the_groups(name):
     opt = build_optimizer(_model(), name, lr=0.1, weight_decay=0.05)

@@ -33,10 +33,13 @@ class EMATeacher(nn.Module):
         t_params, s_params = list(self.module.parameters()), list(student.parameters())
         if len(t_params) != len(s_params):
             raise RuntimeError("EMATeacher: student and teacher no longer have the same parameters")
+        # foreach: one launch per few tensors instead of one per tensor (the step is launch-bound at
+        # small batch); under no_grad the student parameters need no detach.
         torch._foreach_mul_(t_params, momentum)
-        torch._foreach_add_(t_params, [p.detach() for p in s_params], alpha=1 - momentum)
-        for bt, bs in zip(self.module.buffers(), student.buffers()):
-            bt.copy_(bs)
+        torch._foreach_add_(t_params, s_params, alpha=1 - momentum)
+        t_bufs, s_bufs = list(self.module.buffers()), list(student.buffers())
+        if t_bufs:
+            torch._foreach_copy_(t_bufs, s_bufs)
 
 
 def ema_momentum(step: int, total: int, base: float, schedule: str = "cosine") -> float:
