@@ -175,6 +175,9 @@ def test_profile_step_tiny_names_where_time_goes(bench_cache, tmp_path, capsys):
     assert profile_step.main(["--tiny", "--cache-dir", str(bench_cache), "--out", str(tmp_path)]) == 0
     text = (tmp_path / "profile_row1.txt").read_text()
     assert "img/s in the loop" in text and "by host time" in text and "aten::" in text
+    parts = {ln.split("|")[1].strip(): ln for ln in text.splitlines() if ln.startswith("| sslray.")}
+    assert {"sslray.views", "sslray.forward", "sslray.backward", "sslray.optimizer"} <= set(parts)
+    assert all(float(parts[k].split("|")[2]) > 0 for k in ("sslray.views", "sslray.forward", "sslray.optimizer"))
 
 
 @pytest.mark.slow

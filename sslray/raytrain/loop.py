@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -86,6 +87,12 @@ def set_rng_state(s: dict) -> None:
     random.setstate(s["python"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([t.cpu() for t in s["cuda"]])
+
+
+def region(name: str):
+    """A named torch.profiler range around one part of the step (benchmarks/profile_step.py reports
+    ops, host and device time per part); a no-op unless a profiler is recording."""
+    return torch.profiler.record_function(name) if torch.autograd._profiler_enabled() else nullcontext()
 
 
 def seed_everything(seed: int) -> None:
@@ -184,38 +191,44 @@ def train_loop(cfg: Config, session) -> dict:
             set_lr(opt, lr)
             if cfg.optim.weight_decay_end >= 0:
                 set_weight_decay(opt, weight_decay_at(step, total, cfg.optim.weight_decay, cfg.optim.weight_decay_end))
-            v = views(x)
-            if cl:
-                v = [t.contiguous(memory_format=torch.channels_last) for t in v]
+            with region("sslray.views"):
+                v = views(x)
+                if cl:
+                    v = [t.contiguous(memory_format=torch.channels_last) for t in v]
             if tap is not None:
                 tap.captured = {}
                 # collapse statistics of the epoch's last step; the probe's features every step
                 tap.armed = probe_tap or (cfg.monitor.collapse and i + 1 == data.steps_per_epoch)
-            with autocast_for(dev, tc.precision):
+            with region("sslray.forward"), autocast_for(dev, tc.precision):
                 out = net(v)
             if tap is not None:
                 tap.armed = False
             loss = out["loss"]
             if step == 0 and state is None:
                 pictures.at_start(x, v, total, warmup, peak)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            sync_grads()
-            ok = health.after_backward(loss, step, lr)  # device flag: no host sync here
-            if health.due(step):
-                health.check(cfg.method.name, epoch + 1)
-            if cfg.optim.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-            opt.step()
-            health.restore(ok)
-            if hasattr(model, "on_step"):
-                model.on_step(step, total)
+            with region("sslray.backward"):
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                sync_grads()
+            with region("sslray.health"):
+                ok = health.after_backward(loss, step, lr)  # device flag: no host sync here
+                if health.due(step):
+                    health.check(cfg.method.name, epoch + 1)
+            with region("sslray.optimizer"):
+                if cfg.optim.clip_grad > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+                opt.step()
+                health.restore(ok)
+            with region("sslray.on_step"):
+                if hasattr(model, "on_step"):
+                    model.on_step(step, total)
             if probe is not None:
-                f = tap.captured.get("feats") if probe_tap else None
-                if f is not None and f.ndim == 2 and f.shape[0] >= y.shape[0]:
-                    probe.step_features(f[: y.shape[0]], y)  # views are batched view-major: rows 0..B-1 = view 1
-                else:
-                    probe.step(model.backbone, x, y)
+                with region("sslray.online_probe"):
+                    f = tap.captured.get("feats") if probe_tap else None
+                    if f is not None and f.ndim == 2 and f.shape[0] >= y.shape[0]:
+                        probe.step_features(f[: y.shape[0]], y)  # views are batched view-major: rows 0..B-1 = view 1
+                    else:
+                        probe.step(model.backbone, x, y)
             loss_sum += torch.where(ok, loss.detach().float(), 0.0)
             n_steps += 1
             step += 1
