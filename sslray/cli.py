@@ -30,6 +30,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                                    "orthogonality, lorot, dcl, mae")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="global batch over all workers")
+    p.add_argument("--auto-batch", action="store_true",
+                   help="halve the global batch before training until a step fits in device memory (data.auto_batch)")
     p.add_argument("--lr", type=float, help="base lr per 256 images")
     p.add_argument("--workers", type=int, help="Ray Train workers")
     p.add_argument("--gpu", choices=["auto", "true", "false"], help="use GPUs (auto: when the cluster has them)")
@@ -61,6 +63,8 @@ def config_from_args(a: argparse.Namespace):
         "tracking.experiment": a.experiment, "views.policy": getattr(a, "views", None),
     }
     over = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    if getattr(a, "auto_batch", False):
+        over.append("data.auto_batch=true")
     if getattr(a, "max_failures", None) is not None:
         over.append(f"ray.max_failures={a.max_failures}")
     if getattr(a, "checkpoint_every", None):

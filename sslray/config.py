@@ -29,6 +29,7 @@ class DataConfig:
     os_cache: bool = True  # memory-map the .beton (fast when it fits in RAM; see README)
     batches_ahead: int = 2  # batches FFCV prepares ahead of the training step
     resident: bool = False  # keep every decoded uint8 image on the device (small data such as CIFAR); FFCV otherwise
+    auto_batch: bool = False  # before training, halve the global batch until a step fits in device memory (lr follows)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class ModelConfig:
     proj_hidden_dim: int = 2048
     proj_out_dim: int = 128
     sync_bn: bool = True  # global batch statistics across workers (GPU only: torch's SyncBN is CUDA-only)
+    grad_checkpointing: bool = False  # recompute backbone activations in backward: less memory, ~30% more compute
 
 
 @dataclass(frozen=True)

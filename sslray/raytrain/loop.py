@@ -23,6 +23,7 @@ from ..datasets.resident import make_resident_loader
 from ..datasets.views import build_views, eval_transform
 from . import distributed as D
 from .knn import autocast_for, extract_features, knn_accuracy
+from .memory import SSLOutOfMemoryError, auto_batch, explain_oom
 from .methods import create_method
 from .monitors import EmbeddingTap, NonFiniteLossError, StepHealth, collapse_report, epoch_health
 from .online_probe import OnlineProbe
@@ -114,7 +115,28 @@ def knn_monitor(model, data: Data, cfg: Config, session, evalT) -> dict:
 
 def train_loop(cfg: Config, session) -> dict:
     """Run ``cfg.train.epochs`` epochs (resuming from the session's latest checkpoint) and return
-    the last epoch's metrics."""
+    the last epoch's metrics. An out-of-memory error comes out as ``SSLOutOfMemoryError``, naming
+    the run's shape and the keys that lower the peak; ``data.auto_batch`` first halves the batch
+    until a step fits (a resumed run keeps its checkpoint's batch)."""
+    dev = session.device
+    state = session.restore()
+    if state is not None:
+        saved = int(state.get("config", {}).get("data", {}).get("batch_size", cfg.data.batch_size))
+        if saved != cfg.data.batch_size and cfg.data.auto_batch:
+            session.log(f"sslray: auto batch: resuming with the checkpoint's global batch {saved}")
+            cfg = cfg.replace(**{"data.batch_size": saved})
+    elif cfg.data.auto_batch:
+        cfg = auto_batch(cfg, session.world_size, dev, session.log)
+    phase = ["setup (model, data, optimizer)"]
+    try:
+        return _train(cfg, session, state, phase)
+    except torch.OutOfMemoryError as e:
+        if isinstance(e, SSLOutOfMemoryError):
+            raise
+        raise explain_oom(cfg, session.world_size, dev, phase[0], e) from e
+
+
+def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
     dev = session.device
     seed_everything(cfg.train.seed)  # same init on every rank; data_parallel also broadcasts rank 0's weights
     data = build_data(cfg, session)
@@ -147,7 +169,6 @@ def train_loop(cfg: Config, session) -> dict:
     pictures = RunPictures(cfg, session, model, data, views, evalT)
 
     start_epoch, start_batch, step, last, partial = 0, 0, 0, {}, None
-    state = session.restore()
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -171,6 +192,7 @@ def train_loop(cfg: Config, session) -> dict:
     tc = cfg.train
     for epoch in range(start_epoch, tc.epochs):
         net.train()
+        phase[0] = "training step"
         data.train.next_epoch = epoch  # FFCV draws this epoch's order from seed + epoch
         skip = start_batch if epoch == start_epoch else 0
         resumed = partial if skip and partial else {"loss_sum": 0.0, "n": 0, "seconds": 0.0}
@@ -269,10 +291,14 @@ def train_loop(cfg: Config, session) -> dict:
                         "(non-finite loss or gradient)")
         if data.val is not None and ((epoch + 1) % tc.knn_every == 0 or epoch + 1 == tc.epochs):
             t1 = time.perf_counter()
+            phase[0] = "kNN monitor (feature extraction)"
             metrics.update(knn_monitor(model, data, cfg, session, evalT))
             metrics["knn_seconds"] = time.perf_counter() - t1
         if probe is not None:
+            phase[0] = "online probe evaluation"
             metrics.update(probe.epoch_metrics(model.backbone, data.val))
+        if cfg.data.auto_batch:
+            metrics["global_batch"] = cfg.data.batch_size
         if not math.isfinite(mean_loss):
             raise NonFiniteLossError(f"{cfg.method.name}: non-finite mean loss in epoch {epoch + 1}")
         pictures.after_epoch(epoch + 1, epoch + 1 == tc.epochs)

@@ -42,7 +42,14 @@ def create_method(cfg) -> nn.Module:
             f"{cfg.method.name!r}; it accepts: {', '.join(sorted(allowed)) or 'none'}"
         )
     backbone, feat_dim = build_backbone(cfg)
-    return builder(cfg=cfg, backbone=backbone, feat_dim=feat_dim, **params)
+    model = builder(cfg=cfg, backbone=backbone, feat_dim=feat_dim, **params)
+    if cfg.model.grad_checkpointing:  # on the backbone the method trains (MAE may have rebuilt it)
+        bb = model.backbone
+        if not hasattr(bb, "set_grad_checkpointing"):
+            raise ValueError(f"config key 'model.grad_checkpointing': backbone {cfg.model.backbone!r} "
+                             f"({type(bb).__name__}) has no set_grad_checkpointing")
+        bb.set_grad_checkpointing(True)
+    return model
 
 
 from . import dino, mae, moco, nnclr, redundancy, siamese, simclr, swav, vicregl  # noqa: F401  (register)

@@ -4,6 +4,7 @@ decoder reconstructs the pixels of the masked ones; the loss (``norm_pix_loss``)
 from __future__ import annotations
 
 import torch
+from timm.models import checkpoint_seq
 from torch import nn
 
 from ..backbones import create_backbone
@@ -67,6 +68,8 @@ class MAE(nn.Module):
         cls = bb.cls_token + (bb.pos_embed[:, :1] if prefix else 0)
         x = torch.cat([cls.expand(x.shape[0], -1, -1), x], 1)
         x = bb.norm_pre(x) if hasattr(bb, "norm_pre") else x
+        if getattr(bb, "grad_checkpointing", False) and torch.is_grad_enabled():
+            return bb.norm(checkpoint_seq(bb.blocks, x))  # model.grad_checkpointing: blocks recomputed in backward
         return bb.norm(bb.blocks(x))
 
     def decode(self, latent: torch.Tensor, restore: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,145 @@
+"""Device memory: an out-of-memory error that names the run and what to change, a batch that fits
+(``data.auto_batch``), and gradient checkpointing that saves memory without changing gradients.
+
+Out of memory is simulated where the real step would hit it: SimCLR's loss raises torch's
+OutOfMemoryError whenever a worker's batch is above a limit (a CPU has no allocator limit to hit).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sslray.config import load_config
+from sslray.raytrain import memory as M
+
+
+@pytest.fixture
+def oom_above(monkeypatch):
+    """``oom_above(n)``: SimCLR's loss raises OutOfMemoryError for more than n images per worker."""
+    from sslray.raytrain.methods import simclr
+
+    def arm(limit: int) -> list[int]:
+        real, seen = simclr.nt_xent_loss, []
+
+        def limited(z1, z2, *a, **k):
+            seen.append(z1.shape[0])
+            if z1.shape[0] > limit:
+                raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {z1.shape[0]} MiB")
+            return real(z1, z2, *a, **k)
+
+        monkeypatch.setattr(simclr, "nt_xent_loss", limited)
+        return seen
+
+    return arm
+
+
+def tiny_cfg(*extra):
+    return load_config("smoke", ["ray.num_workers=1", "model.backbone=resnet10t", *extra])
+
+
+def test_fit_batch_halves_until_every_worker_fits():
+    tried = []
+    assert M.fit_batch(64, 2, lambda b: tried.append(b) or b <= 12) == 8
+    assert tried == [64, 32, 16, 8]
+    assert M.fit_batch(64, 2, lambda b: True) == 64  # never grows past the configured batch
+    # one worker short of memory is enough to halve for all
+    votes = iter([False, True])
+    assert M.fit_batch(16, 2, lambda b: True, agree=lambda ok: next(votes)) == 8
+    with pytest.raises(torch.OutOfMemoryError, match="not even 2 images per worker"):
+        M.fit_batch(16, 1, lambda b: False)
+
+
+def test_try_step_runs_a_real_step_and_reports_oom(oom_above):
+    cfg = tiny_cfg("data.batch_size=16")
+    seen = oom_above(8)
+    assert M.try_step(cfg, 8, torch.device("cpu")) is True
+    assert M.try_step(cfg, 16, torch.device("cpu")) is False
+    assert seen == [8, 16]
+
+
+def test_oom_in_the_step_names_the_run_and_the_fixes(oom_above, cifar_small):
+    oom_above(4)
+    cfg = tiny_cfg(f"data.train={cifar_small['train']}", "data.val=", "data.batch_size=16", "train.epochs=1")
+    from sslray.raytrain.loop import run_local
+
+    with pytest.raises(M.SSLOutOfMemoryError) as err:
+        run_local(cfg)
+    msg = str(err.value)
+    assert isinstance(err.value, torch.OutOfMemoryError)  # still torch's class for callers that catch it
+    for part in ("out of memory in the training step", "method simclr", "backbone resnet10t",
+                 "16 images per worker (global batch 16 over 1 worker(s))", "--batch-size 8", "data.auto_batch=true",
+                 "model.grad_checkpointing=true", "Tried to allocate"):
+        assert part in msg, part
+
+
+@pytest.mark.slow
+def test_auto_batch_trains_with_the_batch_that_fits_and_resume_keeps_it(oom_above, cifar_small, tmp_path, monkeypatch,
+                                                                        capsys):
+    seen = oom_above(8)
+    cfg = tiny_cfg(f"data.train={cifar_small['train']}", f"data.val={cifar_small['test']}", "data.batch_size=32",
+                   "data.auto_batch=true", "train.epochs=1", "train.max_steps_per_epoch=3")
+    from sslray.raytrain.loop import run_local
+
+    last, session = run_local(cfg, str(tmp_path / "ckpt"))
+    assert seen[:3] == [32, 16, 8]  # the fit: 32 and 16 per worker failed, 8 fitted
+    assert set(seen[3:]) == {8} and len(seen[3:]) == 3  # then every training step ran at 8
+    assert last["global_batch"] == 8 and last["step"] == 3
+    assert "auto batch: global batch 32 -> 8 (8 per worker)" in capsys.readouterr().out
+
+    # Resuming keeps the checkpoint's batch without fitting again.
+    import sslray.raytrain.loop as L
+
+    monkeypatch.setattr(L, "auto_batch", lambda *a, **k: pytest.fail("resume must not fit the batch again"))
+    last2, s2 = run_local(cfg.replace(**{"train.epochs": 2}), str(tmp_path / "ckpt"))
+    assert [m["epoch"] for m in s2.history] == [2] and last2["global_batch"] == 8 and last2["step"] == 6
+
+
+def _grads(model, views):
+    model.zero_grad(set_to_none=True)
+    model(views)["loss"].backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("method,backbone,extra", [
+    ("simclr", "resnet10t", []),
+    ("mae", "vit_tiny_patch16_224", ["method.params.patch_size=8", "method.params.decoder_dim=32",
+                                     "method.params.decoder_depth=1", "method.params.decoder_heads=2"]),
+])
+def test_grad_checkpointing_recomputes_the_backbone_and_keeps_the_gradients(method, backbone, extra):
+    from sslray.datasets.views import build_views
+    from sslray.raytrain.methods import create_method
+
+    over = [f"model.backbone={backbone}", "model.cifar_stem=false", "model.proj_hidden_dim=32",
+            "model.proj_out_dim=16", "views.crop_size=32", *extra]
+    cfg = load_config(f"{method}_cifar10", over)
+    torch.manual_seed(0)
+    plain = create_method(cfg)
+    ckpt = create_method(load_config(f"{method}_cifar10", over + ["model.grad_checkpointing=true"]))
+    ckpt.load_state_dict(plain.state_dict())
+    torch.manual_seed(1)
+    views = build_views(cfg.views)(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8))
+    block = (lambda m: m.backbone.layer2[0]) if method == "simclr" else (lambda m: m.backbone.blocks[0])
+    calls = {"plain": 0, "ckpt": 0}
+    block(plain).register_forward_pre_hook(lambda *a: calls.__setitem__("plain", calls["plain"] + 1))
+    block(ckpt).register_forward_pre_hook(lambda *a: calls.__setitem__("ckpt", calls["ckpt"] + 1))
+    torch.manual_seed(2)
+    g_plain = _grads(plain, views)
+    torch.manual_seed(2)
+    g_ckpt = _grads(ckpt, views)
+    assert calls["ckpt"] == 2 * calls["plain"] > 0  # the block started again in backward (a pre-hook: the recompute stops early)
+    assert g_plain.keys() == g_ckpt.keys()
+    for n in g_plain:
+        torch.testing.assert_close(g_ckpt[n], g_plain[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_grad_checkpointing_on_a_backbone_without_it_names_the_key(monkeypatch):
+    from sslray.raytrain.methods import create_method
+
+    class Plain(torch.nn.Sequential):
+        num_features = 4
+
+    monkeypatch.setattr("sslray.raytrain.methods.create_backbone",
+                        lambda *a, **k: Plain(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()))
+    with pytest.raises(ValueError, match="model.grad_checkpointing.*has no set_grad_checkpointing"):
+        create_method(tiny_cfg("model.grad_checkpointing=true"))
