@@ -187,3 +187,19 @@ def test_biases_and_norms_can_run_at_a_scaled_lr():
     set_lr(opt, 0.1)
     by_decay = {g["weight_decay"] > 0: g["lr"] for g in opt.param_groups}
     assert by_decay[True] == pytest.approx(0.1) and by_decay[False] == pytest.approx(0.0024)
+
+
+@pytest.mark.gpu
+def test_lars_step_never_syncs_the_host_on_cuda():
+    dev = torch.device("cuda")
+    m = _model().to(dev)
+    opt = LARS(param_groups(m, 1e-4), lr=0.1, momentum=0.9)
+    for step in range(2):  # the first step creates the momentum buffers, the second updates them
+        for p in m.parameters():
+            p.grad = torch.randn_like(p)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(p).all() for p in m.parameters())

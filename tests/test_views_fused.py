@@ -176,3 +176,23 @@ def test_multicrop_groups_globals_and_locals_and_keeps_the_view_order():
     assert all((flat[i] - flat[j]).abs().amax(1).min() > 0 for i in range(4) for j in range(i))
     kornia = MultiView(spec, backend="kornia")
     assert not kornia.groups and [tuple(v.shape) for v in kornia(colourful(8))] == [tuple(v.shape) for v in views]
+
+
+@pytest.mark.gpu
+def test_grouped_views_never_sync_the_host_on_cuda():
+    """After the first call (which caches the per-row probabilities), making BYOL's asymmetric pair
+    and DINO's multi-crop queues device work only: torch's sync debug mode turns a sync into an error."""
+    from sslray.datasets.presets import byol_views, dino_views
+    from sslray.datasets.views import MultiView
+
+    dev = torch.device("cuda")
+    x = colourful(64).to(dev)
+    for spec in (byol_views(size=32, blur=True), dino_views(size=32, n_local=4, blur=True)):
+        mv = MultiView(spec).to(dev)
+        mv(x)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            views = mv(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert all(v.is_cuda and torch.isfinite(v).all() for v in views)

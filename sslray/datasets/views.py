@@ -337,8 +337,8 @@ class MultiView(nn.Module):
             rows = {}
             for f in PROB_FIELDS:
                 vals = [float(getattr(self.augs[i].params, f)) for i in self.groups[g] for _ in range(self.counts[i])]
-                if len(set(vals)) > 1:
-                    rows[f] = torch.tensor(vals, device=dev).repeat_interleave(b)
+                if len(set(vals)) > 1:  # filled on the device: no host-to-device copy in the step
+                    rows[f] = torch.cat([torch.full((b,), v, device=dev) for v in vals])
             self._row_p[key] = rows
         return self._row_p[key]
 
