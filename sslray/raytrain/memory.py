@@ -108,7 +108,8 @@ def fit_batch(per_worker: int, world: int, attempt: Callable[[int], bool],
         if agree(attempt(b)):
             return b
         if log:
-            log(f"sslray: auto batch: {b} images per worker (global {b * world}) does not fit; trying {b // 2}")
+            nxt = f"trying {b // 2}" if b // 2 >= MIN_PER_WORKER else "nothing smaller to try"
+            log(f"sslray: auto batch: {b} images per worker (global {b * world}) does not fit; {nxt}")
         b //= 2
     raise torch.OutOfMemoryError(f"auto batch: not even {MIN_PER_WORKER} images per worker fit in device memory")
 
