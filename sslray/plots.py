@@ -77,7 +77,8 @@ def metric_vs_params(rows: Sequence[Mapping], keys: Sequence[str], metric: str, 
         ax.set_xlabel(k)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    if axes[0][0].get_legend_handles_labels()[0]:  # categorical keys (a study's method/policy) plot no points
+        axes[0][0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -160,3 +160,15 @@ def test_every_tiny_run_logs_its_pictures_to_mlflow(tiny_runs, tmp_path):
         # The health metrics land beside the loss, one point per epoch.
         for key in ("grad_norm_backbone", "images_per_sec_per_worker", "data_wait_ms_per_step", "feats_rankme"):
             assert len(c.get_metric_history(r.run_id, key)) == 2, (method, key)
+
+
+def test_sweep_plot_of_categorical_keys_draws_no_empty_legend():
+    """A study's keys (method, policy) are strings: nothing to scatter, and no legend call that warns."""
+    import warnings
+
+    rows = [{"config": {"method": "simclr"}, "status": "completed", "knn_top1": 0.5}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = plots.metric_vs_params(rows, ["method"], "knn_top1")
+    assert fig.axes[0].get_legend() is None
+    plots.close(fig)
