@@ -102,32 +102,29 @@ def by_region(events, steps: int) -> list[tuple[str, float, float, float, float]
     Python code dispatched)."""
     acc: dict[str, list[float]] = {}
 
-    def walk(e, inside_aten: bool, row: list[float]) -> None:
+    def count(e, inside_aten: bool, row: list[float]) -> None:
+        """Counts ``e`` (when it is a top-level aten op or a launch) and everything below it."""
+        is_aten = e.name.startswith("aten::")
+        row[0] += is_aten and not inside_aten
+        row[1] += e.name.startswith("cudaLaunchKernel")
         for c in e.cpu_children:
-            is_aten = c.name.startswith("aten::")
-            if is_aten and not inside_aten:
-                row[0] += 1
-            if c.name.startswith("cudaLaunchKernel"):
-                row[1] += 1
-            walk(c, inside_aten or is_aten, row)
+            count(c, inside_aten or is_aten, row)
 
     for e in events:
-        if e.name.startswith("sslray.") and not any(p.name.startswith("sslray.") for p in _parents(e)):
-            row = acc.setdefault(e.name, [0.0, 0.0, 0.0, 0.0])
-            walk(e, False, row)
-            row[2] += e.cpu_time_total / 1e3
-            row[3] += (getattr(e, "device_time_total", 0) or 0) / 1e3
-        elif e.cpu_parent is None and not e.name.startswith("sslray.") and not e.name.startswith("ProfilerStep"):
+        if e.name.startswith("sslray."):
+            if any(p.name.startswith("sslray.") for p in _parents(e)):
+                continue
+            name = e.name
+        elif e.cpu_parent is None and not e.name.startswith("ProfilerStep"):
             # outside every part: loop code, and on a GPU the backward ops, which autograd runs on its
             # own device thread (so they sit under no range of the main thread)
-            row = acc.setdefault("(outside the parts)", [0.0, 0.0, 0.0, 0.0])
-            if e.name.startswith("aten::"):
-                row[0] += 1
-            if e.name.startswith("cudaLaunchKernel"):
-                row[1] += 1
-            walk(e, e.name.startswith("aten::"), row)
-            row[2] += e.cpu_time_total / 1e3
-            row[3] += (getattr(e, "device_time_total", 0) or 0) / 1e3
+            name = "(outside the parts)"
+        else:
+            continue
+        row = acc.setdefault(name, [0.0, 0.0, 0.0, 0.0])
+        count(e, False, row)
+        row[2] += e.cpu_time_total / 1e3
+        row[3] += (getattr(e, "device_time_total", 0) or 0) / 1e3
     return [(k, *(v / steps for v in row)) for k, row in acc.items()]
 
 
@@ -200,7 +197,8 @@ def main(argv=None) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"profile_row{args.row}.txt").write_text(summary + "\n\nper step, by part\n" + parts + "\n\nby device time\n" + by_dev + "\n\nby host time\n" + by_cpu)
+        (out / f"profile_row{args.row}.txt").write_text("\n\n".join(
+            [summary, "per step, by part\n" + parts, "by device time\n" + by_dev, "by host time\n" + by_cpu]))
         if args.trace:
             prof.export_chrome_trace(str(out / f"trace_row{args.row}.json.gz"))
     return 0

@@ -41,16 +41,17 @@ def count_ops(fn) -> int:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
-        n = 0
+        def __init__(self):
+            super().__init__()
+            self.n = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket.__name__ not in _NO_KERNEL:
-                Count.n += 1
+            self.n += func.overloadpacket.__name__ not in _NO_KERNEL
             return func(*args, **(kwargs or {}))
 
-    with Count():
+    with Count() as c:
         fn()
-    return Count.n
+    return c.n
 
 
 VARIANTS = {"fused": ("fused", True), "fused-per-view": ("fused", False), "kornia": ("kornia", True)}

@@ -127,7 +127,8 @@ def test_grad_checkpointing_recomputes_the_backbone_and_keeps_the_gradients(meth
     g_plain = _grads(plain, views)
     torch.manual_seed(2)
     g_ckpt = _grads(ckpt, views)
-    assert calls["ckpt"] == 2 * calls["plain"] > 0  # the block started again in backward (a pre-hook: the recompute stops early)
+    # the block started again in backward (a pre-hook: the recompute stops early, before forward hooks)
+    assert calls["ckpt"] == 2 * calls["plain"] > 0
     assert g_plain.keys() == g_ckpt.keys()
     for n in g_plain:
         torch.testing.assert_close(g_ckpt[n], g_plain[n], rtol=1e-4, atol=1e-5, msg=n)
@@ -139,7 +140,7 @@ def test_grad_checkpointing_on_a_backbone_without_it_names_the_key(monkeypatch):
     class Plain(torch.nn.Sequential):
         num_features = 4
 
-    monkeypatch.setattr("sslray.raytrain.methods.create_backbone",
-                        lambda *a, **k: Plain(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()))
+    plain = Plain(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    monkeypatch.setattr("sslray.raytrain.methods.create_backbone", lambda *a, **k: plain)
     with pytest.raises(ValueError, match="model.grad_checkpointing.*has no set_grad_checkpointing"):
         create_method(tiny_cfg("model.grad_checkpointing=true"))

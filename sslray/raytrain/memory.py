@@ -52,8 +52,7 @@ def explain_oom(cfg: Config, world: int, device: torch.device, phase: str,
         tips.append("train.precision=bf16: half-size activations")
     if cfg.views.preset in ("dino", "swav"):
         tips.append("views.local_crops=N with a smaller N: every local crop is another forward")
-    if world >= 1:
-        tips.append(f"--workers {2 * world}: the same global batch with half as many images per device")
+    tips.append(f"--workers {2 * world}: the same global batch with half as many images per device")
     return SSLOutOfMemoryError(
         f"out of memory in the {phase}: method {cfg.method.name}, backbone {cfg.model.backbone}, "
         f"{per} images per worker (global batch {cfg.data.batch_size} over {world} worker(s)) at "
