@@ -53,6 +53,8 @@ class ModelConfig:
     proj_out_dim: int = 128
     sync_bn: bool = True  # global batch statistics across workers (GPU only: torch's SyncBN is CUDA-only)
     grad_checkpointing: bool = False  # recompute backbone activations in backward: less memory, ~30% more compute
+    compile: bool = False  # torch.compile the backbone(s) in place; the first steps of each shape pay the compile
+    compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ class TrainConfig:
     knn_every: int = 1  # epochs between kNN monitor evaluations (the last epoch always runs it)
     online_probe: bool = True  # linear classifier trained every step on detached features, scored on val each epoch
     online_probe_lr: float = 1e-3  # its own Adam (constant lr, no decay) on per-dimension standardised features
-    online_probe_batch: int = 128  # without a projector tap (MAE): images per worker and step it encodes again (0 = all)
+    online_probe_batch: int = 128  # no projector tap (MAE): images per worker and step it encodes again (0 = all)
     log_every: int = 20  # steps between progress lines
     max_steps_per_epoch: int = 0  # cap for smoke tests; 0 = full epochs
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always checkpoints)

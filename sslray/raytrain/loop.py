@@ -24,7 +24,7 @@ from ..datasets.views import build_views, eval_transform
 from . import distributed as D
 from .knn import autocast_for, extract_features, knn_accuracy
 from .memory import SSLOutOfMemoryError, auto_batch, explain_oom
-from .methods import create_method
+from .methods import compile_method, create_method
 from .monitors import EmbeddingTap, NonFiniteLossError, StepHealth, collapse_report, epoch_health
 from .online_probe import OnlineProbe
 from .optim import build_optimizer, set_lr, set_weight_decay, warmup_cosine, weight_decay_at
@@ -148,6 +148,10 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
     cl = cfg.train.channels_last and dev.type == "cuda"
     if cl:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.model.compile:
+        compiled = compile_method(model, cfg.model.compile_mode)
+        session.log(f"sslray: model.compile: {len(compiled)} module(s) compiled in place ({cfg.model.compile_mode}); "
+                    "the first step at each input shape and mode pays the compile")
     net, sync_grads = D.data_parallel(model, dev)
 
     peak = effective_lr(cfg)
@@ -259,7 +263,8 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
                 session.log(f"epoch {epoch + 1}/{tc.epochs} step {i + 1}/{data.steps_per_epoch} "
                             f"loss {loss.item():.4f} lr {lr:.4g} {(i + 1 - skip) * cfg.data.batch_size / el:.0f} img/s")
             ckpt_now = tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0
-            if i + 1 < data.steps_per_epoch and (ckpt_now or (tc.report_every_steps and step % tc.report_every_steps == 0)):
+            report_now = tc.report_every_steps and step % tc.report_every_steps == 0
+            if i + 1 < data.steps_per_epoch and (ckpt_now or report_now):
                 health.check(cfg.method.name, epoch + 1)  # never checkpoint past a bad step
                 m = {"epoch": epoch, "step": step, "step_loss": float(D.all_reduce_mean(loss.detach())), "partial": 1}
                 part = {"loss_sum": float(loss_sum), "n": n_steps, "n_ok": prior_ok + float(health.ok_steps),

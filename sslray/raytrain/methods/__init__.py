@@ -4,7 +4,9 @@ A method is an ``nn.Module`` with:
   ``backbone``            the encoder whose pooled features are probed,
   ``family``              contrastive | non-contrastive | clustering | distillation | MIM,
   ``forward(views)``      -> ``{"loss": tensor, ...scalar logs}``,
-  optional ``on_step(step, total_steps)`` for momentum teachers and schedules.
+  optional ``on_step(step, total_steps)`` for momentum teachers and schedules,
+  optional ``compile_targets()`` the modules ``model.compile`` compiles (default: every module of
+  the backbone's class, i.e. the student and its EMA teacher copies).
 
 Each registered builder carries ``.family`` and ``.default_views`` (the view preset its recipes name).
 Shared pieces live in small helpers: ``_ema`` (momentum teachers), ``_queue`` (feature queues),
@@ -18,6 +20,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from ...config import ConfigError
 from ...registry import Registry
 from ..backbones import check_shapes, create_backbone
 
@@ -52,6 +55,30 @@ def create_method(cfg) -> nn.Module:
     return model
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_method(model: nn.Module, mode: str = "default") -> list[nn.Module]:
+    """``model.compile``: ``torch.compile`` the modules that carry the step's compute, in place.
+
+    In place (``nn.Module.compile``) keeps parameter names, so checkpoints load with or without it
+    and a compiled run resumes an eager one. The targets are the method's ``compile_targets()`` when
+    it names them (MAE: its encoder and decoder blocks, since it calls the blocks, not the ViT),
+    else every module of the backbone's class: the student and the EMA teacher copies. Heads, losses,
+    queues and collectives stay eager (small, and full of Python state). Returns the targets."""
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"config key 'model.compile_mode': expected one of {', '.join(COMPILE_MODES)}, "
+                          f"got {mode!r}")
+    if hasattr(model, "compile_targets"):
+        targets = list(model.compile_targets())
+    else:
+        kind = type(model.backbone)
+        targets = [m for m in model.modules() if type(m) is kind]
+    for m in targets:
+        m.compile(mode=mode)
+    return targets
+
+
 from . import dino, mae, moco, nnclr, redundancy, siamese, simclr, swav, vicregl  # noqa: F401  (register)
 
-__all__ = ["METHODS", "build_backbone", "create_method", "register_method"]
+__all__ = ["COMPILE_MODES", "METHODS", "build_backbone", "compile_method", "create_method", "register_method"]

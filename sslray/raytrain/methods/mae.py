@@ -72,6 +72,11 @@ class MAE(nn.Module):
             return bb.norm(checkpoint_seq(bb.blocks, x))  # model.grad_checkpointing: blocks recomputed in backward
         return bb.norm(bb.blocks(x))
 
+    def compile_targets(self) -> list[nn.Module]:
+        """``model.compile``: each transformer block (encoder and decoder); the masking, gathers and
+        patchify around them stay eager. Per-block graphs also compile once for all blocks of a width."""
+        return [*self.backbone.blocks, *self.decoder]
+
     def decode(self, latent: torch.Tensor, restore: torch.Tensor) -> torch.Tensor:
         x = self.decoder_embed(latent)
         b, n_vis = x.shape[0], x.shape[1] - 1
@@ -92,7 +97,8 @@ class MAE(nn.Module):
         return {"loss": loss}
 
     @torch.no_grad()
-    def reconstruct(self, imgs: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def reconstruct(self, imgs: torch.Tensor,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(masked input, reconstruction)`` of normalised images for a picture (the MAE demo): masked
         patches zeroed in the input; the reconstruction keeps the visible patches and pastes the
         prediction into the masked ones, un-normalised with each patch's own mean and variance when
