@@ -14,6 +14,7 @@ benchmarks/RESULTS.md with date, machine, versions and this command.
 
     python benchmarks/throughput.py --append                  # GPU: every row
     python benchmarks/throughput.py --tiny                    # CPU correctness check (< 1 min)
+    python benchmarks/throughput.py --rows 4 --compare model.compile=true   # an option's effect, as a ratio
 """
 
 from __future__ import annotations
@@ -110,6 +111,8 @@ def main(argv=None) -> int:
     ap.add_argument("--beton32", default="", help="CIFAR-10 train .beton for an FFCV row (needs ffcv)")
     ap.add_argument("--beton224", default="", help="Imagenette train .beton for an FFCV row (needs ffcv)")
     ap.add_argument("--set", nargs="*", default=[], help="extra config overrides for every row, key=value")
+    ap.add_argument("--compare", nargs="*", default=[],
+                    help="also time the real-data step with these overrides (key=value), side by side, as a ratio")
     ap.add_argument("--no-synthetic", action="store_true")
     ap.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = ap.parse_args(argv)
@@ -121,13 +124,15 @@ def main(argv=None) -> int:
     from sslray.datasets.resident import ResidentLoader
     from sslray.raytrain.loop import Data
 
-    lines = ["| step | batch | px | data path | images/s (median) | runs | real / synthetic | peak memory |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    cmp_col = f" vs {' '.join(args.compare)} |" if args.compare else ""
+    lines = ["| step | batch | px | data path | images/s (median) | runs | real / synthetic | peak memory |" + cmp_col,
+             "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if args.compare else "")]
     print(lines[0], "\n" + lines[1], flush=True)
     mem = "max_memory_allocated" if device.type == "cuda" else "peak RSS"
     for row in rows:
         batch, res = (8, 32) if args.tiny else (row.batch, row.res)
         cfg = row_config(row, batch, res, steps, args.runs, args.set, args.tiny)
+        batch = cfg.data.batch_size  # --set data.batch_size=N times the row at another batch
         name = row.name if not args.tiny else (
             f"{row.name} [tiny: ran {cfg.model.backbone}{', CIFAR stem' if cfg.model.cifar_stem else ''}]")
         results = []
@@ -140,6 +145,9 @@ def main(argv=None) -> int:
         if len(ds) // batch < steps:
             print(f"warning: {src} holds {len(ds)} images, fewer than {steps} steps x {batch}", file=sys.stderr)
         results.append((f"resident ({src})", measure(cfg, device, resident, args.runs)))
+        if args.compare:  # same row, same data, same process: the overrides' effect as a ratio
+            vcfg = row_config(row, batch, res, steps, args.runs, args.set + args.compare, args.tiny)
+            results.append((f"resident ({src}), {' '.join(args.compare)}", measure(vcfg, device, resident, args.runs)))
         beton = args.beton32 if res <= 64 else args.beton224
         if beton and C.importable("ffcv"):
             fcfg = cfg.replace(**{"data.train": beton})
@@ -153,6 +161,8 @@ def main(argv=None) -> int:
             line = (f"| {name} | {batch} | {res} | {path} | {r['median']:,.1f} | "
                     f"{', '.join(f'{v:,.1f}' for v in r['runs'])} | {ratio:.2f} | "
                     f"{r['peak'] / 2**20:,.0f} MiB ({mem}) |")
+            if args.compare:
+                line += f" {r['median'] / results[0][1]['median']:.2f}x |" if path.startswith("resident") else " - |"
             lines.append(line)
             print(line, flush=True)
     if args.append:
@@ -161,6 +171,9 @@ def main(argv=None) -> int:
             title += " (CPU --tiny: a correctness check, NOT performance)"
         note = (f"\nEach run = one epoch of {steps} steps of `train_loop` (first epoch = warm-up, excluded); "
                 f"device synchronised at each epoch's end. ratio = row / synthetic row of the same step.\n")
+        if args.compare:
+            note += (f"The last column: images/s with `{' '.join(args.compare)}` over images/s without, real data, "
+                     "same process (each with its own warm-up epoch).\n")
         C.append_table("throughput.py", argv, title, args.runs, lines, note)
     return 0
 

@@ -138,6 +138,23 @@ def test_throughput_tiny_prints_table_and_appends(bench_cache, tmp_path, monkeyp
     assert "NOT performance" in text and "benchmarks/throughput.py --tiny" in text and "median of 2" in text
 
 
+def test_throughput_compare_times_an_override_beside_the_row(bench_cache, capsys, monkeypatch):
+    import throughput
+
+    seen, real = [], throughput.measure
+    monkeypatch.setattr(throughput, "measure", lambda cfg, *a: seen.append(cfg) or real(cfg, *a))
+    assert throughput.main(["--tiny", "--rows", "1", "--runs", "1", "--cache-dir", str(bench_cache), "--no-synthetic",
+                            "--compare", "optim.base_lr=0.5"]) == 0
+    assert [c.optim.base_lr for c in seen] == [0.12, 0.5]  # the recipe's, then the override's
+    assert seen[0].replace(**{"optim.base_lr": 0.5}) == seen[1]  # and nothing else differs
+    out = capsys.readouterr().out
+    assert "| vs optim.base_lr=0.5 |" in out.splitlines()[0]
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in out.splitlines() if ln.startswith("| SimCLR")]
+    assert [r[3] for r in rows] == ["resident (cifar10-jpeg.tar.gz)", "resident (cifar10-jpeg.tar.gz), optim.base_lr=0.5"]
+    base, variant = (float(r[4].replace(",", "")) for r in rows)
+    assert rows[0][-1] == "1.00x" and rows[1][-1] == f"{variant / base:.2f}x"
+
+
 def test_time_to_accuracy_tiny_writes_csv_and_png(bench_cache, tmp_path):
     import time_to_accuracy as tta
 
