@@ -67,7 +67,8 @@ def row_config(row: Row, batch: int, res: int, steps: int, runs: int, extra: lis
     from sslray.config import load_config
 
     return load_config(row.recipe, [
-        *row.overrides, *(row.tiny if tiny else ()), f"data.batch_size={batch}", f"data.decode_res={res}", f"views.crop_size={res}",
+        *row.overrides, *(row.tiny if tiny else ()), f"data.batch_size={batch}", f"data.decode_res={res}",
+        f"views.crop_size={res}",
         "data.train=", "data.val=", f"train.epochs={runs + 1}", f"train.max_steps_per_epoch={steps}",
         "train.log_every=0", "train.knn_every=1000000", "ray.num_workers=1", *extra])
 
@@ -102,7 +103,8 @@ def measure(cfg, device, make_data, runs: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tiny", action="store_true", help="CPU correctness check: each family on a small model, batch 8, 32 px, 1 step per run")
+    ap.add_argument("--tiny", action="store_true",
+                    help="CPU correctness check: each family on a small model, batch 8, 32 px, 1 step per run")
     ap.add_argument("--rows", default="", help="comma-separated row numbers (1-based) to run; default all")
     ap.add_argument("--steps", type=int, default=0, help="steps per timed run (default 30; tiny 1)")
     ap.add_argument("--runs", type=int, default=3, help="timed runs per figure (median reported)")

@@ -150,7 +150,8 @@ def test_throughput_compare_times_an_override_beside_the_row(bench_cache, capsys
     out = capsys.readouterr().out
     assert "| vs optim.base_lr=0.5 |" in out.splitlines()[0]
     rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in out.splitlines() if ln.startswith("| SimCLR")]
-    assert [r[3] for r in rows] == ["resident (cifar10-jpeg.tar.gz)", "resident (cifar10-jpeg.tar.gz), optim.base_lr=0.5"]
+    src = "resident (cifar10-jpeg.tar.gz)"
+    assert [r[3] for r in rows] == [src, f"{src}, optim.base_lr=0.5"]
     base, variant = (float(r[4].replace(",", "")) for r in rows)
     assert rows[0][-1] == "1.00x" and rows[1][-1] == f"{variant / base:.2f}x"
 
