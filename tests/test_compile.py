@@ -94,3 +94,31 @@ def test_a_compiled_run_resumes_an_eager_checkpoint(cifar_small, tmp_path, fresh
     assert torch.isfinite(torch.tensor(last["loss"])) and 0.0 <= last["knn_top1"] <= 1.0
     assert fresh_dynamo["stats"]["unique_graphs"] >= 2  # the training step and the no-grad feature pass
     assert "model.compile: 1 module(s) compiled" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_compiled_step_on_cuda_with_bf16_and_channels_last(fresh_dynamo):
+    """The GPU path (triton kernels, bf16 autocast, channels_last): the loss the eager step gives, and
+    finite gradients, for the student and the teacher."""
+    from sslray.datasets.views import build_views
+    from sslray.raytrain.knn import autocast_for
+
+    dev = torch.device("cuda")
+    cfg = load_config("byol_cifar10", ["model.proj_hidden_dim=256", "method.params.pred_hidden_dim=256"])
+    torch.manual_seed(0)
+    eager = create_method(cfg).to(dev).to(memory_format=torch.channels_last)
+    compiled = create_method(cfg).to(dev).to(memory_format=torch.channels_last)
+    compiled.load_state_dict(eager.state_dict())
+    compile_method(compiled)
+    torch.manual_seed(1)
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device=dev)
+    views = [v.contiguous(memory_format=torch.channels_last) for v in build_views(cfg.views).to(dev)(x)]
+    losses = []
+    for model in (eager, compiled):
+        with autocast_for(dev, "bf16"):
+            loss = model(views)["loss"]
+        loss.backward()
+        losses.append(loss.detach().float())
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert fresh_dynamo["stats"]["unique_graphs"] >= 2
+    torch.testing.assert_close(losses[1], losses[0], rtol=2e-2, atol=2e-2)
