@@ -46,6 +46,14 @@ def test_compile_targets_the_student_and_teacher_backbones_or_the_method_s_block
     assert targets == [*mae.backbone.blocks, *mae.decoder] and all(_compiled(b) for b in targets)
     assert not _compiled(mae.backbone)  # MAE calls the blocks itself, never the whole ViT
 
+    # VICRegL runs forward_features: the ViT's blocks or the ResNet's stages, not the backbone module
+    vit = MAE[:1] + ["model.cifar_stem=false", "method.params.local_hidden_dim=32"]
+    vicregl = create_method(load_config("vicregl_cifar10", vit))
+    assert compile_method(vicregl) == list(vicregl.backbone.blocks)
+    vicregl_r = create_method(load_config("vicregl_cifar10", TINY + ["method.params.local_hidden_dim=32"]))
+    bb = vicregl_r.backbone
+    assert compile_method(vicregl_r) == [bb.layer1, bb.layer2, bb.layer3, bb.layer4]
+
     with pytest.raises(ConfigError, match="model.compile_mode.*got 'fast'"):
         compile_method(simclr, "fast")
 

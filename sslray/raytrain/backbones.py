@@ -39,6 +39,18 @@ def create_backbone(name: str, *, cifar_stem_: bool = False, img_size: int | Non
     return model
 
 
+def trunk_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules that hold a timm backbone's compute, for a method that runs its parts itself
+    (``forward_features``, the blocks) rather than calling it: a ViT's blocks, a ResNet's stages,
+    a ConvNeXt-style ``stages``; the model itself when it has none of these."""
+    for name in ("blocks", "stages"):
+        seq = getattr(model, name, None)
+        if isinstance(seq, nn.Sequential) and len(seq):
+            return list(seq)
+    stages = [getattr(model, f"layer{i}", None) for i in range(1, 5)]
+    return [s for s in stages if isinstance(s, nn.Module)] or [model]
+
+
 def feature_dim(model: nn.Module) -> int:
     return int(getattr(model, "num_features"))
 

@@ -1,8 +1,9 @@
 """Step counters that live in the checkpoint (0-d long buffers) and on the host at once.
 
 Per-step decisions (DINO's frozen last layer and teacher-temperature warm-up, SwAV's frozen
-prototypes and queue start, the queues' write pointer and fill count) read the Python mirror, so they never wait on the device; the buffer
-is what ``state_dict`` saves, and loading a checkpoint refreshes the mirror (one read, at load).
+prototypes and queue start, the queues' write pointer and fill count) read the Python mirror, so
+they never wait on the device; the buffer is what ``state_dict`` saves, and loading a checkpoint
+refreshes the mirror (one read, at load).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import torch
 from timm.models import checkpoint_seq
 from torch import nn
 
-from ..backbones import create_backbone
+from ..backbones import create_backbone, trunk_modules
 from ..losses import mae_loss, patchify, random_masking
 from . import register_method
 
@@ -75,7 +75,7 @@ class MAE(nn.Module):
     def compile_targets(self) -> list[nn.Module]:
         """``model.compile``: each transformer block (encoder and decoder); the masking, gathers and
         patchify around them stay eager. Per-block graphs also compile once for all blocks of a width."""
-        return [*self.backbone.blocks, *self.decoder]
+        return [*trunk_modules(self.backbone), *self.decoder]
 
     def decode(self, latent: torch.Tensor, restore: torch.Tensor) -> torch.Tensor:
         x = self.decoder_embed(latent)

@@ -18,8 +18,8 @@ from . import register_method
 class BatchStatTwins(nn.Module):
     family = "non-contrastive"
 
-    def __init__(self, backbone: nn.Module, projector: nn.Module, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 name: str):
+    def __init__(self, backbone: nn.Module, projector: nn.Module,
+                 loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], name: str):
         super().__init__()
         self.backbone, self.projector, self.loss, self.name = backbone, projector, loss, name
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torchvision.ops import roi_align
 
+from ..backbones import trunk_modules
 from ..distributed import gather_with_grad
 from ..heads import MLPHead
 from ..losses import nearest_by_feature, nearest_by_location, vicreg_loss
@@ -77,6 +78,11 @@ class VICRegL(nn.Module):
         self.alpha, self.k = alpha, num_matches
         self.coeffs = dict(sim_coeff=sim_coeff, std_coeff=std_coeff, cov_coeff=cov_coeff)
         self.scale = tuple(scale)
+
+    def compile_targets(self) -> list[nn.Module]:
+        """``model.compile``: the backbone's stages or blocks (it runs ``forward_features``, never the
+        backbone module itself, so compiling that would compile nothing)."""
+        return trunk_modules(self.backbone)
 
     def forward(self, views):
         if len(views) != 2:
