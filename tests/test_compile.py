@@ -58,6 +58,17 @@ def test_compile_targets_the_student_and_teacher_backbones_or_the_method_s_block
         compile_method(simclr, "fast")
 
 
+def test_compile_with_syncbn_on_several_gpus_is_warned_about_by_key():
+    from sslray.raytrain.loop import compile_warnings
+
+    cfg = load_config("simclr_cifar10", ["model.compile=true"])
+    (w,) = compile_warnings(cfg, 2, "cuda")
+    assert "model.sync_bn=false" in w and "SyncBatchNorm" in w
+    assert compile_warnings(cfg, 1, "cuda") == [] and compile_warnings(cfg, 2, "cpu") == []
+    assert compile_warnings(cfg.replace(**{"model.sync_bn": False}), 2, "cuda") == []
+    assert compile_warnings(cfg.replace(**{"model.compile": False}), 2, "cuda") == []
+
+
 @pytest.mark.slow
 def test_compiled_step_gives_the_eager_loss_and_gradients(fresh_dynamo):
     """BYOL: a compiled student (forward and backward) and a compiled EMA teacher (no-grad forward)."""

@@ -113,6 +113,16 @@ def knn_monitor(model, data: Data, cfg: Config, session, evalT) -> dict:
     return knn_accuracy(val_f, val_y, bank_f, bank_y, data.num_classes, cfg.train.knn_k, cfg.train.knn_temperature)
 
 
+def compile_warnings(cfg: Config, world_size: int, device_type: str) -> list[str]:
+    """What ``model.compile`` cannot do well in this run's setting."""
+    out = []
+    if cfg.model.compile and cfg.model.sync_bn and world_size > 1 and device_type == "cuda":
+        out.append("model.compile with model.sync_bn=true on several GPUs: torch.compile does not trace "
+                   "SyncBatchNorm and splits its graph at every one (pytorch/pytorch#161302), so little of the "
+                   "backbone is compiled; model.sync_bn=false (per-worker BatchNorm statistics) compiles it whole")
+    return out
+
+
 def train_loop(cfg: Config, session) -> dict:
     """Run ``cfg.train.epochs`` epochs (resuming from the session's latest checkpoint) and return
     the last epoch's metrics. An out-of-memory error comes out as ``SSLOutOfMemoryError``, naming
@@ -152,6 +162,8 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
         compiled = compile_method(model, cfg.model.compile_mode)
         session.log(f"sslray: model.compile: {len(compiled)} module(s) compiled in place ({cfg.model.compile_mode}); "
                     "the first step at each input shape and mode pays the compile")
+        for w in compile_warnings(cfg, session.world_size, dev.type):
+            session.log(f"sslray: warning: {w}")
     net, sync_grads = D.data_parallel(model, dev)
 
     peak = effective_lr(cfg)
