@@ -2,9 +2,8 @@
 
 The e2e test starts its own head (`ray start --head --block`, its own ports and temp dir), sends
 `sslray pretrain` on a real CIFAR-10 subset from another process, polls the job to SUCCEEDED and
-reads the run back from MLflow. The head is ended through the process group of the `ray start
---block` it started, never with a bare `ray stop`, which would also stop other Ray instances of
-this user.
+reads the run back from MLflow. The head is ended through the `ray start --block` process it
+started, never with a bare `ray stop`, which would also stop other Ray instances of this user.
 The helpers (address, token, warnings) are tested in the fast tier.
 """
 
@@ -142,19 +141,14 @@ class LocalHead:
         return (Path(self.temp) / "ray-start.log").read_text()[-4000:]
 
     def stop(self) -> None:
-        """SIGKILL to the process group of our `ray start --block` (its own session), then to any
-        process still naming this head's temp dir (workers the raylet started). This head is thrown
-        away with its temp dir, so Ray's graceful SIGTERM path (~30 s here) buys nothing; other Ray
-        instances are never touched."""
+        """SIGTERM to our `ray start --block`: it ends the processes it started, and only those."""
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
-        left = subprocess.run(["pgrep", "-f", self.temp], capture_output=True, text=True, check=False).stdout.split()
-        for pid in left:
+            self.proc.send_signal(signal.SIGTERM)
             try:
-                os.kill(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
         self.log.close()
         shutil.rmtree(self.temp, ignore_errors=True)
 
