@@ -71,7 +71,7 @@ def tiny_runs(ray_cluster, cifar_small, tmp_path_factory) -> TinyRuns:
         rc = main(["pretrain", "--recipe", f"{method}_cifar10", "--data", cifar_small["train"],
                    "--val", cifar_small["test"], "--workers", "2", "--experiment", EXPERIMENT,
                    "--tracking-uri", uri, "--storage", str(root / "runs"), *tiny_overrides(method),
-                   f"train.epochs={EPOCHS}", *extra])
+                   f"train.epochs={EPOCHS}", "monitor.pictures=true", *extra])  # test_pictures reads them
         assert rc == 0, f"sslray pretrain --method {method} failed"
         methods.append(method)
     return TinyRuns(uri, db, EXPERIMENT, methods, root)
