@@ -5,7 +5,7 @@ its per-epoch loss, kNN monitor and online probe metrics.
 Tiny on purpose (2 CPU cores in CI): ``conftest_runs.tiny_overrides``, the sizes of
 tests/test_methods.py (small backbone, shrunk queues, prototypes and decoders), 2 steps of 16 images, a
 64-image val split, no offline probe. The methods of the session's shared runs (``conftest_runs``:
-the same command at two epochs, with the probe) are checked on those runs instead of run twice.
+the same command at two epochs, with the probe and pictures) are checked on those runs instead of run twice.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def test_method_runs_an_epoch_on_two_ray_workers_and_logs_to_mlflow(name, ray_cl
     from mlflow.tracking import MlflowClient
 
     if name in {m for m, _ in tiny_run_specs()}:
-        # The same command (this recipe at the same size, two epochs, probe on) already ran for the
+        # The same command (this recipe at the same size; two epochs, probe and pictures on) already ran for the
         # session's shared runs that `sslray compare` and the UI test read: check that run.
         shared = request.getfixturevalue("tiny_runs")
         uri, experiment, epochs = shared.uri, shared.experiment, EPOCHS
