@@ -14,7 +14,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Callable, Optional
 from urllib import error as urlerror
 from urllib import parse, request
+
+from .rayhead import local_head, stale_message, tcp_open
 
 NEEDS = ("gpu", "ray", "mlflow", "storage", "ffcv")
 DEFAULT_NEED = ("ffcv", "mlflow", "storage")  # + ray when an address is given, + data when --data is
@@ -69,15 +70,6 @@ def timed(fn: Callable, seconds: float):
 def _err(e: BaseException) -> str:
     msg = str(e).strip().splitlines()
     return f"{type(e).__name__}: {msg[0][:300]}" if msg else type(e).__name__
-
-
-def tcp_open(host: str, port: int, timeout: float) -> Optional[str]:
-    """None when something listens at host:port, else why not (refused, timed out, unknown host)."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return None
-    except OSError as e:
-        return e.strerror or _err(e)
 
 
 # -- python, packages, ffcv ---------------------------------------------------------------------
@@ -257,6 +249,23 @@ def check_ray(address: str, dashboard: Optional[str], timeout: float) -> list[Ch
     return out
 
 
+def check_local_ray(a) -> list[Check]:
+    """No address given: what a plain ``ray.init()`` does here (join this machine's `ray start` head, or start one)."""
+    head = local_head(min(a.timeout, 3.0))
+    if head is None:
+        return [Check("ray cluster", "OK", "no --address and RAY_ADDRESS unset: `sslray pretrain` starts a local Ray",
+                      group="ray")]
+    if head.dead:
+        return [Check("ray cluster", "WARN", stale_message(head) + " sslray starts a local Ray instead; other Ray "
+                      "tools on this machine will still wait on it.", "ray stop", "ray")]
+    out = check_ray(head.address, a.dashboard, a.timeout)
+    for c in out:
+        if c.name == "ray cluster" and c.status == "OK":
+            c.detail += (f" (the head `ray start` started on this machine, named in {head.file}; "
+                         "a plain ray.init() joins it)")
+    return out
+
+
 # -- MLflow, storage, disk ----------------------------------------------------------------------
 
 def local_writable(path: Path) -> Optional[str]:
@@ -431,9 +440,7 @@ def run_checks(a) -> list[Check]:
     steps: list[tuple[str, Callable[[], list[Check]]]] = [
         ("ffcv", lambda: check_ffcv(a.timeout * 12)),  # first numba compile of a Loader takes a while
         ("gpu", lambda: check_gpu("gpu" in need)),
-        ("ray", lambda: check_ray(address, a.dashboard, a.timeout) if address else [Check(
-            "ray cluster", "OK", "no --address and RAY_ADDRESS unset: `sslray pretrain` starts a local Ray",
-            group="ray")]),
+        ("ray", lambda: check_ray(address, a.dashboard, a.timeout) if address else check_local_ray(a)),
         ("mlflow", lambda: check_mlflow(a.tracking_uri, a.timeout)),
         ("storage", lambda: check_storage(a.storage, a.timeout)),
         ("data", lambda: check_data(a.data, a.storage) if a.data else []),

@@ -11,10 +11,11 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from sslray import doctor
+from sslray import doctor, rayhead
 from sslray.cli import main
 
 FAST = ["--skip", "ffcv,gpu"]  # the ffcv round trip (numba compile) is covered by the slow test
@@ -288,3 +289,74 @@ def test_reachable_ray_cluster_reports_resources(ray_cluster):
     cluster = next(c for c in checks if c.name == "ray cluster")
     assert cluster.status == "OK", cluster.detail
     assert "CPU" in cluster.detail and address in cluster.detail
+
+
+# -- a killed `ray start` head: its ray_current_cluster file outlives it ---------------------------
+
+def write_cluster_file(tmp: Path, address: str) -> Path:
+    f = tmp / "ray" / "ray_current_cluster"
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(address)
+    return f
+
+
+def test_no_cluster_file_means_a_local_instance(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    assert rayhead.local_head() is None
+    rc, out = run(capsys, *FAST, *healthy_args(tmp_path))
+    assert rc == 0 and "starts a local Ray" in out
+
+
+def test_stale_cluster_file_is_named_with_its_fix_and_kept(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    address = f"127.0.0.1:{closed_port()}"
+    f = write_cluster_file(tmp_path, address)
+    head = rayhead.local_head()
+    assert head.file == str(f) and head.address == address and head.dead
+    t0 = time.monotonic()
+    rc, out = run(capsys, *FAST, *healthy_args(tmp_path))
+    assert time.monotonic() - t0 < 5
+    assert rc == 0  # no address given: ray is not a need, and sslray itself goes on with a local instance
+    line = next(x for x in out.splitlines() if x.startswith("WARN ray cluster"))
+    assert str(f) in line and address in line and "fix: ray stop" in line
+    assert f.read_text() == address  # the file is Ray's: reported, never removed
+
+
+def test_garbage_in_cluster_file_is_reported_not_raised(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    write_cluster_file(tmp_path, "not-an-address")
+    head = rayhead.local_head()
+    assert head.dead and "not-an-address" in head.dead
+
+
+@pytest.mark.ray
+def test_live_cluster_file_is_the_cluster_checked(ray_cluster, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    address = ray_cluster.get_runtime_context().gcs_address
+    f = write_cluster_file(tmp_path, address)
+    checks = doctor.check_local_ray(SimpleNamespace(timeout=20, dashboard=None))
+    cluster = next(c for c in checks if c.name == "ray cluster")
+    assert cluster.status == "OK", cluster.detail
+    assert address in cluster.detail and str(f) in cluster.detail and "CPU" in cluster.detail
+
+
+@pytest.mark.ray
+def test_pretrain_starts_a_local_ray_instead_of_waiting_on_a_dead_head(tmp_path):
+    """The real failure: before this, a plain ray.init() here waited on the dead GCS with no message."""
+    import subprocess
+    import sys
+    import tempfile
+
+    short = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # Ray's socket paths must stay under 107 chars
+    address = f"127.0.0.1:{closed_port()}"
+    write_cluster_file(short, address)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(short)}
+    code = ("import ray; from sslray.raytrain.trainer import ensure_ray; ensure_ray(); "
+            "print('CPUS', ray.cluster_resources().get('CPU')); ray.shutdown()")
+    try:
+        p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    finally:
+        subprocess.run(["rm", "-rf", str(short)], check=False)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "CPUS" in p.stdout
+    assert "WARNING" in p.stdout and address in p.stdout and "ray stop" in p.stdout

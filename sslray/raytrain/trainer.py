@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..config import Config, dump_yaml, flatten
+from ..rayhead import local_head, stale_message
 from ..tracking import Tracker, numeric, resolve_uri
 
 try:  # Ray Train V2 driver callbacks run in the train controller, never on the workers.
@@ -183,9 +184,15 @@ class PretrainResult:
 def ensure_ray(address: Optional[str] = None) -> None:
     import ray
 
-    if not ray.is_initialized():
-        # The dashboard also serves the state API that Train's placement-group cleaner polls.
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True, configure_logging=False)
+    if ray.is_initialized():
+        return
+    target = address or os.environ.get("RAY_ADDRESS") or None
+    if target is None and (head := local_head()) is not None and head.dead:
+        # Joining would wait forever on the dead GCS; what the user gets without the file is a local instance.
+        print(f"sslray: WARNING: {stale_message(head)} Starting a local Ray instance instead.")
+        target = "local"
+    # The dashboard also serves the state API that Train's placement-group cleaner polls.
+    ray.init(address=target, log_to_driver=True, configure_logging=False)
 
 
 def pretrain(cfg: Config, tracker: Optional[Tracker] = None, restart: bool = False) -> PretrainResult:
