@@ -65,13 +65,18 @@ def _ddp_worker(config):
     ctx = ray.train.get_context()
     r, w = ctx.get_world_rank(), ctx.get_world_size()
     model = convert_global_bn(_build(cfg), "cpu")
+    if config.get("compile"):
+        from sslray.raytrain.methods import compile_method
+        assert compile_method(model)  # in place, as the loop does: between global BN and the DDP wrapper
     net, sync = data_parallel(model, torch.device("cpu"))
     n = GLOBAL_BATCH // w
     views = [v[r * n : (r + 1) * n] for v in _global_views()]
     out = net(views)
     out["loss"].backward()
     sync()
-    torch.save({"loss": out["loss"].detach(), "grads": _grads(model)}, os.path.join(config["out"], f"rank{r}.pt"))
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    torch.save({"loss": out["loss"].detach(), "grads": _grads(model), "graphs": graphs},
+               os.path.join(config["out"], f"rank{r}.pt"))
     ray.train.report({"done": 1})
 
 
@@ -123,23 +128,21 @@ def test_every_gathering_method_matches_one_process(ray_cluster, tmp_path):
         _compare(tmp_path, name, out["loss"], _grads(m))
 
 
-def test_two_gloo_workers_match_one_process(ray_cluster, tmp_path):
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_two_gloo_workers_match_one_process(ray_cluster, tmp_path, compiled):
+    """``compiled``: the workers run ``model.compile`` (torch.compile of the backbone, with the
+    gathered BatchNorm's collectives inside it) and must still match the eager single process."""
     cfg = _cfg()
-    TorchTrainer(
-        _ddp_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "out": str(tmp_path)},
-        torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(name="ddp-equivalence", storage_path=str(tmp_path / "storage")),
-    ).fit()
+    _fit(_ddp_worker, {"cfg": cfg.to_dict(), "out": str(tmp_path), "compile": compiled}, tmp_path,
+         f"ddp-equivalence-{'compiled' if compiled else 'eager'}")
 
     ref = _build(cfg)
     loss = ref(_global_views())["loss"]
     loss.backward()
     _compare(tmp_path, "rank", loss, _grads(ref))
+    graphs = [torch.load(tmp_path / f"rank{r}.pt")["graphs"] for r in range(2)]
+    # Dynamo really traced the backbone on both ranks (the gathered BatchNorm's all-reduce included).
+    assert all(g >= 1 for g in graphs) if compiled else graphs == [0, 0], graphs
 
 
 def _compare(tmp_path, prefix, loss, ref_grads):
