@@ -53,7 +53,7 @@ def local_head(timeout: float = 2.0) -> Optional[LocalHead]:
         return None
     host, _, port = address.rpartition(":")
     try:
-        dead = tcp_open(host or "127.0.0.1", int(port), timeout)
+        dead = tcp_open(host.strip("[]") or "127.0.0.1", int(port), timeout)  # [v6]:port
     except ValueError:
         dead = f"not a host:port address: {address!r}"
     return LocalHead(path, address, dead)
