@@ -153,7 +153,11 @@ def test_throughput_compare_times_an_override_beside_the_row(bench_cache, capsys
     src = "resident (cifar10-jpeg.tar.gz)"
     assert [r[3] for r in rows] == [src, f"{src}, optim.base_lr=0.5"]
     base, variant = (float(r[4].replace(",", "")) for r in rows)
-    assert rows[0][-1] == "1.00x" and rows[1][-1] == f"{variant / base:.2f}x"
+    assert rows[0][-1] == "1.00x" and rows[1][-1].endswith("x")
+    # The printed medians are rounded to 0.1 img/s (tiny CPU rates are tens of img/s), so the ratio
+    # of the printed figures is only known within that rounding; the column must fall inside it.
+    lo, hi = (variant - 0.05) / (base + 0.05), (variant + 0.05) / (base - 0.05)
+    assert lo - 0.005 <= float(rows[1][-1][:-1]) <= hi + 0.005, (rows[1][-1], lo, hi)
 
 
 def test_time_to_accuracy_tiny_writes_csv_and_png(bench_cache, tmp_path):
