@@ -15,6 +15,7 @@ and ``<out>/<method>.png`` (kNN top-1 vs minutes); ``--append`` adds a table to 
 
     python benchmarks/time_to_accuracy.py --methods simclr --epochs 200 --append      # GPU
     python benchmarks/time_to_accuracy.py --tiny                                      # CPU check
+    python benchmarks/time_to_accuracy.py --methods simclr --set views.local_crops=4 --tag multicrop4   # a variant
 """
 
 from __future__ import annotations
@@ -111,9 +112,9 @@ def fit_epochs_to_budget(cfg, args, clock0: float, device, make_data, n_train: i
     return cfg.replace(**{"train.epochs": epochs, "optim.warmup_epochs": warmup})
 
 
-def write_outputs(method: str, rows: list[dict], out: Path) -> tuple[Path, Path]:
+def write_outputs(name: str, rows: list[dict], out: Path) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
-    csv_path, png_path = out / f"{method}.csv", out / f"{method}.png"
+    csv_path, png_path = out / f"{name}.csv", out / f"{name}.png"
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
@@ -129,7 +130,7 @@ def write_outputs(method: str, rows: list[dict], out: Path) -> tuple[Path, Path]
         ax.plot(*zip(*pts), marker="o")
     ax.set_xlabel("wall-clock from start (min)")
     ax.set_ylabel("kNN top-1 on CIFAR-10 test (%)")
-    ax.set_title(f"{method}: kNN (k=200) vs time")
+    ax.set_title(f"{name}: kNN (k=200) vs time")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
@@ -149,6 +150,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-dir", default=C.DEFAULT_CACHE)
     ap.add_argument("--out", default="benchmarks/tta", help="folder for the CSVs and PNGs")
     ap.add_argument("--set", nargs="*", default=[], help="extra config overrides, key=value")
+    ap.add_argument("--tag", default="",
+                    help="names a variant (e.g. a --set recipe change): files <out>/<method>-<tag>.csv/.png, "
+                         "table rows 'method (tag)', so it sits beside the recipe's own run")
     ap.add_argument("--append", action="store_true", help="append a summary table to benchmarks/RESULTS.md")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
@@ -165,11 +169,13 @@ def main(argv=None) -> int:
     for i, method in enumerate(methods):
         clock0 = PROCESS_T0 if i == 0 else time.perf_counter()
         rows = run_method(method, args, clock0, device)
-        csv_path, png_path = write_outputs(method, rows, out)
+        name = f"{method}-{args.tag}" if args.tag else method
+        csv_path, png_path = write_outputs(name, rows, out)
         knn = [r for r in rows if r["knn_top1"] != ""]
         best = max(knn, key=lambda r: r["knn_top1"])
         last = rows[-1]
-        lines.append(f"| {method} | {last['epoch']} | {100 * last['knn_top1']:.1f}% | {last['wall_s'] / 60:.2f} min | "
+        label = f"{method} ({args.tag})" if args.tag else method
+        lines.append(f"| {label} | {last['epoch']} | {100 * last['knn_top1']:.1f}% | {last['wall_s'] / 60:.2f} min | "
                      f"{100 * best['knn_top1']:.1f}% ({best['epoch']}, {best['wall_s'] / 60:.2f} min) | "
                      f"{csv_path.name} / {png_path.name} |")
         print(lines[-1], flush=True)

@@ -40,7 +40,7 @@ class ViewConfig:
     jitter_strength: float = 0.5  # colour jitter s: (0.8s, 0.8s, 0.8s, 0.2s)
     blur: bool = False  # Gaussian blur (off for 32-px data, as in the SimCLR CIFAR recipe)
     policy: str = "default"  # view policy on top of the preset (sslray.datasets.policies.VIEW_POLICIES)
-    local_crops: int = -1  # multi-crop presets (dino, swav): local crops per image; -1 = the preset's (6)
+    local_crops: int = -1  # multi-crop presets (dino, swav, simclr): local crops per image; -1 = the preset's (6; simclr 0)
     local_size: int = 0  # multi-crop local crop size, px; 0 = the preset's (96/224 of crop_size)
     backend: str = "fused"  # fused (sslray's batched kernels) | kornia (kornia.augmentation); same parameters
 

@@ -160,7 +160,7 @@ def test_throughput_compare_times_an_override_beside_the_row(bench_cache, capsys
     assert lo - 0.005 <= float(rows[1][-1][:-1]) <= hi + 0.005, (rows[1][-1], lo, hi)
 
 
-def test_time_to_accuracy_tiny_writes_csv_and_png(bench_cache, tmp_path):
+def test_time_to_accuracy_tiny_writes_csv_and_png(bench_cache, tmp_path, capsys):
     import time_to_accuracy as tta
 
     out = tmp_path / "tta"
@@ -172,6 +172,14 @@ def test_time_to_accuracy_tiny_writes_csv_and_png(bench_cache, tmp_path):
     assert 0 < walls[0] < walls[1]
     assert all(0.0 <= float(r["knn_top1"]) <= 1.0 for r in rows)
     assert (out / "simclr.png").stat().st_size > 1000
+    # A tagged variant (multi-crop SimCLR) lands beside the recipe's own curve, not over it.
+    before = (out / "simclr.csv").read_bytes()
+    assert tta.main(["--tiny", "--methods", "simclr", "--cache-dir", str(bench_cache), "--out", str(out),
+                     "--set", "train.epochs=1", "train.max_steps_per_epoch=1", "views.local_crops=2",
+                     "--tag", "multicrop2"]) == 0
+    assert "| simclr (multicrop2) | 1 |" in capsys.readouterr().out
+    assert [int(r["epoch"]) for r in csv.DictReader(open(out / "simclr-multicrop2.csv"))] == [1]
+    assert (out / "simclr-multicrop2.png").stat().st_size > 1000 and (out / "simclr.csv").read_bytes() == before
 
 
 def test_views_tiny_compares_backends_side_by_side(tmp_path, monkeypatch, capsys):

@@ -42,3 +42,30 @@ def test_resident_data_path_runs_the_same_loop(cifar_small):
     cfg = _cfg(cifar_small, "data.resident=true", "train.epochs=1", "train.max_steps_per_epoch=3")
     last, session = run_local(cfg)
     assert last["epoch"] == 1 and last["step"] == 3 and 0.0 <= last["knn_top1"] <= 1.0
+
+
+def test_simclr_multicrop_runs_the_loop_on_real_cifar(cifar_small, monkeypatch):
+    """SimCLR with 2 global + 4 local crops through the real loop and loader: the multi-positive loss
+    sees all six views of every image, and the online probe still takes the first global view's
+    features from the training forward (no extra encode)."""
+    from sslray.raytrain.methods import simclr
+    from sslray.raytrain.online_probe import OnlineProbe
+
+    seen, fed = [], {"features": 0, "encode": 0}
+    real = simclr.multiview_nt_xent_loss
+    monkeypatch.setattr(simclr, "multiview_nt_xent_loss", lambda zs, t: seen.append([tuple(z.shape) for z in zs])
+                        or real(zs, t))
+    def counting(key, fn):
+        def wrapped(*a):
+            fed[key] += 1
+            return fn(*a)
+        return wrapped
+
+    monkeypatch.setattr(OnlineProbe, "step_features", counting("features", OnlineProbe.step_features))
+    monkeypatch.setattr(OnlineProbe, "step", counting("encode", OnlineProbe.step))
+    cfg = _cfg(cifar_small, "views.local_crops=4", "train.epochs=1", "train.max_steps_per_epoch=3")
+    last, _ = run_local(cfg)
+    assert seen == [[(32, 32)] * 6] * 3  # batch 32, proj_out_dim 32, six views per step
+    assert fed == {"features": 3, "encode": 0}
+    assert torch.isfinite(torch.tensor(last["loss"])) and 0.0 <= last["knn_top1"] <= 1.0
+    assert 0.0 <= last["online_probe_top1"] <= 1.0

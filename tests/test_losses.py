@@ -16,6 +16,7 @@ from sslray.raytrain.losses import (
     infonce_loss,
     invariance_loss,
     mae_loss,
+    multiview_nt_xent_loss,
     negative_cosine_similarity,
     nt_xent_loss,
     num_masked,
@@ -50,6 +51,37 @@ def nt_xent_reference(z1, z2, t):
 def test_nt_xent_equals_direct_formula(t):
     z1, z2 = torch.randn(6, 5, generator=_g(1)), torch.randn(6, 5, generator=_g(2))
     assert nt_xent_loss(z1, z2, t).item() == pytest.approx(nt_xent_reference(z1, z2, t), rel=1e-5)
+
+
+def multiview_reference(zs, t):
+    """Multi-positive NT-Xent written out: every view of every image is an anchor, each other view
+    of its image a positive, every other embedding in the denominator."""
+    n, v = zs[0].shape[0], len(zs)
+    z = F.normalize(torch.cat(zs).double(), dim=1)
+    total = 0.0
+    for i in range(v * n):
+        denom = sum(math.exp(float(z[i] @ z[k]) / t) for k in range(v * n) if k != i)
+        pos = [b * n + i % n for b in range(v) if b != i // n]
+        total += sum(-math.log(math.exp(float(z[i] @ z[p]) / t) / denom) for p in pos) / len(pos)
+    return total / (v * n)
+
+
+@pytest.mark.parametrize("views", [2, 3, 6])
+def test_multiview_nt_xent_equals_direct_formula(views):
+    zs = [torch.randn(5, 4, generator=_g(10 + k)) for k in range(views)]
+    assert multiview_nt_xent_loss(zs, 0.2).item() == pytest.approx(multiview_reference(zs, 0.2), rel=1e-5)
+
+
+def test_multiview_nt_xent_with_two_views_is_nt_xent_and_ignores_order():
+    zs = [torch.randn(7, 6, generator=_g(20 + k)) for k in range(4)]
+    assert multiview_nt_xent_loss(zs[:2], 0.3).item() == pytest.approx(nt_xent_reference(zs[0], zs[1], 0.3), rel=1e-5)
+    ref = multiview_nt_xent_loss(zs, 0.3)
+    torch.testing.assert_close(multiview_nt_xent_loss(zs[::-1], 0.3), ref)  # which view is "global" does not matter
+    perm = torch.randperm(7, generator=_g(5))
+    torch.testing.assert_close(multiview_nt_xent_loss([z[perm] for z in zs], 0.3), ref)  # nor the image order
+    # pairing matters: shuffling the images of one view breaks its positives and raises the loss
+    close = [zs[0] + 0.05 * torch.randn(7, 6, generator=_g(30 + k)) for k in range(4)]
+    assert multiview_nt_xent_loss(close, 0.3) < multiview_nt_xent_loss(close[:3] + [close[3][perm]], 0.3)
 
 
 def test_nt_xent_symmetric_and_temperature_matters():
@@ -203,6 +235,8 @@ def test_patchify_layout():
 @pytest.mark.parametrize("call", [
     lambda: nt_xent_loss(torch.randn(4, 3), torch.randn(5, 3)),
     lambda: nt_xent_loss(torch.randn(4), torch.randn(4)),
+    lambda: multiview_nt_xent_loss([torch.randn(4, 3)]),
+    lambda: multiview_nt_xent_loss([torch.randn(4, 3), torch.randn(4, 3), torch.randn(3, 3)]),
     lambda: infonce_loss(torch.randn(4, 3), torch.randn(4, 2)),
     lambda: infonce_loss(torch.randn(4, 3), torch.randn(4, 3), torch.randn(5, 2)),
     lambda: barlow_twins_loss(torch.randn(4, 3), torch.randn(4, 4)),

@@ -17,6 +17,7 @@ from sslray.datasets.views import PRESETS, MultiView
 from sslray.raytrain.methods import METHODS, create_method
 
 BATCH = 6
+MULTICROP_METHODS = ("dino", "swav", "simclr")
 TINY = {"model.backbone": "resnet10t", "model.cifar_stem": False, "model.proj_hidden_dim": 64,
         "model.proj_out_dim": 32, "views.crop_size": 32}
 # Per-method shrinking of the recipe's paper-sized parts (queues, prototypes, decoders).
@@ -74,12 +75,14 @@ def fixed_views(name: str) -> list[torch.Tensor]:
 
 
 def _make_views(name: str, seed: int = 0) -> list[torch.Tensor]:
-    """One augmented batch from the method's own preset (2 local crops for multi-crop presets)."""
+    """One augmented batch from the method's own preset (2 local crops for the methods that take
+    multi-crop; SimCLR's 2-view path is the DDP and loop tests' default)."""
     cfg = tiny_cfg(name)
     g = torch.Generator().manual_seed(seed)
     imgs = (torch.rand(BATCH, 3, 32, 32, generator=g) * 255).to(torch.uint8)
     preset = PRESETS.get(cfg.views.preset)
-    spec = preset(size=32, min_scale=cfg.views.min_scale, jitter_strength=0.5, blur=False, n_local=2)
+    extra = {"n_local": 2} if name in MULTICROP_METHODS else {}
+    spec = preset(size=32, min_scale=cfg.views.min_scale, jitter_strength=0.5, blur=False, **extra)
     torch.manual_seed(seed)
     return MultiView(spec)(imgs)
 
@@ -344,3 +347,22 @@ def test_ema_teacher_update_is_the_momentum_average_and_copies_buffers():
     for bt, bs in zip(teacher.module.buffers(), student.buffers()):
         assert bt.dtype == bs.dtype and torch.equal(bt, bs)
     assert int(teacher.module[0][1].num_batches_tracked) == 1
+
+
+def test_simclr_multicrop_on_a_vit_takes_the_smaller_local_crops():
+    """views.local_crops > 0 lets a ViT backbone take 16-px local crops beside its 32-px globals
+    (position embeddings resampled per size); each size is one backbone pass."""
+    from sslray.datasets.views import build_views
+
+    cfg = load_config("simclr_cifar10", {**TINY, "model.backbone": "vit_tiny_patch16_224", "views.local_crops": 2})
+    torch.manual_seed(0)
+    model = create_method(cfg)
+    imgs = (torch.rand(BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 255).to(torch.uint8)
+    views = build_views(cfg.views)(imgs)
+    assert [v.shape[-1] for v in views] == [32, 32, 16, 16]
+    calls = []
+    model.backbone.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape)))
+    out = model(views)
+    out["loss"].backward()
+    assert calls == [(2 * BATCH, 3, 32, 32), (2 * BATCH, 3, 16, 16)]
+    assert torch.isfinite(out["loss"]) and float(model.backbone.pos_embed.grad.norm()) > 0

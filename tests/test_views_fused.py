@@ -3,6 +3,8 @@ plus parity with torchvision's functional ops where the fused maths is exact."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -137,7 +139,23 @@ def test_multicrop_count_and_size_come_from_the_config():
     assert sum(build_views(dataclasses.replace(cfg, local_crops=0)).counts) == 2
     assert sum(build_views(ViewConfig(preset="swav", crop_size=64)).counts) == 8  # the preset's 6 locals
     with pytest.raises(ValueError, match="views.local_crops"):
-        build_views(ViewConfig(preset="simclr", local_crops=4))
+        build_views(ViewConfig(preset="byol", local_crops=4))
+
+
+def test_simclr_takes_local_crops_only_when_asked():
+    """The simclr preset stays two views from one distribution by default (MoCo v2 shares it); with
+    views.local_crops it adds local crops with the same photometric ops at 16 px, scale (0.05, 0.14)."""
+    two = build_views(ViewConfig(preset="simclr"))
+    assert two.counts == [2] and two.augs[0].params.scale == (0.08, 1.0)
+    mv = build_views(ViewConfig(preset="simclr", local_crops=4))
+    assert mv.counts == [2, 4]
+    g, loc = mv.augs[0].params, mv.augs[1].params
+    assert (loc.size, loc.scale) == (16, (0.05, 0.14))
+    assert dataclasses.replace(loc, size=32, scale=g.scale) == g  # same jitter, grey, flip, blur, normalisation
+    views = mv(colourful(6))
+    assert [tuple(v.shape[-2:]) for v in views] == [(32, 32)] * 2 + [(16, 16)] * 4
+    assert not torch.equal(views[2], views[3])  # each local crop draws its own parameters
+    assert build_views(ViewConfig(preset="simclr", local_crops=2, local_size=24)).augs[1].params.size == 24
 
 
 def test_views_of_one_group_share_a_call_with_each_rows_own_probabilities():

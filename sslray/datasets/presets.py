@@ -17,6 +17,7 @@ from .views import (  # noqa: F401
     PRESETS,
     AugParams,
     _base,
+    local_crop_size,
 )
 
 
@@ -43,12 +44,6 @@ def byol_views(size=32, min_scale=0.08, jitter_strength=0.5, blur=False, **_):
 
 
 PRESETS.register("mocov3")(byol_views)  # MoCo v3 uses BYOL's augmentations (Chen et al. 2021, sec. 5)
-
-
-def local_crop_size(size: int) -> int:
-    """96/224 of the global size, rounded to a multiple of 8 (224 -> 96, 32 -> 16, 64 -> 24), so
-    ViT patch sizes 4, 8 and (at 224) 16 divide it."""
-    return max(8, int(round(size * 96 / 224 / 8)) * 8)
 
 
 def _multicrop(size, min_scale, jitter_strength, blur, n_local, local_size, local_min_scale, global_blur,

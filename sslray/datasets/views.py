@@ -378,13 +378,28 @@ def _base(size: int, min_scale: float, jitter_strength: float, blur: bool, small
     )
 
 
+def local_crop_size(size: int) -> int:
+    """96/224 of the global size, rounded to a multiple of 8 (224 -> 96, 32 -> 16, 64 -> 24), so
+    ViT patch sizes 4, 8 and (at 224) 16 divide it."""
+    return max(8, int(round(size * 96 / 224 / 8)) * 8)
+
+
 @PRESETS.register("simclr")
-def simclr_views(size=32, min_scale=0.08, jitter_strength=0.5, blur=False, **_):
-    """SimCLR (Chen et al., 2020): two views from one distribution; blur off for 32-px data."""
-    return [(_base(size, min_scale, jitter_strength, blur, size <= 64), 2)]
+def simclr_views(size=32, min_scale=0.08, jitter_strength=0.5, blur=False, n_local=0, local_size=None,
+                 local_scale=(0.05, 0.14), **_):
+    """SimCLR (Chen et al., 2020): two views from one distribution; blur off for 32-px data.
+
+    ``n_local`` > 0 adds that many local crops (multi-crop, Caron et al. 2020, sec. 4) with the same
+    photometric ops at ``local_size`` (default 96/224 of ``size``), scale ``local_scale`` (SwAV's
+    (0.05, 0.14)): cheap extra positives, each ~1/4 of a global view's compute at 16 of 32 px."""
+    base = _base(size, min_scale, jitter_strength, blur, size <= 64)
+    spec = [(base, 2)]
+    if n_local > 0:
+        spec.append((replace(base, size=local_size or local_crop_size(size), scale=tuple(local_scale)), n_local))
+    return spec
 
 
-MULTICROP_PRESETS = ("dino", "swav")
+MULTICROP_PRESETS = ("dino", "swav", "simclr")
 
 
 def build_views(cfg) -> MultiView:
@@ -411,6 +426,7 @@ def eval_transform(cfg) -> EvalTransform:
     return EvalTransform(cfg.crop_size, CIFAR_MEAN if small else IMAGENET_MEAN, CIFAR_STD if small else IMAGENET_STD)
 
 
-__all__ = ["AugParams", "ViewAugment", "FusedViewAugment", "BACKENDS", "PROB_FIELDS", "batch_groups", "EvalTransform", "MultiView", "PRESETS", "build_views", "eval_transform", "replace"]
+__all__ = ["AugParams", "ViewAugment", "FusedViewAugment", "BACKENDS", "PROB_FIELDS", "batch_groups", "EvalTransform",
+           "MultiView", "PRESETS", "build_views", "eval_transform", "local_crop_size", "replace", "simclr_views"]
 
 from . import presets as _presets  # noqa: E402,F401  (registers the other presets)

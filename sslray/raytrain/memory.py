@@ -50,7 +50,7 @@ def explain_oom(cfg: Config, world: int, device: torch.device, phase: str,
             "model.grad_checkpointing=true: recompute backbone activations in backward (~30% slower, far less memory)"]
     if device.type == "cuda" and cfg.train.precision == "fp32":
         tips.append("train.precision=bf16: half-size activations")
-    if cfg.views.preset in ("dino", "swav"):
+    if cfg.views.preset in ("dino", "swav") or cfg.views.local_crops > 0:
         tips.append("views.local_crops=N with a smaller N: every local crop is another forward")
     tips.append(f"--workers {2 * world}: the same global batch with half as many images per device")
     return SSLOutOfMemoryError(

@@ -5,7 +5,7 @@ family: contrastive, non-contrastive, clustering, distillation, masked image mod
 """
 
 from .clustering import sinkhorn, swav_loss
-from .contrastive import infonce_loss, nt_xent_loss
+from .contrastive import infonce_loss, multiview_nt_xent_loss, nt_xent_loss
 from .distillation import dino_loss, update_center
 from .mim import mae_loss, num_masked, patchify, random_masking
 from .non_contrastive import (
@@ -26,6 +26,7 @@ __all__ = [
     "infonce_loss",
     "invariance_loss",
     "mae_loss",
+    "multiview_nt_xent_loss",
     "nearest_by_feature",
     "nearest_by_location",
     "negative_cosine_similarity",

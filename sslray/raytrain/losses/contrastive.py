@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -20,12 +22,31 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -
     ``temperature`` 0.5 is the paper's CIFAR-10 value (0.1 for ImageNet at large batch).
     """
     _check_pair(z1, z2, "nt_xent_loss")
-    n = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2], 0).float(), dim=1)
+    return multiview_nt_xent_loss([z1, z2], temperature)
+
+
+def multiview_nt_xent_loss(zs: Sequence[torch.Tensor], temperature: float = 0.5) -> torch.Tensor:
+    """NT-Xent over V >= 2 views of the same N images (SimCLR with multi-crop, Caron et al. 2020,
+    sec. 4; the multi-positive form of Khosla et al. 2020, eq. 2 "L_out", with the image as label).
+
+    Each of the V*N embeddings is an anchor; its V-1 positives are the other views of its image, and
+    every other embedding is in its denominator. The loss is -log p(positive) averaged over the
+    anchor's positives, then over anchors. With V=2 this is exactly ``nt_xent_loss``.
+    """
+    if len(zs) < 2:
+        raise ValueError(f"multiview_nt_xent_loss: needs at least 2 views, got {len(zs)}")
+    for v, z in enumerate(zs[1:], 1):
+        _check_pair(zs[0], z, f"multiview_nt_xent_loss (view 0 vs view {v})")
+    n, nv = zs[0].shape[0], len(zs)
+    z = F.normalize(torch.cat(list(zs), 0).float(), dim=1)
     logits = z @ z.t() / temperature
     logits.fill_diagonal_(float("-inf"))  # an embedding is never its own negative
-    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    return F.cross_entropy(logits, targets)
+    log_p = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    # Row a*N + i (view a, image i): its positives are columns b*N + i for every view b != a.
+    row = torch.arange(nv * n, device=z.device)
+    shift = torch.arange(1, nv, device=z.device)
+    pos = ((row // n)[:, None] + shift[None, :]) % nv * n + (row % n)[:, None]
+    return -log_p.gather(1, pos).mean()
 
 
 def infonce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None = None, temperature: float = 0.2,

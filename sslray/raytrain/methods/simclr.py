@@ -1,4 +1,6 @@
-"""SimCLR (Chen et al., ICML 2020): two views, an MLP projector, NT-Xent over the global batch."""
+"""SimCLR (Chen et al., ICML 2020): two views, an MLP projector, NT-Xent over the global batch; with
+``views.local_crops`` > 0, SimCLR with multi-crop (Caron et al. 2020, sec. 4): every view of an image
+is a positive of every other."""
 
 from __future__ import annotations
 
@@ -7,8 +9,9 @@ from torch import nn
 
 from ..distributed import gather_with_grad
 from ..heads import MLPHead
-from ..losses import nt_xent_loss
+from ..losses import multiview_nt_xent_loss, nt_xent_loss
 from . import register_method
+from ._multicrop import allow_any_size, encode_crops
 
 
 class SimCLR(nn.Module):
@@ -22,20 +25,25 @@ class SimCLR(nn.Module):
         self.temperature = temperature
 
     def forward(self, views: list[torch.Tensor]) -> dict:
-        if len(views) != 2:
-            raise ValueError(f"SimCLR takes exactly 2 views, got {len(views)}")
-        n = views[0].shape[0]
-        # One backbone pass over both views keeps BN statistics over 2N images, as in the paper.
-        z = self.projector(self.backbone(torch.cat(views, 0)))
-        z1, z2 = z[:n], z[n:]
-        # Negatives come from every rank; each rank computes the global loss on the gathered
-        # embeddings and gather_with_grad routes the gradients back (see distributed.py).
-        loss = nt_xent_loss(gather_with_grad(z1), gather_with_grad(z2), self.temperature)
-        return {"loss": loss}
+        if len(views) < 2:
+            raise ValueError(f"SimCLR takes 2 views (or 2 global crops and local crops), got {len(views)}")
+        if len(views) == 2:
+            n = views[0].shape[0]
+            # One backbone pass over both views keeps BN statistics over 2N images, as in the paper.
+            z = self.projector(self.backbone(torch.cat(views, 0)))
+            z1, z2 = z[:n], z[n:]
+            # Negatives come from every rank; each rank computes the global loss on the gathered
+            # embeddings and gather_with_grad routes the gradients back (see distributed.py).
+            return {"loss": nt_xent_loss(gather_with_grad(z1), gather_with_grad(z2), self.temperature)}
+        # Multi-crop: one pass per crop size (the global pair together, the local crops together).
+        zs = encode_crops(lambda x: self.projector(self.backbone(x)), views)
+        return {"loss": multiview_nt_xent_loss([gather_with_grad(z) for z in zs], self.temperature)}
 
 
 @register_method("simclr")
 def build_simclr(cfg, backbone, feat_dim, proj_layers: int = 2):
+    if cfg.views.local_crops > 0:  # local crops are smaller than the global ones: a ViT must take any size
+        backbone = allow_any_size(backbone)
     return SimCLR(backbone, feat_dim, cfg.method.temperature, cfg.model.proj_hidden_dim, cfg.model.proj_out_dim,
                   proj_layers)
 
