@@ -14,6 +14,7 @@ from .config import ConfigError, load_config
 COMMAND_MODULES: list[str] = ["doctor", "submit", "compare", "ui", "tune.cli", "eval.cli"]
 COMMAND_MODULES += ["study"]  # `sslray study`: methods x view policies (sslray/study.py)
 COMMAND_MODULES += ["viewscmd"]  # `sslray views`: a method's augmented views of a .beton (sslray/viewscmd.py)
+COMMAND_MODULES += ["export"]  # `sslray export`: a checkpoint's backbone as safetensors + JSON (sslray/export.py)
 
 
 def _abs(p: Optional[str]) -> Optional[str]:
@@ -95,6 +96,11 @@ def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val
 
     res = pretrain(cfg, restart=restart)
     print(f"sslray: run {res.name} finished; MLflow run {res.run_id} in {res.tracking_uri}; checkpoint {res.checkpoint}")
+    if cfg.train.export_backbone:
+        from .export import export_after_training
+        from .tracking import Tracker
+
+        export_after_training(res.checkpoint, Tracker(res.tracking_uri, res.run_id))
     report = None
     if probe and cfg.data.val and res.checkpoint:
         from .tracking import Tracker
@@ -233,7 +239,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"sslray {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (ConfigError, FileNotFoundError, ValueError, KeyError) as e:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"sslray {args.command}: error: {msg}", file=sys.stderr)
         return 2

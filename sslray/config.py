@@ -95,6 +95,7 @@ class TrainConfig:
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always checkpoints)
     checkpoint_every_steps: int = 0  # also checkpoint inside long epochs every N steps; 0 = off
     report_every_steps: int = 0  # report step-level loss (MLflow `step_loss`) every N steps; 0 = off
+    export_backbone: bool = True  # after training: <run>/backbone/ (safetensors + JSON), also an MLflow artifact
 
 
 @dataclass(frozen=True)

@@ -49,3 +49,24 @@ def test_pretrain_cli_logs_everything(ray_cluster, cifar_small, tmp_path, monkey
             assert len(np.unique(np.asarray(im.convert("L")))) > 10  # not blank
     # The checkpoint the run reports exists and holds the model state.
     assert (tmp_path / "runs" / "e2e-run").is_dir()
+
+    # The final backbone is exported beside the checkpoints and logged to the run: loaded from the
+    # MLflow copy alone, it gives the checkpoint's backbone features on real CIFAR-10 images.
+    import torch
+
+    from sslray.export import load_backbone
+    from sslray.raytrain.evaluate import load_checkpoint
+
+    assert {"backbone/backbone.safetensors", "backbone/backbone.json"} == {
+        a.path for a in client.list_artifacts(run.info.run_id, "backbone")}
+    assert "backbone exported to" in out and (tmp_path / "runs" / "e2e-run" / "backbone" / "backbone.json").exists()
+    backbone, meta = load_backbone(client.download_artifacts(run.info.run_id, "backbone", str(tmp_path / "bb")))
+    _, model, state = load_checkpoint(tmp_path / "runs" / "e2e-run", torch.device("cpu"))
+    assert (meta["method"], meta["epoch"], int(state["epoch"])) == ("simclr", 2, 2)  # smoke: 2 epochs
+    files = sorted(p for p in cifar_small["test_tree"].rglob("*.jpg"))[:8]
+    x = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files])
+    x = (x.float() / 255 - torch.tensor(meta["mean"]).view(1, 3, 1, 1)) / torch.tensor(meta["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        feats = backbone(x)
+        torch.testing.assert_close(feats, model.backbone.eval()(x), rtol=0, atol=0)
+    assert feats.shape == (8, meta["num_features"]) and float(feats.std(0).mean()) > 0

@@ -1,0 +1,204 @@
+"""`sslray export`: a checkpoint's pretrained backbone as a standalone file for downstream use.
+
+A training checkpoint (``state.pt``) holds the whole method: backbone, projector and predictor
+heads, EMA teachers, queues, the optimizer and RNG state, pickled with sslray's config. What a user
+takes downstream is the backbone alone. ``export_backbone`` writes it as
+
+- ``backbone.safetensors``: the backbone's ``state_dict`` under timm's own parameter names (no
+  ``backbone.`` prefix, no pickle; safetensors is what timm and the Hugging Face hub load), and
+- ``backbone.json``: how to rebuild it (the timm model name and the ``timm.create_model`` keyword
+  arguments, the CIFAR stem, the feature width) and how to feed it (input size, mean and std of
+  the normalisation the views used), plus where it came from (method, epoch, step, checkpoint).
+
+``load_backbone`` rebuilds and loads it with sslray; without sslray, ``timm.create_model(name,
+num_classes=0, **timm_kwargs)`` and ``load_state_dict(safetensors.torch.load_file(...))`` give the
+same module (and, for ``cifar_stem``, a 3x3 stride-1 ``conv1`` and no ``maxpool``). Every export
+rebuilds the written file the same way and compares it with the checkpoint's backbone before it
+renames the files into place, so an export that would not load is never left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+WEIGHTS = "backbone.safetensors"
+META = "backbone.json"
+FORMAT = "sslray-backbone/1"
+WHICH = ("student", "teacher")
+
+
+def teacher_backbone(model: nn.Module) -> Optional[nn.Module]:
+    """The EMA teacher's copy of the backbone (BYOL, MoCo v2/v3, DINO), or None for methods without one.
+
+    Every EMA teacher is built as ``EMATeacher(backbone, head...)``, so its first module is the backbone.
+    """
+    from .raytrain.methods._ema import EMATeacher
+
+    for m in model.modules():
+        if isinstance(m, EMATeacher) and type(m.module[0]) is type(model.backbone):
+            return m.module[0]
+    return None
+
+
+def timm_kwargs(backbone: nn.Module, cfg) -> dict[str, Any]:
+    """The ``timm.create_model`` keyword arguments that rebuild ``backbone`` (besides ``num_classes=0``)."""
+    kw: dict[str, Any] = {}
+    pe = getattr(backbone, "patch_embed", None)
+    if pe is not None and hasattr(pe, "patch_size"):  # a ViT: its input size and patch size (MAE may change it)
+        kw["img_size"] = int(cfg.views.crop_size)
+        kw["patch_size"] = int(pe.patch_size[0])
+    return kw
+
+
+def build_from_meta(meta: dict) -> nn.Module:
+    from .raytrain.backbones import create_backbone
+
+    return create_backbone(meta["backbone"], cifar_stem_=bool(meta["cifar_stem"]), **meta["timm_kwargs"])
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"export: {out} is a file; give a folder for {WEIGHTS} and {META}")
+    taken = [out / n for n in (WEIGHTS, META) if (out / n).exists()]
+    if taken and not force:
+        raise FileExistsError(f"export: {', '.join(map(str, taken))} already exist(s); pass --force to replace")
+
+
+def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike, which: str = "student",
+                    force: bool = False) -> Path:
+    """Write ``<out>/backbone.safetensors`` and ``<out>/backbone.json`` from a checkpoint (a ``state.pt``,
+    a checkpoint folder, or a run folder: its newest checkpoint). Returns ``out``."""
+    from safetensors.torch import load_file, save_file
+
+    from . import __version__
+    from .datasets.views import eval_transform
+    from .raytrain.evaluate import find_state, load_checkpoint
+
+    if which not in WHICH:
+        raise ValueError(f"export: which must be one of {', '.join(WHICH)}, got {which!r}")
+    out = Path(out)
+    _check_out(out, force)
+    state_path = find_state(checkpoint)
+    cfg, model, state = load_checkpoint(state_path, torch.device("cpu"))
+    backbone = model.backbone if which == "student" else teacher_backbone(model)
+    if backbone is None:
+        raise ValueError(f"export: method {cfg.method.name!r} has no EMA teacher; export the student "
+                         f"(the default) instead of --teacher")
+    tf = eval_transform(cfg.views)
+    meta = {
+        "format": FORMAT,
+        "backbone": cfg.model.backbone,
+        "cifar_stem": bool(cfg.model.cifar_stem),
+        "timm_kwargs": timm_kwargs(backbone, cfg),
+        "num_features": int(getattr(backbone, "num_features")),
+        "input_size": int(cfg.views.crop_size),
+        "mean": [round(float(v), 6) for v in tf.mean.flatten()],
+        "std": [round(float(v), 6) for v in tf.std.flatten()],
+        "which": which,
+        "method": cfg.method.name,
+        "epoch": int(state.get("epoch", 0)),
+        "step": int(state.get("step", 0)),
+        "checkpoint": str(state_path.resolve()),
+        "versions": {"sslray": __version__, "torch": torch.__version__, "timm": _timm_version()},
+    }
+    weights = {k: v.detach().contiguous() for k, v in backbone.state_dict().items()}
+    out.mkdir(parents=True, exist_ok=True)
+    tmp_w, tmp_m = out / (WEIGHTS + ".tmp"), out / (META + ".tmp")
+    try:
+        save_file(weights, str(tmp_w), metadata={"format": FORMAT, "backbone": meta["backbone"]})
+        tmp_m.write_text(json.dumps(meta, indent=2) + "\n")
+        _verify(tmp_w, meta, weights, load_file)
+        os.chmod(tmp_w, tmp_m.stat().st_mode & 0o777)  # the umask's mode, like the JSON (not safetensors' 0600)
+        os.replace(tmp_w, out / WEIGHTS)
+        os.replace(tmp_m, out / META)
+    finally:
+        for t in (tmp_w, tmp_m):
+            t.unlink(missing_ok=True)
+    return out
+
+
+def _verify(path: Path, meta: dict, weights: dict, load_file) -> None:
+    """Rebuild from the metadata alone, load the file strictly, and compare every tensor."""
+    rebuilt = build_from_meta(meta)
+    loaded = load_file(str(path))
+    rebuilt.load_state_dict(loaded, strict=True)
+    for k, v in weights.items():
+        if not torch.equal(loaded[k], v):
+            raise RuntimeError(f"export: tensor {k} read back from {path} differs from the checkpoint's")
+
+
+def load_backbone(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """An exported backbone folder (or its ``backbone.safetensors``) -> (module in eval mode, metadata).
+
+    ``module(x)`` gives pooled features of width ``meta["num_features"]`` for ``x`` normalised with
+    ``meta["mean"]`` / ``meta["std"]`` at ``meta["input_size"]`` px.
+    """
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    meta_path, weights_path = folder / META, (p if p.is_file() else folder / WEIGHTS)
+    for f in (meta_path, weights_path):
+        if not f.exists():
+            raise FileNotFoundError(f"load_backbone: {f} not found (write it with `sslray export CHECKPOINT {folder}`)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"load_backbone: {meta_path} is not valid JSON ({e})") from None
+    missing = [k for k in ("format", "backbone", "cifar_stem", "timm_kwargs") if k not in meta]
+    if missing or meta.get("format") != FORMAT:
+        raise ValueError(f"load_backbone: {meta_path} is not an sslray backbone export "
+                         f"(format {meta.get('format')!r}, missing keys {missing})")
+    model = build_from_meta(meta)
+    model.load_state_dict(load_file(str(weights_path)), strict=True)
+    return model.to(device).eval(), meta
+
+
+def export_after_training(checkpoint: Optional[str], tracker, log=print) -> Optional[Path]:
+    """``sslray pretrain``'s last step: the final backbone into ``<run>/backbone/`` beside the
+    checkpoints, and the same two files to the MLflow run under ``backbone/``. A checkpoint that is
+    not on a local path (object storage) is left for ``sslray export`` after a download."""
+    if not checkpoint or not Path(checkpoint).exists():
+        log(f"sslray: backbone not exported ({checkpoint or 'no checkpoint'} is not a local path); "
+            f"run `sslray export CHECKPOINT OUT` on a copy")
+        return None
+    out = export_backbone(checkpoint, Path(checkpoint).parent / "backbone", force=True)
+    for name in (WEIGHTS, META):
+        tracker.log_artifact(out / name, "backbone")
+    log(f"sslray: backbone exported to {out} and the MLflow run's backbone/ "
+        f"(load: sslray.export.load_backbone({str(out)!r}))")
+    return out
+
+
+def cmd_export(a) -> int:
+    out = export_backbone(a.checkpoint, a.out, which="teacher" if a.teacher else "student", force=a.force)
+    meta = json.loads((out / META).read_text())
+    print(f"sslray export: {meta['method']} {meta['which']} backbone {meta['backbone']} (epoch {meta['epoch']}, "
+          f"{meta['num_features']} features) -> {out / WEIGHTS}, {out / META}")
+    print(f"  load it: from sslray.export import load_backbone; model, meta = load_backbone({str(out)!r})")
+    return 0
+
+
+def register(sub) -> None:
+    e = sub.add_parser("export", help="a checkpoint's pretrained backbone -> safetensors + JSON for downstream use")
+    e.add_argument("checkpoint", help="state.pt, a checkpoint folder, or a run folder (its newest checkpoint)")
+    e.add_argument("out", help=f"folder to write {WEIGHTS} and {META} into")
+    e.add_argument("--teacher", action="store_true",
+                   help="the EMA teacher's backbone (BYOL, MoCo, DINO) instead of the student's")
+    e.add_argument("--force", action="store_true", help="replace an earlier export in OUT")
+    e.set_defaults(func=cmd_export)
+
+
+def _timm_version() -> str:
+    import timm
+
+    return timm.__version__
+
+
+__all__ = ["META", "WEIGHTS", "export_after_training", "export_backbone", "load_backbone", "teacher_backbone"]

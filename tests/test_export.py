@@ -1,0 +1,125 @@
+"""`sslray export` / `load_backbone`: a checkpoint's backbone as safetensors + JSON that rebuilds
+the same module, with sslray or with timm alone; the EMA teacher on request; clear errors that
+never overwrite an earlier export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sslray.cli import main
+from sslray.config import load_config
+from sslray.export import META, WEIGHTS, export_backbone, load_backbone
+from sslray.raytrain.methods import create_method
+
+SMALL = {"model.backbone": "resnet10t", "model.cifar_stem": False, "model.proj_hidden_dim": 32,
+         "model.proj_out_dim": 16}
+
+
+def _checkpoint(tmp_path, recipe, overrides, epoch=3, perturb=None):
+    """A state.pt as the loop writes it (config, model, epoch, step) for a freshly built method."""
+    cfg = load_config(recipe, overrides)
+    torch.manual_seed(0)
+    model = create_method(cfg)
+    if perturb:
+        perturb(model)
+    folder = tmp_path / "run" / f"epoch_{epoch:04d}"
+    folder.mkdir(parents=True)
+    torch.save({"config": cfg.to_dict(), "model": model.state_dict(), "epoch": epoch, "step": 10 * epoch},
+               folder / "state.pt")
+    return model.eval(), folder
+
+
+def _same_features(a, b, size=32):
+    x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(a.eval()(x), b.eval()(x), rtol=0, atol=0)
+
+
+def test_cifar_stem_backbone_round_trips_exactly(tmp_path):
+    over = {**SMALL, "model.backbone": "resnet18", "model.cifar_stem": True}
+    model, _ = _checkpoint(tmp_path, "simclr_cifar10", over, epoch=3)
+    out = export_backbone(tmp_path / "run", tmp_path / "exp")  # a run folder: its newest checkpoint
+    loaded, meta = load_backbone(out)
+    _same_features(loaded, model.backbone)
+    assert loaded.conv1.kernel_size == (3, 3) and isinstance(loaded.maxpool, torch.nn.Identity)
+    assert (meta["backbone"], meta["cifar_stem"], meta["method"]) == ("resnet18", True, "simclr")
+    assert meta["which"] == "student"
+    assert (meta["epoch"], meta["step"], meta["num_features"], meta["input_size"]) == (3, 30, 512, 32)
+    assert meta["mean"] == pytest.approx([0.4914, 0.4822, 0.4465])
+    assert meta["checkpoint"].endswith("epoch_0003/state.pt")
+    # the weights file alone also finds its metadata beside it
+    _same_features(load_backbone(out / WEIGHTS)[0], model.backbone)
+
+
+def test_plain_timm_loads_the_export_without_sslray_code(tmp_path):
+    import timm
+    from safetensors.torch import load_file
+
+    model, _ = _checkpoint(tmp_path, "simclr_cifar10", SMALL)
+    out = export_backbone(tmp_path / "run", tmp_path / "exp")
+    meta = json.loads((out / META).read_text())
+    plain = timm.create_model(meta["backbone"], num_classes=0, **meta["timm_kwargs"])
+    plain.load_state_dict(load_file(str(out / WEIGHTS)), strict=True)
+    _same_features(plain, model.backbone)
+
+
+def test_a_vit_with_its_own_patch_size_rebuilds(tmp_path):
+    """MAE rebuilds its ViT with a CIFAR patch size; the export records it in timm_kwargs."""
+    over = {"model.backbone": "vit_tiny_patch16_224", "method.params.patch_size": 8, "method.params.decoder_dim": 32,
+            "method.params.decoder_depth": 1, "method.params.decoder_heads": 2}
+    model, _ = _checkpoint(tmp_path, "mae_cifar10", over)
+    out = export_backbone(tmp_path / "run", tmp_path / "exp")
+    loaded, meta = load_backbone(out)
+    assert meta["timm_kwargs"] == {"img_size": 32, "patch_size": 8}
+    _same_features(loaded, model.backbone)
+
+
+def test_teacher_is_the_ema_copy_and_student_the_online_network(tmp_path):
+    def drift(model):  # the EMA copy has moved away from the student, as after training
+        with torch.no_grad():
+            for p in model.target.module[0].parameters():
+                p.add_(0.05)
+
+    model, _ = _checkpoint(tmp_path, "byol_cifar10", {**SMALL, "method.params.pred_hidden_dim": 32}, perturb=drift)
+    student = load_backbone(export_backbone(tmp_path / "run", tmp_path / "s"))[0]
+    teacher, meta = load_backbone(export_backbone(tmp_path / "run", tmp_path / "t", which="teacher"))
+    assert meta["which"] == "teacher"
+    _same_features(student, model.backbone)
+    _same_features(teacher, model.target.module[0])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(student(x), teacher(x))
+
+
+def test_errors_name_the_problem_and_keep_an_earlier_export(tmp_path, capsys):
+    _checkpoint(tmp_path, "simclr_cifar10", SMALL)
+    out = tmp_path / "exp"
+    assert main(["export", str(tmp_path / "run"), str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "simclr student backbone resnet10t (epoch 3, 512 features)" in printed and "load_backbone" in printed
+    before = {n: (out / n).read_bytes() for n in (WEIGHTS, META)}
+
+    assert main(["export", str(tmp_path / "run"), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "already exist" in err and "--force" in err
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "t"), "--teacher"]) == 2
+    assert "method 'simclr' has no EMA teacher" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+    assert main(["export", str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 2
+    assert "no checkpoint (state.pt) under" in capsys.readouterr().err
+    assert {n: (out / n).read_bytes() for n in (WEIGHTS, META)} == before  # nothing was overwritten
+    assert not list(out.glob("*.tmp"))
+    assert main(["export", str(tmp_path / "run"), str(out), "--force"]) == 0
+
+    (out / META).write_text("{not json")
+    with pytest.raises(ValueError, match=r"backbone\.json is not valid JSON"):
+        load_backbone(out)
+    (out / META).write_text(json.dumps({"backbone": "resnet10t"}))
+    with pytest.raises(ValueError, match="not an sslray backbone export"):
+        load_backbone(out)
+    (out / META).unlink()
+    with pytest.raises(FileNotFoundError, match=r"backbone\.json not found"):
+        load_backbone(out)
