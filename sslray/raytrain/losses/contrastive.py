@@ -41,6 +41,9 @@ def multiview_nt_xent_loss(zs: Sequence[torch.Tensor], temperature: float = 0.5)
     z = F.normalize(torch.cat(list(zs), 0).float(), dim=1)
     logits = z @ z.t() / temperature
     logits.fill_diagonal_(float("-inf"))  # an embedding is never its own negative
+    if nv == 2:  # one positive per anchor: plain cross-entropy (~20 fewer kernels per step than below)
+        targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+        return F.cross_entropy(logits, targets)
     log_p = logits - torch.logsumexp(logits, dim=1, keepdim=True)
     # Row a*N + i (view a, image i): its positives are columns b*N + i for every view b != a.
     row = torch.arange(nv * n, device=z.device)
