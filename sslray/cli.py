@@ -41,6 +41,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--restart", action="store_true", help="start the named run over (the old one is moved aside)")
     p.add_argument("--checkpoint-every", help="checkpoint interval: N epochs (e.g. 2) or N steps (e.g. 500steps)")
     p.add_argument("--max-failures", type=int, help="worker-group restarts from the latest checkpoint (-1: no limit)")
+    p.add_argument("--init-weights", metavar="PATH",
+                   help="start the backbone from these weights: an `sslray export` folder or a timm state_dict file "
+                        "(model.init_weights)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.add_argument("--experiment", help="MLflow experiment name")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="any config key, e.g. optim.base_lr=0.3")
@@ -62,6 +65,7 @@ def config_from_args(a: argparse.Namespace):
         "train.epochs": a.epochs, "data.batch_size": a.batch_size, "optim.base_lr": a.lr, "ray.num_workers": a.workers,
         "ray.use_gpu": a.gpu, "ray.storage": a.storage, "ray.name": a.name, "tracking.tracking_uri": a.tracking_uri,
         "tracking.experiment": a.experiment, "views.policy": getattr(a, "views", None),
+        "model.init_weights": getattr(a, "init_weights", None),
     }
     over = [f"{k}={v}" for k, v in flags.items() if v is not None]
     if getattr(a, "auto_batch", False):
@@ -75,8 +79,9 @@ def config_from_args(a: argparse.Namespace):
         from .datasets.policies import VIEW_POLICIES
 
         VIEW_POLICIES.get(cfg.views.policy)
-    # Workers may run with another cwd: make data paths absolute.
-    return cfg.replace(**{"data.train": _abs(cfg.data.train) or "", "data.val": _abs(cfg.data.val) or ""})
+    # Workers may run with another cwd: make data and weight paths absolute.
+    return cfg.replace(**{"data.train": _abs(cfg.data.train) or "", "data.val": _abs(cfg.data.val) or "",
+                          "model.init_weights": _abs(cfg.model.init_weights) or ""})
 
 
 def cmd_convert(a) -> int:
@@ -94,6 +99,11 @@ def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val
     from .raytrain.evaluate import format_table, log_probe, probe_checkpoint
     from .raytrain.trainer import pretrain
 
+    if cfg.model.init_weights:  # a file that does not fit this backbone fails here, not in every worker
+        from .export import init_backbone
+        from .raytrain.methods import create_method
+
+        init_backbone(create_method(cfg), cfg.model.init_weights)
     res = pretrain(cfg, restart=restart)
     print(f"sslray: run {res.name} finished; MLflow run {res.run_id} in {res.tracking_uri}; checkpoint {res.checkpoint}")
     if cfg.train.export_backbone:

@@ -40,7 +40,7 @@ class ViewConfig:
     jitter_strength: float = 0.5  # colour jitter s: (0.8s, 0.8s, 0.8s, 0.2s)
     blur: bool = False  # Gaussian blur (off for 32-px data, as in the SimCLR CIFAR recipe)
     policy: str = "default"  # view policy on top of the preset (sslray.datasets.policies.VIEW_POLICIES)
-    local_crops: int = -1  # multi-crop presets (dino, swav, simclr): local crops per image; -1 = the preset's (6; simclr 0)
+    local_crops: int = -1  # multi-crop presets (dino, swav, simclr): local crops; -1 = the preset's (6; simclr 0)
     local_size: int = 0  # multi-crop local crop size, px; 0 = the preset's (96/224 of crop_size)
     backend: str = "fused"  # fused (sslray's batched kernels) | kornia (kornia.augmentation); same parameters
 
@@ -55,6 +55,7 @@ class ModelConfig:
     grad_checkpointing: bool = False  # recompute backbone activations in backward: less memory, ~30% more compute
     compile: bool = False  # torch.compile the backbone(s) in place; the first steps of each shape pay the compile
     compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    init_weights: str = ""  # start the backbone from these weights: an `sslray export` folder or a state_dict file
 
 
 @dataclass(frozen=True)

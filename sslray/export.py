@@ -176,6 +176,64 @@ def export_after_training(checkpoint: Optional[str], tracker, log=print) -> Opti
     return out
 
 
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Path]:
+    """A backbone ``state_dict`` from an export folder, a ``.safetensors`` file, or a ``.pt``/``.pth``
+    file holding a state_dict (timm's names; a ``state_dict``/``model`` entry or a ``backbone.``
+    prefix, as other tools save them, is unwrapped)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / WEIGHTS
+    if not p.exists():
+        raise FileNotFoundError(f"model.init_weights: {p} not found")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(p))
+    else:
+        try:
+            sd = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - name the file, whatever torch.load found wrong in it
+            raise ValueError(f"model.init_weights: {p} is not a weights file torch can read "
+                             f"({type(e).__name__}: {e})") from None
+        for key in ("state_dict", "model"):
+            if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+                sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"model.init_weights: {p} holds no state_dict of tensors")
+    if sd and all(k.startswith("backbone.") for k in sd):
+        sd = {k[len("backbone."):]: v for k, v in sd.items()}
+    return sd, p
+
+
+def init_backbone(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """``model.init_weights``: load the weights into the method's backbone and, where the method has
+    one, its EMA teacher's copy (which starts equal to the student). Classifier weights in the file
+    (``fc.``, ``head.``, ``classifier.``: an ImageNet checkpoint) are dropped, since the backbone has
+    none; anything else that does not match fails, naming the keys. Returns the modules' names."""
+    sd, p = read_weights(path)
+    target = model.backbone
+    own = set(target.state_dict())
+    dropped = [k for k in sd if k not in own and k.split(".")[0] in ("fc", "head", "classifier", "last_linear")]
+    sd = {k: v for k, v in sd.items() if k not in dropped}
+    missing, unexpected = sorted(own - set(sd)), sorted(set(sd) - own)
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in target.state_dict().items()
+              if k in sd and sd[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        def few(xs):
+            return ", ".join(xs[:5]) + (f" (+{len(xs) - 5} more)" if len(xs) > 5 else "")
+        raise ValueError(f"model.init_weights: {p} does not fit backbone {type(target).__name__} "
+                         f"(model.backbone / model.cifar_stem / patch size): "
+                         + "; ".join(f"{what}: {few(xs)}" for what, xs in
+                                     (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if xs))
+    loaded = ["backbone"]
+    target.load_state_dict(sd, strict=True)
+    teacher = teacher_backbone(model)
+    if teacher is not None:
+        teacher.load_state_dict(sd, strict=True)
+        loaded.append("teacher backbone")
+    return loaded
+
+
 def cmd_export(a) -> int:
     out = export_backbone(a.checkpoint, a.out, which="teacher" if a.teacher else "student", force=a.force)
     meta = json.loads((out / META).read_text())
@@ -201,4 +259,5 @@ def _timm_version() -> str:
     return timm.__version__
 
 
-__all__ = ["META", "WEIGHTS", "export_after_training", "export_backbone", "load_backbone", "teacher_backbone"]
+__all__ = ["META", "WEIGHTS", "export_after_training", "export_backbone", "init_backbone", "load_backbone",
+           "read_weights", "teacher_backbone"]

@@ -123,3 +123,46 @@ def test_errors_name_the_problem_and_keep_an_earlier_export(tmp_path, capsys):
     (out / META).unlink()
     with pytest.raises(FileNotFoundError, match=r"backbone\.json not found"):
         load_backbone(out)
+
+
+def test_init_weights_start_the_backbone_and_the_teacher_from_an_export(tmp_path):
+    from sslray.export import init_backbone
+
+    over = {**SMALL, "method.params.pred_hidden_dim": 32}
+    source, _ = _checkpoint(tmp_path, "byol_cifar10", over)
+    out = export_backbone(tmp_path / "run", tmp_path / "exp")
+    torch.manual_seed(123)  # another init than the source's
+    fresh = create_method(load_config("byol_cifar10", over))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(fresh.backbone.eval()(x), source.backbone(x))
+    assert init_backbone(fresh, out) == ["backbone", "teacher backbone"]
+    _same_features(fresh.backbone, source.backbone)
+    _same_features(fresh.target.module[0], source.backbone)  # the EMA teacher starts equal to the student
+
+
+def test_init_weights_take_a_classifier_checkpoint_and_name_what_does_not_fit(tmp_path):
+    """An ImageNet-style timm checkpoint (a ``state_dict`` entry, a classifier ``fc``) loads into the
+    backbone with the classifier dropped; a file for another stem fails naming the file and the key."""
+    import timm
+
+    from sslray.export import init_backbone
+
+    clf = timm.create_model("resnet10t", num_classes=10)
+    torch.save({"state_dict": clf.state_dict(), "epoch": 90}, tmp_path / "imagenet.pth")
+    model = create_method(load_config("simclr_cifar10", SMALL))
+    init_backbone(model, tmp_path / "imagenet.pth")
+    clf.reset_classifier(0)
+    _same_features(model.backbone, clf)
+
+    stem = create_method(load_config("simclr_cifar10",
+                                     {**SMALL, "model.backbone": "resnet18", "model.cifar_stem": True}))
+    torch.save(stem.backbone.state_dict(), tmp_path / "cifar_stem.pt")
+    plain = create_method(load_config("simclr_cifar10", {**SMALL, "model.backbone": "resnet18"}))
+    with pytest.raises(ValueError, match=r"cifar_stem\.pt does not fit backbone ResNet .*shape: conv1\.weight"):
+        init_backbone(plain, tmp_path / "cifar_stem.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"junk\.pt is not a weights file"):
+        init_backbone(plain, tmp_path / "junk.pt")
+    with pytest.raises(FileNotFoundError, match=r"model.init_weights: .*nowhere"):
+        init_backbone(plain, tmp_path / "nowhere")

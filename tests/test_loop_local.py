@@ -69,3 +69,25 @@ def test_simclr_multicrop_runs_the_loop_on_real_cifar(cifar_small, monkeypatch):
     assert fed == {"features": 3, "encode": 0}
     assert torch.isfinite(torch.tensor(last["loss"])) and 0.0 <= last["knn_top1"] <= 1.0
     assert 0.0 <= last["online_probe_top1"] <= 1.0
+
+
+def test_a_run_starts_from_an_exported_backbone(cifar_small, tmp_path, capsys):
+    """model.init_weights on real CIFAR-10: a second run starts from the first run's exported
+    backbone (with lr 0 its weights stay exactly there), and a resumed run is not re-initialised."""
+    from sslray.export import export_backbone, load_backbone
+
+    run_local(_cfg(cifar_small, "train.epochs=1", "train.max_steps_per_epoch=2", "data.val="), str(tmp_path / "a"))
+    exp = export_backbone(tmp_path / "a", tmp_path / "exp")
+    cfg = _cfg(cifar_small, "train.epochs=1", "train.max_steps_per_epoch=2", "data.val=", f"model.init_weights={exp}",
+               "optim.base_lr=0", "optim.weight_decay=0", "train.online_probe=false")
+    run_local(cfg, str(tmp_path / "b"))
+    assert f"backbone start from {exp}" in capsys.readouterr().out
+    want = load_backbone(exp)[0].state_dict()
+    got = torch.load(tmp_path / "b" / "epoch_0001" / "state.pt", weights_only=False)["model"]
+    params = [k for k, _ in load_backbone(exp)[0].named_parameters()]
+    assert params and all(torch.equal(got[f"backbone.{k}"], want[k]) for k in params)
+
+    # Resuming run b for a second epoch loads its checkpoint and never reads the init file again.
+    (exp / "backbone.safetensors").unlink()
+    last, _ = run_local(cfg.replace(**{"train.epochs": 2}), str(tmp_path / "b"))
+    assert last["epoch"] == 2

@@ -152,7 +152,13 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
     data = build_data(cfg, session)
     views = build_views(cfg.views).to(dev)
     evalT = eval_transform(cfg.views).to(dev)
-    model = create_method(cfg).to(dev)
+    model = create_method(cfg)
+    if cfg.model.init_weights and state is None:  # a resumed run's checkpoint holds the weights already
+        from ..export import init_backbone
+
+        loaded = init_backbone(model, cfg.model.init_weights)
+        session.log(f"sslray: {' and '.join(loaded)} start from {cfg.model.init_weights}")
+    model = model.to(dev)
     if session.world_size > 1 and cfg.model.sync_bn:
         model = D.convert_global_bn(model, dev.type).to(dev)
     cl = cfg.train.channels_last and dev.type == "cuda"
