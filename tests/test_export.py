@@ -166,3 +166,17 @@ def test_init_weights_take_a_classifier_checkpoint_and_name_what_does_not_fit(tm
         init_backbone(plain, tmp_path / "junk.pt")
     with pytest.raises(FileNotFoundError, match=r"model.init_weights: .*nowhere"):
         init_backbone(plain, tmp_path / "nowhere")
+
+
+def test_pretrain_rejects_a_misfit_init_file_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    stem = create_method(load_config("simclr_cifar10", {**SMALL, "model.backbone": "resnet18"}))
+    torch.save(stem.backbone.state_dict(), tmp_path / "r18.pt")
+    was_up = ray.is_initialized()
+    rc = main(["pretrain", "--recipe", "smoke", "--data", str(tmp_path / "train.beton"), "--backbone", "resnet10t",
+               "--init-weights", str(tmp_path / "r18.pt"), "--storage", str(tmp_path / "runs")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "sslray pretrain: error: model.init_weights:" in err and "r18.pt does not fit backbone" in err
+    assert ray.is_initialized() == was_up and not (tmp_path / "runs").exists()
