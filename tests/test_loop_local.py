@@ -72,11 +72,16 @@ def test_simclr_multicrop_runs_the_loop_on_real_cifar(cifar_small, monkeypatch):
 
 
 def test_a_run_starts_from_an_exported_backbone(cifar_small, tmp_path, capsys):
-    """model.init_weights on real CIFAR-10: a second run starts from the first run's exported
-    backbone (with lr 0 its weights stay exactly there), and a resumed run is not re-initialised."""
+    """model.init_weights on real CIFAR-10: a run starts from an exported backbone (with lr 0 its
+    weights stay exactly there), and a resumed run is not re-initialised."""
     from sslray.export import export_backbone, load_backbone
+    from sslray.raytrain.methods import create_method
 
-    run_local(_cfg(cifar_small, "train.epochs=1", "train.max_steps_per_epoch=2", "data.val="), str(tmp_path / "a"))
+    src = _cfg(cifar_small)
+    torch.manual_seed(99)  # not the run's own seeded init
+    (tmp_path / "a" / "epoch_0001").mkdir(parents=True)
+    torch.save({"config": src.to_dict(), "model": create_method(src).state_dict(), "epoch": 1, "step": 1},
+               tmp_path / "a" / "epoch_0001" / "state.pt")
     exp = export_backbone(tmp_path / "a", tmp_path / "exp")
     cfg = _cfg(cifar_small, "train.epochs=1", "train.max_steps_per_epoch=2", "data.val=", f"model.init_weights={exp}",
                "optim.base_lr=0", "optim.weight_decay=0", "train.online_probe=false")
