@@ -168,9 +168,14 @@ def export_after_training(checkpoint: Optional[str], tracker, log=print) -> Opti
         log(f"sslray: backbone not exported ({checkpoint or 'no checkpoint'} is not a local path); "
             f"run `sslray export CHECKPOINT OUT` on a copy")
         return None
-    out = export_backbone(checkpoint, Path(checkpoint).parent / "backbone", force=True)
-    for name in (WEIGHTS, META):
-        tracker.log_artifact(out / name, "backbone")
+    try:
+        out = export_backbone(checkpoint, Path(checkpoint).parent / "backbone", force=True)
+        for name in (WEIGHTS, META):
+            tracker.log_artifact(out / name, "backbone")
+    except Exception as e:  # noqa: BLE001 - the run is trained and checkpointed; its probe still runs
+        log(f"sslray: warning: backbone export failed ({type(e).__name__}: {e}); the checkpoint {checkpoint} "
+            f"is intact: `sslray export` it by hand")
+        return None
     log(f"sslray: backbone exported to {out} and the MLflow run's backbone/ "
         f"(load: sslray.export.load_backbone({str(out)!r}))")
     return out
@@ -185,19 +190,19 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Path
         p = p / WEIGHTS
     if not p.exists():
         raise FileNotFoundError(f"model.init_weights: {p} not found")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        sd = load_file(str(p))
-    else:
-        try:
+            sd = load_file(str(p))
+        else:
             sd = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - name the file, whatever torch.load found wrong in it
-            raise ValueError(f"model.init_weights: {p} is not a weights file torch can read "
-                             f"({type(e).__name__}: {e})") from None
-        for key in ("state_dict", "model"):
-            if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-                sd = sd[key]
+    except Exception as e:  # noqa: BLE001 - name the file, whatever the reader found wrong in it
+        raise ValueError(f"model.init_weights: {p} is not a weights file sslray can read "
+                         f"({type(e).__name__}: {e})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"model.init_weights: {p} holds no state_dict of tensors")
     if sd and all(k.startswith("backbone.") for k in sd):

@@ -164,6 +164,9 @@ def test_init_weights_take_a_classifier_checkpoint_and_name_what_does_not_fit(tm
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"junk\.pt is not a weights file"):
         init_backbone(plain, tmp_path / "junk.pt")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    with pytest.raises(ValueError, match=r"junk\.safetensors is not a weights file"):
+        init_backbone(plain, tmp_path / "junk.safetensors")
     with pytest.raises(FileNotFoundError, match=r"model.init_weights: .*nowhere"):
         init_backbone(plain, tmp_path / "nowhere")
 
@@ -197,3 +200,27 @@ def test_every_method_exports_a_backbone_that_rebuilds(name, tmp_path):
     loaded, meta = load_backbone(export_backbone(tmp_path / "run", tmp_path / "exp"))
     assert meta["method"] == name and meta["num_features"] == model.backbone.num_features
     _same_features(loaded, model.backbone, cfg.views.crop_size)
+
+
+def test_export_after_training_logs_both_files_and_never_fails_the_run(tmp_path):
+    from sslray.export import export_after_training
+
+    class Tracker:
+        def __init__(self):
+            self.logged = []
+
+        def log_artifact(self, path, subdir=None):
+            self.logged.append((path.name, subdir))
+
+    _, ckpt = _checkpoint(tmp_path, "simclr_cifar10", SMALL)
+    lines, t = [], Tracker()
+    out = export_after_training(str(ckpt), t, log=lines.append)
+    assert out == ckpt.parent / "backbone" and t.logged == [(WEIGHTS, "backbone"), (META, "backbone")]
+    assert load_backbone(out)[1]["epoch"] == 3 and "backbone exported to" in lines[-1]
+    assert export_after_training(str(ckpt), t, log=lines.append) == out  # a resumed run's later export replaces it
+
+    (ckpt / "state.pt").write_bytes(b"damaged")
+    assert export_after_training(str(ckpt), Tracker(), log=lines.append) is None
+    assert "warning: backbone export failed" in lines[-1] and "sslray export" in lines[-1]
+    assert export_after_training("s3://bucket/run/epoch_0003", Tracker(), log=lines.append) is None
+    assert "not a local path" in lines[-1]
