@@ -226,6 +226,12 @@ def test_asha_sweep_stops_trials_logs_mlflow_and_exports_a_recipe(ray_cluster, c
     assert rc == 0
     out = capsys.readouterr().out
     assert "best trial" in out and "best.yaml" in out
+    # The summary says where the best trial's checkpoints are, and that folder exports its backbone.
+    from sslray.export import export_backbone, load_backbone
+
+    ckpts = next(ln.split(": ", 1)[1] for ln in out.splitlines() if ln.strip().startswith("its checkpoints:"))
+    assert f"sslray export {ckpts} best-backbone/" in out
+    assert load_backbone(export_backbone(ckpts, tmp_path / "best-backbone"))[1]["method"] == "simclr"
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("tune")

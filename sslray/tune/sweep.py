@@ -294,6 +294,15 @@ def print_summary(res: SweepResult, spec_metric: str) -> None:
             print(f"  {k}: {v}")
         if res.best_config is not None:
             print(f"  (effective lr {effective_lr(res.best_config):.4g} at batch {res.best_config.data.batch_size})")
+        ckpts = best_trial_dir(res)
+        print(f"  its checkpoints: {ckpts}\n  its backbone: sslray export {ckpts} best-backbone/")
+
+
+def best_trial_dir(res: SweepResult) -> str:
+    """Where the best trial's Ray Train run keeps its checkpoints (``sslray export`` takes the folder)."""
+    from .trial import TRAIN_DIR, trial_train_name
+
+    return f"{res.sweep_dir.rstrip('/')}/{TRAIN_DIR}/{trial_train_name(res.best['trial_id'])}"
 
 
 def _fmt(v: Any) -> str:
