@@ -97,9 +97,11 @@ def cmd_convert(a) -> int:
 def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val_subset: int = 0,
                  restart: bool = False, eval_protocols: Optional[str] = None):
     from .raytrain.evaluate import format_table, log_probe, probe_checkpoint
-    from .raytrain.trainer import pretrain
+    from .raytrain.trainer import pretrain, resumes
 
-    if cfg.model.init_weights:  # a file that does not fit this backbone fails here, not in every worker
+    # A file that does not fit this backbone fails here, not in every worker. A run that resumes
+    # takes its weights from its checkpoint, so it needs the file no more.
+    if cfg.model.init_weights and not resumes(cfg, restart):
         from .export import init_backbone
         from .raytrain.methods import create_method
 

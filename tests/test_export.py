@@ -224,3 +224,28 @@ def test_export_after_training_logs_both_files_and_never_fails_the_run(tmp_path)
     assert "warning: backbone export failed" in lines[-1] and "sslray export" in lines[-1]
     assert export_after_training("s3://bucket/run/epoch_0003", Tracker(), log=lines.append) is None
     assert "not a local path" in lines[-1]
+
+
+def test_a_resumed_run_no_longer_needs_its_init_file(tmp_path, monkeypatch):
+    """`sslray pretrain` checks --init-weights before a fresh run, naming a missing file; a run that
+    resumes (its run file is in storage) takes its weights from its checkpoint and starts without it."""
+    from sslray import cli, tracking
+    from sslray.raytrain import trainer
+
+    cfg = load_config("smoke", {"model.init_weights": str(tmp_path / "gone.pt"), "ray.name": "r",
+                                "ray.storage": str(tmp_path / "runs"), "train.export_backbone": False})
+    started = []
+    monkeypatch.setattr(trainer, "pretrain", lambda c, restart=False: started.append(restart) or
+                        trainer.PretrainResult("id", "uri", None, {}, "r", str(tmp_path / "runs")))
+    monkeypatch.setattr(tracking, "Tracker", lambda *a, **k: type("T", (), {"end": lambda self: None})())
+    with pytest.raises(FileNotFoundError, match=r"model.init_weights: .*gone\.pt not found"):
+        cli.run_pretrain(cfg, probe=False)
+    assert started == []
+
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    trainer._write_run_file(str(tmp_path / "runs" / "r"), {"run_id": "x", "tracking_uri": "sqlite:///m.db"})
+    assert trainer.resumes(cfg) and not trainer.resumes(cfg, restart=True)
+    cli.run_pretrain(cfg, probe=False)
+    assert started == [False]
+    with pytest.raises(FileNotFoundError, match=r"gone\.pt"):  # --restart starts over: the file is needed again
+        cli.run_pretrain(cfg, probe=False, restart=True)

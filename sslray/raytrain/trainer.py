@@ -195,6 +195,18 @@ def ensure_ray(address: Optional[str] = None) -> None:
     ray.init(address=target, log_to_driver=True, configure_logging=False)
 
 
+def run_location(cfg: Config) -> tuple[str, str, str]:
+    """``(name, storage, run_dir)`` of the run ``cfg`` describes (a local storage made absolute)."""
+    name = cfg.ray.name or run_name(cfg)
+    storage = cfg.ray.storage if "://" in cfg.ray.storage else str(Path(cfg.ray.storage).resolve())
+    return name, storage, f"{storage.rstrip('/')}/{name}"
+
+
+def resumes(cfg: Config, restart: bool = False) -> bool:
+    """Whether ``pretrain(cfg)`` continues an earlier run of the same name and storage."""
+    return not restart and bool(cfg.ray.name) and _read_run_file(run_location(cfg)[2]) is not None
+
+
 def pretrain(cfg: Config, tracker: Optional[Tracker] = None, restart: bool = False) -> PretrainResult:
     """Fit ``cfg`` with Ray Train; log params, config, per-epoch metrics and curves to MLflow.
 
@@ -209,9 +221,7 @@ def pretrain(cfg: Config, tracker: Optional[Tracker] = None, restart: bool = Fal
     from .session import PICTURES_DIR
     from .methods import METHODS
 
-    name = cfg.ray.name or run_name(cfg)
-    storage = cfg.ray.storage if "://" in cfg.ray.storage else str(Path(cfg.ray.storage).resolve())
-    run_dir = f"{storage.rstrip('/')}/{name}"
+    name, storage, run_dir = run_location(cfg)
     if restart and (old := move_aside(run_dir)):
         print(f"sslray: --restart: the previous run was moved to {old}")
     check_storage(storage, name)  # fail before Ray, data or models are touched
