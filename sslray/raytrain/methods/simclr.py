@@ -27,17 +27,12 @@ class SimCLR(nn.Module):
     def forward(self, views: list[torch.Tensor]) -> dict:
         if len(views) < 2:
             raise ValueError(f"SimCLR takes 2 views (or 2 global crops and local crops), got {len(views)}")
-        if len(views) == 2:
-            n = views[0].shape[0]
-            # One backbone pass over both views keeps BN statistics over 2N images, as in the paper.
-            z = self.projector(self.backbone(torch.cat(views, 0)))
-            z1, z2 = z[:n], z[n:]
-            # Negatives come from every rank; each rank computes the global loss on the gathered
-            # embeddings and gather_with_grad routes the gradients back (see distributed.py).
-            return {"loss": nt_xent_loss(gather_with_grad(z1), gather_with_grad(z2), self.temperature)}
-        # Multi-crop: one pass per crop size (the global pair together, the local crops together).
-        zs = encode_crops(lambda x: self.projector(self.backbone(x)), views)
-        return {"loss": multiview_nt_xent_loss([gather_with_grad(z) for z in zs], self.temperature)}
+        # One backbone pass per crop size: the two views together (BN statistics over 2N images, as in
+        # the paper), any local crops together. Negatives come from every rank; each rank computes the
+        # global loss on the gathered embeddings and gather_with_grad routes the gradients back.
+        zs = [gather_with_grad(z) for z in encode_crops(lambda x: self.projector(self.backbone(x)), views)]
+        loss = nt_xent_loss(*zs, self.temperature) if len(zs) == 2 else multiview_nt_xent_loss(zs, self.temperature)
+        return {"loss": loss}
 
 
 @register_method("simclr")
