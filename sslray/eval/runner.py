@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ..raytrain.evaluate import find_state
+from ..storage import RUN_FILE
 from .features import FeatureStore
 from .protocols import PROTOCOLS, EvalContext, ProtocolResult, parse_protocols
-
-RUN_FILE = "sslray_run.json"  # written by sslray.raytrain.trainer beside a run's checkpoints
 
 
 @dataclass

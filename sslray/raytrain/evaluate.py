@@ -11,6 +11,7 @@ import torch
 from ..config import Config, from_dict
 from ..datasets.loader import dataset_info, make_loader, subset_indices
 from ..datasets.views import eval_transform
+from ..storage import fetch_checkpoint, is_remote
 from .knn import extract_features, knn_accuracy
 from .loop import seed_everything
 from .methods import create_method
@@ -19,7 +20,10 @@ from .session import STATE_FILE, pick_device
 
 
 def find_state(checkpoint: str | os.PathLike) -> Path:
-    """Accept a state.pt, a checkpoint folder, or a run folder (newest checkpoint inside)."""
+    """Accept a state.pt, a checkpoint folder, or a run folder (newest checkpoint inside); local or a
+    URI such as ``s3://bucket/runs/name`` (that checkpoint is copied into the local cache first)."""
+    if is_remote(checkpoint):
+        return fetch_checkpoint(str(checkpoint), STATE_FILE)
     p = Path(checkpoint)
     if p.is_file():
         return p

@@ -43,9 +43,9 @@ PICTURES_DIR = "pictures"  # beside the checkpoints: PNGs rank 0 draws, logged t
 def write_picture(folder: str, name: str, png: bytes) -> str:
     """Write ``folder/name`` (a local folder or a pyarrow URI such as s3://...) under a temporary name
     first, so the driver never logs half a file."""
-    import pyarrow.fs as pafs
+    from ..storage import filesystem
 
-    fs, path = pafs.FileSystem.from_uri(folder if "://" in folder else str(Path(folder).resolve()))
+    fs, path = filesystem(folder)
     fs.create_dir(path, recursive=True)
     target, tmp = f"{path}/{name}", f"{path}/.{name}.tmp"
     with fs.open_output_stream(tmp) as f:

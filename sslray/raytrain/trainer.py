@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 from ..config import Config, dump_yaml, flatten
 from ..rayhead import local_head, stale_message
+from ..storage import RUN_FILE, checkpoint_uri, filesystem
 from ..tracking import Tracker, numeric, resolve_uri
 
 try:  # Ray Train V2 driver callbacks run in the train controller, never on the workers.
@@ -26,8 +27,9 @@ class MLflowReportCallback(_UserCallback):
     It runs in the Train controller (one process), so sqlite sees a single writer.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str, pictures_dir: Optional[str] = None):
+    def __init__(self, tracking_uri: str, run_id: str, pictures_dir: Optional[str] = None, storage: str = ""):
         self.tracking_uri = tracking_uri
+        self.storage = storage
         self.run_id = run_id
         self.pictures_dir = pictures_dir
         self._tracker: Optional[Tracker] = None
@@ -50,7 +52,7 @@ class MLflowReportCallback(_UserCallback):
             self._tracker.log_metrics(numeric(m), step=int(m.get("epoch", 0)))
             self._tracker.set_tags(health_tags(m))
         if checkpoint is not None:
-            self._tracker.set_tags({"sslray.last_checkpoint": checkpoint.path})
+            self._tracker.set_tags({"sslray.last_checkpoint": checkpoint_uri(checkpoint, self.storage)})
         if self.pictures_dir:
             log_pictures(self._tracker, self.pictures_dir, self._pictures)
 
@@ -79,7 +81,7 @@ def log_pictures(tracker: Tracker, folder: str, seen: dict[str, int]) -> list[st
 
     import pyarrow.fs as pafs
 
-    fs, path = pafs.FileSystem.from_uri(folder if "://" in folder else str(Path(folder).resolve()))
+    fs, path = filesystem(folder)
     infos = [i for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
              if i.type == pafs.FileType.File and i.base_name.endswith(".png") and not i.base_name.startswith(".")]
     new = [i for i in infos if seen.get(i.base_name) != i.size]
@@ -111,7 +113,6 @@ def run_name(cfg: Config) -> str:
     return cfg.tracking.run_name or f"{cfg.method.name}-{cfg.model.backbone}-{data}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-RUN_FILE = "sslray_run.json"  # beside Ray's checkpoints: which MLflow run this training run writes to
 
 
 class StorageError(RuntimeError):
@@ -120,11 +121,9 @@ class StorageError(RuntimeError):
 
 def check_storage(storage: str, name: str) -> str:
     """Create ``storage/name`` and prove it is writable; returns the run folder URI/path."""
-    import pyarrow.fs as pafs
-
     target = f"{storage.rstrip('/')}/{name}"
     try:
-        fs, path = pafs.FileSystem.from_uri(target if "://" in target else str(Path(target).resolve()))
+        fs, path = filesystem(target)
         fs.create_dir(path, recursive=True)
         probe = f"{path}/.sslray-write-probe"
         with fs.open_output_stream(probe) as f:
@@ -139,9 +138,7 @@ def check_storage(storage: str, name: str) -> str:
 def _read_run_file(run_dir: str) -> Optional[dict]:
     import json
 
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(run_dir if "://" in run_dir else str(Path(run_dir).resolve()))
+    fs, path = filesystem(run_dir)
     try:
         with fs.open_input_stream(f"{path}/{RUN_FILE}") as f:
             return json.loads(f.read().decode())
@@ -152,9 +149,7 @@ def _read_run_file(run_dir: str) -> Optional[dict]:
 def _write_run_file(run_dir: str, info: dict) -> None:
     import json
 
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(run_dir if "://" in run_dir else str(Path(run_dir).resolve()))
+    fs, path = filesystem(run_dir)
     with fs.open_output_stream(f"{path}/{RUN_FILE}") as f:
         f.write(json.dumps(info).encode())
 
@@ -255,7 +250,7 @@ def pretrain(cfg: Config, tracker: Optional[Tracker] = None, restart: bool = Fal
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-            callbacks=[MLflowReportCallback(uri, tracker.run_id, f"{run_dir}/{PICTURES_DIR}")],
+            callbacks=[MLflowReportCallback(uri, tracker.run_id, f"{run_dir}/{PICTURES_DIR}", storage)],
         ),
     )
     t0 = time.time()
@@ -277,7 +272,7 @@ def pretrain(cfg: Config, tracker: Optional[Tracker] = None, restart: bool = Fal
     tracker.log_figure(fig, "curves.png")
     plots.close(fig)
     log_pictures(tracker, f"{run_dir}/{PICTURES_DIR}", {})  # whatever the last report's callback missed
-    ckpt = result.checkpoint.path if result.checkpoint is not None else None
+    ckpt = checkpoint_uri(result.checkpoint, storage)  # s3://... for object storage, not pyarrow's bare path
     if ckpt:
         tracker.set_tags({"sslray.checkpoint": ckpt})
     metrics = dict(result.metrics or {})

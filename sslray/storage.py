@@ -1,0 +1,157 @@
+"""Run storage that may be a local folder, a shared mount, or object storage (``s3://``, ``gs://``...).
+
+Ray Train writes checkpoints wherever ``--storage`` points, through pyarrow's filesystems. Everything
+that reads a checkpoint afterwards (the probe, ``sslray eval``, ``sslray export``, ``--init-weights``)
+wants a local file, so a remote one is copied once into a local cache that mirrors its path
+(``<cache>/<scheme>/<bucket>/<key>``) and is read from there. The mirror keeps the run folder's
+``sslray_run.json`` beside the checkpoint, so a copied checkpoint still finds its MLflow run.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Optional
+
+CACHE_ENV = "SSLRAY_CACHE_DIR"
+RUN_FILE = "sslray_run.json"  # beside Ray's checkpoints: which MLflow run this training run writes to
+CHUNK = 8 << 20
+
+
+def is_remote(location: str | os.PathLike) -> bool:
+    return "://" in str(location)
+
+
+def filesystem(location: str | os.PathLike):
+    """``(pyarrow filesystem, path)`` for a local path (made absolute) or a URI such as ``s3://b/k``."""
+    import pyarrow.fs as pafs
+
+    s = str(location)
+    return pafs.FileSystem.from_uri(s if is_remote(s) else str(Path(s).resolve()))
+
+
+def join(location: str, *parts: str) -> str:
+    return "/".join([str(location).rstrip("/"), *parts])
+
+
+def checkpoint_uri(checkpoint, storage: str) -> Optional[str]:
+    """The location of a Ray ``Checkpoint`` as the user gave the storage: pyarrow paths drop the scheme
+    (``bucket/runs/x``), so a remote one gets ``storage``'s scheme back (``s3://bucket/runs/x``)."""
+    if checkpoint is None:
+        return None
+    if is_remote(storage) and not is_remote(checkpoint.path):
+        return f"{storage.split('://', 1)[0]}://{checkpoint.path}"
+    return checkpoint.path
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sslray").expanduser() / "remote"
+
+
+def local_mirror(uri: str) -> Path:
+    scheme, rest = uri.split("://", 1)
+    return cache_root() / scheme / rest.strip("/")
+
+
+def remote_source(local: str | os.PathLike) -> Optional[str]:
+    """The URI a file in the local mirror was copied from, or None for any other path."""
+    root, p = cache_root().resolve(), Path(local).resolve()
+    if root not in p.parents:
+        return None
+    scheme, *rest = p.relative_to(root).parts
+    return f"{scheme}://{'/'.join(rest)}"
+
+
+def _download(fs, path: str, size: int, dest: Path, label: str) -> None:
+    """One file, unless the mirror already holds it at the same size; written under a unique temporary
+    name and renamed, so workers of one node that fetch the same file at once never see half of it."""
+    from tqdm import tqdm
+
+    if dest.is_file() and dest.stat().st_size == size:
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
+    try:
+        with fs.open_input_stream(path) as src, open(tmp, "wb") as out, \
+                tqdm(total=size, unit="B", unit_scale=True, desc=f"sslray: fetching {label}", leave=False,
+                     disable=size < 64 * CHUNK) as bar:
+            while chunk := src.read(CHUNK):
+                out.write(chunk)
+                bar.update(len(chunk))
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def fetch(uri: str) -> Path:
+    """A local copy of a remote file, or of every file under a remote folder; a local path is returned
+    as it is. Raises FileNotFoundError naming ``uri`` when nothing is there."""
+    if not is_remote(uri):
+        return Path(uri)
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    dest = local_mirror(uri)
+    if info.type == pafs.FileType.File:
+        _download(fs, path, info.size, dest, uri)
+        return dest
+    if info.type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"{uri} not found")
+    for f in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        if f.type == pafs.FileType.File:
+            _download(fs, f.path, f.size, dest / Path(f.path).relative_to(path), f"{uri}/{Path(f.path).name}")
+    return dest
+
+
+def newest_file(uri: str, name: str) -> str:
+    """``uri`` itself if it is the file ``name``; ``uri/name`` if that exists; else the newest ``name``
+    below ``uri`` (ordered by its folder's name, then time, as checkpoints ``epoch_0002`` sort)."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri)
+    scheme = uri.split("://", 1)[0] + "://"
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return uri
+    if info.type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"{uri} not found")
+    if fs.get_file_info(f"{path.rstrip('/')}/{name}").type == pafs.FileType.File:
+        return join(uri, name)
+    found = [f for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+             if f.type == pafs.FileType.File and f.base_name == name]
+    if not found:
+        raise FileNotFoundError(f"no checkpoint ({name}) under {uri}")
+    best = max(found, key=lambda f: (Path(f.path).parent.name, f.mtime_ns or 0))
+    return scheme + best.path
+
+
+def fetch_checkpoint(uri: str, state_file: str) -> Path:
+    """The local copy of the newest checkpoint at or under ``uri`` (its whole folder), with the run
+    folder's ``sslray_run.json`` beside it when there is one. Returns the local ``state_file``."""
+    state = newest_file(uri, state_file)
+    folder = state.rsplit("/", 1)[0]
+    local = fetch(folder) / state_file
+    run_file = join(folder.rsplit("/", 1)[0], RUN_FILE)
+    try:
+        fetch(run_file)
+    except FileNotFoundError:
+        pass  # a checkpoint copied by hand outside a run folder: the probe then has no run to log to
+    return local
+
+
+def upload(local: str | os.PathLike, uri: str) -> str:
+    """Copy a local file to ``uri`` (any pyarrow location), under a temporary name first."""
+    fs, path = filesystem(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.part"
+    with open(local, "rb") as src, fs.open_output_stream(tmp) as out:
+        while chunk := src.read(CHUNK):
+            out.write(chunk)
+    fs.move(tmp, path)
+    return uri
+
+
+__all__ = ["RUN_FILE", "cache_root", "checkpoint_uri", "fetch", "fetch_checkpoint", "filesystem", "is_remote", "join",
+           "local_mirror", "newest_file", "remote_source", "upload"]
