@@ -79,6 +79,7 @@ def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike, which
     from . import __version__
     from .datasets.views import eval_transform
     from .raytrain.evaluate import find_state, load_checkpoint
+    from .storage import remote_source
 
     if which not in WHICH:
         raise ValueError(f"export: which must be one of {', '.join(WHICH)}, got {which!r}")
@@ -104,7 +105,7 @@ def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike, which
         "method": cfg.method.name,
         "epoch": int(state.get("epoch", 0)),
         "step": int(state.get("step", 0)),
-        "checkpoint": str(state_path.resolve()),
+        "checkpoint": remote_source(state_path) or str(state_path.resolve()),
         "versions": {"sslray": __version__, "torch": torch.__version__, "timm": _timm_version()},
     }
     weights = {k: v.detach().contiguous() for k, v in backbone.state_dict().items()}
@@ -137,11 +138,17 @@ def load_backbone(path: str | os.PathLike, device: str | torch.device = "cpu") -
     """An exported backbone folder (or its ``backbone.safetensors``) -> (module in eval mode, metadata).
 
     ``module(x)`` gives pooled features of width ``meta["num_features"]`` for ``x`` normalised with
-    ``meta["mean"]`` / ``meta["std"]`` at ``meta["input_size"]`` px.
+    ``meta["mean"]`` / ``meta["std"]`` at ``meta["input_size"]`` px. A URI (``s3://.../backbone``)
+    is copied into the local cache first.
     """
     from safetensors.torch import load_file
 
+    from .storage import fetch, is_remote
+
     p = Path(path)
+    if is_remote(path):
+        uri = str(path).rstrip("/")
+        p = fetch(uri.rsplit("/", 1)[0] if uri.endswith((WEIGHTS, META)) else uri)
     folder = p if p.is_dir() else p.parent
     meta_path, weights_path = folder / META, (p if p.is_file() else folder / WEIGHTS)
     for f in (meta_path, weights_path):
@@ -160,32 +167,45 @@ def load_backbone(path: str | os.PathLike, device: str | torch.device = "cpu") -
     return model.to(device).eval(), meta
 
 
-def export_after_training(checkpoint: Optional[str], tracker, log=print) -> Optional[Path]:
+def export_after_training(checkpoint: Optional[str], tracker, log=print) -> Optional[str]:
     """``sslray pretrain``'s last step: the final backbone into ``<run>/backbone/`` beside the
-    checkpoints, and the same two files to the MLflow run under ``backbone/``. A checkpoint that is
-    not on a local path (object storage) is left for ``sslray export`` after a download."""
-    if not checkpoint or not Path(checkpoint).exists():
-        log(f"sslray: backbone not exported ({checkpoint or 'no checkpoint'} is not a local path); "
-            f"run `sslray export CHECKPOINT OUT` on a copy")
+    checkpoints (on the run's storage, local or ``s3://``...), and the same two files to the MLflow
+    run under ``backbone/``. Returns where it went, or None (the run is never failed by this)."""
+    from .storage import is_remote, join, local_mirror, upload
+
+    if not checkpoint:
+        log("sslray: backbone not exported (the run reported no checkpoint)")
         return None
     try:
-        out = export_backbone(checkpoint, Path(checkpoint).parent / "backbone", force=True)
+        if is_remote(checkpoint):  # export from the local copy of the checkpoint, then upload beside it
+            dest = join(checkpoint.rstrip("/").rsplit("/", 1)[0], "backbone")
+            out = export_backbone(checkpoint, local_mirror(dest), force=True)
+            for name in (WEIGHTS, META):
+                upload(out / name, join(dest, name))
+        else:
+            out = export_backbone(checkpoint, Path(checkpoint).parent / "backbone", force=True)
+            dest = str(out)
         for name in (WEIGHTS, META):
             tracker.log_artifact(out / name, "backbone")
     except Exception as e:  # noqa: BLE001 - the run is trained and checkpointed; its probe still runs
         log(f"sslray: warning: backbone export failed ({type(e).__name__}: {e}); the checkpoint {checkpoint} "
             f"is intact: `sslray export` it by hand")
         return None
-    log(f"sslray: backbone exported to {out} and the MLflow run's backbone/ "
-        f"(load: sslray.export.load_backbone({str(out)!r}))")
-    return out
+    log(f"sslray: backbone exported to {dest} and the MLflow run's backbone/ "
+        f"(load: sslray.export.load_backbone({dest!r}))")
+    return dest
 
 
 def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Path]:
     """A backbone ``state_dict`` from an export folder, a ``.safetensors`` file, or a ``.pt``/``.pth``
     file holding a state_dict (timm's names; a ``state_dict``/``model`` entry or a ``backbone.``
     prefix, as other tools save them, is unwrapped)."""
-    p = Path(path)
+    from .storage import fetch
+
+    try:
+        p = fetch(str(path))  # a URI (s3://...) is copied into the local cache first
+    except FileNotFoundError:
+        raise FileNotFoundError(f"model.init_weights: {path} not found") from None
     if p.is_dir():
         p = p / WEIGHTS
     if not p.exists():

@@ -84,15 +84,64 @@ def poison_loss(monkeypatch):
     return arm
 
 
+class S3:
+    """A local S3 endpoint (moto's server) with the AWS_* variables that point pyarrow, and so Ray Train's
+    storage and sslray's, at it; ``bucket(name)`` makes a bucket and returns ``s3://name``."""
+
+    ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+           "AWS_EC2_METADATA_DISABLED")
+
+    def __init__(self):
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        host, port = self.server.get_host_and_port()
+        self.endpoint = f"http://{host}:{port}"
+        self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "sslray-test",
+                    "AWS_SECRET_ACCESS_KEY": "sslray-test", "AWS_DEFAULT_REGION": "us-east-1",
+                    "AWS_EC2_METADATA_DISABLED": "true"}
+        self.saved = {k: os.environ.get(k) for k in self.ENV}
+        os.environ.update(self.env)
+
+    def bucket(self, name: str) -> str:
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.endpoint).create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    def stop(self) -> None:
+        self.server.stop()
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray instance for the whole session (starting Ray costs ~10 s each time)."""
+def s3_server():
+    """One local S3 for the session (started before the Ray cluster, whose workers inherit its env)."""
+    pytest.importorskip("moto.server", reason="the S3 tests need moto[server] (the dev extra)")
+    server = S3()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(request):
+    """One local Ray instance for the whole session (starting Ray costs ~10 s each time). Its workers
+    get the session's local S3 endpoint too, so runs can use ``--storage s3://...``."""
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    try:
+        s3_env = request.getfixturevalue("s3_server").env
+    except pytest.skip.Exception:  # no moto: every Ray test but the S3 one still runs
+        s3_env = {}
     if not ray.is_initialized():
         # Workers unpickle test-module functions: put tests/ and the repo on their path.
         path = os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")])
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True, configure_logging=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": path}})
+                 runtime_env={"env_vars": {"PYTHONPATH": path, **s3_env}})
     yield ray
     ray.shutdown()

@@ -1,0 +1,167 @@
+"""Runs whose storage is object storage (``--storage s3://...``), against a local S3 (moto's server):
+everything that reads a checkpoint after training (probe, eval, export, load, --init-weights) takes
+an ``s3://`` location, copies only the checkpoint it needs into the local cache once, and the export
+at the end of ``sslray pretrain`` lands beside the checkpoints on S3. The Ray test trains on S3,
+probes, exports and then resumes from the S3 checkpoint in a second invocation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sslray import storage
+from sslray.cli import main
+from sslray.export import META, WEIGHTS, export_after_training, export_backbone, load_backbone, read_weights
+from sslray.raytrain.evaluate import find_state, load_checkpoint
+
+from test_export import SMALL, _checkpoint, _same_features
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _put(uri: str, data: bytes) -> None:
+    fs, path = storage.filesystem(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def _upload_tree(local: Path, uri: str) -> None:
+    for f in sorted(p for p in local.rglob("*") if p.is_file()):
+        storage.upload(f, storage.join(uri, *f.relative_to(local).parts))
+
+
+def test_the_newest_checkpoint_is_fetched_once_with_its_run_file(s3_server, cache):
+    run = s3_server.bucket("fetch") + "/runs/r1"
+    _put(f"{run}/epoch_0001/state.pt", b"old" * 10)
+    _put(f"{run}/epoch_0002/state.pt", b"new" * 20)
+    _put(f"{run}/epoch_0002/extra.bin", b"x")
+    _put(f"{run}/sslray_run.json", json.dumps({"run_id": "abc", "tracking_uri": "sqlite:///m.db"}).encode())
+
+    local = find_state(run)  # a run folder: its newest checkpoint
+    assert local == cache / "remote" / "s3" / "fetch" / "runs" / "r1" / "epoch_0002" / "state.pt"
+    assert local.read_bytes() == b"new" * 20 and (local.parent / "extra.bin").read_bytes() == b"x"
+    assert not (local.parent.parent / "epoch_0001").exists()  # only the checkpoint it needs
+    assert json.loads((local.parent.parent / "sslray_run.json").read_text())["run_id"] == "abc"
+    assert storage.remote_source(local) == f"{run}/epoch_0002/state.pt"
+    assert storage.remote_source(Path("/elsewhere/state.pt")) is None
+
+    from sslray.eval.runner import find_run
+
+    assert find_run(run)["run_id"] == "abc"  # `sslray eval` still logs to the pretraining run
+
+    stamp = local.stat().st_mtime_ns
+    assert find_state(f"{run}/epoch_0002") == local and local.stat().st_mtime_ns == stamp  # not fetched again
+    _put(f"{run}/epoch_0002/state.pt", b"changed" * 30)  # a rewritten checkpoint is fetched again
+    assert find_state(f"{run}/epoch_0002/state.pt").read_bytes() == b"changed" * 30
+    assert not list(cache.rglob("*.part"))  # no temporary file left behind
+
+
+def test_missing_locations_are_named(s3_server, cache):
+    root = s3_server.bucket("missing")
+    with pytest.raises(FileNotFoundError, match=f"{root}/nothing/here not found"):
+        find_state(f"{root}/nothing/here")
+    _put(f"{root}/run/notes.txt", b"no checkpoint")
+    with pytest.raises(FileNotFoundError, match=rf"no checkpoint \(state.pt\) under {root}/run"):
+        find_state(f"{root}/run")
+    with pytest.raises(FileNotFoundError, match=f"model.init_weights: {root}/gone not found"):
+        read_weights(f"{root}/gone")
+
+
+def test_checkpoint_uri_gives_back_the_scheme_pyarrow_drops():
+    class Ckpt:
+        path = "bucket/runs/x/epoch_0002"
+
+    assert storage.checkpoint_uri(Ckpt(), "s3://bucket/runs") == "s3://bucket/runs/x/epoch_0002"
+    assert storage.checkpoint_uri(Ckpt(), "gs://bucket/runs") == "gs://bucket/runs/x/epoch_0002"
+    Ckpt.path = "/abs/runs/x/epoch_0002"
+    assert storage.checkpoint_uri(Ckpt(), "/abs/runs") == "/abs/runs/x/epoch_0002"
+    assert storage.checkpoint_uri(None, "s3://bucket") is None
+
+
+def test_export_load_and_init_weights_from_s3(s3_server, cache, tmp_path, capsys):
+    over = {**SMALL, "model.backbone": "resnet18", "model.cifar_stem": True}
+    model, ckpt = _checkpoint(tmp_path / "local", "simclr_cifar10", over, epoch=2)
+    run = s3_server.bucket("export") + "/runs/r1"
+    _upload_tree(ckpt.parent, run)
+
+    assert main(["export", run, str(tmp_path / "out")]) == 0  # the CLI takes the run's URI
+    assert "sslray export: simclr student backbone resnet18 (epoch 2" in capsys.readouterr().out
+    loaded, meta = load_backbone(tmp_path / "out")
+    _same_features(loaded, model.backbone)
+    assert meta["checkpoint"] == f"{run}/epoch_0002/state.pt"  # where it came from, not the cache
+
+    class Tracker:
+        logged: list = []
+
+        def log_artifact(self, path, subdir=None):
+            self.logged.append((Path(path).name, subdir))
+
+    lines = []
+    assert export_after_training(f"{run}/epoch_0002", Tracker(), log=lines.append) == f"{run}/backbone"
+    assert Tracker.logged == [(WEIGHTS, "backbone"), (META, "backbone")]
+    assert f"backbone exported to {run}/backbone" in lines[-1]
+    fs, path = storage.filesystem(f"{run}/backbone")
+    import pyarrow.fs as pafs
+
+    assert sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path))) == sorted([WEIGHTS, META])
+    assert not [i for i in fs.get_file_info(pafs.FileSelector(path)) if ".part" in i.base_name]
+
+    # ... and loads straight from S3, as a folder or as its weights file; --init-weights takes it too.
+    _same_features(load_backbone(f"{run}/backbone")[0], model.backbone)
+    _same_features(load_backbone(f"{run}/backbone/{WEIGHTS}")[0], model.backbone)
+    sd, _ = read_weights(f"{run}/backbone")
+    torch.testing.assert_close(sd, model.backbone.state_dict(), rtol=0, atol=0)
+    cfg, reloaded, _ = load_checkpoint(run, torch.device("cpu"))
+    assert cfg.model.cifar_stem and reloaded.backbone.conv1.kernel_size == (3, 3)
+
+    # The local export from the same checkpoint is byte for byte the same weights.
+    export_backbone(ckpt, tmp_path / "local_out")
+    assert (tmp_path / "local_out" / WEIGHTS).read_bytes() == (tmp_path / "out" / WEIGHTS).read_bytes()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_pretrain_on_s3_probes_exports_and_resumes(ray_cluster, s3_server, cifar_small, cache, tmp_path, monkeypatch,
+                                                   capsys):
+    """`sslray pretrain --storage s3://...` with 2 Ray workers: the checkpoints, run file and pictures
+    land on S3 and the backbone export beside them; running the same name again with more epochs
+    continues from the S3 checkpoint into the same MLflow run, and its probe reads the S3 checkpoint."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    runs = s3_server.bucket("pretrain") + "/runs"
+    args = ["pretrain", "--recipe", "smoke", "--data", cifar_small["train"], "--val", cifar_small["test"],
+            "--workers", "2", "--experiment", "s3", "--name", "s3-run", "--storage", runs]
+    assert main([*args, "--epochs", "1", "--no-probe"]) == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint {runs}/s3-run/epoch_0001" in out
+    assert f"backbone exported to {runs}/s3-run/backbone" in out
+    assert not (tmp_path / "runs").exists()  # nothing went to the local default storage
+
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem(f"{runs}/s3-run")
+    names = {str(Path(i.path).relative_to(path)) for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))}
+    assert {"epoch_0001/state.pt", "sslray_run.json", "backbone/backbone.safetensors", "pictures/views.png"} <= names
+
+    assert main([*args, "--epochs", "2"]) == 0  # the same name again: resumes from S3
+    out = capsys.readouterr().out
+    assert "resuming run s3-run" in out and f"checkpoint {runs}/s3-run/epoch_0002" in out
+    assert "pretrained" in out and "random init" in out  # the probe read the S3 checkpoint
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("s3").experiment_id])
+    assert run.data.tags["sslray.checkpoint"] == f"{runs}/s3-run/epoch_0002"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+    assert "probe_linear_top1" in run.data.metrics
+    meta = json.loads(Path(client.download_artifacts(run.info.run_id, "backbone/backbone.json", str(tmp_path)))
+                      .read_text())
+    assert (meta["epoch"], meta["checkpoint"]) == (2, f"{runs}/s3-run/epoch_0002/state.pt")
