@@ -256,3 +256,33 @@ def test_patchify_layout():
 def test_bad_shapes_raise_clear_errors(call):
     with pytest.raises(ValueError, match=r"expected|must|need|outside|entries"):
         call()
+
+
+AUTOCAST_LOSSES = {
+    "nt_xent": lambda a, b: nt_xent_loss(a, b, 0.1),
+    "multiview_nt_xent": lambda a, b: multiview_nt_xent_loss([a, b, a.flip(0)], 0.1),
+    "infonce_queue": lambda a, b: infonce_loss(a, b, b.roll(7, 0), 0.2, in_batch_negatives=False),
+    "infonce_batch": lambda a, b: infonce_loss(a, b, None, 0.2),
+    "barlow_twins": barlow_twins_loss,
+    "vicreg": vicreg_loss,
+}
+
+
+@pytest.mark.parametrize("name", sorted(AUTOCAST_LOSSES))
+def test_losses_are_float32_inside_bf16_autocast(name):
+    """The step runs under bf16 autocast, which would round these losses' similarity/correlation
+    matmuls (and at T=0.1 NT-Xent's value itself) to bf16: inside autocast each loss must equal the
+    float32 loss of the same bf16 inputs, and still send gradients back to them."""
+    loss = AUTOCAST_LOSSES[name]
+    g = torch.Generator().manual_seed(3)
+    z1 = torch.randn(128, 64, generator=g)
+    z2 = z1 + 0.3 * torch.randn(128, 64, generator=g)
+    a, b = z1.bfloat16().requires_grad_(), z2.bfloat16().requires_grad_()
+    ref = loss(a.detach().float(), b.detach().float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = loss(a, b)
+        assert torch.is_autocast_enabled("cpu")  # the caller's autocast is back on afterwards
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
+    got.backward()
+    assert a.grad is not None and a.grad.dtype == torch.bfloat16 and a.grad.abs().sum() > 0

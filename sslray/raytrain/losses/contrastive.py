@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .precision import full_precision
+
 
 def _check_pair(z1: torch.Tensor, z2: torch.Tensor, name: str) -> None:
     if z1.ndim != 2 or z1.shape != z2.shape:
@@ -25,6 +27,7 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -
     return multiview_nt_xent_loss([z1, z2], temperature)
 
 
+@full_precision
 def multiview_nt_xent_loss(zs: Sequence[torch.Tensor], temperature: float = 0.5) -> torch.Tensor:
     """NT-Xent over V >= 2 views of the same N images (SimCLR with multi-crop, Caron et al. 2020,
     sec. 4; the multi-positive form of Khosla et al. 2020, eq. 2 "L_out", with the image as label).
@@ -52,6 +55,7 @@ def multiview_nt_xent_loss(zs: Sequence[torch.Tensor], temperature: float = 0.5)
     return -log_p.gather(1, pos).mean()
 
 
+@full_precision
 def infonce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None = None, temperature: float = 0.2,
                  offset: int = 0, in_batch_negatives: bool = True) -> torch.Tensor:
     """InfoNCE (MoCo, He et al. 2020, eq. 1; MoCo v3, Chen et al. 2021, alg. 1; NNCLR, Dwibedi et al. 2021, eq. 2).

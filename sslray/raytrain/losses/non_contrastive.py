@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .precision import full_precision
+
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor, name: str, min_n: int = 1) -> None:
     if a.ndim != 2 or a.shape != b.shape:
@@ -25,6 +27,7 @@ def _standardise(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + eps)
 
 
+@full_precision
 def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambda_: float = 5e-3) -> torch.Tensor:
     """Barlow Twins (Zbontar et al., ICML 2021, eq. 1): ``sum_i (1 - C_ii)^2 + lambda * sum_{i!=j} C_ij^2``
     with ``C`` the cross-correlation of the batch-standardised embeddings (N, D).
@@ -55,6 +58,7 @@ def variance_loss(z: torch.Tensor, gamma: float = 1.0, eps: float = 1e-4) -> tor
     return F.relu(gamma - std).mean()
 
 
+@full_precision
 def covariance_loss(z: torch.Tensor) -> torch.Tensor:
     """VICReg covariance term c(Z) (eq. 3): squared off-diagonal covariances summed, divided by D."""
     if z.ndim != 2 or z.shape[0] < 2:
