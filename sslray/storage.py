@@ -35,6 +35,35 @@ def join(location: str, *parts: str) -> str:
     return "/".join([str(location).rstrip("/"), *parts])
 
 
+def read_text(location: str) -> Optional[str]:
+    """The text of a small file (local or URI), or None if it is not there."""
+    fs, path = filesystem(location)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read().decode()
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def write_text(location: str, text: str) -> None:
+    """Write a small file (local or URI), creating its folder."""
+    fs, path = filesystem(location)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
+def list_files(location: str, pattern: str = "*") -> list[str]:
+    """Names of the files directly in a folder (local or URI) that match ``pattern``, sorted."""
+    import fnmatch
+
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(location)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.base_name, pattern))
+
+
 def checkpoint_uri(checkpoint, storage: str) -> Optional[str]:
     """The location of a Ray ``Checkpoint`` as the user gave the storage: pyarrow paths drop the scheme
     (``bucket/runs/x``), so a remote one gets ``storage``'s scheme back (``s3://bucket/runs/x``)."""
@@ -153,5 +182,5 @@ def upload(local: str | os.PathLike, uri: str) -> str:
     return uri
 
 
-__all__ = ["RUN_FILE", "cache_root", "checkpoint_uri", "fetch", "fetch_checkpoint", "filesystem", "is_remote", "join",
-           "local_mirror", "newest_file", "remote_source", "upload"]
+__all__ = ["RUN_FILE", "cache_root", "checkpoint_uri", "fetch", "fetch_checkpoint", "filesystem", "is_remote",
+           "join", "list_files", "local_mirror", "newest_file", "read_text", "remote_source", "upload", "write_text"]

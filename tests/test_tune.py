@@ -270,20 +270,27 @@ def test_asha_sweep_stops_trials_logs_mlflow_and_exports_a_recipe(ray_cluster, c
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_mae_mask_ratio_sweep(ray_cluster, cifar_small, tmp_path):
-    """The MAE default space searches the mask ratio; each trial's sampled ratio reaches its config."""
+def test_mae_mask_ratio_sweep_on_s3_storage(ray_cluster, s3_server, cifar_small, tmp_path, monkeypatch):
+    """The MAE default space searches the mask ratio; each trial's sampled ratio reaches its config.
+    The sweep keeps its state and checkpoints on object storage (a local S3): the trial states, the
+    resume file and the best trial's checkpoints are there, a rerun resumes from them, and the best
+    trial's backbone exports from its s3:// folder."""
     from mlflow.tracking import MlflowClient
 
-    from sslray.tune.sweep import make_spec, run_sweep
+    from sslray.export import export_backbone, load_backbone
+    from sslray.storage import CACHE_ENV, read_text
+    from sslray.tune.sweep import best_trial_dir, make_spec, run_sweep, saved_trial_statuses
 
     if "mae" not in METHODS:
         pytest.skip("mae is not registered")
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     cfg = load_config("smoke", [f"data.train={cifar_small['train']}", f"data.val={cifar_small['test']}", *TINY,
                                 "method.name=mae", "model.backbone=vit_tiny_patch16_224", "views.preset=mae",
                                 "optim.name=adamw", "optim.base_lr=1.5e-4", "optim.weight_decay=0.05",
                                 "method.params={patch_size: 8, decoder_dim: 32, decoder_depth: 1, decoder_heads: 2}"])
     space = {k: v for k, v in default_space(cfg).items() if k in ("optim.base_lr", "method.params.mask_ratio")}
-    spec = make_spec(cfg, space, name="mae", storage=str(tmp_path / "runs"), num_samples=2, scheduler="fifo",
+    storage = s3_server.bucket("tune") + "/sweeps"
+    spec = make_spec(cfg, space, name="mae", storage=storage, num_samples=2, scheduler="fifo",
                      max_epochs=1, grace_period=1)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     res = run_sweep(spec, tracking_uri=uri, experiment="mae", verbose=0)
@@ -293,6 +300,17 @@ def test_mae_mask_ratio_sweep(ray_cluster, cifar_small, tmp_path):
     children = _children(MlflowClient(uri), res.parent_run_id)
     assert sorted(float(c.data.params["method.params.mask_ratio"]) for c in children) == sorted(ratios)
     assert res.best_config.method.params["mask_ratio"] in ratios and res.best_config.method.params["patch_size"] == 8
+
+    assert not (tmp_path / "runs").exists() and read_text(f"{storage}/mae/sslray_sweep.json") is not None
+    assert sorted(saved_trial_statuses(f"{storage}/mae").values()) == ["TERMINATED", "TERMINATED"]
+    best = best_trial_dir(res)
+    assert best.startswith(f"{storage}/mae/")
+    _, meta = load_backbone(export_backbone(best, tmp_path / "best"))
+    assert meta["method"] == "mae" and meta["checkpoint"].startswith(best + "/")
+
+    again = run_sweep(spec, tracking_uri=uri, experiment="mae", verbose=0)  # the same name: resumes from S3
+    assert again.resumed and again.parent_run_id == res.parent_run_id
+    assert [r["config"] for r in again.rows] == [r["config"] for r in res.rows]
 
 
 @pytest.mark.ray

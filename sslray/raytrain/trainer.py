@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from ..config import Config, dump_yaml, flatten
 from ..rayhead import local_head, stale_message
-from ..storage import RUN_FILE, checkpoint_uri, filesystem
+from ..storage import RUN_FILE, checkpoint_uri, filesystem, join, read_text, write_text
 from ..tracking import Tracker, numeric, resolve_uri
 
 try:  # Ray Train V2 driver callbacks run in the train controller, never on the workers.
@@ -138,20 +138,14 @@ def check_storage(storage: str, name: str) -> str:
 def _read_run_file(run_dir: str) -> Optional[dict]:
     import json
 
-    fs, path = filesystem(run_dir)
-    try:
-        with fs.open_input_stream(f"{path}/{RUN_FILE}") as f:
-            return json.loads(f.read().decode())
-    except (FileNotFoundError, OSError):
-        return None
+    text = read_text(join(run_dir, RUN_FILE))
+    return json.loads(text) if text is not None else None
 
 
 def _write_run_file(run_dir: str, info: dict) -> None:
     import json
 
-    fs, path = filesystem(run_dir)
-    with fs.open_output_stream(f"{path}/{RUN_FILE}") as f:
-        f.write(json.dumps(info).encode())
+    write_text(join(run_dir, RUN_FILE), json.dumps(info))
 
 
 def move_aside(run_dir: str) -> Optional[str]:

@@ -36,7 +36,8 @@ def register(sub) -> None:
     t.add_argument("--max-concurrent", type=int, default=0, help="0: as many trials as the cluster fits")
     t.add_argument("--seed", type=int, default=0, help="seed of the search")
     t.add_argument("--name", required=True, help="sweep name; rerun with the same --name/--storage to resume")
-    t.add_argument("--storage", default="./runs", help="folder (local or shared) for trial state and checkpoints")
+    t.add_argument("--storage", default="./runs",
+                   help="trial state and checkpoints: a folder (local or shared), s3:// or gs://")
     t.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     t.add_argument("--experiment", default="sslray-tune", help="MLflow experiment")
     t.add_argument("--export", metavar="BEST.yaml", help="write the best trial's config as a recipe")

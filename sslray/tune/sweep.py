@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, ConfigError, dump_yaml, effective_lr, from_dict
+from ..storage import join, list_files, read_text, write_text
 from ..tracking import Tracker, resolve_uri
 from .space import Dist, describe, grid_size, to_param_space, trial_config
 from .trial import run_trial
@@ -168,18 +169,18 @@ class SweepResult:
 def saved_trial_statuses(sweep_dir: str) -> dict[str, str]:
     """Trial id -> status (PENDING, RUNNING, TERMINATED, ERROR) from the newest experiment state Tune
     saved in ``sweep_dir`` (what a resume starts from); {} while none is saved or it is mid-write."""
-    files = sorted(Path(sweep_dir).glob("experiment_state-*.json"))
+    files = list_files(sweep_dir, "experiment_state-*.json")
     if not files:
         return {}
     try:
-        data = json.loads(files[-1].read_text())
+        data = json.loads(read_text(join(sweep_dir, files[-1])) or "")
         return {s["trial_id"]: s["status"] for s in (json.loads(t[0]) for t in data["trial_data"])}
     except (OSError, ValueError, KeyError, TypeError):
         return {}
 
 
-def _meta_path(spec: SweepSpec) -> Path:
-    return Path(spec.sweep_dir) / META_FILE
+def _meta_path(spec: SweepSpec) -> str:
+    return join(spec.sweep_dir, META_FILE)
 
 
 def run_sweep(spec: SweepSpec, tracking_uri: str | None = None, experiment: str = "sslray",
@@ -191,12 +192,11 @@ def run_sweep(spec: SweepSpec, tracking_uri: str | None = None, experiment: str 
     from .reaper import PlacementGroupReaper
     from .summary import log_summary, summarize
 
-    if "://" in spec.storage:
-        raise ConfigError("sslray tune keeps its sweep state in a local or shared folder: give a path as --storage")
     ensure_ray()
-    resumed = tune.Tuner.can_restore(spec.sweep_dir) and _meta_path(spec).exists()
+    meta_text = read_text(_meta_path(spec))  # local, shared or object storage (s3://...)
+    resumed = meta_text is not None and tune.Tuner.can_restore(spec.sweep_dir)
     if resumed:
-        meta = json.loads(_meta_path(spec).read_text())
+        meta = json.loads(meta_text)
         stored = SweepSpec(**meta["spec"])
         if dataclasses.asdict(stored) != dataclasses.asdict(spec):
             print(f"sslray tune: resuming {spec.sweep_dir} with the settings it was started with "
@@ -232,9 +232,8 @@ def run_sweep(spec: SweepSpec, tracking_uri: str | None = None, experiment: str 
         })
         parent.log_text(dump_yaml(base), "base_config.yaml")
         parent.log_text(json.dumps(describe(spec.dists), indent=2), "space.json")
-        Path(spec.sweep_dir).mkdir(parents=True, exist_ok=True)
-        _meta_path(spec).write_text(json.dumps({"spec": dataclasses.asdict(spec), "tracking_uri": uri,
-                                                "parent_run_id": parent.run_id}, indent=2))
+        write_text(_meta_path(spec), json.dumps({"spec": dataclasses.asdict(spec), "tracking_uri": uri,
+                                                 "parent_run_id": parent.run_id}, indent=2))
         print(f"sslray tune: {total} trial(s) of {base.method.name}, at most {limit} at once, "
               f"{spec.scheduler} on {spec.metric} ({spec.mode}); MLflow parent run {parent.run_id}")
         tuner = tune.Tuner(

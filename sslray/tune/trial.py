@@ -10,10 +10,10 @@ the sweep driver does (sqlite allows one writer).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from ..config import Config, from_dict
+from ..storage import join
 from .space import trial_config
 
 TRAIN_DIR = "train"  # <storage>/<sweep>/train/<trial_id>: each trial's Ray Train run and checkpoints
@@ -52,7 +52,7 @@ def run_trial(config: Mapping[str, Any], base: dict, sweep_dir: str, gpus_per_wo
                                      resources_per_worker=per_worker),
         run_config=RunConfig(
             name=trial_train_name(trial_id),
-            storage_path=str(Path(sweep_dir) / TRAIN_DIR) if "://" not in sweep_dir else f"{sweep_dir}/{TRAIN_DIR}",
+            storage_path=join(sweep_dir, TRAIN_DIR),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
             failure_config=FailureConfig(max_failures=0),  # a NaN or an OOM ends the trial, not the sweep
             callbacks=[TuneReportCallback()],
