@@ -113,8 +113,6 @@ def run_name(cfg: Config) -> str:
     return cfg.tracking.run_name or f"{cfg.method.name}-{cfg.model.backbone}-{data}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-
-
 class StorageError(RuntimeError):
     """The checkpoint storage cannot be used; raised before any training starts."""
 
