@@ -360,3 +360,20 @@ def test_pretrain_starts_a_local_ray_instead_of_waiting_on_a_dead_head(tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "CPUS" in p.stdout
     assert "WARNING" in p.stdout and address in p.stdout and "ray stop" in p.stdout
+
+
+def test_object_storage_is_probed_by_writing_to_it(s3_server):
+    """`--storage s3://...`: a bucket that takes a file is OK, one that does not exist fails naming it
+    and pointing to the bucket name and credentials (a local S3 stands in for AWS)."""
+    root = s3_server.bucket("doctor")
+    [ok] = doctor.check_storage(f"{root}/runs", 5)
+    assert ok.status == "OK" and f"{root}/runs: wrote and deleted a probe file" in ok.detail
+    import pyarrow.fs as pafs
+
+    from sslray.storage import filesystem
+
+    fs, path = filesystem(root)
+    assert not [i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if ".sslray-doctor" in i.path]
+    [bad] = doctor.check_storage("s3://no-such-bucket-sslray/runs", 5)
+    assert bad.status == "FAIL" and "s3://no-such-bucket-sslray/runs is not writable" in bad.detail
+    assert "credentials" in bad.fix
