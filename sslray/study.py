@@ -119,6 +119,9 @@ def make_study_spec(cfgs: dict[str, Config], policies: Sequence[str], *, name: s
     if not cfgs or not policies:
         raise ConfigError("a study needs at least one method (--methods) and one view policy (--views)")
     check_policies(policies)
+    if "://" in storage:  # the trials load their row's recipe file by path; the matrix files are local
+        raise ConfigError(f"sslray study keeps its recipes and matrix in a folder every node reads: give --storage "
+                          f"a local or shared path, not {storage} (sslray pretrain and sslray tune take s3:// and gs://)")
     storage = _abs(storage)
     paths = write_recipes(cfgs, f"{storage.rstrip('/')}/{name}")
     base = next(iter(cfgs.values()))

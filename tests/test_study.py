@@ -61,6 +61,15 @@ def test_spec_is_a_grid_of_resolved_recipes_by_policy(tmp_path):
         assert cfg == cfgs[method].replace(**{"views.policy": "dcl"})
 
 
+def test_object_storage_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """The trials read their row's recipe file by path, so a study needs a folder every node reads."""
+    monkeypatch.chdir(tmp_path)
+    cfgs = {"simclr": method_config("simclr", None, COMMON)}
+    with pytest.raises(ConfigError, match="local or shared path, not s3://bucket/studies"):
+        make_study_spec(cfgs, ["default"], name="st", storage="s3://bucket/studies")
+    assert not list(tmp_path.iterdir())  # no "s3:" folder made from the URI
+
+
 def test_unknown_policy_or_method_is_refused_by_name(tmp_path):
     with pytest.raises(ConfigError, match="nope.*known: .*lorot"):
         check_policies(["default", "nope"])
