@@ -167,24 +167,35 @@ def load_backbone(path: str | os.PathLike, device: str | torch.device = "cpu") -
     return model.to(device).eval(), meta
 
 
+def export_to(checkpoint: str | os.PathLike, out: str | os.PathLike, which: str = "student",
+              force: bool = False) -> tuple[Path, str]:
+    """``export_backbone`` to a local folder or to object storage (``s3://.../backbone``): a remote
+    ``out`` is written in the local cache first, then uploaded (weights before metadata, so a reader
+    that finds the JSON finds whole weights). Returns (local folder, where the files went)."""
+    from .storage import exists, is_remote, join, local_mirror, upload
+
+    if not is_remote(out):
+        local = export_backbone(checkpoint, out, which, force)
+        return local, str(local)
+    out = str(out).rstrip("/")
+    taken = [join(out, n) for n in (WEIGHTS, META) if exists(join(out, n))]
+    if taken and not force:
+        raise FileExistsError(f"export: {', '.join(taken)} already exist(s); pass --force to replace")
+    local = export_backbone(checkpoint, local_mirror(out), which, force=True)
+    for name in (WEIGHTS, META):
+        upload(local / name, join(out, name))
+    return local, out
+
+
 def export_after_training(checkpoint: Optional[str], tracker, log=print) -> Optional[str]:
     """``sslray pretrain``'s last step: the final backbone into ``<run>/backbone/`` beside the
     checkpoints (on the run's storage, local or ``s3://``...), and the same two files to the MLflow
     run under ``backbone/``. Returns where it went, or None (the run is never failed by this)."""
-    from .storage import is_remote, join, local_mirror, upload
-
     if not checkpoint:
         log("sslray: backbone not exported (the run reported no checkpoint)")
         return None
-    try:
-        if is_remote(checkpoint):  # export from the local copy of the checkpoint, then upload beside it
-            dest = join(checkpoint.rstrip("/").rsplit("/", 1)[0], "backbone")
-            out = export_backbone(checkpoint, local_mirror(dest), force=True)
-            for name in (WEIGHTS, META):
-                upload(out / name, join(dest, name))
-        else:
-            out = export_backbone(checkpoint, Path(checkpoint).parent / "backbone", force=True)
-            dest = str(out)
+    try:  # beside the checkpoints, on the run's own storage
+        out, dest = export_to(checkpoint, f"{str(checkpoint).rstrip('/').rsplit('/', 1)[0]}/backbone", force=True)
         for name in (WEIGHTS, META):
             tracker.log_artifact(out / name, "backbone")
     except Exception as e:  # noqa: BLE001 - the run is trained and checkpointed; its probe still runs
@@ -260,18 +271,18 @@ def init_backbone(model: nn.Module, path: str | os.PathLike) -> list[str]:
 
 
 def cmd_export(a) -> int:
-    out = export_backbone(a.checkpoint, a.out, which="teacher" if a.teacher else "student", force=a.force)
+    out, dest = export_to(a.checkpoint, a.out, which="teacher" if a.teacher else "student", force=a.force)
     meta = json.loads((out / META).read_text())
     print(f"sslray export: {meta['method']} {meta['which']} backbone {meta['backbone']} (epoch {meta['epoch']}, "
-          f"{meta['num_features']} features) -> {out / WEIGHTS}, {out / META}")
-    print(f"  load it: from sslray.export import load_backbone; model, meta = load_backbone({str(out)!r})")
+          f"{meta['num_features']} features) -> {dest}/{WEIGHTS}, {dest}/{META}")
+    print(f"  load it: from sslray.export import load_backbone; model, meta = load_backbone({dest!r})")
     return 0
 
 
 def register(sub) -> None:
     e = sub.add_parser("export", help="a checkpoint's pretrained backbone -> safetensors + JSON for downstream use")
     e.add_argument("checkpoint", help="state.pt, a checkpoint folder, or a run folder (its newest checkpoint)")
-    e.add_argument("out", help=f"folder to write {WEIGHTS} and {META} into")
+    e.add_argument("out", help=f"folder to write {WEIGHTS} and {META} into (local, s3:// or gs://)")
     e.add_argument("--teacher", action="store_true",
                    help="the EMA teacher's backbone (BYOL, MoCo, DINO) instead of the student's")
     e.add_argument("--force", action="store_true", help="replace an earlier export in OUT")
@@ -284,5 +295,5 @@ def _timm_version() -> str:
     return timm.__version__
 
 
-__all__ = ["META", "WEIGHTS", "export_after_training", "export_backbone", "init_backbone", "load_backbone",
+__all__ = ["META", "WEIGHTS", "export_after_training", "export_backbone", "export_to", "init_backbone", "load_backbone",
            "read_weights", "teacher_backbone"]

@@ -35,6 +35,13 @@ def join(location: str, *parts: str) -> str:
     return "/".join([str(location).rstrip("/"), *parts])
 
 
+def exists(location: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
 def read_text(location: str) -> Optional[str]:
     """The text of a small file (local or URI), or None if it is not there."""
     fs, path = filesystem(location)
@@ -182,5 +189,5 @@ def upload(local: str | os.PathLike, uri: str) -> str:
     return uri
 
 
-__all__ = ["RUN_FILE", "cache_root", "checkpoint_uri", "fetch", "fetch_checkpoint", "filesystem", "is_remote",
+__all__ = ["RUN_FILE", "cache_root", "checkpoint_uri", "exists", "fetch", "fetch_checkpoint", "filesystem", "is_remote",
            "join", "list_files", "local_mirror", "newest_file", "read_text", "remote_source", "upload", "write_text"]

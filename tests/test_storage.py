@@ -122,6 +122,16 @@ def test_export_load_and_init_weights_from_s3(s3_server, cache, tmp_path, capsys
     cfg, reloaded, _ = load_checkpoint(run, torch.device("cpu"))
     assert cfg.model.cifar_stem and reloaded.backbone.conv1.kernel_size == (3, 3)
 
+    # An export straight to the bucket: never over an earlier one without --force.
+    models = run.replace("/runs/r1", "/models/m1")
+    assert main(["export", run, models]) == 0
+    assert f"-> {models}/{WEIGHTS}" in capsys.readouterr().out
+    _same_features(load_backbone(models)[0], model.backbone)
+    assert main(["export", run, models]) == 2
+    err = capsys.readouterr().err
+    assert f"{models}/{WEIGHTS}" in err and "--force" in err
+    assert main(["export", run, models, "--force"]) == 0
+
     # The local export from the same checkpoint holds exactly the same tensors.
     from safetensors.torch import load_file
 
