@@ -352,9 +352,9 @@ def check_mlflow(uri_arg: Optional[str], timeout: float) -> list[Check]:
 
 
 def remote_probe(uri: str) -> str:
-    from pyarrow import fs
+    from .storage import filesystem as open_fs
 
-    filesystem, root = fs.FileSystem.from_uri(uri)
+    filesystem, root = open_fs(uri)
     probe = f"{root.rstrip('/')}/.sslray-doctor-{uuid.uuid4().hex[:10]}"
     with filesystem.open_output_stream(probe) as f:
         f.write(b"ok")
