@@ -83,7 +83,7 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 10
     seed: int = 0
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 on GPUs >= sm80, fp16 + loss scaling before, fp32 on CPU) | bf16 | fp16 | fp32
     channels_last: bool = True  # applied on GPU only
     knn_k: int = 200
     knn_temperature: float = 0.07
@@ -210,7 +210,13 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
             kwargs[name] = dict(value)
         else:
             kwargs[name] = _coerce(value, f.type, key)
+            if key in CHOICES and kwargs[name] not in CHOICES[key]:
+                raise ConfigError(f"config key {key!r}: expected one of {', '.join(CHOICES[key])}, got {value!r}")
     return cls(**kwargs)
+
+
+# Keys whose value is one of a fixed set (the others are checked where they are looked up by name).
+CHOICES = {"train.precision": ("auto", "bf16", "fp16", "fp32"), "optim.lr_scaling": ("linear", "sqrt", "none")}
 
 
 _SECTIONS = {

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as D
-from .knn import autocast_for
+from .amp import autocast_for, grad_scaler
 
 
 @dataclass(frozen=True)
@@ -149,6 +149,7 @@ def finetune_loop(c: dict, session) -> dict:
     peak = s.base_lr * s.batch_size / 256
     warm = int(round(s.warmup_epochs * steps_per_epoch))
     opt = torch.optim.AdamW(layer_decay_groups(net, s.weight_decay, s.layer_decay), lr=peak, betas=(0.9, 0.999))
+    scaler = grad_scaler(dev, cfg.train.precision)  # fp16: loss scaling (an overflowing step is skipped)
     session.log(f"finetune ({c['init']}): {cfg.model.backbone}, {world} worker(s) on {dev.type}, global batch "
                 f"{s.batch_size}, {total} steps; effective lr = {s.base_lr} x {s.batch_size}/256 = {peak:.4g}, "
                 f"layer decay {s.layer_decay if is_vit(net.backbone) else 'off (not a ViT)'}")
@@ -169,9 +170,10 @@ def finetune_loop(c: dict, session) -> dict:
             if not torch.isfinite(loss.detach()):
                 raise FloatingPointError(f"finetune ({c['init']}): non-finite loss at step {step}")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             sync_grads()
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             loss_sum += loss.detach()
             n += 1
             step += 1

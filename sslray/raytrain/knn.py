@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def autocast_for(device: torch.device, precision: str):
-    """bf16 autocast on GPU by default; fp32 on CPU (CPU bf16 is slower on most hosts)."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+from .amp import autocast_for
 
 
 @torch.no_grad()

@@ -22,7 +22,8 @@ from ..datasets.loader import dataset_info, make_loader, subset_indices
 from ..datasets.resident import make_resident_loader
 from ..datasets.views import build_views, eval_transform
 from . import distributed as D
-from .knn import autocast_for, extract_features, knn_accuracy
+from .amp import autocast_for, grad_scaler, resolve_precision
+from .knn import extract_features, knn_accuracy
 from .memory import SSLOutOfMemoryError, auto_batch, explain_oom
 from .methods import compile_method, create_method
 from .monitors import EmbeddingTap, NonFiniteLossError, StepHealth, collapse_report, epoch_health
@@ -176,15 +177,18 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
     opt = build_optimizer(model, cfg.optim.name, peak, cfg.optim.weight_decay, cfg.optim.momentum,
                           cfg.optim.no_decay_lr_scale)
     probe = OnlineProbe.from_config(cfg, model, data.num_classes, evalT, dev)  # own optimizer, detached features
+    scaler = grad_scaler(dev, cfg.train.precision)  # loss scaling for fp16; a pass-through otherwise
     total = cfg.train.epochs * data.steps_per_epoch
     warmup = int(round(cfg.optim.warmup_epochs * data.steps_per_epoch))
     session.log(f"sslray: {cfg.method.name} on {cfg.model.backbone}, {session.world_size} worker(s) on {dev.type}, "
-                f"global batch {cfg.data.batch_size}, {data.steps_per_epoch} steps/epoch; effective lr = "
+                f"global batch {cfg.data.batch_size}, {data.steps_per_epoch} steps/epoch, precision "
+                f"{resolve_precision(cfg.train.precision, dev)}{' with loss scaling' if scaler.is_enabled() else ''}; "
+                "effective lr = "
                 f"{cfg.optim.base_lr} x {cfg.data.batch_size}/256 ({cfg.optim.lr_scaling}) = {peak:.4g}")
     # Health: grad norms and non-finite steps on the device (the host looks every check_every steps on
     # GPU, every step on CPU), collapse statistics of the epoch's last step, pictures on rank 0.
     health = StepHealth(model, dev, cfg.monitor.max_nonfinite_skips,
-                        cfg.monitor.check_every if dev.type == "cuda" else 1)
+                        cfg.monitor.check_every if dev.type == "cuda" else 1, loss_scaling=scaler.is_enabled())
     # The tap also feeds the online probe the first view's backbone features (no extra forward).
     tap = EmbeddingTap(model) if cfg.monitor.collapse or probe is not None else None
     probe_tap = probe is not None and tap.from_head
@@ -199,6 +203,8 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
         set_rng_state(state["rng"])
         if probe is not None and state.get("online_probe"):
             probe.load_state_dict(state["online_probe"])
+        if scaler.is_enabled() and state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])
         session.log(f"sslray: resumed at epoch {start_epoch + 1}, batch {start_batch} (global step {step})")
 
     def snapshot(epoch_index: int, batch_in_epoch: int, metrics: dict, part: Optional[dict]) -> Optional[dict]:
@@ -209,7 +215,8 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
         return {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch_index,
                 "batch_in_epoch": batch_in_epoch, "step": step, "rng": rng_state(), "partial": part,
                 "loader_seed": cfg.train.seed, "config": cfg.to_dict(), "metrics": metrics,
-                "num_classes": data.num_classes, "online_probe": probe.state_dict() if probe is not None else None}
+                "num_classes": data.num_classes, "online_probe": probe.state_dict() if probe is not None else None,
+                "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None}
 
     tc = cfg.train
     for epoch in range(start_epoch, tc.epochs):
@@ -252,8 +259,9 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
                 pictures.at_start(x, v, total, warmup, peak)
             with region("sslray.backward"):
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
                 sync_grads()
+                scaler.unscale_(opt)  # health and clipping see the true gradients
             with region("sslray.health"):
                 ok = health.after_backward(loss, step, lr)  # device flag: no host sync here
                 if health.due(step):
@@ -261,7 +269,8 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
             with region("sslray.optimizer"):
                 if cfg.optim.clip_grad > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-                opt.step()
+                scaler.step(opt)  # fp16: skipped when the gradients overflowed at this scale
+                scaler.update()
                 health.restore(ok)
             with region("sslray.on_step"):
                 if hasattr(model, "on_step"):
@@ -322,6 +331,8 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
             metrics.update(probe.epoch_metrics(model.backbone, data.val))
         if cfg.data.auto_batch:
             metrics["global_batch"] = cfg.data.batch_size
+        if scaler.is_enabled():
+            metrics["amp_scale"] = float(scaler.get_scale())
         if not math.isfinite(mean_loss):
             raise NonFiniteLossError(f"{cfg.method.name}: non-finite mean loss in epoch {epoch + 1}")
         pictures.after_epoch(epoch + 1, epoch + 1 == tc.epochs)

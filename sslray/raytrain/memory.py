@@ -18,6 +18,7 @@ import torch
 
 from ..config import Config, effective_lr
 from . import distributed as D
+from .amp import autocast_for, grad_scaler, resolve_precision
 
 MIN_PER_WORKER = 2  # BatchNorm and the contrastive losses need at least two images per worker
 
@@ -48,15 +49,17 @@ def explain_oom(cfg: Config, world: int, device: torch.device, phase: str,
             f"the lr follows by optim.lr_scaling={cfg.optim.lr_scaling}",
             "data.auto_batch=true: halve the batch before training until a step fits",
             "model.grad_checkpointing=true: recompute backbone activations in backward (~30% slower, far less memory)"]
-    if device.type == "cuda" and cfg.train.precision == "fp32":
-        tips.append("train.precision=bf16: half-size activations")
+    prec = resolve_precision(cfg.train.precision, device)
+    if device.type == "cuda" and prec == "fp32":
+        tips.append("train.precision=auto: half-size activations (bf16, or fp16 with loss scaling on GPUs before "
+                    "compute capability 8.0)")
     if cfg.views.preset in ("dino", "swav") or cfg.views.local_crops > 0:
         tips.append("views.local_crops=N with a smaller N: every local crop is another forward")
     tips.append(f"--workers {2 * world}: the same global batch with half as many images per device")
     return SSLOutOfMemoryError(
         f"out of memory in the {phase}: method {cfg.method.name}, backbone {cfg.model.backbone}, "
         f"{per} images per worker (global batch {cfg.data.batch_size} over {world} worker(s)) at "
-        f"{cfg.views.crop_size} px, precision {cfg.train.precision}; {device_memory(device)}.\n"
+        f"{cfg.views.crop_size} px, precision {prec}; {device_memory(device)}.\n"
         "To fit, any of:\n  - " + "\n  - ".join(tips)
         + f"\n(torch: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
 
@@ -71,7 +74,6 @@ def try_step(cfg: Config, per_worker: int, device: torch.device) -> bool:
     """One training step of a fresh copy of the run's model on a random uint8 batch of
     ``per_worker`` images: True when it fits, False on OutOfMemoryError (memory freed again)."""
     from ..datasets.views import build_views
-    from .knn import autocast_for
     from .methods import create_method
     from .optim import build_optimizer
 
@@ -84,10 +86,11 @@ def try_step(cfg: Config, per_worker: int, device: torch.device) -> bool:
         opt = build_optimizer(model, cfg.optim.name, effective_lr(cfg), cfg.optim.weight_decay, cfg.optim.momentum)
         res = cfg.data.decode_res or cfg.views.crop_size
         x = torch.randint(0, 256, (per_worker, 3, res, res), dtype=torch.uint8, device=device)
+        scaler = grad_scaler(device, cfg.train.precision)
         with autocast_for(device, cfg.train.precision):
             out = model(views(x))
-        out["loss"].backward()
-        opt.step()
+        scaler.scale(out["loss"]).backward()
+        scaler.step(opt)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return True

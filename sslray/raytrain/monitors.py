@@ -30,6 +30,9 @@ STD_RATIO_MIN = 0.05  # std * sqrt(d) of the normalised embeddings
 RANK_MIN = 2.0  # RankMe below this: the batch spans (about) one direction
 MEAN_COS_MAX = 0.98  # all embeddings point the same way
 HEAD_NAMES = ("projector", "head")  # the module whose input/output are the features/projections
+# fp16 loss scaling halves its scale at every overflowing step, from 2**16: after this many in a row
+# the scale is ~2**-14 and gradients that are still non-finite are not an overflow but a fault.
+OVERFLOW_STREAK_MAX = 30
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -136,9 +139,15 @@ class StepHealth:
     restored after the optimizer step (``restore``); optimizer moments still decay by one step.
     ``check(...)`` (host) raises ``NonFiniteLossError`` once more than ``max_skips`` steps in a row
     were non-finite; with ``max_skips`` = 0 the first one stops the run.
+
+    With ``loss_scaling`` (fp16) a finite loss with non-finite gradients is the loss scaler's
+    overflow: the scaler skips that update and halves its scale, so the step is counted apart
+    (``amp_overflow_frac``) and is no fault, unless it repeats more than ``OVERFLOW_STREAK_MAX``
+    times in a row. The gradients must be unscaled before ``after_backward``.
     """
 
-    def __init__(self, model: nn.Module, device: torch.device, max_skips: int = 0, check_every: int = 1):
+    def __init__(self, model: nn.Module, device: torch.device, max_skips: int = 0, check_every: int = 1,
+                 loss_scaling: bool = False):
         backbone = getattr(model, "backbone", None)
         bb_ids = {id(p) for p in backbone.parameters()} if backbone is not None else set()
         params = [p for p in model.parameters() if p.requires_grad]
@@ -146,8 +155,10 @@ class StepHealth:
         self.head_params = [p for p in params if id(p) not in bb_ids]
         self.params = params
         self.device, self.max_skips, self.check_every = device, int(max_skips), max(1, int(check_every))
+        self.loss_scaling = bool(loss_scaling)
         z = lambda v=0.0: torch.tensor(v, device=device)  # noqa: E731
         self.streak, self.trip_step, self.trip_loss, self.streak_loss = z(), z(-1.0), z(), z()
+        self.overflow_streak = z()
         self.last_finite_loss, self.last_finite_step = z(float("nan")), z(-1.0)
         self.reset_epoch()
         self._backup: Optional[list[torch.Tensor]] = None
@@ -156,7 +167,8 @@ class StepHealth:
     def reset_epoch(self) -> None:
         z = lambda: torch.zeros((), device=self.device)  # noqa: E731
         self.sums = {"grad_norm_backbone": z(), "grad_norm_heads": z()}
-        self.ok_steps, self.skipped = z(), z()
+        self.ok_steps, self.skipped = z(), z()  # steps whose loss counts / steps that were a fault
+        self.norm_steps, self.overflows = z(), z()  # steps with finite gradients / fp16 overflows
 
     @staticmethod
     def _norm(params: list[torch.nn.Parameter], device) -> torch.Tensor:
@@ -169,10 +181,19 @@ class StepHealth:
     def after_backward(self, loss: torch.Tensor, step: int, lr: float = float("nan")) -> torch.Tensor:
         nb, nh = self._norm(self.backbone_params, self.device), self._norm(self.head_params, self.device)
         loss = loss.detach().float()
-        ok = torch.isfinite(loss) & torch.isfinite(nb) & torch.isfinite(nh)
+        loss_ok = torch.isfinite(loss)
+        finite = loss_ok & torch.isfinite(nb) & torch.isfinite(nh)
+        if self.loss_scaling:
+            overflow = loss_ok & ~finite
+            self.overflow_streak = torch.where(overflow, self.overflow_streak + 1, 0.0)
+            self.overflows += overflow.float()
+            ok = loss_ok & (self.overflow_streak <= OVERFLOW_STREAK_MAX)
+        else:
+            ok = finite
         okf = ok.float()
-        self.sums["grad_norm_backbone"] += torch.where(ok, nb, 0.0)
-        self.sums["grad_norm_heads"] += torch.where(ok, nh, 0.0)
+        self.sums["grad_norm_backbone"] += torch.where(finite, nb, 0.0)
+        self.sums["grad_norm_heads"] += torch.where(finite, nh, 0.0)
+        self.norm_steps += finite.float()
         self.ok_steps += okf
         self.skipped += 1 - okf
         self.streak = torch.where(ok, 0.0, self.streak + 1)
@@ -213,6 +234,13 @@ class StepHealth:
             last_step = int(self.last_finite_step)
             lr = self._lrs.get(trip, float("nan"))
             skipped = f"; {self.max_skips} consecutive non-finite steps were skipped" if self.max_skips else ""
+            if self.loss_scaling and math.isfinite(float(self.trip_loss)):
+                raise NonFiniteLossError(
+                    f"{method}: fp16: gradients non-finite for more than {OVERFLOW_STREAK_MAX} steps in a row, "
+                    f"up to step {trip} "
+                    f"(epoch {epoch}) at a finite loss {float(self.trip_loss):.6g}, while the loss scaler halved its "
+                    "scale each time: the values exceed float16's range. Use train.precision=bf16 (GPUs of compute "
+                    "capability 8.0 and up) or fp32. The last good checkpoint is kept.")
             raise NonFiniteLossError(
                 f"{method}: non-finite loss {float(self.trip_loss)} or gradient at step {trip} (epoch {epoch})"
                 f"{skipped}; "
@@ -221,10 +249,13 @@ class StepHealth:
         self._lrs = {keep: self._lrs[keep]} if self._lrs else {}
 
     def epoch_metrics(self, steps: int) -> dict[str, torch.Tensor]:
-        n = self.ok_steps.clamp_min(1)
-        return {"grad_norm_backbone": self.sums["grad_norm_backbone"] / n,
-                "grad_norm_heads": self.sums["grad_norm_heads"] / n,
-                "nonfinite_skipped_frac": self.skipped / max(1, steps)}
+        n = self.norm_steps.clamp_min(1)
+        out = {"grad_norm_backbone": self.sums["grad_norm_backbone"] / n,
+               "grad_norm_heads": self.sums["grad_norm_heads"] / n,
+               "nonfinite_skipped_frac": self.skipped / max(1, steps)}
+        if self.loss_scaling:
+            out["amp_overflow_frac"] = self.overflows / max(1, steps)
+        return out
 
 
 def epoch_health(health: StepHealth, tap: Optional[EmbeddingTap], trained_steps: int, wait_seconds: float,

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import plots
-from .knn import autocast_for
+from .amp import autocast_for
 from .optim import warmup_cosine, weight_decay_at
 
 VIEWS_PNG = "views.png"
