@@ -134,8 +134,13 @@ def check_gpu(need_gpu: bool) -> list[Check]:
         return [Check("gpu", "FAIL", f"torch does not import: {_err(e)}", "pip install torch", "core")]
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if n:
+        from .raytrain.amp import resolve_precision
+
         names = sorted({torch.cuda.get_device_name(i) for i in range(n)})
-        out = [Check("gpu", "OK", f"{n} visible: {', '.join(names)} (CUDA {torch.version.cuda})", group="gpu")]
+        precs = sorted({resolve_precision("auto", torch.device("cuda", i)) for i in range(n)})
+        amp = " + ".join(p + (" with loss scaling" if p == "fp16" else "") for p in precs)
+        out = [Check("gpu", "OK", f"{n} visible: {', '.join(names)} (CUDA {torch.version.cuda}); "
+                                  f"train.precision=auto trains in {amp}", group="gpu")]
     else:
         cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
         why = f"CUDA_VISIBLE_DEVICES={cvd!r}" if cvd is not None else (
