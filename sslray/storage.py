@@ -4,12 +4,15 @@ Ray Train writes checkpoints wherever ``--storage`` points, through pyarrow's fi
 that reads a checkpoint afterwards (the probe, ``sslray eval``, ``sslray export``, ``--init-weights``)
 wants a local file, so a remote one is copied once into a local cache that mirrors its path
 (``<cache>/<scheme>/<bucket>/<key>``) and is read from there. The mirror keeps the run folder's
-``sslray_run.json`` beside the checkpoint, so a copied checkpoint still finds its MLflow run.
+``sslray_run.json`` beside the checkpoint, so a copied checkpoint still finds its MLflow run. It
+keeps one checkpoint per run: fetching a newer one drops the copies of the older ones (the bucket
+keeps every original).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Optional
@@ -169,12 +172,20 @@ def fetch_checkpoint(uri: str, state_file: str) -> Path:
     state = newest_file(uri, state_file)
     folder = state.rsplit("/", 1)[0]
     local = fetch(folder) / state_file
+    _drop_older_copies(local.parent, state_file)
     run_file = join(folder.rsplit("/", 1)[0], RUN_FILE)
     try:
         fetch(run_file)
     except FileNotFoundError:
         pass  # a checkpoint copied by hand outside a run folder: the probe then has no run to log to
     return local
+
+
+def _drop_older_copies(folder: Path, state_file: str) -> None:
+    """Remove the cached copies of the same run's older checkpoints (names sort by epoch and step)."""
+    for sib in folder.parent.iterdir():
+        if sib.is_dir() and sib.name < folder.name and (sib / state_file).is_file():
+            shutil.rmtree(sib, ignore_errors=True)
 
 
 def upload(local: str | os.PathLike, uri: str) -> str:

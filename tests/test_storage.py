@@ -63,6 +63,13 @@ def test_the_newest_checkpoint_is_fetched_once_with_its_run_file(s3_server, cach
     assert find_state(f"{run}/epoch_0002/state.pt").read_bytes() == b"changed" * 30
     assert not list(cache.rglob("*.part"))  # no temporary file left behind
 
+    # A newer checkpoint replaces the cached copy of the older one; asking for the older one by name
+    # fetches it again and leaves the newer copy alone.
+    _put(f"{run}/epoch_0003/state.pt", b"newer" * 20)
+    newer = find_state(run)
+    assert newer.parent.name == "epoch_0003" and not local.parent.exists()
+    assert find_state(f"{run}/epoch_0002").read_bytes() == b"changed" * 30 and newer.exists()
+
 
 def test_missing_locations_are_named(s3_server, cache):
     root = s3_server.bucket("missing")
