@@ -188,6 +188,31 @@ def _drop_older_copies(folder: Path, state_file: str) -> None:
             shutil.rmtree(sib, ignore_errors=True)
 
 
+def move_tree(uri: str, dest: str) -> bool:
+    """Move every file under the remote folder ``uri`` to ``dest`` (object stores cannot rename a
+    prefix): copy each (server-side), check that each copy is there at its size, and only then delete
+    the originals. Returns False when nothing is at ``uri``; raises OSError naming a file that did not
+    arrive, with the originals left in place."""
+    import pyarrow.fs as pafs
+    from tqdm import tqdm
+
+    fs, path = filesystem(uri)
+    _, dest_path = filesystem(dest)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return False
+    files = [f for f in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if f.type == pafs.FileType.File]
+    moved = [(f, dest_path + f.path[len(path):]) for f in files]
+    for f, to in tqdm(moved, desc=f"sslray: moving {uri}", unit="file", leave=False, disable=len(moved) < 20):
+        fs.copy_file(f.path, to)
+    for f, to in moved:
+        got = fs.get_file_info(to)
+        if got.type != pafs.FileType.File or got.size != f.size:
+            raise OSError(f"moving {uri} to {dest}: {f.path} was not copied whole ({got.size} of {f.size} bytes); "
+                          "the originals are kept")
+    fs.delete_dir(path)
+    return True
+
+
 def upload(local: str | os.PathLike, uri: str) -> str:
     """Copy a local file to ``uri`` (any pyarrow location), under a temporary name first."""
     fs, path = filesystem(uri)
@@ -201,4 +226,4 @@ def upload(local: str | os.PathLike, uri: str) -> str:
 
 
 __all__ = ["RUN_FILE", "cache_root", "checkpoint_uri", "exists", "fetch", "fetch_checkpoint", "filesystem", "is_remote",
-           "join", "list_files", "local_mirror", "newest_file", "read_text", "remote_source", "upload", "write_text"]
+           "join", "list_files", "local_mirror", "move_tree", "newest_file", "read_text", "remote_source", "upload", "write_text"]

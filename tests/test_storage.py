@@ -82,6 +82,52 @@ def test_missing_locations_are_named(s3_server, cache):
         read_weights(f"{root}/gone")
 
 
+def test_restart_on_s3_moves_the_old_run_aside_whole(s3_server, monkeypatch):
+    """``--restart`` with bucket storage: every file of the old run lands under ``<name>.old-<time>``
+    with its bytes, nothing stays at the run's name (so the next run starts fresh), and a copy that
+    does not arrive whole keeps the originals."""
+    from sslray.config import load_config
+    from sslray.raytrain import trainer
+
+    root = s3_server.bucket("restart") + "/runs"
+    files = {"sslray_run.json": json.dumps({"run_id": "old"}).encode(), "epoch_0001/state.pt": b"a" * 100,
+             "epoch_0002/state.pt": b"b" * 200, "pictures/views.png": b"png"}
+    for name, data in files.items():
+        _put(f"{root}/r1/{name}", data)
+    _put(f"{root}/r10/sslray_run.json", b"{}")  # a run whose name starts with the same letters stays put
+    cfg = load_config("smoke", {"ray.name": "r1", "ray.storage": root})
+    assert trainer.resumes(cfg) and not trainer.resumes(cfg, restart=True)
+
+    old = trainer.move_aside(f"{root}/r1")
+    assert old.startswith(f"{root}/r1.old-")
+    for name, data in files.items():
+        assert storage.read_text(f"{old}/{name}") == data.decode()
+    assert not storage.exists(f"{root}/r1") and not trainer.resumes(cfg)
+    assert storage.exists(f"{root}/r10/sslray_run.json")
+    assert trainer.move_aside(f"{root}/r1") is None  # nothing there: nothing to move
+
+    # A copy that comes out short: the originals stay where they were.
+    _put(f"{root}/r2/epoch_0001/state.pt", b"c" * 50)
+    real_filesystem = storage.filesystem
+
+    class ShortCopies:
+        def __init__(self, fs):
+            self.fs = fs
+
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
+        def copy_file(self, src, dest):
+            with self.fs.open_output_stream(dest) as f:
+                f.write(b"c")
+
+    monkeypatch.setattr(storage, "filesystem", lambda loc: (ShortCopies(real_filesystem(loc)[0]),
+                                                            real_filesystem(loc)[1]))
+    with pytest.raises(OSError, match=r"epoch_0001/state.pt was not copied whole \(1 of 50 bytes\); the originals are kept"):
+        trainer.move_aside(f"{root}/r2")
+    assert storage.read_text(f"{root}/r2/epoch_0001/state.pt") == "c" * 50
+
+
 def test_checkpoint_uri_gives_back_the_scheme_pyarrow_drops():
     class Ckpt:
         path = "bucket/runs/x/epoch_0002"

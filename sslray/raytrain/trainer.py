@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from ..config import Config, dump_yaml, flatten
 from ..rayhead import local_head, stale_message
-from ..storage import RUN_FILE, checkpoint_uri, filesystem, join, read_text, write_text
+from ..storage import RUN_FILE, checkpoint_uri, filesystem, is_remote, join, move_tree, read_text, write_text
 from ..tracking import Tracker, numeric, resolve_uri
 
 try:  # Ray Train V2 driver callbacks run in the train controller, never on the workers.
@@ -147,13 +147,16 @@ def _write_run_file(run_dir: str, info: dict) -> None:
 
 
 def move_aside(run_dir: str) -> Optional[str]:
-    """``--restart``: keep the old run (never delete a user's checkpoints), start a fresh one."""
-    if "://" in run_dir:
-        raise StorageError(f"--restart on remote storage is not supported; use a new --name instead of {run_dir}")
+    """``--restart``: keep the old run (never delete a user's checkpoints), start a fresh one. The
+    old folder becomes ``<name>.old-<time>`` beside it (on object storage: copied there, then removed)."""
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    if is_remote(run_dir):
+        dest = f"{run_dir.rstrip('/')}.old-{stamp}"
+        return dest if move_tree(run_dir, dest) else None
     p = Path(run_dir)
     if not p.exists():
         return None
-    dest = p.with_name(f"{p.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    dest = p.with_name(f"{p.name}.old-{stamp}")
     p.rename(dest)
     return str(dest)
 
