@@ -226,4 +226,5 @@ def upload(local: str | os.PathLike, uri: str) -> str:
 
 
 __all__ = ["RUN_FILE", "cache_root", "checkpoint_uri", "exists", "fetch", "fetch_checkpoint", "filesystem", "is_remote",
-           "join", "list_files", "local_mirror", "move_tree", "newest_file", "read_text", "remote_source", "upload", "write_text"]
+           "join", "list_files", "local_mirror", "move_tree", "newest_file", "read_text", "remote_source", "upload",
+           "write_text"]

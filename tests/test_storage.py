@@ -123,9 +123,53 @@ def test_restart_on_s3_moves_the_old_run_aside_whole(s3_server, monkeypatch):
 
     monkeypatch.setattr(storage, "filesystem", lambda loc: (ShortCopies(real_filesystem(loc)[0]),
                                                             real_filesystem(loc)[1]))
-    with pytest.raises(OSError, match=r"epoch_0001/state.pt was not copied whole \(1 of 50 bytes\); the originals are kept"):
+    with pytest.raises(OSError, match=r"epoch_0001/state.pt was not copied whole \(1 of 50 bytes\); "
+                                      r"the originals are kept"):
         trainer.move_aside(f"{root}/r2")
     assert storage.read_text(f"{root}/r2/epoch_0001/state.pt") == "c" * 50
+
+
+def test_gcs_run_folder_probe_export_and_restart(gcs, cache, tmp_path, capsys):
+    """The same paths on Google Cloud Storage (a local emulator): a real checkpoint's run folder on
+    ``gs://`` is fetched (newest checkpoint and run file only), exported to ``gs://`` and loaded from
+    there with equal tensors, the older cached copy is dropped when a newer checkpoint appears, and
+    ``--restart`` moves the run aside whole."""
+    from sslray.raytrain import trainer
+
+    over = {**SMALL, "model.backbone": "resnet10t"}
+    model, ckpt = _checkpoint(tmp_path / "local", "simclr_cifar10", over, epoch=2)
+    (ckpt.parent / "sslray_run.json").write_text(json.dumps({"run_id": "gcs-run"}))
+    run = gcs.bucket("gbkt") + "/runs/r1"
+    _upload_tree(ckpt.parent, run)
+    _put(f"{run}/epoch_0001/state.pt", b"older")
+
+    local = find_state(run)
+    assert local == cache / "remote" / "gs" / "gbkt" / "runs" / "r1" / "epoch_0002" / "state.pt"
+    assert not (local.parent.parent / "epoch_0001").exists()
+    assert json.loads((local.parent.parent / "sslray_run.json").read_text())["run_id"] == "gcs-run"
+
+    out = "gs://gbkt/models/m1"
+    assert main(["export", run, out]) == 0 and f"-> {out}/{WEIGHTS}" in capsys.readouterr().out
+    _same_features(load_backbone(out)[0], model.backbone)
+    assert main(["export", run, out]) == 2 and "--force" in capsys.readouterr().err
+
+    _upload_tree(ckpt, f"{run}/epoch_0003")
+    assert find_state(run).parent.name == "epoch_0003" and not local.exists()
+
+    before = _tree(run)
+    assert {"sslray_run.json", "epoch_0001/state.pt", "epoch_0003/state.pt", f"backbone/{WEIGHTS}"} <= set(before) \
+        or {"sslray_run.json", "epoch_0001/state.pt", "epoch_0003/state.pt"} <= set(before)
+    old = trainer.move_aside(run)
+    assert old.startswith(f"{run}.old-") and not storage.exists(run) and _tree(old) == before
+
+
+def _tree(uri: str) -> dict[str, int]:
+    """Every file under a location, relative path -> size."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem(uri)
+    return {f.path[len(path) + 1:]: f.size for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            if f.type == pafs.FileType.File}
 
 
 def test_checkpoint_uri_gives_back_the_scheme_pyarrow_drops():
