@@ -96,8 +96,11 @@ def cmd_convert(a) -> int:
 
 def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val_subset: int = 0,
                  restart: bool = False, eval_protocols: Optional[str] = None):
+    """Pretrain, export, probe and evaluate as ``sslray pretrain`` does; returns an ``sslray.api.Run``."""
+    from .api import Run
     from .raytrain.evaluate import format_table, log_probe, probe_checkpoint
     from .raytrain.trainer import pretrain, resumes
+    from .tracking import Tracker
 
     # A file that does not fit this backbone fails here, not in every worker. A run that resumes
     # takes its weights from its checkpoint, so it needs the file no more.
@@ -108,21 +111,16 @@ def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val
         init_backbone(create_method(cfg), cfg.model.init_weights)
     res = pretrain(cfg, restart=restart)
     print(f"sslray: run {res.name} finished; MLflow run {res.run_id} in {res.tracking_uri}; checkpoint {res.checkpoint}")
+    backbone = ev = report = None
     if cfg.train.export_backbone:
         from .export import export_after_training
-        from .tracking import Tracker
 
-        export_after_training(res.checkpoint, Tracker(res.tracking_uri, res.run_id))
-    report = None
+        backbone = export_after_training(res.checkpoint, Tracker(res.tracking_uri, res.run_id))
     if probe and cfg.data.val and res.checkpoint:
-        from .tracking import Tracker
-
         report = probe_checkpoint(res.checkpoint, cfg.data.train, cfg.data.val, train_subset=probe_train_subset,
                                   val_subset=probe_val_subset, knn_k=cfg.train.knn_k, use_gpu=cfg.ray.use_gpu)
         log_probe(Tracker(res.tracking_uri, res.run_id), report)
         print(format_table(report))
-    from .tracking import Tracker
-
     if eval_protocols and res.checkpoint:  # `--eval linear,knn,...`: the protocols of `sslray eval`, same run
         from .eval import format_eval_table, log_eval, run_eval
         from .eval.runner import close_figures
@@ -138,7 +136,7 @@ def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val
         print(format_eval_table(ev))
 
     Tracker(res.tracking_uri, res.run_id).end()
-    return res, report
+    return Run(res.run_id, res.tracking_uri, res.checkpoint, res.metrics, res.name, res.storage, backbone, report, ev)
 
 
 def cmd_pretrain(a) -> int:

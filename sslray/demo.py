@@ -73,10 +73,11 @@ def run_demo(a) -> int:
     cfg = load_config(recipe, over + list(a.overrides))
     print(f"demo: recipe {recipe} ({'GPU' if torch.cuda.is_available() else 'CPU'}), "
           f"{cfg.train.epochs} epochs on {cfg.data.train_subset or 50000} training images")
-    res, report = run_pretrain(cfg, probe=True, probe_train_subset=cfg.data.train_subset,
-                               probe_val_subset=cfg.data.val_subset)
+    run = run_pretrain(cfg, probe=True, probe_train_subset=cfg.data.train_subset,
+                       probe_val_subset=cfg.data.val_subset)
+    report = run.probe
     print(f"demo: finished in {(time.time() - t0) / 60:.1f} min. Browse it with: "
-          f"sslray ui --tracking-uri {res.tracking_uri}")
+          f"sslray ui --tracking-uri {run.tracking_uri}")
     if report is not None and report.pretrained["knn_top1"] <= report.random_init["knn_top1"]:
         print("demo: warning: pretrained kNN did not beat the random-init backbone; train longer (--epochs)")
     return 0

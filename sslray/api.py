@@ -1,0 +1,125 @@
+"""The Python API: what the command line does, as functions that return results (for notebooks and
+scripts). ``import sslray`` stays light; each function imports torch, Ray or MLflow when called.
+
+    import sslray
+
+    sslray.convert("/data/cifar10/train", "train.beton", max_res=32)
+    cfg = sslray.load_config("simclr_cifar10", {"data.train": "train.beton", "data.val": "test.beton",
+                                                "train.epochs": 50})
+    run = sslray.pretrain(cfg)                  # Ray Train workers, MLflow run, probe, export
+    run.probe.pretrained["linear_top1"], run.checkpoint, run.run_id
+    metrics = sslray.train_local(cfg, "runs/local")   # one process, no Ray, no MLflow
+    backbone, meta = sslray.load_backbone(run.backbone)   # the exported backbone (timm), any machine
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import Config
+    from .eval.runner import EvalReport
+    from .raytrain.evaluate import ProbeReport
+
+
+def load_config(recipe: Optional[str] = None, overrides: Sequence[str] | Mapping[str, Any] = ()) -> "Config":
+    """A run's configuration: built-in recipe name (``sslray methods`` lists the methods; recipes are
+    ``sslray/configs/*.yaml``) or a YAML path, then ``{"section.key": value}`` or ``["section.key=value"]``
+    overrides. Unknown keys and values outside a key's choices raise ``ConfigError`` naming the key."""
+    from .config import load_config as load
+
+    return load(recipe, overrides)
+
+
+def convert(src: str | os.PathLike, out: str | os.PathLike, *, source: str = "imagefolder",
+            split: Optional[str] = None, max_res: int = 256, write_mode: str = "jpg", quality: int = 90,
+            workers: int = 0, strict: bool = False, force: bool = False, **kw: Any) -> dict:
+    """``sslray convert``: images -> ``out`` (.beton) + ``out``'s manifest; returns the manifest.
+    ``kw``: ``classes``, ``fraction``, ``seed``, ``compress_probability``, and source options."""
+    from .datasets import WriteParams
+    from .datasets import convert as run
+
+    wp = {"compress_probability": kw.pop("compress_probability")} if "compress_probability" in kw else {}
+    params = WriteParams(write_mode=write_mode, max_resolution=max_res, jpeg_quality=quality, **wp)
+    return run(src, out, source=source, split=split, params=params, workers=workers, strict=strict, force=force,
+               **kw)
+
+
+@dataclass
+class Run:
+    """What ``pretrain`` returns: the MLflow run, the last checkpoint, the last epoch's metrics, the
+    probe report (pretrained beside random init) and, when ``evaluate`` was asked for, its report."""
+    run_id: str
+    tracking_uri: str
+    checkpoint: Optional[str]
+    metrics: dict
+    name: str
+    storage: str
+    backbone: Optional[str] = None  # where the exported backbone went (load with ``load_backbone``)
+    probe: Optional["ProbeReport"] = None
+    eval: Optional["EvalReport"] = None
+
+
+def pretrain(cfg: "Config", *, probe: bool = True, restart: bool = False, evaluate: Optional[str] = None,
+             probe_train_subset: Optional[int] = None, probe_val_subset: Optional[int] = None) -> Run:
+    """``sslray pretrain``: train ``cfg`` with ``cfg.ray.num_workers`` Ray Train workers (a local Ray
+    instance unless ``RAY_ADDRESS`` names a cluster), log it to MLflow, export the backbone, probe it
+    beside a random-init backbone when ``cfg.data.val`` is set, and run ``evaluate`` protocols
+    (``"linear,knn,lowshot"``...). The same ``cfg.ray.name`` resumes; ``restart=True`` starts over."""
+    from .cli import run_pretrain
+
+    return run_pretrain(cfg, probe=probe, restart=restart, eval_protocols=evaluate,
+                        probe_train_subset=cfg.data.train_subset if probe_train_subset is None else probe_train_subset,
+                        probe_val_subset=cfg.data.val_subset if probe_val_subset is None else probe_val_subset)
+
+
+def train_local(cfg: "Config", checkpoint_dir: Optional[str | os.PathLike] = None) -> dict:
+    """The same training loop in this process: no Ray, no MLflow (a bare GPU machine, a notebook, a
+    debugger). Checkpoints go to ``checkpoint_dir`` (resumed from when it holds some). Returns the
+    last epoch's metrics."""
+    from .raytrain.loop import run_local
+
+    last, _ = run_local(cfg, None if checkpoint_dir is None else str(checkpoint_dir))
+    return last
+
+
+def probe(checkpoint: str | os.PathLike, train: str, val: str, *, train_subset: int = 0, val_subset: int = 0,
+          knn_k: int = 200, use_gpu: str = "auto", random_baseline: bool = True) -> "ProbeReport":
+    """``sslray probe``: kNN and a linear probe on frozen features of a checkpoint (a ``state.pt``, its
+    folder, a run folder, or an ``s3://``/``gs://`` location), beside a random-init backbone.
+    ``report.pretrained`` / ``report.random_init`` hold the metrics."""
+    from .raytrain.evaluate import probe_checkpoint
+
+    return probe_checkpoint(str(checkpoint), str(train), str(val), train_subset=train_subset, val_subset=val_subset,
+                            knn_k=knn_k, use_gpu=use_gpu, random_baseline=random_baseline)
+
+
+def evaluate(checkpoint: str | os.PathLike, protocols: str | Sequence[str] = "linear,knn", *,
+             train: Optional[str] = None, val: Optional[str] = None, **kw: Any) -> "EvalReport":
+    """``sslray eval``: evaluation protocols (linear, knn, finetune, lowshot, embed) on a checkpoint;
+    ``train``/``val`` default to the checkpoint's own splits. ``kw`` as ``sslray.eval.run_eval``."""
+    from .eval import run_eval
+
+    return run_eval(str(checkpoint), train, val, protocols, **kw)
+
+
+def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike, which: str = "student",
+                    force: bool = False) -> str:
+    """``sslray export``: a checkpoint's backbone -> ``out/backbone.safetensors`` + ``backbone.json``
+    (``out`` may be ``s3://``/``gs://``). Returns where the files went."""
+    from .export import export_to
+
+    return export_to(checkpoint, out, which, force)[1]
+
+
+def load_backbone(path: str | os.PathLike, device: str = "cpu"):
+    """``(timm backbone, metadata)`` from an export (folder, its weights file, or a remote location)."""
+    from .export import load_backbone as load
+
+    return load(path, device)
+
+
+__all__ = ["Run", "convert", "evaluate", "export_backbone", "load_backbone", "load_config", "pretrain", "probe",
+           "train_local"]
