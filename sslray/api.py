@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .config import Config
     from .eval.runner import EvalReport
     from .raytrain.evaluate import ProbeReport
+    from .tune.sweep import SweepResult
 
 
 def load_config(recipe: Optional[str] = None, overrides: Sequence[str] | Mapping[str, Any] = ()) -> "Config":
@@ -69,10 +70,27 @@ def pretrain(cfg: "Config", *, probe: bool = True, restart: bool = False, evalua
     beside a random-init backbone when ``cfg.data.val`` is set, and run ``evaluate`` protocols
     (``"linear,knn,lowshot"``...). The same ``cfg.ray.name`` resumes; ``restart=True`` starts over."""
     from .cli import run_pretrain
+    from .config import absolute_paths
 
+    cfg = absolute_paths(cfg)
     return run_pretrain(cfg, probe=probe, restart=restart, eval_protocols=evaluate,
                         probe_train_subset=cfg.data.train_subset if probe_train_subset is None else probe_train_subset,
                         probe_val_subset=cfg.data.val_subset if probe_val_subset is None else probe_val_subset)
+
+
+def sweep(cfg: "Config", space: Optional[Mapping[str, Any] | Sequence[str]] = None, *, name: str,
+          storage: str = "./runs", num_samples: int = 8, scheduler: str = "asha", metric: str = "knn_top1",
+          **kw: Any) -> "SweepResult":
+    """``sslray tune``: a Ray Tune search over ``space`` (``{"lr": "loguniform(1e-3,1)", "temperature":
+    "choice(0.1,0.2)"}``, or ``None`` for the method's default space) around ``cfg``, each trial a Ray
+    Train run of at most ``cfg.train.epochs`` epochs, early-stopped by ASHA on ``metric``, every trial
+    and the summary in MLflow. ``result.best`` / ``result.best_config`` / ``result.rows``; the same
+    ``name``/``storage`` resumes. ``kw``: search, mode, grace_period, reduction_factor, grid_points,
+    gpus_per_worker, max_concurrent, seed, tracking_uri, experiment, verbose (docs/tune.md)."""
+    from .tune.cli import sweep_config
+
+    return sweep_config(cfg, space, name=name, storage=storage, num_samples=num_samples, scheduler=scheduler,
+                        metric=metric, **kw)
 
 
 def train_local(cfg: "Config", checkpoint_dir: Optional[str | os.PathLike] = None) -> dict:
@@ -122,4 +140,4 @@ def load_backbone(path: str | os.PathLike, device: str = "cpu"):
 
 
 __all__ = ["Run", "convert", "evaluate", "export_backbone", "load_backbone", "load_config", "pretrain", "probe",
-           "train_local"]
+           "sweep", "train_local"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import ConfigError, load_config
+from .config import ConfigError, absolute_paths, load_config
+from .storage import absolute as _abs
 
 
 # Modules that add their own sub-commands (each has ``register(subparsers)``).
@@ -15,10 +15,6 @@ COMMAND_MODULES: list[str] = ["doctor", "submit", "compare", "ui", "tune.cli", "
 COMMAND_MODULES += ["study"]  # `sslray study`: methods x view policies (sslray/study.py)
 COMMAND_MODULES += ["viewscmd"]  # `sslray views`: a method's augmented views of a .beton (sslray/viewscmd.py)
 COMMAND_MODULES += ["export"]  # `sslray export`: a checkpoint's backbone as safetensors + JSON (sslray/export.py)
-
-
-def _abs(p: Optional[str]) -> Optional[str]:
-    return str(Path(p).resolve()) if p and "://" not in p else p
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
@@ -79,9 +75,7 @@ def config_from_args(a: argparse.Namespace):
         from .datasets.policies import VIEW_POLICIES
 
         VIEW_POLICIES.get(cfg.views.policy)
-    # Workers may run with another cwd: make data and weight paths absolute.
-    return cfg.replace(**{"data.train": _abs(cfg.data.train) or "", "data.val": _abs(cfg.data.val) or "",
-                          "model.init_weights": _abs(cfg.model.init_weights) or ""})
+    return absolute_paths(cfg)
 
 
 def cmd_convert(a) -> int:

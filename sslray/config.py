@@ -315,6 +315,14 @@ def flatten(cfg: Config | Mapping[str, Any], prefix: str = "") -> dict[str, Any]
     return out
 
 
+def absolute_paths(cfg: Config) -> Config:
+    """``cfg`` with its data and weight paths absolute: Ray workers may run with another cwd."""
+    from .storage import absolute
+
+    return cfg.replace(**{"data.train": absolute(cfg.data.train) or "", "data.val": absolute(cfg.data.val) or "",
+                          "model.init_weights": absolute(cfg.model.init_weights) or ""})
+
+
 def effective_lr(cfg: Config) -> float:
     """``base_lr * global_batch / 256`` (linear) or ``* sqrt(global_batch / 256)`` (sqrt)."""
     ratio = cfg.data.batch_size / 256.0
@@ -331,5 +339,5 @@ def effective_lr(cfg: Config) -> float:
 __all__ = [
     "Config", "ConfigError", "DataConfig", "ViewConfig", "ModelConfig", "MethodConfig", "OptimConfig",
     "TrainConfig", "MonitorConfig", "RayConfig", "TrackingConfig", "load_config", "from_dict", "dump_yaml", "flatten",
-    "effective_lr",
+    "effective_lr", "absolute_paths",
 ]

@@ -26,6 +26,11 @@ def is_remote(location: str | os.PathLike) -> bool:
     return "://" in str(location)
 
 
+def absolute(location: Optional[str]) -> Optional[str]:
+    """A local path made absolute (workers may run with another cwd); URIs and empty values as given."""
+    return str(Path(location).resolve()) if location and not is_remote(location) else location
+
+
 def filesystem(location: str | os.PathLike):
     """``(pyarrow filesystem, path)`` for a local path (made absolute) or a URI such as ``s3://b/k``."""
     import pyarrow.fs as pafs
@@ -225,6 +230,6 @@ def upload(local: str | os.PathLike, uri: str) -> str:
     return uri
 
 
-__all__ = ["RUN_FILE", "cache_root", "checkpoint_uri", "exists", "fetch", "fetch_checkpoint", "filesystem", "is_remote",
-           "join", "list_files", "local_mirror", "move_tree", "newest_file", "read_text", "remote_source", "upload",
-           "write_text"]
+__all__ = ["RUN_FILE", "absolute", "cache_root", "checkpoint_uri", "exists", "fetch", "fetch_checkpoint", "filesystem",
+           "is_remote", "join", "list_files", "local_mirror", "move_tree", "newest_file", "read_text", "remote_source",
+           "upload", "write_text"]

@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 
-from .config import CONFIG_DIR, Config, ConfigError, dump_yaml, from_dict, load_config
+from .config import CONFIG_DIR, Config, ConfigError, absolute_paths, dump_yaml, from_dict, load_config
 from .raytrain.session import RaySession
+from .storage import absolute as _abs
 
 TRAIN_FN = "sslray.study:study_train_func"
 STUDY_TAG = "sslray.study"
@@ -37,10 +38,6 @@ MATRIX = (("linear_top1", "linear top-1", "{:.1%}"), ("knn_top1", "kNN top-1", "
 CSV_COLUMNS = ("method", "policy", "status", "linear_top1", "linear_top5", "linear_macro_f1", "knn_top1",
                "knn_top5", "knn_top1_monitor", "epochs", "train_seconds", "wall_seconds", "peak_gpu_mem_mb",
                "peak_rss_mb", "trial_id", "run_id", "reason")
-
-
-def _abs(p):
-    return str(Path(p).resolve()) if p and "://" not in p else p
 
 
 def _names(text: str) -> list[str]:
@@ -79,8 +76,7 @@ def method_config(method: str, recipe: str | None = None, overrides: Sequence[st
     else:
         over.append(f"views.preset={getattr(builder, 'default_views', 'simclr')}")
     cfg = load_config(recipe, over + list(overrides))
-    return cfg.replace(**{"data.train": _abs(cfg.data.train) or "", "data.val": _abs(cfg.data.val) or "",
-                          "tracking.run_name": "", "ray.name": ""})
+    return absolute_paths(cfg).replace(**{"tracking.run_name": "", "ray.name": ""})
 
 
 def check_policies(policies: Sequence[str]) -> None:

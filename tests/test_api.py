@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,6 +33,37 @@ def test_every_api_name_is_the_function_even_after_its_namesake_module_is_import
         sslray.pretrian  # noqa: B018
     cfg = sslray.load_config("smoke", {"train.epochs": 3})
     assert cfg.train.epochs == 3
+
+
+def test_sweep_takes_a_dict_space_and_builds_the_spec_the_cli_would(monkeypatch, tmp_path):
+    """``sslray.sweep`` and ``sslray tune`` share one path: the same space (dict here, strings there)
+    gives the same spec; Ray is not started because the search itself is stubbed."""
+    import sslray
+    from sslray.cli import main
+    from sslray.config import ConfigError
+    from sslray.tune import sweep as sweep_mod
+
+    specs = []
+    monkeypatch.setattr(sweep_mod, "run_sweep", lambda spec, **kw: specs.append((spec, kw)) or _Result(spec))
+    monkeypatch.setattr(sweep_mod, "print_summary", lambda *a: None)
+    cfg = sslray.load_config("simclr_cifar10", {"data.train": "t.beton", "data.val": "v.beton", "train.epochs": 4})
+    sslray.sweep(cfg, {"lr": "loguniform(0.01,1)", "temperature": [0.1, 0.2]}, name="s", storage=str(tmp_path),
+                 gpus_per_worker=0, num_samples=3, grace_period=2)
+    assert main(["tune", "--recipe", "simclr_cifar10", "--data", "t.beton", "--val", "v.beton", "--max-epochs", "4",
+                 "--space", "lr=loguniform(0.01,1)", "--space", "temperature=choice(0.1,0.2)", "--name", "s",
+                 "--storage", str(tmp_path), "--gpus-per-worker", "0", "--num-samples", "3",
+                 "--grace-period", "2"]) == 0
+    (api, _), (cli, _) = specs
+    assert api.space == cli.space and set(api.space) == {"optim.base_lr", "method.temperature"}
+    assert (api.num_samples, api.grace_period, api.max_epochs) == (3, 2, 4)
+    assert api.base == cli.base and api.base["data"]["train"] == str(Path("t.beton").resolve())
+    with pytest.raises(ConfigError, match="data.train"):
+        sslray.sweep(sslray.load_config("smoke"), name="s", gpus_per_worker=0)
+
+
+class _Result:
+    def __init__(self, spec):
+        self.spec, self.best, self.parent_run_id, self.tracking_uri = spec, None, "r", "sqlite:///x.db"
 
 
 @pytest.mark.slow

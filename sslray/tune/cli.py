@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from ..config import CONFIG_DIR, ConfigError, load_config
-
-
-def _abs(p):
-    return str(Path(p).resolve()) if p and "://" not in p else p
+from ..config import CONFIG_DIR, ConfigError, absolute_paths, load_config
+from ..storage import absolute as _abs
 
 
 def register(sub) -> None:
@@ -53,33 +49,51 @@ def base_config(a):
     flags = {"method.name": a.method, "data.train": _abs(a.data), "data.val": _abs(a.val),
              "ray.num_workers": a.workers_per_trial, "train.epochs": a.max_epochs}
     over = [f"{k}={v}" for k, v in flags.items() if v is not None]
-    cfg = load_config(recipe, over + list(a.overrides))
+    return load_config(recipe, over + list(a.overrides))
+
+
+def sweep_config(cfg, space=None, *, name: str, storage: str = "./runs", num_samples: int = 8,
+                 scheduler: str = "asha", search: str = "random", metric: str = "knn_top1", mode: str = "max",
+                 grace_period: int = 1, reduction_factor: float = 2.0, grid_points: int = 3,
+                 gpus_per_worker=None, max_concurrent: int = 0, seed: int = 0, tracking_uri=None,
+                 experiment: str = "sslray-tune", verbose: int = 1):
+    """Search ``space`` (``["lr=loguniform(1e-3,1)", ...]``, ``{"lr": "loguniform(1e-3,1)"}``, YAML files;
+    ``None``: the method's default space) around ``cfg``, each trial a Ray Train run of
+    ``cfg.train.epochs`` epochs at most; returns the ``SweepResult``. The same ``name``/``storage`` resumes."""
+    from .space import canonical_key, check_space, default_space, parse_dist, parse_space
+    from .sweep import make_spec, run_sweep
+
     if not cfg.data.train:
-        raise ConfigError("give the training data: --data TRAIN.beton")
-    return cfg.replace(**{"data.train": _abs(cfg.data.train) or "", "data.val": _abs(cfg.data.val) or ""})
-
-
-def cmd_tune(a) -> int:
-    from .space import check_space, default_space, parse_space
-    from .sweep import export_recipe, make_spec, print_summary, run_sweep
-
-    cfg = base_config(a)
-    gpus = a.gpus_per_worker
-    if gpus is None:
+        raise ConfigError("give the training data: --data TRAIN.beton (config key 'data.train')")
+    cfg = absolute_paths(cfg)
+    if gpus_per_worker is None:
         import ray
 
         from ..raytrain.trainer import ensure_ray
 
         ensure_ray()
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    cfg = cfg.replace(**{"ray.use_gpu": "true" if gpus > 0 else "false"})
-    space = parse_space(a.space) if a.space else default_space(cfg)
+        gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    cfg = cfg.replace(**{"ray.use_gpu": "true" if gpus_per_worker > 0 else "false"})
+    if isinstance(space, dict):  # values as in a --space YAML file: "loguniform(1e-3,1)", [0.1, 0.2], ...
+        space = {canonical_key(str(k)): parse_dist(v, str(k)) for k, v in space.items()}
+    else:
+        space = parse_space(space) if space else default_space(cfg)
     check_space(space, cfg)
-    spec = make_spec(cfg, space, name=a.name, storage=_abs(a.storage), num_samples=a.num_samples,
-                     scheduler=a.scheduler, search=a.search, metric=a.metric, mode=a.mode,
-                     max_epochs=cfg.train.epochs, grace_period=a.grace_period, reduction_factor=a.reduction_factor,
-                     grid_points=a.grid_points, gpus_per_worker=gpus, max_concurrent=a.max_concurrent, seed=a.seed)
-    res = run_sweep(spec, tracking_uri=a.tracking_uri, experiment=a.experiment, verbose=0 if a.quiet else 1)
+    spec = make_spec(cfg, space, name=name, storage=_abs(storage), num_samples=num_samples, scheduler=scheduler,
+                     search=search, metric=metric, mode=mode, max_epochs=cfg.train.epochs, grace_period=grace_period,
+                     reduction_factor=reduction_factor, grid_points=grid_points, gpus_per_worker=gpus_per_worker,
+                     max_concurrent=max_concurrent, seed=seed)
+    return run_sweep(spec, tracking_uri=tracking_uri, experiment=experiment, verbose=verbose)
+
+
+def cmd_tune(a) -> int:
+    from .sweep import export_recipe, print_summary
+
+    res = sweep_config(base_config(a), a.space, name=a.name, storage=a.storage, num_samples=a.num_samples,
+                       scheduler=a.scheduler, search=a.search, metric=a.metric, mode=a.mode,
+                       grace_period=a.grace_period, reduction_factor=a.reduction_factor, grid_points=a.grid_points,
+                       gpus_per_worker=a.gpus_per_worker, max_concurrent=a.max_concurrent, seed=a.seed,
+                       tracking_uri=a.tracking_uri, experiment=a.experiment, verbose=0 if a.quiet else 1)
     print_summary(res, res.spec.metric)
     if a.export:
         if res.best is None:
