@@ -30,6 +30,7 @@ from torch import nn
 WEIGHTS = "backbone.safetensors"
 META = "backbone.json"
 FORMAT = "sslray-backbone/1"
+EMBEDDED_KEY = "sslray"  # safetensors header key holding the metadata JSON as well
 WHICH = ("student", "teacher")
 
 
@@ -112,7 +113,9 @@ def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike, which
     out.mkdir(parents=True, exist_ok=True)
     tmp_w, tmp_m = out / (WEIGHTS + ".tmp"), out / (META + ".tmp")
     try:
-        save_file(weights, str(tmp_w), metadata={"format": FORMAT, "backbone": meta["backbone"]})
+        # The whole metadata under one key: the file then rebuilds on its own, and safetensors writes a
+        # one-key header the same way every time (several keys come out in a random order).
+        save_file(weights, str(tmp_w), metadata={EMBEDDED_KEY: json.dumps(meta, sort_keys=True)})
         tmp_m.write_text(json.dumps(meta, indent=2) + "\n")
         _verify(tmp_w, meta, weights, load_file)
         os.chmod(tmp_w, tmp_m.stat().st_mode & 0o777)  # the umask's mode, like the JSON (not safetensors' 0600)
@@ -151,13 +154,19 @@ def load_backbone(path: str | os.PathLike, device: str | torch.device = "cpu") -
         p = fetch(uri.rsplit("/", 1)[0] if uri.endswith((WEIGHTS, META)) else uri)
     folder = p if p.is_dir() else p.parent
     meta_path, weights_path = folder / META, (p if p.is_file() else folder / WEIGHTS)
-    for f in (meta_path, weights_path):
-        if not f.exists():
-            raise FileNotFoundError(f"load_backbone: {f} not found (write it with `sslray export CHECKPOINT {folder}`)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"load_backbone: {meta_path} is not valid JSON ({e})") from None
+    if not weights_path.exists():
+        raise FileNotFoundError(f"load_backbone: {weights_path} not found "
+                                f"(write it with `sslray export CHECKPOINT {folder}`)")
+    if meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"load_backbone: {meta_path} is not valid JSON ({e})") from None
+    else:  # the weights file copied on its own: its header holds the same metadata
+        meta = embedded_meta(weights_path)
+        if meta is None:
+            raise FileNotFoundError(f"load_backbone: {meta_path} not found, and {weights_path} carries no sslray "
+                                    f"metadata (write both with `sslray export CHECKPOINT {folder}`)")
     missing = [k for k in ("format", "backbone", "cifar_stem", "timm_kwargs") if k not in meta]
     if missing or meta.get("format") != FORMAT:
         raise ValueError(f"load_backbone: {meta_path} is not an sslray backbone export "
@@ -165,6 +174,15 @@ def load_backbone(path: str | os.PathLike, device: str | torch.device = "cpu") -
     model = build_from_meta(meta)
     model.load_state_dict(load_file(str(weights_path)), strict=True)
     return model.to(device).eval(), meta
+
+
+def embedded_meta(weights_path: str | os.PathLike) -> Optional[dict]:
+    """The export metadata kept in a weights file's safetensors header, or None (older exports, other files)."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights_path), "pt") as f:
+        text = (f.metadata() or {}).get(EMBEDDED_KEY)
+    return json.loads(text) if text else None
 
 
 def export_to(checkpoint: str | os.PathLike, out: str | os.PathLike, which: str = "student",

@@ -95,7 +95,7 @@ def test_teacher_is_the_ema_copy_and_student_the_online_network(tmp_path):
 
 
 def test_errors_name_the_problem_and_keep_an_earlier_export(tmp_path, capsys):
-    _checkpoint(tmp_path, "simclr_cifar10", SMALL)
+    model, _ = _checkpoint(tmp_path, "simclr_cifar10", SMALL)
     out = tmp_path / "exp"
     assert main(["export", str(tmp_path / "run"), str(out)]) == 0
     printed = capsys.readouterr().out
@@ -120,9 +120,27 @@ def test_errors_name_the_problem_and_keep_an_earlier_export(tmp_path, capsys):
     (out / META).write_text(json.dumps({"backbone": "resnet10t"}))
     with pytest.raises(ValueError, match="not an sslray backbone export"):
         load_backbone(out)
-    (out / META).unlink()
-    with pytest.raises(FileNotFoundError, match=r"backbone\.json not found"):
+    (out / META).unlink()  # the weights file alone rebuilds from the metadata in its own header
+    _same_features(load_backbone(out)[0], model.backbone)
+    assert load_backbone(out / WEIGHTS)[1]["backbone"] == "resnet10t"
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(str(out / WEIGHTS)), str(out / WEIGHTS))  # weights without the header metadata
+    with pytest.raises(FileNotFoundError, match=r"backbone\.json not found, and .*backbone\.safetensors carries no "
+                                                r"sslray metadata"):
         load_backbone(out)
+    (out / WEIGHTS).unlink()
+    with pytest.raises(FileNotFoundError, match=r"backbone\.safetensors not found"):
+        load_backbone(out)
+
+
+def test_exports_of_one_checkpoint_are_byte_identical(tmp_path):
+    """Same checkpoint, same bytes: content hashes, caches and artifact stores see one file (safetensors
+    writes a multi-key header in a random order, so the metadata is one key)."""
+    _checkpoint(tmp_path, "simclr_cifar10", SMALL)
+    outs = [export_backbone(tmp_path / "run", tmp_path / f"exp{i}") for i in range(4)]
+    for name in (WEIGHTS, META):
+        assert len({(o / name).read_bytes() for o in outs}) == 1, name
 
 
 def test_init_weights_start_the_backbone_and_the_teacher_from_an_export(tmp_path):
