@@ -21,6 +21,7 @@ from sslray.raytrain.losses import (
     nt_xent_loss,
     num_masked,
     patchify,
+    prototype_scores,
     random_masking,
     sinkhorn,
     swav_loss,
@@ -265,6 +266,7 @@ AUTOCAST_LOSSES = {
     "infonce_batch": lambda a, b: infonce_loss(a, b, None, 0.2),
     "barlow_twins": barlow_twins_loss,
     "vicreg": vicreg_loss,
+    "swav_prototype_scores": lambda a, b: prototype_scores(a, b).square().mean(),
 }
 
 

@@ -4,7 +4,7 @@ Each is a plain function of tensors with the paper's defaults as keyword argumen
 family: contrastive, non-contrastive, clustering, distillation, masked image modelling.
 """
 
-from .clustering import sinkhorn, swav_loss
+from .clustering import prototype_scores, sinkhorn, swav_loss
 from .contrastive import infonce_loss, multiview_nt_xent_loss, nt_xent_loss
 from .distillation import dino_loss, update_center
 from .mim import mae_loss, num_masked, patchify, random_masking
@@ -34,6 +34,7 @@ __all__ = [
     "num_masked",
     "patchify",
     "random_masking",
+    "prototype_scores",
     "sinkhorn",
     "swav_loss",
     "update_center",

@@ -7,6 +7,15 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .precision import full_precision
+
+
+@full_precision
+def prototype_scores(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """``z @ prototypes.T`` (B, K) in float32 even under autocast: Sinkhorn exponentiates the scores
+    divided by epsilon (0.05), so a bf16 score's rounding (~0.004) would be ~8% in its code."""
+    return z.float() @ prototypes.float().t()
+
 
 @torch.no_grad()
 def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iters: int = 3) -> torch.Tensor:

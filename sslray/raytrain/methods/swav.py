@@ -9,7 +9,7 @@ from torch import nn
 
 from ..distributed import gather_with_grad
 from ..heads import MLPHead
-from ..losses import sinkhorn, swav_loss
+from ..losses import prototype_scores, sinkhorn, swav_loss
 from . import register_method
 from ._counters import add_counters, counter, set_counter
 from ._multicrop import allow_any_size, encode_crops
@@ -60,13 +60,13 @@ class SwAV(nn.Module):
         # the single-process loss (gather_with_grad routes gradients back, see distributed.py).
         z = [gather_with_grad(c) for c in z]
         w = self._prototype_weight()
-        scores = [c @ w.t().float() for c in z]
+        scores = [prototype_scores(c, w) for c in z]
         codes = []
         use_queue = self.queues is not None and counter(self, "step") >= self.queue_start_step
         for i in range(self.num_global):
             s = scores[i].detach()
             if use_queue and self.queues[i].count > 0:
-                s = torch.cat([s, self.queues[i].rows().float() @ w.detach().t().float()])
+                s = torch.cat([s, prototype_scores(self.queues[i].rows(), w.detach())])
             codes.append(sinkhorn(s, self.epsilon, self.iters)[: scores[i].shape[0]])
         loss = swav_loss(scores, codes, self.temperature)
         if self.queues is not None and self.training:
