@@ -36,14 +36,15 @@ def load_config(recipe: Optional[str] = None, overrides: Sequence[str] | Mapping
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, source: str = "imagefolder",
             split: Optional[str] = None, max_res: int = 256, write_mode: str = "jpg", quality: int = 90,
-            workers: int = 0, strict: bool = False, force: bool = False, **kw: Any) -> dict:
+            compress_probability: float = 0.5, workers: int = 0, strict: bool = False, force: bool = False,
+            **kw: Any) -> dict:
     """``sslray convert``: images -> ``out`` (.beton) + ``out``'s manifest; returns the manifest.
-    ``kw``: ``classes``, ``fraction``, ``seed``, ``compress_probability``, and source options."""
+    ``kw``: ``classes``, ``fraction``, ``seed``, and source options."""
     from .datasets import WriteParams
     from .datasets import convert as run
 
-    wp = {"compress_probability": kw.pop("compress_probability")} if "compress_probability" in kw else {}
-    params = WriteParams(write_mode=write_mode, max_resolution=max_res, jpeg_quality=quality, **wp)
+    params = WriteParams(write_mode=write_mode, max_resolution=max_res, jpeg_quality=quality,
+                         compress_probability=compress_probability)
     return run(src, out, source=source, split=split, params=params, workers=workers, strict=strict, force=force,
                **kw)
 

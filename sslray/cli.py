@@ -79,11 +79,10 @@ def config_from_args(a: argparse.Namespace):
 
 
 def cmd_convert(a) -> int:
-    from .datasets import WriteParams, convert
+    from .api import convert
 
-    params = WriteParams(write_mode=a.write_mode, max_resolution=a.max_res, jpeg_quality=a.quality,
-                         compress_probability=a.compress_probability)
-    convert(a.src, a.out, source=a.source, split=a.split, params=params, workers=a.workers, strict=a.strict,
+    convert(a.src, a.out, source=a.source, split=a.split, max_res=a.max_res, write_mode=a.write_mode,
+            quality=a.quality, compress_probability=a.compress_probability, workers=a.workers, strict=a.strict,
             force=a.force, classes=a.classes, fraction=a.fraction, seed=a.seed)
     return 0
 

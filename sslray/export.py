@@ -157,6 +157,7 @@ def load_backbone(path: str | os.PathLike, device: str | torch.device = "cpu") -
     if not weights_path.exists():
         raise FileNotFoundError(f"load_backbone: {weights_path} not found "
                                 f"(write it with `sslray export CHECKPOINT {folder}`)")
+    source = meta_path if meta_path.exists() else weights_path  # where the metadata is read from
     if meta_path.exists():
         try:
             meta = json.loads(meta_path.read_text())
@@ -169,7 +170,7 @@ def load_backbone(path: str | os.PathLike, device: str | torch.device = "cpu") -
                                     f"metadata (write both with `sslray export CHECKPOINT {folder}`)")
     missing = [k for k in ("format", "backbone", "cifar_stem", "timm_kwargs") if k not in meta]
     if missing or meta.get("format") != FORMAT:
-        raise ValueError(f"load_backbone: {meta_path} is not an sslray backbone export "
+        raise ValueError(f"load_backbone: {source} is not an sslray backbone export "
                          f"(format {meta.get('format')!r}, missing keys {missing})")
     model = build_from_meta(meta)
     model.load_state_dict(load_file(str(weights_path)), strict=True)
