@@ -62,7 +62,11 @@ class SweepSpec:
         return f"{self.storage.rstrip('/')}/{self.name}"
 
     def total_trials(self) -> int:
+        """How many trials Tune runs: ``num_samples`` times the grid (every key for ``--search grid``,
+        the ``grid(...)`` keys for random); Optuna samples grid keys as a choice, so ``num_samples``."""
         d = self.dists
+        if self.search == "optuna":
+            return self.num_samples
         if self.search == "grid":
             return self.num_samples * grid_size(d, self.grid_points)
         grids = {k: v for k, v in d.items() if v.kind == "grid"}
