@@ -10,6 +10,8 @@ with different batch sizes are compared at the lr the method's rule says is equi
 from __future__ import annotations
 
 import ast
+import dataclasses
+import inspect
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -162,8 +164,14 @@ def default_space(cfg: Config) -> dict[str, Dist]:
         space["method.temperature"] = Dist("loguniform", TEMPERATURE_RANGES[name])
     if name in MASK_RATIO_METHODS:
         space["method.params.mask_ratio"] = Dist("uniform", MASK_RATIO_METHODS[name])
-    sizes = sorted({max(cfg.ray.num_workers, bs // 2), bs, bs * 2})
-    space["data.batch_size"] = Dist("choice", tuple(s for s in sizes if s % cfg.ray.num_workers == 0))
+    workers = cfg.ray.num_workers
+    sizes = sorted({max(workers, bs // 2), bs, bs * 2})
+    fits = tuple(s for s in sizes if s % workers == 0)
+    if not fits:
+        raise ConfigError(f"data.batch_size: none of {', '.join(map(str, sizes))} (B/2, B, 2B for B = {bs}) divides "
+                          f"over {workers} workers per trial; set data.batch_size to a multiple of {workers}, or "
+                          f"give --space batch_size=choice(...) with multiples of {workers}")
+    space["data.batch_size"] = Dist("choice", fits)
     if wd > 0:
         space["optim.weight_decay"] = Dist("loguniform", (_sig(wd / 10), _sig(wd * 10)))
     return space
@@ -174,19 +182,76 @@ def _sig(x: float) -> float:
 
 
 def check_space(space: Mapping[str, Dist], cfg: Config) -> None:
-    """Every key must be a config key that accepts every value the distribution can give."""
+    """Every key must be a config key that accepts every value the distribution can give: the listed
+    values of a choice/grid, the bounds of a range (whole numbers only for integer keys), batch sizes
+    that divide over the workers, and ``method.params`` keys the method takes, in their valid ranges."""
     if not space:
         raise ConfigError("the search space is empty")
     for key, dist in space.items():
+        _check_kind(key, dist, cfg)
         for value in dist.grid_points(2):
             try:
-                trial_config(cfg, {key: value})
+                _check_method_value(trial_config(cfg, {key: value}), key, value)
             except (ConfigError, TypeError, ValueError) as e:
                 raise ConfigError(f"--space {key}={dist}: {e}") from None
     if "data.batch_size" in space:
         bad = [b for b in space["data.batch_size"].grid_points() if int(b) % cfg.ray.num_workers]
         if bad:
             raise ConfigError(f"batch sizes {bad} do not divide over {cfg.ray.num_workers} workers per trial")
+
+
+def _check_kind(key: str, dist: Dist, cfg: Config) -> None:
+    """A range can only be sampled where every value in it is valid: whole numbers for integer keys,
+    and never for the batch size (a sampled size must divide over the workers)."""
+    if key == "data.batch_size" and dist.kind not in ("choice", "grid"):
+        raise ConfigError(f"--space data.batch_size={dist}: the batch size must divide over the "
+                          f"{cfg.ray.num_workers} workers of a trial, so list the sizes: "
+                          f"data.batch_size=choice(...) or grid(...) with multiples of {cfg.ray.num_workers}")
+    if dist.kind in ("uniform", "loguniform") and _int_key(key, cfg):
+        low, high = dist.args
+        raise ConfigError(f"--space {key}={dist}: {key} is an integer and {dist.kind} samples fractions; "
+                          f"write {key}=randint({math.ceil(low)}, {math.floor(high) + 1}) or choice(...)")
+
+
+def _int_key(key: str, cfg: Config) -> bool:
+    """Whether ``key`` takes integers: an int config field, or an int keyword of the method's builder."""
+    section, _, name = key.partition(".")
+    if key.startswith("method.params."):
+        param = _builder_params(cfg.method.name).get(key.removeprefix("method.params."))
+        return param is not None and param.annotation in (int, "int")
+    sub = getattr(cfg, section, None)
+    if sub is None or not dataclasses.is_dataclass(sub):
+        return False
+    return any(f.name == name and f.type in (int, "int") for f in dataclasses.fields(sub))
+
+
+def _builder_params(method: str) -> dict[str, inspect.Parameter]:
+    """The keyword arguments ``method.params`` may set for ``method`` (what ``create_method`` passes)."""
+    from ..raytrain.methods import METHODS
+
+    try:
+        builder = METHODS.get(method)
+    except KeyError as e:
+        raise ConfigError(f"config key 'method.name': {e.args[0]}") from None
+    return {k: p for k, p in inspect.signature(builder).parameters.items() if k not in ("cfg", "backbone", "feat_dim")}
+
+
+def _check_method_value(cfg: Config, key: str, value: Any) -> None:
+    """A sampled method setting the method would refuse only once its trial runs: a ``method.params``
+    key its builder does not take, a mask ratio outside [0, 1), a temperature that is not positive."""
+    name = key.removeprefix("method.params.")
+    if key.startswith("method.params."):
+        allowed = _builder_params(cfg.method.name)
+        if name not in allowed:
+            raise ConfigError(f"method {cfg.method.name!r} takes no {key}; its method.params are: "
+                              f"{', '.join(sorted(allowed)) or 'none'}")
+    elif key != "method.temperature":
+        return
+    if name == "mask_ratio" and not (isinstance(value, (int, float)) and 0 <= value < 1):
+        raise ConfigError(f"{key} must be in [0, 1), got {value!r}")
+    temperature = name in ("method.temperature", "temperature") or name.endswith("_temp")  # DINO's teacher_temp
+    if temperature and not (isinstance(value, (int, float)) and value > 0):
+        raise ConfigError(f"{key} must be positive, got {value!r}")
 
 
 RECIPE_KEY = "recipe"  # a sampled recipe (built-in name or YAML path) replaces the base config of that trial
