@@ -4,13 +4,106 @@ trial the config rejects failing alone, and the number of trials a sweep runs.""
 
 from __future__ import annotations
 
+import pickle
+import types
+
 import pytest
 
-from sslray.config import ConfigError, load_config
-from sslray.tune.space import Dist, check_space, default_space, parse_space
-from sslray.tune.sweep import make_spec
+from sslray.config import ConfigError, from_dict, load_config
+from sslray.tune.space import Dist, check_space, default_space, parse_space, trial_config
+from sslray.tune.sweep import best_config, make_spec
 
 DATA = ["data.train=/d/train.beton", "data.val=/d/val.beton"]
+
+
+# ------------------------------------------------------------------------------- what Tune hears
+
+
+class _Queue:
+    def __init__(self):
+        self.items = []
+
+    def put(self, item):
+        self.items.append(item)
+
+
+def test_step_reports_inside_an_epoch_are_not_tune_results():
+    """Tune stops the whole sweep on a result without the scheduled metric; a step-level report
+    (``partial``) has none, so only epoch reports reach Tune (their checkpoints are Train's)."""
+    pytest.importorskip("ray")
+    from sslray.tune import trial
+
+    cls = trial.epoch_report_callback_class()
+    cb = cls.__new__(cls)  # TuneReportCallback() itself needs a live Tune session for its queue
+    cb._training_actor_item_queue = _Queue()
+    step = {"epoch": 0, "step": 50, "step_loss": 4.1, "partial": 1}
+    cb.after_report(None, [step, dict(step)], types.SimpleNamespace(path="/ckpt/step_50"))
+    assert cb._training_actor_item_queue.items == []
+    epoch = {"epoch": 1, "step": 100, "loss": 4.0, "knn_top1": 0.3}
+    cb.after_report(None, [epoch, {**epoch, "knn_top1": 0.0}], types.SimpleNamespace(path="/ckpt/epoch_1"))
+    assert cb._training_actor_item_queue.items == [{**epoch, "checkpoint_path": "/ckpt/epoch_1"}]
+    assert pickle.loads(pickle.dumps(cls)) is trial.EpochReportCallback is cls  # Ray ships it by name
+
+
+def test_run_trial_reports_through_the_epoch_filter_with_the_forced_keys(tmp_path, monkeypatch):
+    pytest.importorskip("ray")
+    import ray.train.torch
+    import ray.tune
+    from ray.train import UserCallback
+
+    from sslray.tune import trial
+
+    class Filter(UserCallback):  # stands in for the filter, which needs a live Tune session
+        pass
+
+    built = {}
+
+    class Trainer:
+        def __init__(self, fn, **kw):
+            built.update(kw)
+
+        def fit(self):
+            built["fit"] = True
+
+    monkeypatch.setattr(trial, "epoch_report_callback_class", lambda: Filter)
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", Trainer)
+    monkeypatch.setattr(ray.tune, "get_context", lambda: types.SimpleNamespace(get_trial_id=lambda: "t1"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: {name: byol}\ntrain: {knn_every: 5, epochs: 10}\n")
+    base = load_config("smoke", DATA).to_dict()
+    trial.run_trial({"recipe": str(recipe)}, base, str(tmp_path), 0.0, forced={"train.knn_every": 1})
+    cfg = from_dict(built["train_loop_config"]["cfg"])
+    assert built["fit"] and cfg.method.name == "byol" and cfg.train.knn_every == 1
+    assert [type(c) for c in built["run_config"].callbacks] == [Filter]
+
+
+# ----------------------------------------------------------------------- keys forced on every trial
+
+
+def test_a_recipe_loaded_by_a_trial_keeps_the_sweeps_forced_keys(tmp_path):
+    """The kNN metric is read every epoch: a trial that loads a recipe with ``knn_every: 5`` (every
+    shipped cifar10 recipe) must still run the monitor every epoch."""
+    from sslray.study import make_study_spec, method_config
+
+    cfgs = {m: method_config(m, None, [*DATA, "train.epochs=10"]) for m in ("simclr", "byol")}
+    assert {c.train.knn_every for c in cfgs.values()} == {5}
+    spec = make_study_spec(cfgs, ["default"], name="st", storage=str(tmp_path))
+    assert spec.forced == {"train.knn_every": 1}
+    base = from_dict(spec.base)
+    for method, path in zip(cfgs, spec.space["recipe"][1]):
+        sampled = {"recipe": path, "views.policy": "default"}
+        cfg = trial_config(base, sampled, spec.forced)
+        assert cfg.method.name == method and cfg.train.knn_every == 1 and cfg.train.epochs == 10
+        assert best_config(spec, {"config": sampled}).train.knn_every == 1
+
+
+def test_a_forced_key_cannot_be_searched():
+    cfg = load_config("smoke", DATA)
+    with pytest.raises(ConfigError, match="train.knn_every"):
+        make_spec(cfg, {"train.knn_every": Dist("choice", (1, 5))}, name="s", storage="/tmp/s")
+    spec = make_spec(cfg, {"train.knn_every": Dist("choice", (1, 5))}, name="s", storage="/tmp/s", metric="loss",
+                     mode="min")
+    assert spec.forced == {}
 
 
 # ------------------------------------------------------------------ search space, before anything runs

@@ -37,10 +37,13 @@ class MLflowSweepCallback(Callback):
     """Creates/reuses a child run per trial: params at start, per-epoch metrics (step = epoch) as
     results land, FINISHED/FAILED at the end with the failure reason and whether it was stopped early."""
 
+    forced: Mapping[str, Any] = {}  # SweepSpec.forced (callbacks pickled before it existed have none)
+
     def __init__(self, uri: str, experiment: str, parent_run_id: str, sweep_name: str, base: dict,
-                 max_epochs: int):
+                 max_epochs: int, forced: Mapping[str, Any] | None = None):
         self.uri, self.experiment, self.parent_run_id = uri, experiment, parent_run_id
         self.sweep_name, self.base, self.max_epochs = sweep_name, base, max_epochs
+        self.forced = dict(forced or {})
         self._runs: dict[str, str] = {}
         self._parent: Tracker | None = None
 
@@ -72,7 +75,7 @@ class MLflowSweepCallback(Callback):
         run_id = self._find_child(trial.trial_id)
         if run_id is not None:
             return Tracker(self.uri, run_id)
-        cfg = trial_config(from_dict(self.base), trial.config)
+        cfg = trial_config(from_dict(self.base), trial.config, self.forced)
         t = Tracker.start(self.uri, self.experiment, f"{self.sweep_name}-{trial.trial_id}",
                           tags={TRIAL_TAG: trial.trial_id, SWEEP_TAG: self.sweep_name,
                                 "sslray.method": cfg.method.name, "sslray.backbone": cfg.model.backbone},

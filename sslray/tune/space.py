@@ -257,14 +257,16 @@ def _check_method_value(cfg: Config, key: str, value: Any) -> None:
 RECIPE_KEY = "recipe"  # a sampled recipe (built-in name or YAML path) replaces the base config of that trial
 
 
-def trial_config(base: Config, sampled: Mapping[str, Any]) -> Config:
+def trial_config(base: Config, sampled: Mapping[str, Any], forced: Mapping[str, Any] | None = None) -> Config:
     """The config a trial runs: the base with the sampled keys applied. ``optim.base_lr`` stays the lr
     per 256 images; ``effective_lr(cfg)`` applies ``optim.lr_scaling`` for the trial's batch size.
     A sampled ``recipe`` (a grid over whole configs, e.g. one resolved recipe per method in
-    ``sslray study``) is loaded in place of the base, then the other sampled keys apply."""
+    ``sslray study``) is loaded in place of the base, then the other sampled keys apply. ``forced``
+    (the keys the sweep sets on every trial, ``SweepSpec.forced``) apply last, so a recipe keeps them."""
     keys = {k: v for k, v in sampled.items() if not k.startswith("_")}
     if RECIPE_KEY in keys:
         base = load_config(str(keys.pop(RECIPE_KEY)))
+    keys.update(forced or {})
     return base.replace(**keys) if keys else base
 
 

@@ -48,7 +48,7 @@ def summarize(grid, spec) -> tuple[list[dict], dict | None]:
             if len(col):
                 row[f"best_{spec.metric}"] = float(col.max() if spec.mode == "max" else col.min())
         try:
-            row["effective_lr"] = effective_lr(trial_config(base, config))
+            row["effective_lr"] = effective_lr(trial_config(base, config, spec.forced))
         except Exception:  # noqa: BLE001, S110 - a config that cannot be built failed the trial; it has a reason
             pass
         rows.append(row)

@@ -52,6 +52,9 @@ class SweepSpec:
     max_concurrent: int = 0  # 0: from cluster resources and trial size
     seed: int = 0
     train_fn: str = ""  # "module:function" the workers run instead of the loop's train_func ("": the loop's)
+    # Keys every trial runs with whatever its recipe says (a sampled ``recipe`` replaces the base):
+    # the kNN monitor every epoch when the scheduler reads a kNN metric.
+    forced: dict = field(default_factory=dict)
 
     @property
     def dists(self) -> dict[str, Dist]:
@@ -89,10 +92,17 @@ def make_spec(base: Config, space: Mapping[str, Dist], **kw) -> SweepSpec:
     grace = int(kw.get("grace_period", 1))
     if not 0 < grace <= max_epochs:
         raise ConfigError(f"--grace-period {grace} must be between 1 and --max-epochs {max_epochs}")
-    # The scheduler reads the metric every epoch, so the kNN monitor must run every epoch.
-    cfg = base.replace(**{"train.epochs": max_epochs, "train.knn_every": 1 if metric.startswith("knn") else
-                          base.train.knn_every, "tracking.run_name": "", "ray.name": ""})
-    return SweepSpec(base=cfg.to_dict(), space={k: [d.kind, list(d.args)] for k, d in space.items()}, **kw)
+    # The scheduler reads the metric every epoch (Tune stops the sweep on an epoch result without it),
+    # so the kNN monitor must run every epoch, also in trials that load a recipe of their own.
+    forced = {"train.knn_every": 1} if metric.startswith("knn") else {}
+    clash = sorted(set(forced) & set(space))
+    if clash:
+        sets = ", ".join(f"{k}={v}" for k, v in forced.items())
+        raise ConfigError(f"--space {', '.join(clash)}: the sweep sets {sets} on every trial, because --metric "
+                          f"{metric} is read every epoch; leave it out of --space")
+    cfg = base.replace(**{"train.epochs": max_epochs, "tracking.run_name": "", "ray.name": "", **forced})
+    return SweepSpec(base=cfg.to_dict(), space={k: [d.kind, list(d.args)] for k, d in space.items()}, forced=forced,
+                     **kw)
 
 
 def max_concurrent_trials(resources: Mapping[str, float], workers: int, cpus_per_worker: float,
@@ -153,7 +163,7 @@ def make_trainable(spec: SweepSpec):
     from ray import tune
 
     fn = tune.with_parameters(run_trial, base=spec.base, sweep_dir=spec.sweep_dir,
-                              gpus_per_worker=spec.gpus_per_worker, train_fn=spec.train_fn)
+                              gpus_per_worker=spec.gpus_per_worker, train_fn=spec.train_fn, forced=spec.forced)
     return tune.with_resources(fn, {"memory": TRIAL_DRIVER_MEMORY})
 
 
@@ -251,7 +261,7 @@ def run_sweep(spec: SweepSpec, tracking_uri: str | None = None, experiment: str 
                 name=spec.name, storage_path=spec.storage, verbose=verbose,
                 failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
                 callbacks=[MLflowSweepCallback(uri, experiment, parent.run_id, spec.name, spec.base,
-                                               spec.max_epochs), PlacementGroupReaper()]),
+                                               spec.max_epochs, spec.forced), PlacementGroupReaper()]),
         )
     try:
         grid = tuner.fit()
@@ -267,7 +277,7 @@ def run_sweep(spec: SweepSpec, tracking_uri: str | None = None, experiment: str 
 
 def best_config(spec: SweepSpec, best: Mapping[str, Any]) -> Config:
     """The best trial's full config, ready for ``sslray pretrain --recipe``."""
-    return trial_config(from_dict(spec.base), best["config"])
+    return trial_config(from_dict(spec.base), best["config"], spec.forced)
 
 
 def export_recipe(cfg: Config, path: str, spec: SweepSpec, best: Mapping[str, Any]) -> Path:
