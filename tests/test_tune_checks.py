@@ -147,6 +147,31 @@ def test_default_space_names_the_batch_size_when_none_divides_over_the_workers()
         default_space(cfg)
 
 
+# ------------------------------------------------------------ a rejected trial fails alone (MLflow)
+
+
+def test_a_trial_the_config_rejects_gets_a_child_run_and_the_sweep_goes_on(tmp_path):
+    pytest.importorskip("ray")
+    from sslray.tracking import Tracker
+    from sslray.tune.mlflow_callback import TRIAL_TAG, MLflowSweepCallback
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = Tracker.start(uri, "tune", "sweep")
+    base = load_config("smoke", DATA).to_dict()
+    cb = MLflowSweepCallback(uri, "tune", parent.run_id, "sweep", base, max_epochs=2)
+    bad = types.SimpleNamespace(trial_id="bad", config={"data.batch_size": 137.25}, error_file=None,
+                                error_msg="ConfigError: config key 'data.batch_size': expected an integer")
+    good = types.SimpleNamespace(trial_id="good", config={"data.batch_size": 64})
+    cb.on_trial_start(0, [], bad)  # raising here would stop tuner.fit() for every trial
+    cb.on_trial_start(0, [], good)
+    cb.on_trial_error(0, [], bad)
+    runs = {r.data.tags[TRIAL_TAG]: r for r in parent.client.search_runs([parent.client.get_run(
+        parent.run_id).info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.run_id}'")}
+    assert "expected an integer" in runs["bad"].data.tags["sslray.config_error"]
+    assert runs["bad"].data.params["sampled.data.batch_size"] == "137.25" and runs["bad"].info.status == "FAILED"
+    assert runs["good"].data.params["data.batch_size"] == "64" and runs["good"].data.tags["sslray.method"] == "simclr"
+
+
 # -------------------------------------------------------------------------------- number of trials
 
 

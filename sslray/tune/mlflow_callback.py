@@ -12,7 +12,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from ..config import effective_lr, flatten, from_dict
+from ..config import ConfigError, effective_lr, flatten, from_dict
 from ..tracking import Tracker, numeric
 from .space import trial_config
 from .trial import failure_reason
@@ -35,7 +35,11 @@ def training_metrics(result: Mapping[str, Any]) -> dict[str, float]:
 
 class MLflowSweepCallback(Callback):
     """Creates/reuses a child run per trial: params at start, per-epoch metrics (step = epoch) as
-    results land, FINISHED/FAILED at the end with the failure reason and whether it was stopped early."""
+    results land, FINISHED/FAILED at the end with the failure reason and whether it was stopped early.
+
+    A trial whose sampled values the config rejects still gets its child run (sampled values and the
+    error as ``sslray.config_error``); the trial itself then fails on the same error and is recorded
+    as failed. Raising here, in the Tune driver, would stop the whole sweep."""
 
     forced: Mapping[str, Any] = {}  # SweepSpec.forced (callbacks pickled before it existed have none)
 
@@ -75,13 +79,18 @@ class MLflowSweepCallback(Callback):
         run_id = self._find_child(trial.trial_id)
         if run_id is not None:
             return Tracker(self.uri, run_id)
-        cfg = trial_config(from_dict(self.base), trial.config, self.forced)
-        t = Tracker.start(self.uri, self.experiment, f"{self.sweep_name}-{trial.trial_id}",
-                          tags={TRIAL_TAG: trial.trial_id, SWEEP_TAG: self.sweep_name,
-                                "sslray.method": cfg.method.name, "sslray.backbone": cfg.model.backbone},
-                          parent_run_id=self.parent_run_id)
         sampled = {f"sampled.{k}": v for k, v in trial.config.items() if not k.startswith("_")}
-        t.log_params({**flatten(cfg), **sampled, "derived.effective_lr": effective_lr(cfg)})
+        tags = {TRIAL_TAG: trial.trial_id, SWEEP_TAG: self.sweep_name}
+        try:
+            cfg = trial_config(from_dict(self.base), trial.config, self.forced)
+        except (ConfigError, OSError, TypeError, ValueError) as e:  # the trial fails on it; the sweep goes on
+            tags["sslray.config_error"], params = str(e)[:5000], sampled
+        else:
+            tags.update({"sslray.method": cfg.method.name, "sslray.backbone": cfg.model.backbone})
+            params = {**flatten(cfg), **sampled, "derived.effective_lr": effective_lr(cfg)}
+        t = Tracker.start(self.uri, self.experiment, f"{self.sweep_name}-{trial.trial_id}", tags=tags,
+                          parent_run_id=self.parent_run_id)
+        t.log_params(params)
         self._runs[trial.trial_id] = t.run_id
         return t
 
