@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from .config import ConfigError, absolute_paths, load_config
+from .config import ConfigError, absolute_paths, flag_overrides, load_config
 from .storage import absolute as _abs
 
 
@@ -45,13 +45,13 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="any config key, e.g. optim.base_lr=0.3")
 
 
-def parse_checkpoint_every(text: str) -> list[str]:
+def parse_checkpoint_every(text: str) -> dict[str, int]:
     """``3`` / ``3epochs`` -> every 3 epochs; ``500steps`` -> every 500 steps (and every epoch end)."""
     t = text.strip().lower().replace(" ", "")
     for suffix, key in (("steps", "train.checkpoint_every_steps"), ("step", "train.checkpoint_every_steps"),
                         ("epochs", "train.checkpoint_every"), ("epoch", "train.checkpoint_every"), ("", "train.checkpoint_every")):
         if t.endswith(suffix) and t[: len(t) - len(suffix)].isdigit():
-            return [f"{key}={int(t[: len(t) - len(suffix)])}"]
+            return {key: int(t[: len(t) - len(suffix)])}
     raise ConfigError(f"--checkpoint-every {text!r}: expected N (epochs), Nepochs or Nsteps")
 
 
@@ -62,15 +62,12 @@ def config_from_args(a: argparse.Namespace):
         "ray.use_gpu": a.gpu, "ray.storage": a.storage, "ray.name": a.name, "tracking.tracking_uri": a.tracking_uri,
         "tracking.experiment": a.experiment, "views.policy": getattr(a, "views", None),
         "model.init_weights": getattr(a, "init_weights", None),
+        "data.auto_batch": True if getattr(a, "auto_batch", False) else None,
+        "ray.max_failures": getattr(a, "max_failures", None),
     }
-    over = [f"{k}={v}" for k, v in flags.items() if v is not None]
-    if getattr(a, "auto_batch", False):
-        over.append("data.auto_batch=true")
-    if getattr(a, "max_failures", None) is not None:
-        over.append(f"ray.max_failures={a.max_failures}")
     if getattr(a, "checkpoint_every", None):
-        over += parse_checkpoint_every(a.checkpoint_every)
-    cfg = load_config(a.recipe, over + list(a.overrides))
+        flags.update(parse_checkpoint_every(a.checkpoint_every))
+    cfg = load_config(a.recipe, flag_overrides(flags, a.overrides))
     if cfg.views.policy != "default":  # an unknown view policy fails here, naming the known ones, not in the workers
         from .datasets.policies import VIEW_POLICIES
 

@@ -242,17 +242,52 @@ def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict:
     return out
 
 
+def field_type(key: str) -> Any:
+    """The declared type of a dotted config key (``"ray.name"`` -> ``str``); None for a key that is
+    unknown or lies inside a free mapping such as ``method.params``."""
+    cls: Any = Config
+    typ: Any = None
+    for part in key.split("."):
+        f = {f.name: f for f in fields(cls)}.get(part) if cls is not None else None
+        if f is None:
+            return None
+        typ = _TYPE_NAMES.get(f.type, f.type) if isinstance(f.type, str) else f.type
+        cls = _SECTIONS.get(typ) if isinstance(typ, str) else (typ if is_dataclass(typ) else None)
+    return typ
+
+
+_TYPE_NAMES = {"int": int, "float": float, "bool": bool, "str": str}  # field types as written under PEP 563
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"section.key=value"`` -> ``("section.key", value)``. A ``str`` key keeps the text after ``=``
+    exactly (a run name ``0755`` or ``12:30``, an experiment ``off``, a path holding `` #``); every
+    other key's value is read as YAML (numbers, booleans, lists, mappings)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    k, v = text.split("=", 1)
+    k = k.strip()
+    if field_type(k) is str:
+        return k, v
+    try:
+        return k, yaml.safe_load(v) if v.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({e})") from None
+
+
+def flag_overrides(flags: Mapping[str, Any], overrides: Sequence[str] = ()) -> dict:
+    """Command-line flags (``None``: not given) then ``key=value`` overrides, as one mapping of dotted
+    keys; the overrides win. Flag values are used as typed, never re-read as YAML, so ``--name 0755``
+    stays the text ``0755`` and ``--data "/data/set #2/train.beton"`` keeps its whole path."""
+    out = {k: v for k, v in flags.items() if v is not None}
+    out.update(parse_override(t) for t in overrides)
+    return out
+
+
 def overrides_to_tree(overrides: Mapping[str, Any] | Sequence[str]) -> dict:
-    """``["optim.base_lr=0.1", ...]`` or ``{"optim.base_lr": 0.1}`` -> nested dict (YAML-typed values)."""
-    items: list[tuple[str, Any]] = []
-    if isinstance(overrides, Mapping):
-        items = list(overrides.items())
-    else:
-        for text in overrides:
-            if "=" not in text:
-                raise ConfigError(f"override {text!r} must look like section.key=value")
-            k, v = text.split("=", 1)
-            items.append((k.strip(), yaml.safe_load(v) if v.strip() else ""))
+    """``["optim.base_lr=0.1", ...]`` or ``{"optim.base_lr": 0.1}`` -> nested dict. Mapping values are
+    used as given; ``key=value`` texts are typed by ``parse_override``."""
+    items = list(overrides.items()) if isinstance(overrides, Mapping) else [parse_override(t) for t in overrides]
     tree: dict = {}
     for key, value in items:
         parts = key.split(".")
@@ -339,5 +374,5 @@ def effective_lr(cfg: Config) -> float:
 __all__ = [
     "Config", "ConfigError", "DataConfig", "ViewConfig", "ModelConfig", "MethodConfig", "OptimConfig",
     "TrainConfig", "MonitorConfig", "RayConfig", "TrackingConfig", "load_config", "from_dict", "dump_yaml", "flatten",
-    "effective_lr", "absolute_paths",
+    "effective_lr", "absolute_paths", "flag_overrides", "parse_override", "field_type",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import CONFIG_DIR, ConfigError, absolute_paths, load_config
+from ..config import CONFIG_DIR, ConfigError, absolute_paths, flag_overrides, load_config
 from ..storage import absolute as _abs
 
 
@@ -48,8 +48,7 @@ def base_config(a):
         recipe = f"{a.method}_cifar10"
     flags = {"method.name": a.method, "data.train": _abs(a.data), "data.val": _abs(a.val),
              "ray.num_workers": a.workers_per_trial, "train.epochs": a.max_epochs}
-    over = [f"{k}={v}" for k, v in flags.items() if v is not None]
-    return load_config(recipe, over + list(a.overrides))
+    return load_config(recipe, flag_overrides(flags, a.overrides))
 
 
 def sweep_config(cfg, space=None, *, name: str, storage: str = "./runs", num_samples: int = 8,
