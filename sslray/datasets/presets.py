@@ -46,11 +46,11 @@ def byol_views(size=32, min_scale=0.08, jitter_strength=0.5, blur=False, **_):
 PRESETS.register("mocov3")(byol_views)  # MoCo v3 uses BYOL's augmentations (Chen et al. 2021, sec. 5)
 
 
-def _multicrop(size, min_scale, jitter_strength, blur, n_local, local_size, local_min_scale, global_blur,
-               local_blur, solarize2):
-    s = jitter_strength / 0.5
-    base = replace(_base(size, min_scale, jitter_strength, False, _small(size)),
-                   jitter=(0.4 * s, 0.4 * s, 0.2 * s, 0.1 * s))
+def _multicrop(size, min_scale, jitter, blur, n_local, local_size, local_min_scale, global_blur, local_blur,
+               solarize2):
+    """Two global crops and ``n_local`` local ones sharing one colour jitter ``jitter`` (brightness,
+    contrast, saturation, hue) at p=0.8 with grey p=0.2; only blur and solarize differ per crop."""
+    base = replace(_base(size, min_scale, 0.0, False, _small(size)), jitter=tuple(jitter))
     g1 = replace(base, blur_p=global_blur[0] if blur else 0.0)
     g2 = replace(base, blur_p=global_blur[1] if blur else 0.0, solarize_p=solarize2)
     spec = [(g1, 1), (g2, 1)]
@@ -66,16 +66,23 @@ def dino_views(size=32, min_scale=0.4, jitter_strength=0.5, blur=False, n_local=
                local_min_scale=0.05, **_):
     """DINO multi-crop (Caron et al. 2021, sec. 3.1 and appendix): 2 global crops at ``size`` with
     scale (min_scale, 1) (0.4 in the paper), blur 1.0 / 0.1, solarize 0 / 0.2; ``n_local`` (6-10) local
-    crops at ``local_size`` (default 96/224 of ``size``) with scale (local_min_scale, min_scale), blur 0.5."""
-    return _multicrop(size, min_scale, jitter_strength, blur, n_local, local_size, local_min_scale, (1.0, 0.1), 0.5, 0.2)
+    crops at ``local_size`` (default 96/224 of ``size``) with scale (local_min_scale, min_scale), blur 0.5.
+    Colour jitter is BYOL's (0.4, 0.4, 0.2, 0.1) at ``jitter_strength`` 0.5, scaled by ``jitter_strength / 0.5``."""
+    s = jitter_strength / 0.5
+    return _multicrop(size, min_scale, (0.4 * s, 0.4 * s, 0.2 * s, 0.1 * s), blur, n_local, local_size,
+                      local_min_scale, (1.0, 0.1), 0.5, 0.2)
 
 
 @PRESETS.register("swav")
-def swav_views(size=32, min_scale=0.14, jitter_strength=0.5, blur=False, n_local=6, local_size=None,
+def swav_views(size=32, min_scale=0.14, jitter_strength=1.0, blur=False, n_local=6, local_size=None,
                local_min_scale=0.05, **_):
     """SwAV multi-crop (Caron et al. 2020, sec. 3.2): 2 global crops, scale (0.14, 1), and ``n_local``
-    (6 in the paper) local crops at 96/224 of ``size``, scale (0.05, 0.14); blur 0.5 everywhere, no solarize."""
-    return _multicrop(size, min_scale, jitter_strength, blur, n_local, local_size, local_min_scale, (0.5, 0.5), 0.5, 0.0)
+    (6 in the paper) local crops at 96/224 of ``size``, scale (0.05, 0.14); blur 0.5 everywhere, no solarize.
+    Colour jitter is SimCLR's (0.8s, 0.8s, 0.8s, 0.2s) with s = ``jitter_strength``, as SwAV's code
+    (``get_color_distortion(s=1.0)``: ColorJitter(0.8, 0.8, 0.8, 0.2) at p=0.8, grey p=0.2) at s = 1."""
+    s = jitter_strength
+    return _multicrop(size, min_scale, (0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), blur, n_local, local_size,
+                      local_min_scale, (0.5, 0.5), 0.5, 0.0)
 
 
 @PRESETS.register("mae")
