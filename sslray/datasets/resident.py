@@ -20,9 +20,11 @@ as the shared CIFAR-10 (``load_archive``), or tensors already in memory.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tarfile
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 
 from . import loader as _loader
+from .sources import Record, SourceListing
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -67,13 +70,19 @@ def load_archive(archive: str | os.PathLike, split: str, res: int = 0, per_class
 
     ``per_class`` > 0 keeps only the first ``per_class`` images of each class (sorted by name).
     With ``cache_dir`` the arrays are cached there as an .npz and later calls load that instead."""
-    cache = None
+    cache = stamp = None
     if cache_dir:
-        tag = f"{Path(archive).name.split('.')[0]}-{split}-r{res}-pc{per_class}.npz"
+        # Named by the archive's absolute path (two archives of one name do not share a cache) and
+        # reused only while the archive's size and mtime are those it was made from.
+        path = Path(archive).resolve()
+        st = path.stat()
+        where = hashlib.blake2b(str(path).encode(), digest_size=6).hexdigest()
+        tag = f"{path.name.split('.')[0]}-{where}-{split}-r{res}-pc{per_class}.npz"
         cache = Path(cache_dir) / tag
-        if cache.exists():
-            z = np.load(cache, allow_pickle=False)
-            return z["images"], z["labels"], [str(c) for c in z["classes"]]
+        stamp = hashlib.blake2b(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode(), digest_size=16).hexdigest()
+        found = _load_npz(cache, stamp)
+        if found is not None:
+            return found
     members: dict[tuple[str, str], bytes] = {}
     prefix = split.strip("/") + "/"
     with tarfile.open(archive) as tf:
@@ -100,27 +109,34 @@ def load_archive(archive: str | os.PathLike, split: str, res: int = 0, per_class
     images = _decode_all([members[k] for k in keys], res)
     labels = np.array([classes.index(c) for c, _ in keys], dtype=np.int64)
     if cache is not None:
-        _save_npz(cache, images, labels, classes)
+        _save_npz(cache, images, labels, classes, stamp)
     return images, labels, classes
 
 
 def load_image_folder(root: str | os.PathLike, res: int = 0, cache: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """An ImageFolder tree -> ``(images, labels, classes)``; cached as ``<root>.resident<res>.npz``
-    beside the tree when that directory is writable (a second load costs one ``np.load``)."""
+    beside the tree when that directory is writable (a second load costs one ``np.load``). The cache
+    holds the fingerprint of the file list (every image's path, label, size and mtime) and is used only
+    while the tree still has that fingerprint: an image added, removed or replaced inside a class
+    folder leaves the folder's own mtime alone, so the tree's mtime cannot tell."""
     root = Path(root)
     npz = root.parent / f"{root.name}.resident{res}.npz"
-    if cache and npz.exists() and npz.stat().st_mtime >= root.stat().st_mtime:
-        z = np.load(npz, allow_pickle=False)
-        return z["images"], z["labels"], [str(c) for c in z["classes"]]
+    if not root.is_dir():
+        raise _loader.DataError(f"{root} is not an ImageFolder tree (<class>/<image>): no such folder")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     files = [(ci, f) for ci, c in enumerate(classes) for f in sorted((root / c).iterdir())
              if f.suffix.lower() in IMAGE_EXTS]
     if not files:
         raise _loader.DataError(f"{root} is not an ImageFolder tree (<class>/<image>) with images")
+    stamp = SourceListing([Record(str(f.resolve()), ci) for ci, f in files], classes, "resident",
+                          str(root.resolve())).fingerprint()
+    found = _load_npz(npz, stamp) if cache else None
+    if found is not None:
+        return found
     images = _decode_all([f.read_bytes() for _, f in files], res)
     labels = np.array([ci for ci, _ in files], dtype=np.int64)
     if cache and os.access(root.parent, os.W_OK):
-        _save_npz(npz, images, labels, classes)
+        _save_npz(npz, images, labels, classes, stamp)
     return images, labels, classes
 
 
@@ -135,11 +151,26 @@ def load_beton(path: str, res: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return np.concatenate(xs), np.concatenate(ys), list(info.classes)
 
 
-def _save_npz(path: Path, images, labels, classes) -> None:
+def _save_npz(path: Path, images, labels, classes, stamp: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, images=images, labels=labels, classes=np.array(classes))
+    np.savez(tmp, images=images, labels=labels, classes=np.array(classes), stamp=np.array(stamp))
     os.replace(tmp, path)  # never a half-written cache
+
+
+def _load_npz(path: Path, stamp: str) -> Optional[tuple[np.ndarray, np.ndarray, list[str]]]:
+    """The cached arrays when ``path`` was made from the source ``stamp`` describes; None otherwise
+    (no cache, a cache of other data, one written before caches carried a stamp, or an unreadable one:
+    each is rebuilt from the source)."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "stamp" not in z.files or str(z["stamp"]) != stamp:
+                return None
+            return z["images"], z["labels"], [str(c) for c in z["classes"]]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
 
 
 # --- the resident dataset and its loader -----------------------------------------------------------

@@ -1,0 +1,65 @@
+"""The resident loader's caches going stale when their source changes."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from sslray.datasets.resident import load_archive, load_image_folder
+
+
+def write_png(path: Path, value: int, size: int = 8) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), (value, 255 - value, (7 * value) % 256)).save(path)
+    return path
+
+
+def tree(root: Path, classes: dict[str, int]) -> Path:
+    """``root/<class>/<i>.png``, ``classes[c]`` images each, every image its own colour."""
+    for k, (c, n) in enumerate(classes.items()):
+        for i in range(n):
+            write_png(root / c / f"{i}.png", 40 * k + i)
+    return root
+
+
+# --- resident caches follow their source -------------------------------------------------------------
+
+def test_resident_folder_cache_sees_images_added_removed_or_replaced(tmp_path):
+    root = tree(tmp_path / "train", {"cat": 2, "dog": 2})
+    x, y, classes = load_image_folder(root, res=8)
+    assert y.tolist() == [0, 0, 1, 1] and (tmp_path / "train.resident8.npz").exists()
+    root_mtime = root.stat().st_mtime_ns
+    write_png(root / "dog" / "2.png", 200)
+    os.remove(root / "cat" / "0.png")
+    assert root.stat().st_mtime_ns == root_mtime  # the tree's own mtime cannot tell
+    x, y, _ = load_image_folder(root, res=8)
+    assert y.tolist() == [0, 1, 1, 1] and len(x) == 4
+    write_png(root / "cat" / "1.png", 123, size=16)  # replaced in place (another size on disk)
+    x2, y2, _ = load_image_folder(root, res=8)
+    assert y2.tolist() == y.tolist() and not np.array_equal(x2[0], x[0])
+    x3, _, _ = load_image_folder(root, res=8)  # unchanged: the cache is used and agrees
+    assert np.array_equal(x3, x2)
+
+
+def make_archive(path: Path, src: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tf:
+        tf.add(src, arcname="train")
+    return path
+
+
+def test_resident_archive_cache_is_keyed_on_the_archive_itself(tmp_path):
+    cache = tmp_path / "cache"
+    a = make_archive(tmp_path / "a" / "data.tar.gz", tree(tmp_path / "ta", {"cat": 1, "dog": 1}))
+    b = make_archive(tmp_path / "b" / "data.tar.gz", tree(tmp_path / "tb", {"cat": 2, "dog": 1, "eel": 1}))
+    _, ya, ca = load_archive(a, "train", cache_dir=cache)
+    _, yb, cb = load_archive(b, "train", cache_dir=cache)  # same base name, another archive
+    assert ca == ["cat", "dog"] and cb == ["cat", "dog", "eel"] and yb.tolist() == [0, 0, 1, 2]
+    assert load_archive(a, "train", cache_dir=cache)[2] == ca
+    make_archive(a, tree(tmp_path / "ta2", {"cat": 1, "dog": 1, "fox": 1}))  # rewritten in place
+    _, ya2, ca2 = load_archive(a, "train", cache_dir=cache)
+    assert ca2 == ["cat", "dog", "fox"] and ya2.tolist() == [0, 1, 2]
