@@ -1,7 +1,8 @@
-"""The resident loader's caches going stale when their source changes."""
+"""--classes order, and the resident loader's caches going stale when their source changes."""
 
 from __future__ import annotations
 
+import csv
 import os
 import tarfile
 from pathlib import Path
@@ -9,7 +10,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from sslray.datasets import SOURCES
 from sslray.datasets.resident import load_archive, load_image_folder
+from sslray.datasets.sources import select
 
 
 def write_png(path: Path, value: int, size: int = 8) -> Path:
@@ -24,6 +27,27 @@ def tree(root: Path, classes: dict[str, int]) -> Path:
         for i in range(n):
             write_png(root / c / f"{i}.png", 40 * k + i)
     return root
+
+
+def write_csv(path: Path, rows: list[tuple[Path, str]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        csv.writer(fh).writerows([(str(p), lab) for p, lab in rows])
+    return path
+
+
+# --- --classes keeps the source's own class order ----------------------------------------------------
+
+def test_classes_n_keeps_integer_csv_classes_in_numeric_order(tmp_path):
+    rows = [(write_png(tmp_path / f"{i}.png", i), str(i)) for i in range(12)]
+    listing = SOURCES.get("csv")(write_csv(tmp_path / "l.csv", rows))
+    assert listing.classes[:3] == ["0", "1", "2"] and listing.classes[-1] == "11"
+    first3 = select(listing, classes=3)
+    assert first3.classes == ["0", "1", "2"]
+    assert [(Path(r.path).stem, r.label) for r in first3.records] == [("0", 0), ("1", 1), ("2", 2)]
+    named = select(listing, classes="10,2")
+    assert named.classes == ["2", "10"]
+    assert sorted((Path(r.path).stem, r.label) for r in named.records) == [("10", 1), ("2", 0)]
 
 
 # --- resident caches follow their source -------------------------------------------------------------

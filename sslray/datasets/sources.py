@@ -130,9 +130,10 @@ def select(listing: SourceListing, classes: Optional[int | str | Sequence[str]] 
            fraction: Optional[float] = None, seed: int = 0) -> SourceListing:
     """Class subset and per-class fraction, applied the same way to every source.
 
-    ``classes``: an int N keeps the first N classes in sorted order (how ImageNet-100 seeds trained
-    on "the first 40 classes"); a list or comma string keeps those names. Labels are renumbered
-    0..K-1 in sorted order, so train and val converted with the same option agree.
+    ``classes``: an int N keeps the source's first N classes (how ImageNet-100 seeds trained on "the
+    first 40 classes"); a list or comma string keeps those names. The source's own class order is
+    kept (sorted folder names; ``0, 1, 2, ..., 10`` for integer CSV labels, not ``0, 1, 10``) and
+    labels are renumbered 0..K-1 in it, so train and val converted with the same option agree.
     ``fraction``: keep round(fraction * n) images of each class (at least 1), chosen with ``seed``;
     unlabelled images (-1) count as one group. Record order is preserved.
     """
@@ -145,14 +146,15 @@ def select(listing: SourceListing, classes: Optional[int | str | Sequence[str]] 
         if isinstance(classes, int):
             if not 0 < classes <= len(names):
                 raise SourceError(f"--classes {classes}: the source has {len(names)} classes")
-            keep = sorted(names)[:classes]
+            keep = names[:classes]
         else:
             keep = [c.strip() for c in (classes.split(",") if isinstance(classes, str) else classes) if c.strip()]
             unknown = [c for c in keep if c not in names]
             if unknown:
                 raise SourceError(f"--classes: {', '.join(unknown)} not in the source; it has {', '.join(names[:10])}"
                                   + (" ..." if len(names) > 10 else ""))
-            keep = sorted(set(keep))
+            wanted = set(keep)
+            keep = [c for c in names if c in wanted]
         new_index = {names.index(c): i for i, c in enumerate(keep)}
         records = [replace(r, label=new_index[r.label]) for r in records if r.label in new_index]
         names = keep
