@@ -1,4 +1,5 @@
-"""--classes order, and the resident loader's caches going stale when their source changes."""
+"""The .beton header fallback, --classes order, and the resident loader's caches going stale when
+their source changes."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sslray.datasets import SOURCES
+from sslray.datasets import SOURCES, WriteParams, convert, dataset_info, manifest_path
 from sslray.datasets.resident import load_archive, load_image_folder
 from sslray.datasets.sources import select
 
@@ -34,6 +35,21 @@ def write_csv(path: Path, rows: list[tuple[Path, str]]) -> Path:
     with open(path, "w", newline="") as fh:
         csv.writer(fh).writerows([(str(p), lab) for p, lab in rows])
     return path
+
+
+def to_beton(src: Path, out: Path, **kw) -> str:
+    convert(src, out, params=WriteParams(max_resolution=8), workers=1, verbose=False, **kw)
+    return str(out)
+
+
+# --- a .beton read without its manifest --------------------------------------------------------------
+
+def test_header_fallback_counts_the_labelled_classes(tmp_path):
+    beton = to_beton(tree(tmp_path / "src", {"cat": 2, "dog": 1, "eel": 3}), tmp_path / "x.beton")
+    assert dataset_info(beton).classes == ["cat", "dog", "eel"]
+    os.remove(manifest_path(beton))
+    info = dataset_info(beton)
+    assert info.num_images == 6 and info.classes == ["0", "1", "2"]
 
 
 # --- --classes keeps the source's own class order ----------------------------------------------------

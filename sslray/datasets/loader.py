@@ -92,7 +92,9 @@ def dataset_info(path: str) -> DatasetInfo:
         reader = Reader(path)
     except Exception as e:
         raise DataError(f"{path} is not a readable .beton: {e}") from None
-    labels = reader.alloc_table["label"] if "label" in (reader.alloc_table.dtype.names or ()) else None
+    # The alloc table holds only (sample_id, ptr, size); each field's values sit in metadata["f<index>"].
+    names = list(reader.field_names)
+    labels = reader.metadata[f"f{names.index('label')}"] if "label" in names else None
     n = int(reader.num_samples)
     k = int(np.max(labels)) + 1 if labels is not None and len(labels) else 0
     return DatasetInfo(path, n, [str(i) for i in range(k)])
