@@ -1,5 +1,5 @@
-"""The .beton header fallback, --classes order, and the resident loader's caches going stale when
-their source changes."""
+"""Class lists that train and val share, the .beton header fallback, --classes order, and the
+resident loader's caches going stale when their source changes."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from sslray.datasets import SOURCES, WriteParams, convert, dataset_info, manifest_path
+from sslray.datasets import SOURCES, DataError, DatasetInfo, WriteParams, convert, dataset_info, manifest_path
+from sslray.datasets.loader import check_same_classes
 from sslray.datasets.resident import load_archive, load_image_folder
 from sslray.datasets.sources import select
 
@@ -40,6 +42,54 @@ def write_csv(path: Path, rows: list[tuple[Path, str]]) -> Path:
 def to_beton(src: Path, out: Path, **kw) -> str:
     convert(src, out, params=WriteParams(max_resolution=8), workers=1, verbose=False, **kw)
     return str(out)
+
+
+# --- train and val agree on class indices ----------------------------------------------------------
+
+def test_imagefolder_split_takes_the_classes_of_every_split(tmp_path):
+    src = tmp_path / "src"
+    tree(src / "train", {"cat": 2, "dog": 2, "zebra": 2})
+    tree(src / "val", {"cat": 1, "zebra": 1})
+    train = SOURCES.get("imagefolder")(src, split="train")
+    val = SOURCES.get("imagefolder")(src, split="val")
+    assert train.classes == val.classes == ["cat", "dog", "zebra"]
+    assert sorted({(Path(r.path).parent.name, r.label) for r in val.records}) == [("cat", 0), ("zebra", 2)]
+    assert any("dog" in n for n in val.notes)  # the missing folder is reported in the manifest
+    # the same holds end to end: the converted files pass the train/val check
+    tr = to_beton(src, tmp_path / "train.beton", split="train")
+    va = to_beton(src, tmp_path / "val.beton", split="val")
+    assert check_same_classes(dataset_info(tr), dataset_info(va)) == ["cat", "dog", "zebra"]
+
+
+def test_check_same_classes_names_both_files_and_the_differing_classes():
+    train = DatasetInfo("/d/train.beton", 6, ["cat", "dog", "zebra"])
+    with pytest.raises(DataError, match=r"/d/train\.beton.*/d/val\.beton.*only in train: dog; only in val: none"):
+        check_same_classes(train, DatasetInfo("/d/val.beton", 2, ["cat", "zebra"]))
+    with pytest.raises(DataError, match="another order"):
+        check_same_classes(train, DatasetInfo("/d/val.beton", 3, ["zebra", "dog", "cat"]))
+    assert check_same_classes(train, DatasetInfo("/d/val.beton", 3, ["cat", "dog", "zebra"])) == train.classes
+
+
+def test_check_same_classes_accepts_integer_classes_missing_at_the_top():
+    ints = DatasetInfo("/d/train.beton", 9, [str(i) for i in range(12)])
+    assert check_same_classes(ints, DatasetInfo("/d/val.beton", 3, ["0", "1", "2"])) == ints.classes
+    assert check_same_classes(DatasetInfo("/d/val.beton", 3, ["0", "1"]), ints) == ints.classes
+    unlabelled = DatasetInfo("/d/u.beton", 3, [])
+    assert check_same_classes(unlabelled, ints) == ints.classes
+
+
+def test_probe_refuses_csv_splits_that_number_classes_differently(tmp_path):
+    """Name labels sort per file: a val CSV without "dog" would call zebra 1, train calls it 2."""
+    from sslray.raytrain.evaluate import probe_checkpoint
+
+    imgs = tree(tmp_path / "imgs", {"cat": 2, "dog": 2, "zebra": 2})
+    rows = [(f, f.parent.name) for f in sorted(imgs.glob("*/*.png"))]
+    tr = to_beton(write_csv(tmp_path / "train.csv", rows), tmp_path / "train.beton", source="csv")
+    va = to_beton(write_csv(tmp_path / "val.csv", [r for r in rows if r[1] != "dog"]), tmp_path / "val.beton",
+                  source="csv")
+    with pytest.raises(DataError) as e:  # before the checkpoint is even looked for
+        probe_checkpoint(str(tmp_path / "no-checkpoint"), tr, va, use_gpu="false")
+    assert tr in str(e.value) and va in str(e.value) and "only in train: dog" in str(e.value)
 
 
 # --- a .beton read without its manifest --------------------------------------------------------------

@@ -100,6 +100,41 @@ def dataset_info(path: str) -> DatasetInfo:
     return DatasetInfo(path, n, [str(i) for i in range(k)])
 
 
+def check_same_classes(train: DatasetInfo, val: DatasetInfo) -> list[str]:
+    """The class list that ``train`` and ``val`` share; a DataError naming both files when they differ.
+
+    Labels are indices into each file's own list, so a val split converted without one of train's
+    classes (or with them in another order) would be scored against shifted labels. Integer classes
+    (``0..K-1``: integer CSV labels, or a .beton read without its manifest) agree index for index even
+    when one split lacks the top classes; the longer list is returned then. Unlabelled data (no
+    classes) is left to the caller: the other file's list is returned as it is."""
+    a, b = list(train.classes), list(val.classes)
+    if not a or not b or a == b:
+        return a or b
+    if _is_index_list(a) and _is_index_list(b):
+        return a if len(a) >= len(b) else b
+
+    def names(cs: list[str]) -> str:
+        return (", ".join(cs[:10]) + (f" ... ({len(cs)} in all)" if len(cs) > 10 else "")) if cs else "none"
+
+    in_a, in_b = set(a), set(b)
+    only_train, only_val = [c for c in a if c not in in_b], [c for c in b if c not in in_a]
+    if only_train or only_val:
+        diff = f"only in train: {names(only_train)}; only in val: {names(only_val)}"
+    else:
+        diff = f"same classes in another order: train {names(a)}; val {names(b)}"
+    raise DataError(
+        f"train {train.path} ({len(a)} classes) and val {val.path} ({len(b)} classes) number their classes "
+        f"differently ({diff}): labels are class indices, so both files must list the same classes in the "
+        "same order. Convert the splits from one tree with `sslray convert SRC OUT --split NAME` (the classes "
+        "of every split folder are used), or give each CSV every class"
+    )
+
+
+def _is_index_list(classes: list[str]) -> bool:
+    return classes == [str(i) for i in range(len(classes))]
+
+
 def subset_indices(n: int, limit: int, seed: int = 0) -> Optional[np.ndarray]:
     """First-``limit`` indices would be class-sorted for ImageFolder data, so take a seeded random
     subset instead: every class is represented in proportion."""

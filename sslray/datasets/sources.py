@@ -116,14 +116,25 @@ def split_root(src: str | os.PathLike, split: str | None) -> Path:
 
 @register_source("imagefolder")
 def imagefolder(src: str | os.PathLike, split: str | None = None, **_: object) -> SourceListing:
-    """``SRC/<class>/<image>``, or ``SRC/<split>/<class>/<image>`` with ``split`` given."""
+    """``SRC/<class>/<image>``, or ``SRC/<split>/<class>/<image>`` with ``split`` given. With a split,
+    the classes are the sorted class folders of *every* split folder of ``SRC`` (as for
+    ``imagenet100``), so a split that lacks a class still numbers the others as its siblings do."""
     root = split_root(src, split)
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
     if not class_dirs:
         raise SourceError(f"{root} holds no class folders (expected {root}/<class>/<image>)")
     classes = [d.name for d in class_dirs]
-    records, notes, skipped = list_class_folder(root, class_dirs, classes)
-    return SourceListing(records, classes, "imagefolder", str(root.resolve()), notes=notes, skipped=skipped)
+    notes: list[str] = []
+    if split:
+        siblings = sorted(p for p in Path(src).iterdir() if p.is_dir())
+        classes = sorted({c.name for s in siblings for c in s.iterdir() if c.is_dir()})
+        absent = [c for c in classes if not (root / c).is_dir()]
+        if absent:
+            notes.append(f"{root} has no folder for {len(absent)} class(es) found in its sibling splits: "
+                         f"{', '.join(absent[:10])}" + (" ..." if len(absent) > 10 else ""))
+    records, folder_notes, skipped = list_class_folder(root, class_dirs, classes)
+    return SourceListing(records, classes, "imagefolder", str(root.resolve()), notes=notes + folder_notes,
+                         skipped=skipped)
 
 
 def select(listing: SourceListing, classes: Optional[int | str | Sequence[str]] = None,

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, from_dict
-from ..datasets.loader import dataset_info, make_loader, subset_indices
+from ..datasets.loader import check_same_classes, dataset_info, make_loader, subset_indices
 from ..datasets.views import eval_transform
 from ..storage import fetch_checkpoint, is_remote
 from .knn import extract_features, knn_accuracy
@@ -97,19 +97,20 @@ def _retrieval(backbone, train, val, tr_idx, va_idx, cfg: Config, device, batch_
 def probe_checkpoint(checkpoint: str, train: str, val: str, *, train_subset: int = 0, val_subset: int = 0,
                      knn_k: int = 200, use_gpu: str = "auto", batch_size: int = 512,
                      random_baseline: bool = True, log=print) -> ProbeReport:
+    train_info, info = dataset_info(train), dataset_info(val)
+    classes = check_same_classes(train_info, info)  # before any model is loaded or feature extracted
     device = pick_device(0, use_gpu)
     cfg, model, _ = load_checkpoint(checkpoint, device)
-    info = dataset_info(val)
-    tr_idx = subset_indices(dataset_info(train).num_images, train_subset, cfg.train.seed)
+    tr_idx = subset_indices(train_info.num_images, train_subset, cfg.train.seed)
     va_idx = subset_indices(info.num_images, val_subset, cfg.train.seed)
 
     def evaluate(backbone, label):
         log(f"probe: extracting {label} features ...")
         ftr, ytr = _features(backbone, train, tr_idx, cfg, device, batch_size)
         fva, yva = _features(backbone, val, va_idx, cfg, device, batch_size)
-        knn = knn_accuracy(fva, yva, ftr, ytr, info.num_classes, knn_k, cfg.train.knn_temperature)
+        knn = knn_accuracy(fva, yva, ftr, ytr, len(classes), knn_k, cfg.train.knn_temperature)
         log(f"probe: fitting the {label} linear probe on {len(ytr)} images ...")
-        res = linear_probe(ftr.cpu().numpy(), ytr.cpu().numpy(), fva.cpu().numpy(), yva.cpu().numpy(), info.classes,
+        res = linear_probe(ftr.cpu().numpy(), ytr.cpu().numpy(), fva.cpu().numpy(), yva.cpu().numpy(), classes,
                            seed=cfg.train.seed)
         flat = {"knn_top1": knn["knn_top1"], "knn_top5": knn["knn_top5"],
                 **{f"linear_{k}": v for k, v in res.metrics.items()}}
@@ -122,8 +123,8 @@ def probe_checkpoint(checkpoint: str, train: str, val: str, *, train_subset: int
         rnd, rnd_res = evaluate(rand_model.backbone, "random-init")
     else:
         rnd, rnd_res = {k: float("nan") for k in pre}, pre_res
-    return ProbeReport(pre, rnd, pre_res, rnd_res, info.classes,
-                       {"probe_train_images": int(len(tr_idx) if tr_idx is not None else dataset_info(train).num_images),
+    return ProbeReport(pre, rnd, pre_res, rnd_res, classes,
+                       {"probe_train_images": int(len(tr_idx) if tr_idx is not None else train_info.num_images),
                         "probe_val_images": int(len(va_idx) if va_idx is not None else info.num_images),
                         "linear_converged": pre_res.converged}, pictures)
 
