@@ -366,3 +366,22 @@ def test_simclr_multicrop_on_a_vit_takes_the_smaller_local_crops():
     out["loss"].backward()
     assert calls == [(2 * BATCH, 3, 32, 32), (2 * BATCH, 3, 16, 16)]
     assert torch.isfinite(out["loss"]) and float(model.backbone.pos_embed.grad.norm()) > 0
+
+
+def _layout(head: nn.Module) -> list[str]:
+    return [type(m).__name__ for m in head.net]
+
+
+@pytest.mark.parametrize("recipe,projector,predictor", [
+    # MoCo_ResNet in the paper's code: _build_mlp(2, ...) projector, _build_mlp(2, ..., last_bn=False) predictor
+    ("mocov3_cifar10", ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"],
+     ["Linear", "BatchNorm1d", "ReLU", "Linear"]),
+    # MoCo_ViT: 3-layer projector, predictor ending in BN
+    ("mocov3_imagenet", ["Linear", "BatchNorm1d", "ReLU"] * 2 + ["Linear", "BatchNorm1d"],
+     ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]),
+])
+def test_mocov3_heads_follow_the_paper_code_per_backbone(recipe, projector, predictor):
+    cfg = load_config(recipe, {**TINY, "method.params.pred_hidden_dim": 64})  # sizes shrunk, layout kept
+    model = create_method(cfg)
+    assert _layout(model.projector) == projector and _layout(model.predictor) == predictor
+    assert not model.projector.net[-1].affine  # the projector's output BN has no affine, as in SimCLR

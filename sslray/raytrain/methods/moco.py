@@ -121,11 +121,13 @@ def build_mocov2(cfg, backbone, feat_dim, queue_size: int = 65536, momentum: flo
 
 @register_method("mocov3")
 def build_mocov3(cfg, backbone, feat_dim, momentum: float = 0.99, pred_hidden_dim: int = 4096,
-                 proj_layers: int = 3):
-    """3-layer projector and 2-layer predictor, both ending in BN (paper, sec. 4 / appendix)."""
+                 proj_layers: int = 3, pred_last_bn: bool = True):
+    """Projector ending in BN, 2-layer predictor. The defaults are the paper code's ViT layout
+    (``MoCo_ViT``: 3-layer projector, predictor ending in BN); its ResNet layout (``MoCo_ResNet``) is
+    ``proj_layers=2, pred_last_bn=False``."""
     h, d = cfg.model.proj_hidden_dim, cfg.model.proj_out_dim
     projector = MLPHead(feat_dim, h, d, layers=proj_layers, last_bn=True)
-    predictor = MLPHead(d, pred_hidden_dim, d, layers=2, last_bn=True)
+    predictor = MLPHead(d, pred_hidden_dim, d, layers=2, last_bn=pred_last_bn)
     return MoCoV3(backbone, projector, predictor, cfg.method.temperature, momentum)
 
 
