@@ -80,6 +80,20 @@ def gather_varlen(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([o[: int(s)] for o, s in zip(out, sizes)])
 
 
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def gather_objects(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:

@@ -103,6 +103,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of one rank's own random stream (its views, masks and crops) from global step ``step``."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+
+
+def restore_rng(state: dict, rank: int, seed: int) -> None:
+    """Put this rank's random streams back as the checkpoint left them: its own saved state when the
+    checkpoint holds one per rank, else rank 0's (a one-process checkpoint), else a stream derived from
+    the seed, the rank and the step (a run resumed on more workers than it saved)."""
+    per_rank = state.get("rng_ranks") or []
+    if rank < len(per_rank):
+        set_rng_state(per_rank[rank])
+    elif rank == 0:
+        set_rng_state(state["rng"])
+    else:
+        seed_everything(rank_seed(seed, rank, int(state["step"])))
+
+
 def knn_monitor(model, data: Data, cfg: Config, session, evalT) -> dict:
     """Features of the bank and val shards on every rank, gathered, then a weighted kNN."""
     dev, prec = session.device, cfg.train.precision
@@ -200,20 +218,27 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
         opt.load_state_dict(state["optimizer"])
         start_epoch, step, last = int(state["epoch"]), int(state["step"]), state.get("metrics", {})
         start_batch, partial = int(state.get("batch_in_epoch", 0)), state.get("partial")
-        set_rng_state(state["rng"])
+        restore_rng(state, session.rank, cfg.train.seed)
         if probe is not None and state.get("online_probe"):
             probe.load_state_dict(state["online_probe"])
         if scaler.is_enabled() and state.get("grad_scaler"):
             scaler.load_state_dict(state["grad_scaler"])
         session.log(f"sslray: resumed at epoch {start_epoch + 1}, batch {start_batch} (global step {step})")
+    elif session.world_size > 1:
+        # The model was built from one shared seed; from here each rank draws its own views, masks and
+        # crops. With one stream on every rank, image i of each worker's shard got the same crop,
+        # jitter and MAE mask, so a global batch held batch/workers independent draws.
+        seed_everything(rank_seed(cfg.train.seed, session.rank))
 
     def snapshot(epoch_index: int, batch_in_epoch: int, metrics: dict, part: Optional[dict]) -> Optional[dict]:
         """Everything needed to continue exactly here: model (EMA teachers, queues and prototypes are
         its buffers), optimizer, counters, RNG streams, and the loader epoch (its order is seed + epoch)."""
+        rng_ranks = D.gather_objects(rng_state()) if session.world_size > 1 else None  # a collective: every rank
         if session.rank != 0:
             return None
         return {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch_index,
-                "batch_in_epoch": batch_in_epoch, "step": step, "rng": rng_state(), "partial": part,
+                "batch_in_epoch": batch_in_epoch, "step": step, "rng": rng_state(), "rng_ranks": rng_ranks,
+                "partial": part,
                 "loader_seed": cfg.train.seed, "config": cfg.to_dict(), "metrics": metrics,
                 "num_classes": data.num_classes, "online_probe": probe.state_dict() if probe is not None else None,
                 "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None}

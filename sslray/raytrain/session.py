@@ -86,6 +86,8 @@ class LocalSession:
             d = self.ckpt_dir / checkpoint_name(metrics)
             d.mkdir(parents=True, exist_ok=True)
             save_state(state, d)
+        if self.world_size > 1:  # a barrier, as ray.train.report is: no rank restores before rank 0 has saved
+            D.barrier()
 
     def log(self, msg: str) -> None:
         if self.rank == 0:
