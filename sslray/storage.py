@@ -2,8 +2,9 @@
 
 Ray Train writes checkpoints wherever ``--storage`` points, through pyarrow's filesystems. Everything
 that reads a checkpoint afterwards (the probe, ``sslray eval``, ``sslray export``, ``--init-weights``)
-wants a local file, so a remote one is copied once into a local cache that mirrors its path
-(``<cache>/<scheme>/<bucket>/<key>``) and is read from there. The mirror keeps the run folder's
+wants a local file, so a remote one is copied into a local cache that mirrors its path
+(``<cache>/<scheme>/<bucket>/<key>``) and is read from there; the copy is used again while the remote
+file keeps its size and modification time. The mirror keeps the run folder's
 ``sslray_run.json`` beside the checkpoint, so a copied checkpoint still finds its MLflow run. It
 keeps one checkpoint per run: fetching a newer one drops the copies of the older ones (the bucket
 keeps every original).
@@ -107,22 +108,40 @@ def remote_source(local: str | os.PathLike) -> Optional[str]:
     return f"{scheme}://{'/'.join(rest)}"
 
 
-def _download(fs, path: str, size: int, dest: Path, label: str) -> None:
-    """One file, unless the mirror already holds it at the same size; written under a unique temporary
-    name and renamed, so workers of one node that fetch the same file at once never see half of it."""
+def _up_to_date(dest: Path, size: int, mtime_ns: Optional[int]) -> bool:
+    """Whether the mirror's copy is the remote file as it is now: same size and same modification time
+    (a copy takes the remote's mtime when it is fetched). Size alone is not enough: a checkpoint saved
+    again after ``--restart``, a backbone exported again and ``sslray_run.json`` all keep their size.
+    A filesystem that reports no mtime gives nothing to tell a rewrite from the copy, so its files are
+    always fetched again, big ones too: a stale checkpoint is silently wrong, a second download only
+    slow (pyarrow's local, S3, GCS and HDFS filesystems all report one). S3's mtime is to the second,
+    so a same-size rewrite within the second of the copy's original write is not seen."""
+    if mtime_ns is None or not dest.is_file():
+        return False
+    st = dest.stat()
+    return st.st_size == size and st.st_mtime_ns == mtime_ns
+
+
+def _download(fs, info, dest: Path, label: str) -> None:
+    """One file (a pyarrow ``FileInfo``), unless the mirror already holds it as it is now; written under a
+    unique temporary name, given the remote's mtime and renamed, so workers of one node that fetch the
+    same file at once never see half of it."""
     from tqdm import tqdm
 
-    if dest.is_file() and dest.stat().st_size == size:
+    size, mtime_ns = info.size, info.mtime_ns
+    if _up_to_date(dest, size, mtime_ns):
         return
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
     try:
-        with fs.open_input_stream(path) as src, open(tmp, "wb") as out, \
+        with fs.open_input_stream(info.path) as src, open(tmp, "wb") as out, \
                 tqdm(total=size, unit="B", unit_scale=True, desc=f"sslray: fetching {label}", leave=False,
                      disable=size < 64 * CHUNK) as bar:
             while chunk := src.read(CHUNK):
                 out.write(chunk)
                 bar.update(len(chunk))
+        if mtime_ns is not None:
+            os.utime(tmp, ns=(mtime_ns, mtime_ns))
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -139,13 +158,13 @@ def fetch(uri: str) -> Path:
     info = fs.get_file_info(path)
     dest = local_mirror(uri)
     if info.type == pafs.FileType.File:
-        _download(fs, path, info.size, dest, uri)
+        _download(fs, info, dest, uri)
         return dest
     if info.type != pafs.FileType.Directory:
         raise FileNotFoundError(f"{uri} not found")
     for f in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
         if f.type == pafs.FileType.File:
-            _download(fs, f.path, f.size, dest / Path(f.path).relative_to(path), f"{uri}/{Path(f.path).name}")
+            _download(fs, f, dest / Path(f.path).relative_to(path), f"{uri}/{Path(f.path).name}")
     return dest
 
 

@@ -57,8 +57,8 @@ def test_the_newest_checkpoint_is_fetched_once_with_its_run_file(s3_server, cach
 
     assert find_run(run)["run_id"] == "abc"  # `sslray eval` still logs to the pretraining run
 
-    stamp = local.stat().st_mtime_ns
-    assert find_state(f"{run}/epoch_0002") == local and local.stat().st_mtime_ns == stamp  # not fetched again
+    stamp = local.stat().st_ino  # a fetch writes a new file and renames it over the copy
+    assert find_state(f"{run}/epoch_0002") == local and local.stat().st_ino == stamp  # not fetched again
     _put(f"{run}/epoch_0002/state.pt", b"changed" * 30)  # a rewritten checkpoint is fetched again
     assert find_state(f"{run}/epoch_0002/state.pt").read_bytes() == b"changed" * 30
     assert not list(cache.rglob("*.part"))  # no temporary file left behind
@@ -69,6 +69,85 @@ def test_the_newest_checkpoint_is_fetched_once_with_its_run_file(s3_server, cach
     newer = find_state(run)
     assert newer.parent.name == "epoch_0003" and not local.parent.exists()
     assert find_state(f"{run}/epoch_0002").read_bytes() == b"changed" * 30 and newer.exists()
+
+
+def _rewrite_in_a_later_second(uri: str, data: bytes) -> None:
+    """Write ``data`` over ``uri`` until the server reports a newer mtime (S3 keeps it to the second)."""
+    import time
+
+    fs, path = storage.filesystem(uri)
+    before, deadline = fs.get_file_info(path).mtime_ns, time.monotonic() + 10
+    while True:
+        _put(uri, data)
+        if fs.get_file_info(path).mtime_ns != before:
+            return
+        assert time.monotonic() < deadline, f"{uri}: the server kept reporting the same mtime"
+        time.sleep(0.05)
+
+
+def test_a_rewrite_of_the_same_size_is_fetched_again(s3_server, cache):
+    """A checkpoint saved again after ``--restart`` and the run's new ``sslray_run.json`` keep their
+    sizes: the cached copies follow the remote's mtime, not only its size."""
+    run = s3_server.bucket("rewrite") + "/runs/r1"
+    _put(f"{run}/epoch_0002/state.pt", b"a" * 100)
+    _put(f"{run}/sslray_run.json", json.dumps({"run_id": "1" * 32}).encode())
+    local = find_state(run)
+    fs, path = storage.filesystem(f"{run}/epoch_0002/state.pt")
+    assert local.stat().st_mtime_ns == fs.get_file_info(path).mtime_ns  # the copy carries the remote's mtime
+    stamp = local.stat().st_ino
+    assert find_state(run).stat().st_ino == stamp  # unchanged: the copy is used again
+
+    _rewrite_in_a_later_second(f"{run}/epoch_0002/state.pt", b"b" * 100)
+    _rewrite_in_a_later_second(f"{run}/sslray_run.json", json.dumps({"run_id": "2" * 32}).encode())
+    assert find_state(run).read_bytes() == b"b" * 100
+    assert json.loads((local.parent.parent / "sslray_run.json").read_text())["run_id"] == "2" * 32
+    assert not list(cache.rglob("*.part"))
+
+
+def test_a_copy_is_trusted_only_with_the_remotes_size_and_mtime(cache, tmp_path, monkeypatch):
+    """Through a ``file://`` location (the same pyarrow path as ``s3://``) with mtimes set exactly: a
+    same-size rewrite one nanosecond later is fetched again, and a filesystem that reports no mtime
+    gets no trust at all."""
+    import os
+
+    import pyarrow.fs as pafs
+
+    remote = tmp_path / "bucket" / "backbone" / "backbone.json"
+    remote.parent.mkdir(parents=True)
+    remote.write_bytes(b'{"epoch": 5}')
+    os.utime(remote, ns=(10**18, 10**18))
+    uri = f"file://{remote}"
+    local = storage.fetch(uri)
+    assert local.read_bytes() == b'{"epoch": 5}' and local.stat().st_mtime_ns == 10**18
+    stamp = local.stat().st_ino
+    assert storage.fetch(uri).stat().st_ino == stamp
+
+    remote.write_bytes(b'{"epoch": 7}')
+    os.utime(remote, ns=(10**18 + 1, 10**18 + 1))
+    assert storage.fetch(uri).read_bytes() == b'{"epoch": 7}'
+    assert storage.fetch(f"file://{remote.parent}") / "backbone.json" == local  # a folder takes the same path
+    assert local.stat().st_mtime_ns == 10**18 + 1
+
+    real_filesystem = storage.filesystem
+
+    class NoMtimes:
+        def __init__(self, fs):
+            self.fs = fs
+
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
+        def get_file_info(self, what):
+            def strip(i):
+                return pafs.FileInfo(i.path, i.type, size=i.size)
+
+            got = self.fs.get_file_info(what)
+            return [strip(i) for i in got] if isinstance(got, list) else strip(got)
+
+    monkeypatch.setattr(storage, "filesystem", lambda loc: (NoMtimes(real_filesystem(loc)[0]),
+                                                            real_filesystem(loc)[1]))
+    stamp = local.stat().st_ino
+    assert storage.fetch(uri).read_bytes() == b'{"epoch": 7}' and local.stat().st_ino != stamp
 
 
 def test_missing_locations_are_named(s3_server, cache):
