@@ -55,6 +55,15 @@ def cell_locations(boxes: torch.Tensor, flip: torch.Tensor, gh: int, gw: int) ->
     return torch.stack([x, y], -1)
 
 
+def match_counts(num_matches) -> tuple[int, int]:
+    """``num_matches`` as (view 1 -> view 2, view 2 -> view 1) pair counts; a single number is both."""
+    counts = tuple(num_matches) if isinstance(num_matches, (list, tuple)) else (num_matches, num_matches)
+    if len(counts) != 2 or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in counts):
+        raise ValueError(f"method.params.num_matches: expected a positive int or two of them (location matches "
+                         f"view 1 -> 2, view 2 -> 1; the paper's code uses [20, 4]), got {num_matches!r}")
+    return counts
+
+
 def feature_map(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """timm ``forward_features`` -> (pooled (B, C), cells (B, h*w, C), grid (h, w)) for CNNs and ViTs."""
     f = backbone.forward_features(x)
@@ -71,11 +80,12 @@ class VICRegL(nn.Module):
     family = "non-contrastive"
 
     def __init__(self, backbone: nn.Module, projector: nn.Module, local_projector: nn.Module, alpha: float = 0.75,
-                 num_matches: int = 4, sim_coeff: float = 25.0, std_coeff: float = 25.0, cov_coeff: float = 1.0,
-                 scale=(0.08, 1.0)):
+                 num_matches=(20, 4), l2_all_matches: bool = True, sim_coeff: float = 25.0, std_coeff: float = 25.0,
+                 cov_coeff: float = 1.0, scale=(0.08, 1.0)):
         super().__init__()
         self.backbone, self.projector, self.local_projector = backbone, projector, local_projector
-        self.alpha, self.k = alpha, num_matches
+        self.alpha = alpha
+        self.num_matches, self.l2_all_matches = match_counts(num_matches), l2_all_matches
         self.coeffs = dict(sim_coeff=sim_coeff, std_coeff=std_coeff, cov_coeff=cov_coeff)
         self.scale = tuple(scale)
 
@@ -99,23 +109,29 @@ class VICRegL(nn.Module):
         global_loss = vicreg_loss(gather_with_grad(z[:n]), gather_with_grad(z[n:]), **self.coeffs)
         l1, l2 = loc[:n], loc[n:]
         p1, p2 = (cell_locations(b, f, gh, gw) for b, f in zip(boxes, flips))
-        pairs = [nearest_by_location(l1, l2, p1, p2, self.k), nearest_by_location(l2, l1, p2, p1, self.k),
-                 nearest_by_feature(l1, l2, self.k), nearest_by_feature(l2, l1, self.k)]
+        k12, k21 = self.num_matches  # counts above gh*gw are clamped to it by the matchers
+        f12, f21 = (gh * gw, gh * gw) if self.l2_all_matches else self.num_matches
+        pairs = [nearest_by_location(l1, l2, p1, p2, k12), nearest_by_location(l2, l1, p2, p1, k21),
+                 nearest_by_feature(l1, l2, f12), nearest_by_feature(l2, l1, f21)]
         local_loss = sum(vicreg_loss(a, b, **self.coeffs) for a, b in pairs) / len(pairs)
         return {"loss": self.alpha * global_loss + (1 - self.alpha) * local_loss}
 
 
 @register_method("vicregl")
-def build_vicregl(cfg, backbone, feat_dim, alpha: float = 0.75, num_matches: int = 4, sim_coeff: float = 25.0,
-                  std_coeff: float = 25.0, cov_coeff: float = 1.0, local_hidden_dim: int = 0, local_out_dim: int = 0,
-                  proj_layers: int = 3):
+def build_vicregl(cfg, backbone, feat_dim, alpha: float = 0.75, num_matches=(20, 4), l2_all_matches: bool = True,
+                  sim_coeff: float = 25.0, std_coeff: float = 25.0, cov_coeff: float = 1.0, local_hidden_dim: int = 0,
+                  local_out_dim: int = 0, proj_layers: int = 3):
     """Global expander as VICReg; the local projector is an MLP applied to every cell (512-512-512 for
     ResNet-50 in the paper's code; ``local_hidden_dim`` / ``local_out_dim`` 0 = the global sizes).
-    alpha 0.75; crops from ``views.min_scale``."""
+    alpha 0.75; crops from ``views.min_scale``.
+
+    Matching as the paper's code (``main_vicregl.py``: ``--num_matches 20 4``, ``--l2_all_matches 1``):
+    ``num_matches`` pairs kept by location, view 1 -> 2 then view 2 -> 1 (a single number: the same
+    for both); ``l2_all_matches`` matches every cell by feature distance, else ``num_matches`` too."""
     h, d = cfg.model.proj_hidden_dim, cfg.model.proj_out_dim
     projector = MLPHead(feat_dim, h, d, layers=proj_layers)
     local = MLPHead(feat_dim, local_hidden_dim or h, local_out_dim or d, layers=proj_layers)
-    return VICRegL(backbone, projector, local, alpha, num_matches, sim_coeff, std_coeff, cov_coeff,
+    return VICRegL(backbone, projector, local, alpha, num_matches, l2_all_matches, sim_coeff, std_coeff, cov_coeff,
                    (cfg.views.min_scale, 1.0))
 
 
