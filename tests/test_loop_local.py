@@ -96,3 +96,28 @@ def test_a_run_starts_from_an_exported_backbone(cifar_small, tmp_path, capsys):
     (exp / "backbone.safetensors").unlink()
     last, _ = run_local(cfg.replace(**{"train.epochs": 2}), str(tmp_path / "b"))
     assert last["epoch"] == 2
+
+
+def test_mid_epoch_resume_on_an_image_folder_continues_exactly(cifar_small, tmp_path):
+    """A run resumed from a mid-epoch checkpoint of ImageFolder data takes the steps the whole run took:
+    the DataLoader's start must not draw from the views' random stream."""
+    import shutil
+
+    from sslray.raytrain.session import LocalSession
+    from sslray.raytrain.loop import train_loop
+
+    cfg = _cfg(cifar_small, f"data.train={cifar_small['train_tree']}", "data.val=", "data.train_subset=256",
+               "data.loader_workers=0", "model.backbone=resnet10t", "train.epochs=1", "train.max_steps_per_epoch=0",
+               "train.log_every=1", "train.checkpoint_every_steps=4", "train.online_probe=false",
+               "monitor.collapse=false")
+    lines = {}
+    for name in ("whole", "resumed"):
+        ck = tmp_path / name
+        if name == "resumed":  # only the whole run's mid-epoch checkpoint, then the loop
+            mid = next((tmp_path / "whole").glob("epoch_0000_step_*"))
+            shutil.copytree(mid, ck / mid.name)
+        out: list = []
+        train_loop(cfg, LocalSession(str(ck), "false", printer=lambda m, flush=True: out.append(m)))
+        lines[name] = [m.split(" lr")[0] for m in out if m.startswith("epoch 1/1 step")]
+    assert len(lines["whole"]) == 8 and len(lines["resumed"]) == 4
+    assert lines["resumed"] == lines["whole"][4:]

@@ -41,8 +41,9 @@ def _rank_main(rank: int, world: int, init: str, out: str, cfg_dict: dict, runs:
     try:
         torch.set_num_threads(1)
         cfg = from_dict(cfg_dict)
+        quiet = lambda *a, **k: None  # noqa: E731
         for ckpt, epochs in runs:
-            L.train_loop(cfg.replace(**{"train.epochs": epochs}), LocalSession(ckpt, "cpu", printer=lambda *a, **k: None))
+            L.train_loop(cfg.replace(**{"train.epochs": epochs}), LocalSession(ckpt, "cpu", printer=quiet))
         with open(f"{out}.{rank}", "w") as f:
             json.dump([m.states for m in made], f)
     finally:

@@ -260,12 +260,16 @@ class TorchvisionLoader:
     def __iter__(self):
         from torch.utils.data import DataLoader
 
-        order = self._order(self.next_epoch).tolist()
+        epoch = self.next_epoch
+        order = self._order(epoch).tolist()
         self.next_epoch += 1
         cuda = self.device.type == "cuda"
+        # Its own generator: a DataLoader draws its base seed from the global RNG when it starts, which
+        # would shift the views' stream of a run resumed mid-epoch against the run it continues.
         dl = DataLoader(self.dataset, batch_size=self.batch_size, sampler=order, num_workers=self.num_workers,
                         pin_memory=cuda, drop_last=self.drop_last, persistent_workers=False,
-                        prefetch_factor=2 if self.num_workers else None)
+                        prefetch_factor=2 if self.num_workers else None,
+                        generator=torch.Generator().manual_seed(self.seed + epoch))
         for x, y in dl:
             yield x.to(self.device, non_blocking=cuda), y.to(self.device, non_blocking=cuda)
 
