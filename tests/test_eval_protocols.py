@@ -241,6 +241,14 @@ def test_layer_decay_scales_vit_blocks_and_leaves_resnets_alone():
     assert {g["lr_scale"] for g in layer_decay_groups(Classifier(rn, rn.num_features, 10), 0.05, 0.5)} == {1.0}
 
 
+def test_finetune_macro_f1_scores_the_classes_the_val_set_holds():
+    from sslray.raytrain.finetune import classification_metrics
+
+    y = np.repeat(np.arange(5), 3)  # a val subset holding 5 of 10 classes, every image right
+    m = classification_metrics(np.eye(10)[y], y, 10)
+    assert m["top1"] == 1.0 and m["macro_f1"] == 1.0
+
+
 def test_finetune_loop_runs_in_one_process(tiny_ckpt, cifar_small):
     from sslray.raytrain.finetune import FinetuneSettings, run_local_finetune
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from sslray.raytrain.knn import knn_accuracy, knn_predict
-from sslray.raytrain.probe import linear_probe
+from sslray.raytrain.probe import linear_probe, macro_scores
 
 
 def _clusters(n_per=50, classes=4, dim=16, noise=0.05, seed=0):
@@ -46,6 +46,31 @@ def test_linear_probe_converges_and_reports():
     assert res.confusion.shape == (4, 4) and res.confusion.sum() == 100
     assert all(n in res.report for n in names)
     assert np.isclose(res.metrics["recall"], np.diag(res.confusion).sum() / 100, atol=0.05)
+
+
+def test_macro_scores_leave_out_classes_the_val_set_lacks():
+    """A perfect classifier on a val set holding 5 of 10 classes scores 1, not 0.5; a prediction into
+    a class with no val image still counts against it (scikit-learn's default labels as reference)."""
+    from sklearn.metrics import f1_score, precision_score, recall_score
+
+    y = np.repeat(np.arange(5), 4)
+    assert macro_scores(y, y.copy()) == {"macro_f1": 1.0, "precision": 1.0, "recall": 1.0}
+    pred = y.copy()
+    pred[0] = 9  # class 9 has no val image
+    got = macro_scores(y, pred)
+    assert got["macro_f1"] < 1 and got["precision"] < 1 and got["recall"] < 1
+    for key, ref in (("macro_f1", f1_score), ("precision", precision_score), ("recall", recall_score)):
+        assert got[key] == ref(y, pred, average="macro", zero_division=0)
+
+
+def test_linear_probe_on_a_val_subset_scores_the_classes_it_holds():
+    x, y = _clusters(classes=4)
+    names = ["a", "b", "c", "d"]
+    val = (y < 2).numpy()[1::2]  # the val set holds classes a and b only
+    res = linear_probe(x.numpy()[::2], y.numpy()[::2], x.numpy()[1::2][val], y.numpy()[1::2][val], names)
+    assert res.metrics["top1"] == 1.0
+    assert (res.metrics["macro_f1"], res.metrics["precision"], res.metrics["recall"]) == (1.0, 1.0, 1.0)
+    assert res.confusion.shape == (4, 4) and all(n in res.report for n in names)  # every class still shown
 
 
 def test_extracted_labels_survive_ffcv_buffer_reuse(cifar_small):

@@ -94,7 +94,9 @@ def layer_decay_groups(model: Classifier, weight_decay: float, layer_decay: floa
 
 
 def classification_metrics(logits: np.ndarray, y: np.ndarray, num_classes: int) -> dict:
-    from sklearn.metrics import accuracy_score, f1_score, top_k_accuracy_score
+    from sklearn.metrics import accuracy_score, top_k_accuracy_score
+
+    from .probe import macro_scores
 
     labels = np.arange(num_classes)
     pred = logits.argmax(1)
@@ -102,7 +104,7 @@ def classification_metrics(logits: np.ndarray, y: np.ndarray, num_classes: int) 
     return {"top1": float(accuracy_score(y, pred)),
             "top5": float(top_k_accuracy_score(y, logits, k=k, labels=labels)) if num_classes > 2 else
             float(accuracy_score(y, pred)),
-            "macro_f1": float(f1_score(y, pred, average="macro", labels=labels, zero_division=0))}
+            "macro_f1": macro_scores(y, pred)["macro_f1"]}
 
 
 def finetune_loop(c: dict, session) -> dict:

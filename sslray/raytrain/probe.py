@@ -19,6 +19,16 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 
+def macro_scores(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """Macro F1, precision and recall over the classes found in ``y`` or ``pred`` (scikit-learn's own
+    default). A class with no val image and no prediction has nothing to score: counted as 0, it would
+    cap a perfect classifier on a val subset holding 5 of 10 classes at 0.5. A prediction into a class
+    with no val image still costs (that class scores 0)."""
+    kw = {"average": "macro", "labels": np.union1d(y, pred), "zero_division": 0}
+    return {"macro_f1": float(f1_score(y, pred, **kw)), "precision": float(precision_score(y, pred, **kw)),
+            "recall": float(recall_score(y, pred, **kw))}
+
+
 @dataclass
 class ProbeResult:
     metrics: dict[str, float]
@@ -44,9 +54,8 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, va
     metrics = {
         "top1": float(accuracy_score(val_y, pred)),
         "top5": float(top_k_accuracy_score(val_y, full, k=k5, labels=labels)) if len(labels) > 2 else float(accuracy_score(val_y, pred)),
-        "macro_f1": float(f1_score(val_y, pred, average="macro", labels=labels, zero_division=0)),
-        "precision": float(precision_score(val_y, pred, average="macro", labels=labels, zero_division=0)),
-        "recall": float(recall_score(val_y, pred, average="macro", labels=labels, zero_division=0)),
+        **macro_scores(val_y, pred),
     }
+    # the per-class report and the confusion matrix show every class, those without val images too
     report = classification_report(val_y, pred, labels=labels, target_names=class_names, zero_division=0, digits=3)
     return ProbeResult(metrics, report, confusion_matrix(val_y, pred, labels=labels), converged)
