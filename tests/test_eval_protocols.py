@@ -249,6 +249,32 @@ def test_finetune_macro_f1_scores_the_classes_the_val_set_holds():
     assert m["top1"] == 1.0 and m["macro_f1"] == 1.0
 
 
+def test_finetune_workers_get_the_checkpoints_uri_not_this_machines_copy(tmp_path, monkeypatch):
+    """Ray workers on other nodes have no copy of a bucket checkpoint in this machine's cache: they get
+    its URI and fetch it themselves; a local checkpoint is handed over as its path."""
+    from types import SimpleNamespace
+
+    from sslray import storage
+    from sslray.eval.protocols import PROTOCOLS, EvalContext
+    from sslray.raytrain import finetune
+
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+    handed = []
+
+    def compare(state_path, train, val, s, log=print):
+        handed.append(state_path)
+        scores = {"finetune_top1": 0.5, "finetune_top5": 0.9, "finetune_macro_f1": 0.4}
+        return {"pretrained": scores, "random_init": scores, "info": {}}
+
+    monkeypatch.setattr(finetune, "finetune_compare", compare)
+    uri = "s3://bkt/runs/r1/epoch_0002/state.pt"
+    local = tmp_path / "runs" / "r1" / "epoch_0002" / "state.pt"
+    for state_path in (storage.local_mirror(uri), local):
+        store = SimpleNamespace(state_path=state_path, train="/data/train", val="/data/val")
+        PROTOCOLS.get("finetune")(EvalContext(store=store, log=_quiet))
+    assert handed == [uri, str(local)]
+
+
 def test_finetune_loop_runs_in_one_process(tiny_ckpt, cifar_small):
     from sslray.raytrain.finetune import FinetuneSettings, run_local_finetune
 

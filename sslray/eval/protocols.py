@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from .. import storage
 from ..raytrain.knn import knn_accuracy
 from ..raytrain.probe import linear_probe
 from ..registry import Registry
@@ -175,6 +176,9 @@ def finetune(ctx: EvalContext) -> ProtocolResult:
 
     s = ctx.finetune or FinetuneSettings()
     st = ctx.store
-    res = finetune_compare(str(st.state_path), st.train, st.val, s, log=ctx.log)
+    # A checkpoint fetched from s3:// or gs:// sits in this machine's cache only: workers on other nodes
+    # get its URI and fetch it into their own.
+    state = storage.remote_source(st.state_path) or str(st.state_path)
+    res = finetune_compare(state, st.train, st.val, s, log=ctx.log)
     info = {"settings": s.__dict__, **res["info"]}
     return ProtocolResult("finetune", res["pretrained"], res["random_init"], info=info)
