@@ -69,3 +69,55 @@ def test_a_single_num_matches_is_both_location_counts_and_bad_ones_raise(monkeyp
     for bad in ([20, 4, 2], [20, 0], "20", 2.5, True):
         with pytest.raises(ValueError, match="num_matches"):
             V.match_counts(bad)
+
+
+def _edge_widths(model, views, size: int, crop: float, monkeypatch) -> torch.Tensor:
+    """10-90 % width in pixels of a vertical step edge in view 1 at the backbone's input, with every
+    crop a ``crop``-wide square centred on the edge (magnified 1/crop times by the resize)."""
+    seen = []
+    feature_map = V.feature_map
+    monkeypatch.setattr(V, "feature_map", lambda bb, x: seen.append(x.detach()) or feature_map(bb, x))
+    box = torch.tensor([[0.5 - crop / 2, 0.4, 0.5 + crop / 2, 0.4 + crop]])
+    monkeypatch.setattr(V, "random_boxes", lambda n, scale, device=None: box.expand(n, 4))
+    n = views[0].shape[0]
+    with torch.no_grad():
+        model(views)
+    prof = seen[-1][:n, 0].mean(1)  # (n, size): the edge's profile across columns
+    prof = (prof - prof.amin(1, keepdim=True)) / (prof.amax(1, keepdim=True) - prof.amin(1, keepdim=True))
+    return ((prof > 0.1) & (prof < 0.9)).sum(1)
+
+
+def test_blur_acts_on_the_crop_at_network_resolution(monkeypatch):
+    """The paper's code crops, then blurs the crop with sigma in U(0.1, 2) px. Blurring the whole image
+    before a 5x crop-and-resize would widen the edge 5x (up to ~25 px instead of at most ~7)."""
+    from sslray.datasets.views import build_views
+
+    size, n, crop = 224, 8, 0.2
+    img = torch.zeros(n, 3, size, size, dtype=torch.uint8)
+    img[..., size // 2:] = 255  # black | white: jitter (off here), grey and normalisation keep it a step
+    widths = {}
+    for blur in (False, True):
+        cfg = load_config("vicregl_imagenet", {**TINY, "views.crop_size": size, "data.decode_res": size,
+                                               "views.jitter_strength": 0.0, "views.blur": blur})
+        torch.manual_seed(0)
+        model = create_method(cfg)
+        torch.manual_seed(1)
+        widths[blur] = _edge_widths(model, build_views(cfg.views)(img), size, crop, monkeypatch)
+    # Sigma <= 2 px: 10-90 % width <= 2.56 * 2 px, combined with the resize's ~0.8/crop px ramp -> <= 7 px.
+    assert int(widths[True].max()) <= 7, f"blur magnified by the crop: edge widths {widths[True].tolist()} px"
+    assert widths[True].float().mean() > widths[False].float().mean(), "view 1 (blur p = 1) was not blurred"
+
+
+def test_crops_are_blurred_with_each_views_probability():
+    """BYOL's pair: view 1 always (p = 1.0), view 2 with p = 0.1; no blur without ``views.blur``."""
+    from sslray.datasets.presets import vicregl_views
+
+    assert all(p.blur_p == 0 for p, _ in vicregl_views(size=224, blur=True))  # the preset no longer blurs
+    model = _model("vicregl_imagenet", 224)
+    assert model.blur_p == (1.0, 0.1)
+    n = 1000
+    torch.manual_seed(0)
+    model._blur(torch.randn(2 * n, 3, 16, 16), n)  # 23-tap kernel at 224 px: reflect-pads 11
+    on = model.view_blur.last_params["blur_on"]
+    assert on[:n].all() and abs(float(on[n:].float().mean()) - 0.1) < 0.03
+    assert load_config("vicregl_cifar10").views.blur is False and _model("vicregl_cifar10", 128).blur_p == (0.0, 0.0)

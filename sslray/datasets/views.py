@@ -206,6 +206,13 @@ class FusedViewAugment(nn.Module):
             return x
         return self._conv(x, torch.where(on.view(B, 1), ker, delta))
 
+    @torch.no_grad()
+    def blur(self, x: torch.Tensor, row_p: Optional[dict] = None) -> torch.Tensor:
+        """Only the Gaussian blur step (per-sample on/off and sigma, as in ``forward``) on a float batch,
+        for callers that crop the views themselves and blur the crops (VICRegL)."""
+        self._row_p, self.last_params = row_p or {}, {}
+        return self._blur(x)
+
     @staticmethod
     def _conv(x: torch.Tensor, ker: torch.Tensor) -> torch.Tensor:
         """Separable blur of each image with its own 1-D kernel: ``ker`` (B, k)."""
