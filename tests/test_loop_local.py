@@ -121,3 +121,19 @@ def test_mid_epoch_resume_on_an_image_folder_continues_exactly(cifar_small, tmp_
         lines[name] = [m.split(" lr")[0] for m in out if m.startswith("epoch 1/1 step")]
     assert len(lines["whole"]) == 8 and len(lines["resumed"]) == 4
     assert lines["resumed"] == lines["whole"][4:]
+
+
+def test_resuming_at_another_batch_or_epoch_length_is_refused(cifar_small, tmp_path):
+    """A checkpoint's step counter belongs to its steps per epoch: resumed at another batch size (or
+    subset, or step cap) it would sit at the wrong place of the lr / wd / momentum schedules."""
+    from sslray.config import ConfigError
+
+    cfg = _cfg(cifar_small, "data.val=", "train.epochs=1", "train.max_steps_per_epoch=2", "train.online_probe=false")
+    run_local(cfg, str(tmp_path / "ckpt"))
+    more = {"train.epochs": 2}
+    with pytest.raises(ConfigError, match=r"data.batch_size.*global batch 32.*asks for 16.*--batch-size 32"):
+        run_local(cfg.replace(**more, **{"data.batch_size": 16}), str(tmp_path / "ckpt"))
+    with pytest.raises(ConfigError, match=r"2 steps per epoch, this run has 3"):
+        run_local(cfg.replace(**more, **{"train.max_steps_per_epoch": 3}), str(tmp_path / "ckpt"))
+    last, _ = run_local(cfg.replace(**more, **{"data.auto_batch": True, "data.batch_size": 16}), str(tmp_path / "ckpt"))
+    assert last["epoch"] == 2 and last["step"] == 4 and last["global_batch"] == 32  # auto batch takes the saved one

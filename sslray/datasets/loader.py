@@ -144,6 +144,15 @@ def subset_indices(n: int, limit: int, seed: int = 0) -> Optional[np.ndarray]:
     return np.sort(rng.choice(n, size=limit, replace=False))
 
 
+def eval_slice(indices: Optional[np.ndarray], n: int, rank: int, world_size: int) -> Optional[np.ndarray]:
+    """Rank ``rank``'s contiguous slice of an evaluation split (``indices``, or all ``n`` images), every
+    image in exactly one slice. A distributed loader pads the last shard with repeats instead, which
+    scores those images twice."""
+    if world_size == 1:
+        return indices
+    return np.array_split(np.arange(n) if indices is None else np.asarray(indices), world_size)[rank]
+
+
 def make_loader(
     path: str,
     batch_size: int,

@@ -17,8 +17,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..config import Config, effective_lr, from_dict
-from ..datasets.loader import dataset_info, make_loader, subset_indices
+from ..config import Config, ConfigError, effective_lr, from_dict
+from ..datasets.loader import check_same_classes, dataset_info, eval_slice, make_loader, subset_indices
 from ..datasets.resident import make_resident_loader
 from ..datasets.views import build_views, eval_transform
 from . import distributed as D
@@ -61,19 +61,25 @@ def build_data(cfg: Config, session) -> Data:
     load = make_resident_loader if d.resident else make_loader
     train = load(d.train, per_worker, train=True, seed=cfg.train.seed, indices=train_idx, **common)
     bank = val = None
+    classes = train_info.classes
     if val_info is not None:
+        classes = check_same_classes(train_info, val_info)
         bank_n = d.knn_bank or n_train
         bank_idx = train_idx if bank_n >= n_train else (
             subset_indices(train_info.num_images, bank_n, cfg.train.seed) if train_idx is None
             else np.sort(np.random.default_rng(cfg.train.seed + 1).choice(train_idx, bank_n, replace=False)))
+        val_idx = subset_indices(val_info.num_images, d.val_subset, cfg.train.seed)
         eval_bs = max(per_worker, 256)
-        bank = load(d.train, eval_bs, train=False, indices=bank_idx, **common)
-        val = load(d.val, eval_bs, train=False, indices=subset_indices(val_info.num_images, d.val_subset,
-                                                                                cfg.train.seed), **common)
+        # Each rank scores its own slice, every image once: a distributed loader pads the last shard with
+        # repeats, which the kNN monitor and the online probe would count twice.
+        ev = {**common, "distributed": False}
+        r = (session.rank, world)
+        bank = load(d.train, eval_bs, train=False, indices=eval_slice(bank_idx, train_info.num_images, *r), **ev)
+        val = load(d.val, eval_bs, train=False, indices=eval_slice(val_idx, val_info.num_images, *r), **ev)
     steps = len(train)
     if cfg.train.max_steps_per_epoch:
         steps = min(steps, cfg.train.max_steps_per_epoch)
-    return Data(train, bank, val, len(train_info.classes), steps)
+    return Data(train, bank, val, len(classes), steps)
 
 
 def rng_state() -> dict:
@@ -154,6 +160,12 @@ def train_loop(cfg: Config, session) -> dict:
         if saved != cfg.data.batch_size and cfg.data.auto_batch:
             session.log(f"sslray: auto batch: resuming with the checkpoint's global batch {saved}")
             cfg = cfg.replace(**{"data.batch_size": saved})
+        elif saved != cfg.data.batch_size:
+            raise ConfigError(
+                f"config key 'data.batch_size': the checkpoint this run resumes was trained at global batch {saved}, "
+                f"this run asks for {cfg.data.batch_size}. Its step counter would then sit at the wrong place of the "
+                f"lr, weight-decay and momentum schedules: resume with --batch-size {saved}, or start over with "
+                "--restart (data.auto_batch=true resumes at the checkpoint's batch by itself)")
     elif cfg.data.auto_batch:
         cfg = auto_batch(cfg, session.world_size, dev, session.log)
     phase = ["setup (model, data, optimizer)"]
@@ -213,6 +225,12 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
     pictures = RunPictures(cfg, session, model, data, views, evalT)
 
     start_epoch, start_batch, step, last, partial = 0, 0, 0, {}, None
+    if state is not None and int(state.get("steps_per_epoch", data.steps_per_epoch)) != data.steps_per_epoch:
+        raise ConfigError(
+            f"the checkpoint this run resumes was trained at {state['steps_per_epoch']} steps per epoch, this run has "
+            f"{data.steps_per_epoch} (data.train, data.train_subset, data.batch_size and train.max_steps_per_epoch "
+            "set it): its step counter would sit at the wrong place of the lr, weight-decay and momentum schedules. "
+            "Resume with the settings it was trained with, or start over with --restart")
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -233,14 +251,18 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
     def snapshot(epoch_index: int, batch_in_epoch: int, metrics: dict, part: Optional[dict]) -> Optional[dict]:
         """Everything needed to continue exactly here: model (EMA teachers, queues and prototypes are
         its buffers), optimizer, counters, RNG streams, and the loader epoch (its order is seed + epoch)."""
-        rng_ranks = D.gather_objects(rng_state()) if session.world_size > 1 else None  # a collective: every rank
+        # Collectives, so every rank calls snapshot: each rank's RNG streams, the probe's all-rank sums.
+        rng_ranks = D.gather_objects(rng_state()) if session.world_size > 1 else None
+        probe_sums = probe.global_sums() if probe is not None else None
         if session.rank != 0:
             return None
         return {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch_index,
-                "batch_in_epoch": batch_in_epoch, "step": step, "rng": rng_state(), "rng_ranks": rng_ranks,
+                "batch_in_epoch": batch_in_epoch, "step": step, "steps_per_epoch": data.steps_per_epoch,
+                "rng": rng_state(), "rng_ranks": rng_ranks,
                 "partial": part,
                 "loader_seed": cfg.train.seed, "config": cfg.to_dict(), "metrics": metrics,
-                "num_classes": data.num_classes, "online_probe": probe.state_dict() if probe is not None else None,
+                "num_classes": data.num_classes,
+                "online_probe": probe.state_dict(probe_sums) if probe is not None else None,
                 "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None}
 
     tc = cfg.train
@@ -250,7 +272,7 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
         data.train.next_epoch = epoch  # FFCV draws this epoch's order from seed + epoch
         skip = start_batch if epoch == start_epoch else 0
         resumed = partial if skip and partial else {"loss_sum": 0.0, "n": 0, "seconds": 0.0}
-        loss_sum = torch.tensor(float(resumed["loss_sum"]), device=dev)
+        loss_sum = torch.tensor(float(resumed["loss_sum"]) if session.rank == 0 else 0.0, device=dev)
         n_steps, prior_seconds = int(resumed["n"]), float(resumed["seconds"])
         prior_ok = float(resumed.get("n_ok", resumed["n"]))
         health.reset_epoch()
@@ -319,8 +341,9 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
             if i + 1 < data.steps_per_epoch and (ckpt_now or report_now):
                 health.check(cfg.method.name, epoch + 1)  # never checkpoint past a bad step
                 m = {"epoch": epoch, "step": step, "step_loss": float(D.all_reduce_mean(loss.detach())), "partial": 1}
-                part = {"loss_sum": float(loss_sum), "n": n_steps, "n_ok": prior_ok + float(health.ok_steps),
-                        "seconds": prior_seconds + time.perf_counter() - t0}
+                # The loss sum of every rank (rank 0 carries it on after a resume, the others restart at 0).
+                part = {"loss_sum": float(D.all_reduce_mean(loss_sum)) * session.world_size, "n": n_steps,
+                        "n_ok": prior_ok + float(health.ok_steps), "seconds": prior_seconds + time.perf_counter() - t0}
                 session.report(m, snapshot(epoch, i + 1, last, part) if ckpt_now else None)
             t_wait = time.perf_counter()
         health.check(cfg.method.name, epoch + 1)

@@ -133,14 +133,22 @@ class OnlineProbe:
         self.sums.zero_()
         return out
 
-    def state_dict(self) -> dict:
-        return {"head": self.head.state_dict(), "optimizer": self.opt.state_dict(), "sums": self.sums.clone(),
+    def global_sums(self) -> torch.Tensor:
+        """The epoch's running sums over every rank (a collective: call it on all ranks)."""
+        return D.all_reduce_mean(self.sums) * D.world_size()
+
+    def state_dict(self, sums: Optional[torch.Tensor] = None) -> dict:
+        """``sums``: the all-rank sums from ``global_sums`` (a checkpoint holds them once, for rank 0)."""
+        return {"head": self.head.state_dict(), "optimizer": self.opt.state_dict(),
+                "sums": (self.sums if sums is None else sums).clone(),
                 "running_mean": self.running_mean.clone(), "running_var": self.running_var.clone()}
 
     def load_state_dict(self, state: dict) -> None:
         self.head.load_state_dict(state["head"])
         self.opt.load_state_dict(state["optimizer"])
-        self.sums.copy_(state["sums"])
+        # The saved sums are every rank's together: rank 0 carries them on, the others start from zero,
+        # so the epoch's all-reduced figures count each rank's part once.
+        self.sums.copy_(state["sums"]) if D.rank() == 0 else self.sums.zero_()
         self.running_mean.copy_(state["running_mean"])
         self.running_var.copy_(state["running_var"])
 
