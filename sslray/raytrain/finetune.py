@@ -109,10 +109,10 @@ def classification_metrics(logits: np.ndarray, y: np.ndarray, num_classes: int) 
 
 def finetune_loop(c: dict, session) -> dict:
     """One worker's fine-tuning run; ``c`` holds plain values (it crosses the Ray boundary)."""
-    from ..datasets.loader import dataset_info, make_loader, subset_indices
+    from ..datasets.loader import check_same_classes, dataset_info, eval_slice, make_loader, subset_indices
     from ..datasets.views import BACKENDS, PRESETS, eval_transform
     from .evaluate import load_checkpoint, random_init_model
-    from .loop import seed_everything
+    from .loop import rank_seed, seed_everything
     from .optim import warmup_cosine
 
     s = FinetuneSettings(**c["settings"])
@@ -121,12 +121,15 @@ def finetune_loop(c: dict, session) -> dict:
     if c["init"] == "random_init":
         model = random_init_model(cfg)
     seed_everything(s.seed)  # the head and the data order are the same for both inits
-    info = dataset_info(c["train"])
-    net = Classifier(model.backbone, int(model.backbone.num_features), info.num_classes)
+    info, val_info = dataset_info(c["train"]), dataset_info(c["val"])
+    classes = check_same_classes(info, val_info)
+    net = Classifier(model.backbone, int(model.backbone.num_features), len(classes))
     if world > 1:
         net = D.convert_global_bn(net, dev.type)
     net = net.to(dev)
     ddp, sync_grads = D.data_parallel(net, dev)
+    if world > 1:  # one head for all ranks (above); from here each rank draws its own augmentations
+        seed_everything(rank_seed(s.seed, session.rank))
     if s.batch_size % world:
         raise ValueError(f"finetune batch_size {s.batch_size} must divide evenly over {world} workers")
     per = s.batch_size // world
@@ -136,9 +139,8 @@ def finetune_loop(c: dict, session) -> dict:
         raise ValueError(f"finetune batch_size {s.batch_size} is larger than the {n_train} train images allow")
     common = dict(res=cfg.data.decode_res, device=dev, num_workers=cfg.data.loader_workers)
     train = make_loader(c["train"], per, train=True, seed=s.seed, indices=tr_idx, distributed=world > 1, **common)
-    va_all = subset_indices(dataset_info(c["val"]).num_images, s.val_subset, s.seed)
-    va_all = np.arange(dataset_info(c["val"]).num_images) if va_all is None else va_all
-    va_idx = np.array_split(va_all, world)[session.rank]  # disjoint slices: every val image scored once
+    n_val = val_info.num_images
+    va_idx = eval_slice(subset_indices(n_val, s.val_subset, s.seed), n_val, session.rank, world)
     val = make_loader(c["val"], max(per, 256), train=False, indices=va_idx, **common)
     # The preset's first view, built by the run's view backend (same per-sample mechanism as pretraining).
     params = PRESETS.get(s.views)(size=cfg.views.crop_size, min_scale=s.min_scale)[0][0]
@@ -180,7 +182,7 @@ def finetune_loop(c: dict, session) -> dict:
             n += 1
             step += 1
         last = {"epoch": epoch + 1, "step": step, "train_loss": float(D.all_reduce_mean(loss_sum / max(1, n))),
-                **evaluate_logits(net, val, evalT, dev, cfg.train.precision, info.num_classes),
+                **evaluate_logits(net, val, evalT, dev, cfg.train.precision, len(classes)),
                 "seconds": time.perf_counter() - t0}
         session.log(f"finetune ({c['init']}): epoch {epoch + 1}/{epochs} step {step}/{total} "
                     f"train loss {last['train_loss']:.4f} val top-1 {last['top1']:.4f} ({last['seconds']:.0f} s)")
