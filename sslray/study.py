@@ -186,7 +186,7 @@ def collect_cells(sweep) -> list[dict]:
     cells = []
     for result in sweep.results:
         trial_id = Path(result.path).name.removeprefix("trial_")
-        cfg = trial_config(base, result.config or {})
+        cfg = trial_config(base, result.config or {}, sweep.spec.forced)
         m = dict(result.metrics or {})
         row = rows.get(trial_id, {})
         cell: dict[str, Any] = {"method": cfg.method.name, "policy": cfg.views.policy, "trial_id": trial_id,
