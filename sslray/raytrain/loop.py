@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..config import Config, ConfigError, effective_lr, from_dict
+from ..config import Config, effective_lr, from_dict
 from ..datasets.loader import check_same_classes, dataset_info, eval_slice, make_loader, subset_indices
 from ..datasets.resident import make_resident_loader
 from ..datasets.views import build_views, eval_transform
@@ -160,12 +160,6 @@ def train_loop(cfg: Config, session) -> dict:
         if saved != cfg.data.batch_size and cfg.data.auto_batch:
             session.log(f"sslray: auto batch: resuming with the checkpoint's global batch {saved}")
             cfg = cfg.replace(**{"data.batch_size": saved})
-        elif saved != cfg.data.batch_size:
-            raise ConfigError(
-                f"config key 'data.batch_size': the checkpoint this run resumes was trained at global batch {saved}, "
-                f"this run asks for {cfg.data.batch_size}. Its step counter would then sit at the wrong place of the "
-                f"lr, weight-decay and momentum schedules: resume with --batch-size {saved}, or start over with "
-                "--restart (data.auto_batch=true resumes at the checkpoint's batch by itself)")
     elif cfg.data.auto_batch:
         cfg = auto_batch(cfg, session.world_size, dev, session.log)
     phase = ["setup (model, data, optimizer)"]
@@ -225,17 +219,22 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
     pictures = RunPictures(cfg, session, model, data, views, evalT)
 
     start_epoch, start_batch, step, last, partial = 0, 0, 0, {}, None
-    if state is not None and int(state.get("steps_per_epoch", data.steps_per_epoch)) != data.steps_per_epoch:
-        raise ConfigError(
-            f"the checkpoint this run resumes was trained at {state['steps_per_epoch']} steps per epoch, this run has "
-            f"{data.steps_per_epoch} (data.train, data.train_subset, data.batch_size and train.max_steps_per_epoch "
-            "set it): its step counter would sit at the wrong place of the lr, weight-decay and momentum schedules. "
-            "Resume with the settings it was trained with, or start over with --restart")
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch, step, last = int(state["epoch"]), int(state["step"]), state.get("metrics", {})
         start_batch, partial = int(state.get("batch_in_epoch", 0)), state.get("partial")
+        saved_spe = int(state.get("steps_per_epoch", data.steps_per_epoch))
+        if saved_spe != data.steps_per_epoch:
+            # Another batch size (an OOM's advice), subset or step cap: the counters are rescaled to this
+            # run's steps per epoch, so the lr, weight-decay and momentum schedules go on from the same point.
+            ratio = data.steps_per_epoch / saved_spe
+            start_batch = min(int(round(start_batch * ratio)), data.steps_per_epoch - 1)
+            rebased = start_epoch * data.steps_per_epoch + start_batch
+            session.log(f"sslray: the checkpoint was trained at {saved_spe} steps per epoch, this run has "
+                        f"{data.steps_per_epoch} (global batch {cfg.data.batch_size}): global step {step} -> "
+                        f"{rebased}, the same point of the schedules")
+            step = rebased
         restore_rng(state, session.rank, cfg.train.seed)
         if probe is not None and state.get("online_probe"):
             probe.load_state_dict(state["online_probe"])
