@@ -10,7 +10,6 @@ with different batch sizes are compared at the lr the method's rule says is equi
 from __future__ import annotations
 
 import ast
-import dataclasses
 import inspect
 import math
 import re
@@ -21,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import Config, ConfigError, load_config, load_yaml
+from ..config import Config, ConfigError, field_type, load_config, load_yaml
 
 # Short names users type; the space itself always holds full config keys.
 ALIASES = {
@@ -215,14 +214,10 @@ def _check_kind(key: str, dist: Dist, cfg: Config) -> None:
 
 def _int_key(key: str, cfg: Config) -> bool:
     """Whether ``key`` takes integers: an int config field, or an int keyword of the method's builder."""
-    section, _, name = key.partition(".")
     if key.startswith("method.params."):
         param = _builder_params(cfg.method.name).get(key.removeprefix("method.params."))
         return param is not None and param.annotation in (int, "int")
-    sub = getattr(cfg, section, None)
-    if sub is None or not dataclasses.is_dataclass(sub):
-        return False
-    return any(f.name == name and f.type in (int, "int") for f in dataclasses.fields(sub))
+    return field_type(key) is int
 
 
 def _builder_params(method: str) -> dict[str, inspect.Parameter]:
