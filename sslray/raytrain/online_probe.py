@@ -148,7 +148,10 @@ class OnlineProbe:
         self.opt.load_state_dict(state["optimizer"])
         # The saved sums are every rank's together: rank 0 carries them on, the others start from zero,
         # so the epoch's all-reduced figures count each rank's part once.
-        self.sums.copy_(state["sums"]) if D.rank() == 0 else self.sums.zero_()
+        if D.rank() == 0:
+            self.sums.copy_(state["sums"])
+        else:
+            self.sums.zero_()
         self.running_mean.copy_(state["running_mean"])
         self.running_var.copy_(state["running_var"])
 
