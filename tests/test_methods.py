@@ -385,3 +385,5 @@ def test_mocov3_heads_follow_the_paper_code_per_backbone(recipe, projector, pred
     model = create_method(cfg)
     assert _layout(model.projector) == projector and _layout(model.predictor) == predictor
     assert not model.projector.net[-1].affine  # the projector's output BN has no affine, as in SimCLR
+    # _build_mlp's Linears never have a bias, also where no BN follows the predictor's last one
+    assert all(m.bias is None for m in [*model.projector.net, *model.predictor.net] if isinstance(m, nn.Linear))

@@ -124,10 +124,10 @@ def build_mocov3(cfg, backbone, feat_dim, momentum: float = 0.99, pred_hidden_di
                  proj_layers: int = 3, pred_last_bn: bool = True):
     """Projector ending in BN, 2-layer predictor. The defaults are the paper code's ViT layout
     (``MoCo_ViT``: 3-layer projector, predictor ending in BN); its ResNet layout (``MoCo_ResNet``) is
-    ``proj_layers=2, pred_last_bn=False``."""
+    ``proj_layers=2, pred_last_bn=False``. No Linear has a bias, as in the paper code's ``_build_mlp``."""
     h, d = cfg.model.proj_hidden_dim, cfg.model.proj_out_dim
     projector = MLPHead(feat_dim, h, d, layers=proj_layers, last_bn=True)
-    predictor = MLPHead(d, pred_hidden_dim, d, layers=2, last_bn=pred_last_bn)
+    predictor = MLPHead(d, pred_hidden_dim, d, layers=2, last_bn=pred_last_bn, last_bias=False)
     return MoCoV3(backbone, projector, predictor, cfg.method.temperature, momentum)
 
 
