@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sslray.config import load_config
+from sslray.datasets.views import replace
 from sslray.raytrain.methods import METHODS, create_method
 from sslray.raytrain.methods import vicregl as V
 
@@ -108,16 +109,43 @@ def test_blur_acts_on_the_crop_at_network_resolution(monkeypatch):
     assert widths[True].float().mean() > widths[False].float().mean(), "view 1 (blur p = 1) was not blurred"
 
 
-def test_crops_are_blurred_with_each_views_probability():
-    """BYOL's pair: view 1 always (p = 1.0), view 2 with p = 0.1; no blur without ``views.blur``."""
+def test_crops_are_blurred_then_solarized_with_each_views_probabilities():
+    """BYOL's pair: blur view 1 always (p = 1.0), view 2 with p = 0.1 (none without ``views.blur``);
+    solarize view 2 with p = 0.2; solarize after the blur, as the paper's code."""
     from sslray.datasets.presets import vicregl_views
 
-    assert all(p.blur_p == 0 for p, _ in vicregl_views(size=224, blur=True))  # the preset no longer blurs
+    # the preset leaves both to the method
+    assert all(p.blur_p == p.solarize_p == 0 for p, _ in vicregl_views(size=224, blur=True))
     model = _model("vicregl_imagenet", 224)
-    assert model.blur_p == (1.0, 0.1)
+    assert model.tail_p == {"blur_p": (1.0, 0.1), "solarize_p": (0.0, 0.2)}
     n = 1000
     torch.manual_seed(0)
-    model._blur(torch.randn(2 * n, 3, 16, 16), n)  # 23-tap kernel at 224 px: reflect-pads 11
-    on = model.view_blur.last_params["blur_on"]
+    model._finish(torch.randn(2 * n, 3, 16, 16), n)  # 23-tap kernel at 224 px: reflect-pads 11
+    on, sol = model.tail.last_params["blur_on"], model.tail.last_params["solarize"]
     assert on[:n].all() and abs(float(on[n:].float().mean()) - 0.1) < 0.03
-    assert load_config("vicregl_cifar10").views.blur is False and _model("vicregl_cifar10", 128).blur_p == (0.0, 0.0)
+    assert not sol[:n].any() and abs(float(sol[n:].float().mean()) - 0.2) < 0.04
+    assert load_config("vicregl_cifar10").views.blur is False
+    assert _model("vicregl_cifar10", 128).tail_p == {"blur_p": (0.0, 0.0), "solarize_p": (0.0, 0.2)}
+
+
+def test_solarize_follows_the_blur_on_pixel_values():
+    """A view-2 crop drawn for both: blurred first (in pixel values, not normalised ones), then pixels
+    >= 0.5 inverted; the result comes back normalised with the views' mean and std."""
+    model = _model("vicregl_imagenet", 32)
+    model.tail_p = {"blur_p": (0.0, 1.0), "solarize_p": (0.0, 1.0)}
+    model.tail.params = replace(model.tail.params, blur_sigma=(2.0, 2.0))  # the widest blur, every draw
+    m, s = model.tail.mean, model.tail.std
+    img = torch.zeros(1, 3, 32, 32)
+    img[..., 16:] = 1.0  # a step edge: blurred, it has values on both sides of 0.5
+    x = torch.cat([img, img]) - m
+    x = x / s  # normalised, as the crops reach the method
+    torch.manual_seed(0)
+    out = model._finish(x, 1) * s + m
+    torch.manual_seed(0)  # the same blur draws, no solarize
+    blurred = model.tail.finish(img.repeat(2, 1, 1, 1), {"blur_p": torch.tensor([0.0, 1.0]),
+                                                          "solarize_p": torch.tensor([0.0, 0.0])}) * s + m
+    expect = torch.where(blurred[1] >= 0.5, 1.0 - blurred[1], blurred[1])
+    assert torch.allclose(out[0], img[0], atol=1e-5)  # view 1: neither step
+    assert torch.allclose(out[1], expect, atol=1e-5)
+    # solarized first, the 0/1 step would turn all black and stay so when blurred
+    assert float(out[1].amax()) > 0.3

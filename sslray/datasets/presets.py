@@ -94,21 +94,22 @@ def mae_views(size=32, min_scale=0.2, jitter_strength=0.5, blur=False, **_):
 
 @PRESETS.register("vicregl")
 def vicregl_views(size=32, min_scale=0.08, jitter_strength=0.5, blur=False, **_):
-    """VICRegL: BYOL's photometric pair on the whole image (no crop, no flip), without its blur. The
-    method draws the crops and flips itself so that it knows where every feature-map cell lies in the
-    image (``min_scale`` is read there from the config), and then blurs the crops (:func:`vicregl_blur`):
-    a blur here would be magnified by the crop's resize, up to 1/sqrt(min_scale) times."""
+    """VICRegL: BYOL's colour jitter and greyscale on the whole image (no crop, no flip). The method
+    draws the crops and flips itself so that it knows where every feature-map cell lies in the image
+    (``min_scale`` is read there from the config), and then blurs and solarizes the crops
+    (:func:`vicregl_tail`): a blur here would be magnified by the crop's resize, up to
+    1/sqrt(min_scale) times, and solarize must follow the blur."""
     v1, v2 = _byol_pair(size, min_scale, jitter_strength, blur)
-    whole = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip_p=0.0, blur_p=0.0)
+    whole = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip_p=0.0, blur_p=0.0, solarize_p=0.0)
     return [(replace(v1, **whole), 1), (replace(v2, **whole), 1)]
 
 
-def vicregl_blur(blur=False) -> tuple[tuple[float, float], tuple[float, float]]:
-    """The blur ``vicregl_views`` leaves to the method: BYOL's pair's (view 1, view 2) probabilities
-    (1.0, 0.1 with ``blur``, else 0) and sigma range in pixels of the crop at network resolution. The
-    paper's code (VICRegL ``transforms.py``) also crops first and blurs the crop."""
-    v1, v2 = _byol_pair(32, 0.08, 0.5, blur)
-    return (v1.blur_p, v2.blur_p), v1.blur_sigma
+def vicregl_tail(size=32, blur=False) -> tuple[AugParams, AugParams]:
+    """What ``vicregl_views`` leaves to the method, per view (1, 2): BYOL's pair's blur (p 1.0 / 0.1
+    with ``blur``, else 0; sigma in pixels of the crop at network resolution), then its solarize (p 0 /
+    0.2), with the views' normalisation. The paper's code (VICRegL ``transforms.py``) also crops first,
+    then blurs and solarizes the crop."""
+    return _byol_pair(size, 0.08, 0.5, blur)
 
 
-__all__ = ["byol_views", "dino_views", "local_crop_size", "mae_views", "swav_views", "vicregl_blur", "vicregl_views"]
+__all__ = ["byol_views", "dino_views", "local_crop_size", "mae_views", "swav_views", "vicregl_tail", "vicregl_views"]

@@ -187,7 +187,7 @@ class FusedViewAugment(nn.Module):
         return y.clamp_(0.0, 1.0)
 
     def _blur(self, x: torch.Tensor) -> torch.Tensor:
-        p, (B, C, H, W), dev = self.params, x.shape, x.device
+        p, B, dev = self.params, x.shape[0], x.device
         on = self._draw("blur_p", B, dev)
         sigma = torch.empty(B, device=dev).uniform_(*p.blur_sigma)
         k = self.blur_k
@@ -207,11 +207,21 @@ class FusedViewAugment(nn.Module):
         return self._conv(x, torch.where(on.view(B, 1), ker, delta))
 
     @torch.no_grad()
-    def blur(self, x: torch.Tensor, row_p: Optional[dict] = None) -> torch.Tensor:
-        """Only the Gaussian blur step (per-sample on/off and sigma, as in ``forward``) on a float batch,
-        for callers that crop the views themselves and blur the crops (VICRegL)."""
+    def finish(self, x: torch.Tensor, row_p: Optional[dict] = None) -> torch.Tensor:
+        """Only the steps after crop and colour (Gaussian blur, solarize, normalisation; per sample, as in
+        ``forward``) on a float batch in [0, 1], for callers that crop the views themselves (VICRegL)."""
         self._row_p, self.last_params = row_p or {}, {}
-        return self._blur(x)
+        return self._finish(x)
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        p, B = self.params, x.shape[0]
+        if p.blur_p > 0:
+            x = self._blur(x)
+        if p.solarize_p > 0:
+            s = self._draw("solarize_p", B, x.device)
+            x = torch.where(s.view(B, 1, 1, 1) & (x >= 0.5), 1.0 - x, x)
+            self.last_params["solarize"] = s
+        return (x - self.mean) / self.std
 
     @staticmethod
     def _conv(x: torch.Tensor, ker: torch.Tensor) -> torch.Tensor:
@@ -254,13 +264,7 @@ class FusedViewAugment(nn.Module):
         if self.policy is not None:
             x = self.policy(x)
         x = self._colour(x)
-        if p.blur_p > 0:
-            x = self._blur(x)
-        if p.solarize_p > 0:
-            s = self._draw("solarize_p", B, dev)
-            x = torch.where(s.view(B, 1, 1, 1) & (x >= 0.5), 1.0 - x, x)
-            self.last_params["solarize"] = s
-        return (x - self.mean) / self.std
+        return self._finish(x)
 
 
 class PolicyOps(nn.Module):

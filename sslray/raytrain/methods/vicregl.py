@@ -5,8 +5,8 @@ feature maps whose vectors are matched by image location and by feature distance
 Location matching needs each view's crop box. The view preset ("vicregl") therefore applies only
 the photometric augmentations to the whole image, and this method draws the random-resized crops
 and flips itself (per sample), so every feature-map cell has known image coordinates. The Gaussian
-blur comes after the crop, at network resolution, as in the paper's code: blurred before, it would
-be magnified by the crop's resize (up to 3.5x at scale 0.08).
+blur and then solarize come after the crop, at network resolution, as in the paper's code: blurred
+before, the blur would be magnified by the crop's resize (up to 3.5x at scale 0.08).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torchvision.ops import roi_align
 
-from ...datasets.presets import vicregl_blur
-from ...datasets.views import AugParams, FusedViewAugment
+from ...datasets.presets import vicregl_tail
+from ...datasets.views import AugParams, FusedViewAugment, replace
 from ..backbones import trunk_modules
 from ..distributed import gather_with_grad
 from ..heads import MLPHead
@@ -85,30 +85,31 @@ class VICRegL(nn.Module):
 
     def __init__(self, backbone: nn.Module, projector: nn.Module, local_projector: nn.Module, alpha: float = 0.75,
                  num_matches=(20, 4), l2_all_matches: bool = True, sim_coeff: float = 25.0, std_coeff: float = 25.0,
-                 cov_coeff: float = 1.0, scale=(0.08, 1.0), size: int = 32, blur_p=(0.0, 0.0), blur_sigma=(0.1, 2.0)):
+                 cov_coeff: float = 1.0, scale=(0.08, 1.0), tail: tuple[AugParams, AugParams] | None = None):
         super().__init__()
         self.backbone, self.projector, self.local_projector = backbone, projector, local_projector
         self.alpha = alpha
         self.num_matches, self.l2_all_matches = match_counts(num_matches), l2_all_matches
         self.coeffs = dict(sim_coeff=sim_coeff, std_coeff=std_coeff, cov_coeff=cov_coeff)
         self.scale = tuple(scale)
-        # Per-view blur probabilities (view 1, view 2) of the crops at ``size`` px; the views' own
-        # blur step, so kernel and sigma draws are the preset's.
-        self.blur_p = tuple(float(p) for p in blur_p)
-        self.view_blur = FusedViewAugment(AugParams(size=size, blur_p=max(self.blur_p), blur_sigma=tuple(blur_sigma)))
+        # Per-view (view 1, view 2) blur and solarize of the crops, by the views' own steps, so kernel,
+        # sigma and solarize draws are the preset's; one module holds the larger probability of each.
+        tail = tail or (AugParams(), AugParams())
+        self.tail_p = {k: tuple(float(getattr(v, k)) for v in tail) for k in ("blur_p", "solarize_p")}
+        self.tail = FusedViewAugment(replace(tail[0], **{k: max(ps) for k, ps in self.tail_p.items()}))
 
     def compile_targets(self) -> list[nn.Module]:
         """``model.compile``: the backbone's stages or blocks (it runs ``forward_features``, never the
         backbone module itself, so compiling that would compile nothing)."""
         return trunk_modules(self.backbone)
 
-    def _blur(self, x: torch.Tensor, n: int) -> torch.Tensor:
-        """Blur the 2n crops, each view's rows with their own probability. On normalised views: the
-        blur is linear with a unit-sum kernel, so it commutes with the per-channel normalisation.
-        (The preset's solarize, pointwise, stays before it; the paper's code solarizes after.)"""
-        rows = torch.cat([torch.full((n,), p, device=x.device) for p in self.blur_p])
+    def _finish(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """Blur, then solarize the 2n crops, each view's rows with their own probabilities. The crops
+        arrive normalised (the crop's resize is linear, so it commutes with the normalisation); they
+        are un-normalised for these steps, since solarize thresholds pixel values, and normalised again."""
+        rows = {k: torch.cat([torch.full((n,), p, device=x.device) for p in ps]) for k, ps in self.tail_p.items()}
         with torch.autocast(x.device.type, enabled=False):
-            return self.view_blur.blur(x.float(), {"blur_p": rows}).to(x.dtype)
+            return self.tail.finish(x.float() * self.tail.std + self.tail.mean, rows).to(x.dtype)
 
     def forward(self, views):
         if len(views) != 2:
@@ -117,8 +118,8 @@ class VICRegL(nn.Module):
         boxes = [random_boxes(n, self.scale, device=v.device) for v in views]
         flips = [torch.rand(n, device=v.device) < 0.5 for v in views]
         x = torch.cat([crop_resize(v, b, f, size) for v, b, f in zip(views, boxes, flips)], 0)
-        if max(self.blur_p) > 0:
-            x = self._blur(x, n)
+        if any(max(ps) > 0 for ps in self.tail_p.values()):
+            x = self._finish(x, n)
         pooled, cells, (gh, gw) = feature_map(self.backbone, x)
         z = self.projector(pooled)
         loc = self.local_projector(cells.reshape(-1, cells.shape[-1])).reshape(2 * n, gh * gw, -1)
@@ -149,9 +150,8 @@ def build_vicregl(cfg, backbone, feat_dim, alpha: float = 0.75, num_matches=(20,
     h, d = cfg.model.proj_hidden_dim, cfg.model.proj_out_dim
     projector = MLPHead(feat_dim, h, d, layers=proj_layers)
     local = MLPHead(feat_dim, local_hidden_dim or h, local_out_dim or d, layers=proj_layers)
-    blur_p, blur_sigma = vicregl_blur(cfg.views.blur)
     return VICRegL(backbone, projector, local, alpha, num_matches, l2_all_matches, sim_coeff, std_coeff, cov_coeff,
-                   (cfg.views.min_scale, 1.0), cfg.views.crop_size, blur_p, blur_sigma)
+                   (cfg.views.min_scale, 1.0), vicregl_tail(cfg.views.crop_size, cfg.views.blur))
 
 
 build_vicregl.family = VICRegL.family
