@@ -1,4 +1,4 @@
-"""`sslray study`: per-method configs, the grid spec, the matrix outputs (fast); a 3 methods x 3 view
+"""`sslray study`: per-method configs, the grid spec, the matrix outputs (fast); a 2 methods x 2 view
 policies study on a small real Imagenette subset through Ray Tune + Ray Train + MLflow (ray, slow)."""
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ TINY_STUDY = ["--backbone", "resnet10t", "--batch-size", "32", "--workers-per-tr
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_study_3_methods_x_3_policies_on_imagenette(ray_cluster, imagenette_small, tmp_path, monkeypatch, capsys):
+def test_study_methods_x_policies_on_imagenette(ray_cluster, imagenette_small, tmp_path, monkeypatch, capsys):
     from mlflow.tracking import MlflowClient
 
     from sslray.cli import main
@@ -170,14 +170,14 @@ def test_study_3_methods_x_3_policies_on_imagenette(ray_cluster, imagenette_smal
 
     assert len(dataset_info(imagenette_small["train"]).classes) == 10
     monkeypatch.chdir(tmp_path)
-    methods, policies = ["simclr", "byol", "barlowtwins"], ["default", "lorot", "dcl"]
+    methods, policies = ["simclr", "byol"], ["default", "dcl"]  # 4 cells, ~1 min of Ray start-up each
     rc = main(["study", "--methods", ",".join(methods), "--views", ",".join(policies),
                "--data", imagenette_small["train"], "--val", imagenette_small["val"], "--epochs", "1",
                "--name", "inette", "--storage", str(tmp_path / "runs"), "--experiment", "study", "--quiet",
                *TINY_STUDY])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "### linear top-1" in out and "| barlowtwins |" in out
+    assert "### linear top-1" in out and "| byol |" in out
 
     study_dir = tmp_path / "runs" / "inette" / "study"
     rows = list(csv.DictReader(io.StringIO((study_dir / "matrix.csv").read_text())))
@@ -195,7 +195,7 @@ def test_study_3_methods_x_3_policies_on_imagenette(ray_cluster, imagenette_smal
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
-    assert parent.data.params["study.methods"] == "simclr,byol,barlowtwins" and parent.data.metrics["cells"] == 9
+    assert parent.data.params["study.methods"] == "simclr,byol" and parent.data.metrics["cells"] == 4
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "study")}
     assert arts == {"study/matrix.csv", "study/matrix.md", "study/heatmap.png"}
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
@@ -206,6 +206,6 @@ def test_study_3_methods_x_3_policies_on_imagenette(ray_cluster, imagenette_smal
         assert child.data.params["method.name"] == key[0] and child.data.params["views.policy"] == key[1]
         assert child.data.metrics["probe_linear_top1"] == pytest.approx(float(by_csv[key]["linear_top1"]))
         assert child.info.run_name == f"inette-{key[0]}-{key[1]}"
-    # each method ran its own recipe (BYOL and Barlow Twins with LARS, SimCLR with SGD)
+    # each method ran its own recipe (BYOL with LARS, SimCLR with SGD)
     assert cells[("byol", "dcl")].data.params["optim.name"] == "lars"
-    assert cells[("simclr", "lorot")].data.params["optim.name"] == "sgd"
+    assert cells[("simclr", "default")].data.params["optim.name"] == "sgd"
