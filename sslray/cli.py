@@ -68,10 +68,11 @@ def config_from_args(a: argparse.Namespace):
     if getattr(a, "checkpoint_every", None):
         flags.update(parse_checkpoint_every(a.checkpoint_every))
     cfg = load_config(a.recipe, flag_overrides(flags, a.overrides))
-    if cfg.views.policy != "default":  # an unknown view policy fails here, naming the known ones, not in the workers
-        from .datasets.policies import VIEW_POLICIES
+    if cfg.views.policy != "default":  # an unknown or unfit view policy fails here, not in the workers
+        from .datasets.policies import VIEW_POLICIES, check_policy
 
         VIEW_POLICIES.get(cfg.views.policy)
+        check_policy(cfg.views.preset, cfg.views.policy)
     return absolute_paths(cfg)
 
 

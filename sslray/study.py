@@ -115,6 +115,14 @@ def make_study_spec(cfgs: dict[str, Config], policies: Sequence[str], *, name: s
     if not cfgs or not policies:
         raise ConfigError("a study needs at least one method (--methods) and one view policy (--views)")
     check_policies(policies)
+    from .datasets.policies import check_policy
+
+    for method, cfg in cfgs.items():
+        for policy in policies:
+            try:
+                check_policy(cfg.views.preset, policy)
+            except ConfigError as e:
+                raise ConfigError(f"study cell {method} x {policy}: {e}") from None
     if "://" in storage:  # the trials load their row's recipe file by path; the matrix files are local
         raise ConfigError(f"sslray study keeps its recipes and matrix in a folder every node reads: give --storage "
                           f"a local or shared path, not {storage} (sslray pretrain and sslray tune take s3:// and gs://)")

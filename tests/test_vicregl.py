@@ -149,3 +149,27 @@ def test_solarize_follows_the_blur_on_pixel_values():
     assert torch.allclose(out[1], expect, atol=1e-5)
     # solarized first, the 0/1 step would turn all black and stay so when blurred
     assert float(out[1].amax()) > 0.3
+
+
+@pytest.mark.parametrize("policy", ["simclr", "mae", "orthogonality", "lorot", "dcl"])
+def test_view_policies_that_would_move_the_cells_are_refused(policy, tmp_path, capsys):
+    """VICRegL's views keep the whole image and the method crops and flips them itself: a policy's
+    crop, flips, LoRot or DCL would put image content under other cell positions, silently. Refused in
+    the views, by `sslray pretrain` before any worker starts, and by `sslray study` for that cell."""
+    from sslray.cli import main
+    from sslray.config import ConfigError
+    from sslray.datasets.views import build_views
+    from sslray.study import make_study_spec, method_config
+
+    cfg = load_config("vicregl_cifar10", {"views.policy": policy})
+    with pytest.raises(ConfigError, match=rf"views.policy='{policy}'.*views.preset='vicregl'"):
+        build_views(cfg.views)
+    build_views(load_config("vicregl_cifar10").views)  # the default policy builds
+
+    assert main(["pretrain", "--recipe", "vicregl_cifar10", "--views", policy, "--data", str(tmp_path / "t.beton"),
+                 "--workers", "1", "--gpu", "false", "--storage", str(tmp_path / "runs")]) != 0
+    assert "views.policy" in capsys.readouterr().err
+
+    cfgs = {m: method_config(m) for m in ("simclr", "vicregl")}
+    with pytest.raises(ConfigError, match=rf"study cell vicregl x {policy}"):
+        make_study_spec(cfgs, ["default", policy], name="s", storage=str(tmp_path / "runs"))

@@ -220,8 +220,26 @@ def mae_policy(spec: Spec, cfg=None) -> Spec:
     return _each(spec, crop_flip)
 
 
+# Presets whose views keep the whole image: the method draws the crops and flips itself, to know where
+# every feature-map cell lies in the image, and then blurs and solarizes the crops (VICRegL).
+WHOLE_IMAGE_PRESETS = ("vicregl",)
+
+
+def check_policy(preset: str | None, policy: str | None) -> None:
+    """Refuse a view policy that ``preset`` cannot take (a ``ConfigError`` naming both keys)."""
+    from ..config import ConfigError
+
+    if preset in WHOLE_IMAGE_PRESETS and (policy or "default") != "default":
+        raise ConfigError(
+            f"views.policy={policy!r} does not apply to views.preset={preset!r}: its views keep the whole image, "
+            f"and the method draws the crops, flips, blur and solarize itself and matches feature-map cells by "
+            f"where they lie in the image. A policy's crop, flips, LoRot or DCL would move the cells under those "
+            f"positions, and its colour steps would not reach the method's. Use views.policy=default.")
+
+
 def apply_policy(spec: Spec, name: str = "default", cfg=None) -> Spec:
     """``build_views`` calls this with ``views.policy``: the method's spec -> the policy's spec."""
+    check_policy(getattr(cfg, "preset", None), name)
     return VIEW_POLICIES.get(name or "default")(spec, cfg)
 
 
