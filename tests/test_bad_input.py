@@ -226,3 +226,37 @@ def test_mixed_bad_files_summary_counts_every_reason(tmp_path, capsys):
     assert {Path(s["path"]).name for s in m["skipped"]} == {"cut.jpg", "t.jpg", "z.jpg", "readme.txt"}
     assert "2 images converted, 4 skipped" in stdout and "skipped by reason" in stdout
     json.dumps(m)  # the manifest stays plain JSON
+
+
+def test_pretrain_on_a_missing_dataset_fails_before_ray_starts(tmp_path, monkeypatch, capsys):
+    """A mistyped --data used to start Ray, its workers and an MLflow run, and fail in the workers ~50 s
+    later with a traceback per worker. With the workers on this machine it now fails at once."""
+    import ray
+
+    import sslray.raytrain.trainer as T
+
+    if ray.is_initialized():
+        pytest.skip("a Ray instance is already up in this process")
+    started = []
+
+    def ensure_ray(*a, **k):  # stands for starting Ray: the test ends there
+        started.append(1)
+        raise SystemExit(9)
+
+    monkeypatch.setattr(T, "ensure_ray", ensure_ray)
+    monkeypatch.setattr(T, "local_head", lambda *a, **k: None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    val = tmp_path / "val.beton"
+    val.write_bytes(b"")
+    args = ["pretrain", "--recipe", "smoke", "--data", str(tmp_path / "trian.beton"), "--val", str(val),
+            "--storage", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert f"data.train={tmp_path / 'trian.beton'}" in err and "data.val" not in err and not started
+    assert not (tmp_path / "m.db").exists()  # no MLflow run was opened for it
+
+    # On a cluster the workers may have files this machine lacks: a note, then Ray as before.
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    with pytest.raises(SystemExit):
+        main(args)
+    assert started and "not found on this machine; the cluster's workers must have it" in capsys.readouterr().out

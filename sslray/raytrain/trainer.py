@@ -171,6 +171,28 @@ class PretrainResult:
     storage: str
 
 
+def check_data(cfg: Config) -> None:
+    """Fail before Ray starts on a dataset that is not given or not on this machine, when the workers
+    will run here (a Ray instance this process starts). A cluster's workers may read files this
+    machine does not have (node-local copies), so there a missing path is only reported."""
+    import ray
+
+    from ..datasets.loader import DataError
+
+    if not cfg.data.train:
+        raise DataError("data.train: no dataset given (expected a .beton written by `sslray convert`, or an "
+                        "ImageFolder directory)")
+    missing = [f"{key}={path}" for key, path in (("data.train", cfg.data.train), ("data.val", cfg.data.val))
+               if path and not os.path.exists(path)]
+    if not missing:
+        return
+    here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS") and local_head() is None
+    if here:
+        raise DataError(f"{', '.join(missing)}: no such file or directory on this machine, where the workers run; "
+                        f"convert it first with `sslray convert SRC DEST`")
+    print(f"sslray: note: {', '.join(missing)} not found on this machine; the cluster's workers must have it")
+
+
 def ensure_ray(address: Optional[str] = None) -> None:
     import ray
 
@@ -215,6 +237,7 @@ def pretrain(cfg: Config, tracker: Optional[Tracker] = None, restart: bool = Fal
     if restart and (old := move_aside(run_dir)):
         print(f"sslray: --restart: the previous run was moved to {old}")
     check_storage(storage, name)  # fail before Ray, data or models are touched
+    check_data(cfg)
     ensure_ray()
     use_gpu = resolve_use_gpu(cfg)
     uri = resolve_uri(cfg.tracking.tracking_uri or None)
