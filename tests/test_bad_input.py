@@ -235,8 +235,8 @@ def test_pretrain_on_a_missing_dataset_fails_before_ray_starts(tmp_path, monkeyp
 
     import sslray.raytrain.trainer as T
 
-    if ray.is_initialized():
-        pytest.skip("a Ray instance is already up in this process")
+    # the session's shared Ray instance may be up in this process: the check must see none, as a fresh CLI would
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     started = []
 
     def ensure_ray(*a, **k):  # stands for starting Ray: the test ends there
