@@ -71,6 +71,11 @@ def test_linear_probe_on_a_val_subset_scores_the_classes_it_holds():
     assert res.metrics["top1"] == 1.0
     assert (res.metrics["macro_f1"], res.metrics["precision"], res.metrics["recall"]) == (1.0, 1.0, 1.0)
     assert res.confusion.shape == (4, 4) and all(n in res.report for n in names)  # every class still shown
+    # the report's own macro row averages all 4 classes (2 of them empty); its last row is the logged one
+    sk_macro = next(line for line in res.report.splitlines() if line.strip().startswith("macro avg "))
+    assert float(sk_macro.split()[-2]) == 0.5
+    last = res.report.strip().splitlines()[-1]
+    assert "2 classes present" in last and [float(v) for v in last.split()[-4:-1]] == [1.0, 1.0, 1.0]
 
 
 def test_extracted_labels_survive_ffcv_buffer_reuse(cifar_small):

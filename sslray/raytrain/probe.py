@@ -56,6 +56,22 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, va
         "top5": float(top_k_accuracy_score(val_y, full, k=k5, labels=labels)) if len(labels) > 2 else float(accuracy_score(val_y, pred)),
         **macro_scores(val_y, pred),
     }
-    # the per-class report and the confusion matrix show every class, those without val images too
-    report = classification_report(val_y, pred, labels=labels, target_names=class_names, zero_division=0, digits=3)
+    report = per_class_report(val_y, pred, class_names)
     return ProbeResult(metrics, report, confusion_matrix(val_y, pred, labels=labels), converged)
+
+
+def per_class_report(y: np.ndarray, pred: np.ndarray, class_names: list[str]) -> str:
+    """scikit-learn's per-class report with a row for every class, those without val images too. Its
+    "macro avg" row averages every listed class, so on a val subset that lacks some classes it would
+    disagree with the logged macro scores; then a last row gives the macro average over the classes
+    present (``macro_scores``), the figures the run logs."""
+    labels = np.arange(len(class_names))
+    report = classification_report(y, pred, labels=labels, target_names=class_names, zero_division=0, digits=3)
+    present = np.union1d(y, pred)
+    if len(present) < len(labels):
+        m = macro_scores(y, pred)
+        width = max(len(n) for n in (*class_names, "weighted avg"))
+        row = f"macro avg over the {len(present)} classes present (logged)"
+        report += (f"{row:>{max(width, len(row))}} {m['precision']:9.3f} {m['recall']:9.3f} {m['macro_f1']:9.3f}"
+                   f" {len(y):9d}\n")
+    return report
