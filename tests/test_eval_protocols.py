@@ -317,3 +317,84 @@ def test_eval_finds_and_logs_to_a_real_pretraining_run(tiny_runs, capsys):
     assert f"logged to MLflow run {run_id}" in capsys.readouterr().out
     metrics = MlflowClient(tracking_uri=tiny_runs.uri).get_run(run_id).data.metrics
     assert {"eval_knn_k20_top1", "eval_random_init_knn_k20_top1", "eval_gain_knn_k20_top1"} <= set(metrics)
+
+
+def _finetune_rank_main(rank: int, world: int, init_method: str, out: str, c: dict):
+    """One gloo rank of ``finetune_loop``, noting the RNG state at each augmentation call and the
+    classifier's weights before and after."""
+    import hashlib
+
+    import torch
+    import torch.distributed as dist
+
+    from sslray.datasets import views
+    from sslray.raytrain import finetune
+    from sslray.raytrain.session import LocalSession
+
+    def digest(t) -> str:
+        return hashlib.sha1(t.numpy().tobytes()).hexdigest()[:16]
+
+    states, nets, start = [], [], []
+    real_get = views.BACKENDS.get
+
+    def recording_backend(name):
+        build = real_get(name)
+
+        def make(params):
+            aug = build(params)
+
+            def note(*_):
+                states.append(digest(torch.get_rng_state()))
+                if not start:
+                    start.append(weights())  # before the first step, after rank 0's weights were broadcast
+
+            aug.register_forward_pre_hook(note)
+            return aug
+        return make
+
+    views.BACKENDS.get = recording_backend
+    real_cls = finetune.Classifier
+    finetune.Classifier = lambda *a: nets.append(real_cls(*a)) or nets[-1]
+
+    class Session(LocalSession):
+        def report(self, metrics, state=None, final=False):
+            self.history.append(dict(metrics))
+
+    def weights() -> str:
+        return digest(torch.cat([p.detach().flatten() for p in nets[0].state_dict().values() if p.is_floating_point()]))
+
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        session = Session(None, "false", lambda *a, **k: None)
+        last = finetune.finetune_loop(c, session)
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump({"views": states, "last": last, "start": start[0], "end": weights()}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_finetune_ranks_draw_their_own_views_and_stay_in_step(tiny_ckpt, cifar_small, tmp_path):
+    """Two gloo processes fine-tune one checkpoint: each rank augments from its own random stream (one
+    shared stream gave image i of every shard the same crop), the gradients keep the weights equal on
+    both ranks, and every val image is scored once over the two ranks' slices."""
+    from dataclasses import asdict
+
+    import torch.multiprocessing as mp
+
+    from sslray.raytrain.finetune import FinetuneSettings
+
+    s = FinetuneSettings(max_steps=3, batch_size=32, use_gpu="false", train_subset=128)
+    c = {"state_path": str(tiny_ckpt["state"]), "train": cifar_small["train"], "val": cifar_small["test"],
+         "init": "pretrained", "settings": asdict(s)}
+    out = str(tmp_path / "ft")
+    mp.spawn(_finetune_rank_main, args=(2, f"file://{tmp_path / 'rdv'}", out, c), nprocs=2, join=True)
+    r0, r1 = (json.loads(Path(f"{out}.{r}").read_text()) for r in range(2))
+    assert len(r0["views"]) == len(r1["views"]) == 3
+    assert not set(r0["views"]) & set(r1["views"]), "rank 1 augmented from rank 0's random stream"
+    assert len(set(r0["views"])) == 3, "rank 0's stream did not move between steps"
+    assert r0["start"] == r1["start"] != r0["end"] == r1["end"], "the ranks' weights drifted apart"
+    assert r0["last"]["step"] == 3 and r0["last"]["val_images"] == 300  # 150 per rank, none twice
+    for key in ("train_loss", "top1", "top5", "macro_f1"):
+        assert r0["last"][key] == r1["last"][key], key
