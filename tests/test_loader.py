@@ -118,3 +118,28 @@ def test_two_workers_see_disjoint_shards_that_cover_the_data_every_epoch(indexed
             assert not set(a) & set(b), (name, epoch)
             assert sorted(a + b) == list(range(N)), (name, epoch)
         assert r0[name][0] != r0[name][1] != r0[name][2]  # re-seeded every epoch
+
+
+def test_ffcv_import_compiles_its_typed_dict_once_per_machine(tmp_path):
+    """ffcv builds a numba typed dict when imported, and numba compiled its helpers afresh in every
+    process (~4 s of each Ray worker's start on 2 cores). After ``sslray.datasets`` is imported, the
+    first process writes them to numba's cache and a second one loads them instead of compiling."""
+    probe = textwrap.dedent("""
+        import json
+        import sslray.datasets  # switches the cache on
+        import ffcv  # builds IMAGE_MODES, a numba typed dict
+        from numba.typed import typeddict
+        print(json.dumps({n: [sum(getattr(typeddict, n).stats.cache_hits.values()),
+                              sum(getattr(typeddict, n).stats.cache_misses.values())]
+                          for n in ("_make_dict", "_setitem")}))
+    """)
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+
+    def run() -> dict:
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first, second = run(), run()
+    assert all(hits == 0 and misses > 0 for hits, misses in first.values()), first  # compiled, then saved
+    assert any((tmp_path / "numba").rglob("*typeddict*.nbi")), "nothing was written to the cache"
+    assert all(hits > 0 and misses == 0 for hits, misses in second.values()), second  # loaded, not compiled
