@@ -110,7 +110,10 @@ class LocalHead:
         self.url = f"http://127.0.0.1:{self.dash}"
         self.temp = tempfile.mkdtemp(prefix="sslray-ray-", dir="/tmp")  # short: unix socket paths
         self.env = {**os.environ, **auth_env, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
-                    "RAY_USAGE_STATS_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+                    "RAY_USAGE_STATS_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+                    # On SIGTERM a head drains for up to 30 s first (for Serve replicas); this one
+                    # serves nothing once its test is over, so it stops at once.
+                    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
         self.env.pop("RAY_ADDRESS", None)
         cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0",
                f"--port={_free_port()}", f"--dashboard-port={self.dash}", "--dashboard-host=127.0.0.1",
