@@ -90,6 +90,10 @@ def check_packages() -> list[Check]:
 def ffcv_roundtrip() -> str:
     """Write two 8x8 JPEGs to a .beton and read them back: proves ffcv, numba and the JPEG decoder."""
     import numpy as np
+
+    from .datasets import compile_cache
+
+    compile_cache.enable()  # as every sslray process that reads data does
     from ffcv.fields import IntField, RGBImageField
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import SimpleRGBImageDecoder
