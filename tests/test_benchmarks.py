@@ -220,3 +220,17 @@ def test_time_to_accuracy_budget_fits_epochs(bench_cache, tmp_path, capsys):
     assert "budget 0.01 min" in capsys.readouterr().out
     rows = list(csv.DictReader(open(out / "simclr.csv")))
     assert [int(r["epoch"]) for r in rows] == [1]  # no time left: the fit falls back to one epoch
+
+
+@pytest.mark.slow
+def test_startup_times_both_variants_in_fresh_processes(capsys):
+    import startup
+
+    before = startup.C.RESULTS.read_text()
+    assert startup.main(["--runs", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = {ln.split("|")[1].strip(): ln for ln in out.splitlines() if ln.startswith("| ") and "---" not in ln}
+    assert {"uncached", "cached"} <= set(rows)
+    assert all(float(rows[k].split("|")[2]) > 0 for k in ("uncached", "cached"))
+    assert "ratio uncached / cached" in out
+    assert startup.C.RESULTS.read_text() == before  # nothing appended without --append
