@@ -329,7 +329,6 @@ def _finetune_rank_main(rank: int, world: int, init_method: str, out: str, c: di
 
     from sslray.datasets import views
     from sslray.raytrain import finetune
-    from sslray.raytrain.session import LocalSession
 
     def digest(t) -> str:
         return hashlib.sha1(t.numpy().tobytes()).hexdigest()[:16]
@@ -356,18 +355,13 @@ def _finetune_rank_main(rank: int, world: int, init_method: str, out: str, c: di
     real_cls = finetune.Classifier
     finetune.Classifier = lambda *a: nets.append(real_cls(*a)) or nets[-1]
 
-    class Session(LocalSession):
-        def report(self, metrics, state=None, final=False):
-            self.history.append(dict(metrics))
-
     def weights() -> str:
         return digest(torch.cat([p.detach().flatten() for p in nets[0].state_dict().values() if p.is_floating_point()]))
 
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        session = Session(None, "false", lambda *a, **k: None)
-        last = finetune.finetune_loop(c, session)
+        last = finetune.finetune_loop(c, finetune.local_session("false", lambda *a, **k: None))
         with open(f"{out}.{rank}", "w") as f:
             json.dump({"views": states, "last": last, "start": start[0], "end": weights()}, f)
     finally:

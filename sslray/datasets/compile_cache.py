@@ -12,17 +12,12 @@ location is writable, nothing changes.
 
 from __future__ import annotations
 
-_DONE = False
 TYPED_DICT_HELPERS = ("_make_dict", "_setitem", "_getitem", "_length", "_contains", "_get")
 
 
 def enable() -> None:
     """Switch on numba's on-disk cache for the typed-dict helpers ffcv compiles when imported
-    (idempotent; any failure leaves numba as it was)."""
-    global _DONE
-    if _DONE:
-        return
-    _DONE = True
+    (a helper whose cache is on already is left as it is; any failure leaves numba as it was)."""
     try:
         from numba.typed import typeddict
     except Exception:  # pragma: no cover - numba comes with ffcv

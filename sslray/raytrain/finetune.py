@@ -281,15 +281,20 @@ def finetune_compare(state_path: str, train: str, val: str, s: FinetuneSettings,
 def run_local_finetune(state_path: str, train: str, val: str, init: str, s: FinetuneSettings,
                        printer: Optional[Callable] = None) -> dict:
     """The same loop in this process (world size 1), for tests of the loop itself without Ray."""
+    return finetune_loop({"state_path": state_path, "train": train, "val": val, "init": init, "settings": asdict(s)},
+                         local_session(s.use_gpu, printer))
+
+
+def local_session(use_gpu: str = "auto", printer: Optional[Callable] = None):
+    """A session for ``finetune_loop`` outside Ray: each report lands in its ``history``; no checkpoints."""
     from .session import LocalSession
 
     class _S(LocalSession):
         def report(self, metrics, state=None, final=False):
             self.history.append(dict(metrics))
 
-    return finetune_loop({"state_path": state_path, "train": train, "val": val, "init": init, "settings": asdict(s)},
-                         _S(None, s.use_gpu, printer or print))
+    return _S(None, use_gpu, printer or print)
 
 
 __all__ = ["FinetuneSettings", "Classifier", "layer_decay_groups", "vit_layer_id", "finetune_loop",
-           "finetune_compare", "run_finetune", "run_local_finetune", "classification_metrics"]
+           "finetune_compare", "run_finetune", "run_local_finetune", "local_session", "classification_metrics"]
