@@ -141,6 +141,19 @@ def test_space_values_every_trial_takes_pass(recipe, text):
     check_space(parse_space([text]), load_config(recipe, DATA))
 
 
+def test_a_range_is_half_open_under_random_search_and_closed_under_grid_search():
+    """Tune samples uniform(low, high) from [low, high): a mask ratio range ending at 1.0 never gives
+    1.0 at random, but a grid search puts its last point on 1.0, which MAE refuses."""
+    cfg = load_config("mae_cifar10", DATA)
+    space = parse_space(["mask_ratio=uniform(0.5,1.0)"])
+    check_space(space, cfg, "random")
+    with pytest.raises(ConfigError, match=r"mask_ratio must be in \[0, 1\), got 1.0"):
+        check_space(space, cfg, "grid", 3)
+    assert space["method.params.mask_ratio"].reachable(grid=False)[1] < 1.0
+    with pytest.raises(ConfigError, match=r"temperature must be positive, got 0.0"):  # low is sampled
+        check_space(parse_space(["temperature=uniform(0,0.5)"]), load_config("simclr_cifar10", DATA), "random")
+
+
 def test_default_space_names_the_batch_size_when_none_divides_over_the_workers():
     cfg = load_config("simclr_cifar10", [*DATA, "data.batch_size=512", "ray.num_workers=3"])
     with pytest.raises(ConfigError, match=r"data.batch_size: none of 256, 512, 1024 .* 3 workers"):

@@ -77,7 +77,7 @@ def sweep_config(cfg, space=None, *, name: str, storage: str = "./runs", num_sam
         space = {canonical_key(str(k)): parse_dist(v, str(k)) for k, v in space.items()}
     else:
         space = parse_space(space) if space else default_space(cfg)
-    check_space(space, cfg)
+    check_space(space, cfg, search, grid_points)
     spec = make_spec(cfg, space, name=name, storage=_abs(storage), num_samples=num_samples, scheduler=scheduler,
                      search=search, metric=metric, mode=mode, max_epochs=cfg.train.epochs, grace_period=grace_period,
                      reduction_factor=reduction_factor, grid_points=grid_points, gpus_per_worker=gpus_per_worker,

@@ -89,6 +89,15 @@ class Dist:
             return sorted({round(p) for p in np.linspace(low, high - 1, n)})
         return [float(f"{p:.6g}") for p in pts]
 
+    def reachable(self, grid: bool = False, grid_points: int = 3) -> list:
+        """The values a search can give, or for a sampled range its extremes: a grid's points; for
+        random search the low bound and the largest float below ``high`` (Tune's uniform and
+        loguniform sample ``[low, high)``, its randint excludes ``high``)."""
+        if grid or self.kind in ("choice", "grid", "randint"):
+            return self.grid_points(grid_points)
+        low, high = self.args
+        return [float(low), float(np.nextafter(high, low))]
+
     def to_tune(self, grid: bool = False, grid_points: int = 3):
         from ray import tune
 
@@ -180,15 +189,17 @@ def _sig(x: float) -> float:
     return float(f"{x:.4g}")
 
 
-def check_space(space: Mapping[str, Dist], cfg: Config) -> None:
-    """Every key must be a config key that accepts every value the distribution can give: the listed
-    values of a choice/grid, the bounds of a range (whole numbers only for integer keys), batch sizes
-    that divide over the workers, and ``method.params`` keys the method takes, in their valid ranges."""
+def check_space(space: Mapping[str, Dist], cfg: Config, search: str = "random", grid_points: int = 3) -> None:
+    """Every key must be a config key that accepts every value the search can give (``Dist.reachable``:
+    the listed values of a choice/grid, the points of a grid search, the ends of a sampled range, whole
+    numbers only for integer keys), batch sizes that divide over the workers, and ``method.params`` keys
+    the method takes, in their valid ranges. A range is half open under random search, so
+    ``mask_ratio=uniform(0.5, 1.0)`` passes there and fails under ``search="grid"``, whose last point is 1.0."""
     if not space:
         raise ConfigError("the search space is empty")
     for key, dist in space.items():
         _check_kind(key, dist, cfg)
-        for value in dist.grid_points(2):
+        for value in dist.reachable(search == "grid", grid_points):
             try:
                 _check_method_value(trial_config(cfg, {key: value}), key, value)
             except (ConfigError, TypeError, ValueError) as e:
