@@ -9,6 +9,10 @@ STAMP := $(VENV)/.sslray-installed
 DEBIAN_DEPS := libopencv-dev libturbojpeg0-dev pkg-config
 # Tiers: fast (default), slow, ray, browser; gpu tests skip themselves without CUDA.
 PYTEST_ARGS ?=
+# Python writes sslray's bytecode caches (__pycache__, git-ignored) even where the environment says
+# PYTHONDONTWRITEBYTECODE: without them every Ray worker, Tune trial and CLI process compiles
+# sslray's sources again (~1 s of CPU each on 2 cores; the installed packages have theirs from pip).
+WRITE_PYC := PYTHONDONTWRITEBYTECODE=
 
 .PHONY: setup demo test test-fast bench clean sysdeps
 
@@ -36,14 +40,14 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 
 DEMO_DIR ?= demo-data
 demo: setup
-	$(VENV)/bin/sslray demo --data-dir $(DEMO_DIR)
+	$(WRITE_PYC) $(VENV)/bin/sslray demo --data-dir $(DEMO_DIR)
 
 # Every tier that can run on this machine; a shared Ray cluster per session.
 test: setup
-	$(VENV)/bin/python -m pytest -m "not gpu or gpu" -p no:cacheprovider --timeout 1800 $(PYTEST_ARGS)
+	$(WRITE_PYC) $(VENV)/bin/python -m pytest -m "not gpu or gpu" -p no:cacheprovider --timeout 1800 $(PYTEST_ARGS)
 
 test-fast: setup
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(WRITE_PYC) $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) benchmarks/loader.py

@@ -20,6 +20,10 @@ IMAGENETTE_ARCHIVE = SHARED_DATA / "imagenette2-224.tar.gz"
 # 0.5 s (set before Ray starts: the driver passes it on to controllers and workers, and CLI
 # subprocesses inherit it). The runs and the assertions are otherwise unchanged.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Each run's worker group also starts a PreemptionWatcher actor (one more Python process importing
+# ray.train, ~2.5 s of CPU on a 2-core machine) that polls for nodes being drained; a local test
+# cluster is never drained, so the suite runs without it (Ray passes this on the same way).
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def pytest_collection_modifyitems(config, items):

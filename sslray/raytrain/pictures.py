@@ -1,7 +1,8 @@
 """The pictures a run draws, on rank 0 only: what the model saw, how its schedules run, what MAE
 reconstructs, which training images its features call neighbours. Each is a PNG handed to
 ``session.save_picture``; the driver logs it to the MLflow run (see trainer.py). Drawing lives in
-``sslray.plots``; this module only gathers the tensors.
+``sslray.plots``; this module only gathers the tensors. ``plots`` (matplotlib, ~0.6 s) is imported
+where a picture is drawn, so the other ranks never load it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import plots
 from .amp import autocast_for
 from .optim import warmup_cosine, weight_decay_at
 
@@ -31,6 +31,7 @@ def view_params(multiview) -> list:
 
 def views_figure(x: torch.Tensor, views: list[torch.Tensor], multiview, n: int = 8, title: str = ""):
     """One row per source image: the decoded image, then each of the method's views of it."""
+    from .. import plots
     params = view_params(multiview)
     n = min(n, x.shape[0])
     src = plots.to_images(x[:n])
@@ -71,6 +72,7 @@ def first_images(loader, n: int) -> torch.Tensor:
 @torch.no_grad()
 def mae_figure(model, imgs: torch.Tensor, evalT, epoch: int, seed: int = 0):
     """Original, masked input and reconstruction for fixed images (fixed mask via a seeded generator)."""
+    from .. import plots
     was = model.training
     model.eval()
     try:
@@ -91,6 +93,7 @@ def retrieval_figure(backbone, bank, queries: torch.Tensor, evalT, device, preci
                      max_bank: int = 20000, title: str = "kNN retrieval"):
     """For each query (uint8), its top-``k`` cosine neighbours among the first ``max_bank`` images of
     the ``bank`` loader (sequential train images), features from the frozen ``backbone``."""
+    from .. import plots
     was = backbone.training
     backbone.eval()
     feats, thumbs = [], []
@@ -133,6 +136,7 @@ class RunPictures:
         self._fixed = None
 
     def _save(self, name: str, make) -> None:
+        from .. import plots
         try:
             self.session.save_picture(name, plots.png_bytes(make()))
         except Exception as e:  # noqa: BLE001 - a picture is never worth a failed run
@@ -153,6 +157,7 @@ class RunPictures:
         self._save(VIEWS_PNG, lambda: views_figure(x, views, self.multiview, self.n, name))
 
         def sched():
+            from .. import plots
             steps, series = schedule_series(self.cfg, self.model, total, warmup, peak)
             return plots.schedules(series, f"{self.cfg.method.name}: schedules over {total} steps", xs=steps)
 
