@@ -362,6 +362,38 @@ def test_pretrain_starts_a_local_ray_instead_of_waiting_on_a_dead_head(tmp_path)
     assert "WARNING" in p.stdout and address in p.stdout and "ray stop" in p.stdout
 
 
+@pytest.mark.parametrize("where,watcher", [
+    ("own instance", "0"),       # nothing else on this machine: Ray starts for this process alone
+    ("dead head file", "0"),     # a stale head file: a local instance all the same
+    ("live head", None),         # `ray start` on this machine: it may be one node of a drained cluster
+    ("RAY_ADDRESS", None),       # a cluster (ray job submit sets it): the watcher stays
+    ("asked for", "1"),          # the user's own setting wins
+])
+def test_only_a_ray_of_its_own_runs_without_the_preemption_watcher(monkeypatch, tmp_path, where, watcher):
+    import ray
+
+    from sslray.raytrain import trainer
+
+    inits = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda address=None, **k: inits.append(address))
+    monkeypatch.delenv(trainer.PREEMPTION_WATCHER_ENV, raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    head = None
+    if where == "dead head file":
+        head = rayhead.LocalHead(str(tmp_path / "ray_current_cluster"), "127.0.0.1:1", "connection refused")
+    elif where == "live head":
+        head = rayhead.LocalHead(str(tmp_path / "ray_current_cluster"), "127.0.0.1:6379", None)
+    elif where == "RAY_ADDRESS":
+        monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    elif where == "asked for":
+        monkeypatch.setenv(trainer.PREEMPTION_WATCHER_ENV, "1")
+    monkeypatch.setattr(trainer, "local_head", lambda: head)
+    trainer.ensure_ray()
+    assert os.environ.get(trainer.PREEMPTION_WATCHER_ENV) == watcher
+    assert inits == [{"dead head file": "local", "RAY_ADDRESS": "10.0.0.1:6379"}.get(where)]
+
+
 def test_object_storage_is_probed_by_writing_to_it(s3_server):
     """`--storage s3://...`: a bucket that takes a file is OK, one that does not exist fails naming it
     and pointing to the bucket name and credentials (a local S3 stands in for AWS)."""

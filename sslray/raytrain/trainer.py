@@ -193,16 +193,28 @@ def check_data(cfg: Config) -> None:
     print(f"sslray: note: {', '.join(missing)} not found on this machine; the cluster's workers must have it")
 
 
+# Ray Train starts a PreemptionWatcher actor with every worker group, to notice nodes an autoscaler is
+# draining. A Ray instance this process starts for itself is one machine that nothing drains: there the
+# watcher is one more Python process per run, and its constructor makes Ray print a core-worker "E"
+# line into every run's log. Train's controller reads this from the driver's environment.
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
 def ensure_ray(address: Optional[str] = None) -> None:
+    """Connect to ``address``, ``RAY_ADDRESS`` or the head a plain ``ray.init()`` finds, else start a
+    local instance (without Train's PreemptionWatcher unless the environment asks for it)."""
     import ray
 
     if ray.is_initialized():
         return
     target = address or os.environ.get("RAY_ADDRESS") or None
-    if target is None and (head := local_head()) is not None and head.dead:
+    head = local_head() if target is None else None
+    if head is not None and head.dead:
         # Joining would wait forever on the dead GCS; what the user gets without the file is a local instance.
         print(f"sslray: WARNING: {stale_message(head)} Starting a local Ray instance instead.")
         target = "local"
+    if target == "local" or (target is None and head is None):
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     # The dashboard also serves the state API that Train's placement-group cleaner polls.
     ray.init(address=target, log_to_driver=True, configure_logging=False)
 
