@@ -223,14 +223,15 @@ def test_time_to_accuracy_budget_fits_epochs(bench_cache, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_startup_times_both_variants_in_fresh_processes(capsys):
+@pytest.mark.parametrize("what,names", [("ffcv", ("uncached", "cached")), ("bytecode", ("no bytecode", "bytecode"))])
+def test_startup_times_both_variants_in_fresh_processes(capsys, what, names):
     import startup
 
     before = startup.C.RESULTS.read_text()
-    assert startup.main(["--runs", "1"]) == 0
+    assert startup.main(["--what", what, "--runs", "1"]) == 0
     out = capsys.readouterr().out
     rows = {ln.split("|")[1].strip(): ln for ln in out.splitlines() if ln.startswith("| ") and "---" not in ln}
-    assert {"uncached", "cached"} <= set(rows)
-    assert all(float(rows[k].split("|")[2]) > 0 for k in ("uncached", "cached"))
-    assert "ratio uncached / cached" in out
+    assert set(names) <= set(rows)
+    assert all(float(rows[k].split("|")[2]) > 0 for k in names)
+    assert f"ratio {names[0]} / {names[1]}" in out
     assert startup.C.RESULTS.read_text() == before  # nothing appended without --append
