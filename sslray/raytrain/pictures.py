@@ -136,8 +136,9 @@ class RunPictures:
         self._fixed = None
 
     def _save(self, name: str, make) -> None:
-        from .. import plots
         try:
+            from .. import plots
+
             self.session.save_picture(name, plots.png_bytes(make()))
         except Exception as e:  # noqa: BLE001 - a picture is never worth a failed run
             self.session.log(f"pictures: {name} skipped ({type(e).__name__}: {e})")
