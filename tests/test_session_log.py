@@ -26,3 +26,23 @@ def test_rank0_log_goes_to_the_process_stdout_once(monkeypatch):
     session.rank = 1
     session.log("never")
     assert "never" not in process_out.getvalue()
+
+
+def test_trains_per_report_echo_is_dropped_and_its_warnings_kept():
+    """Ray Train's logger for ``ray.train.report`` is named by its file path; quieting must reach the
+    very logger object that module logs with, or the ~1.5 kB metrics echo per rank and epoch stays."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    from sslray.raytrain.session import quiet_report_echo
+
+    before = context.logger.level
+    try:
+        context.logger.setLevel(logging.INFO)  # as in a worker, whose root logger Ray sets to INFO
+        assert context.logger.isEnabledFor(logging.INFO)
+        quiet_report_echo()
+        assert not context.logger.isEnabledFor(logging.INFO)
+        assert context.logger.isEnabledFor(logging.WARNING)
+    finally:
+        context.logger.setLevel(before)

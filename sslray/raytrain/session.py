@@ -103,6 +103,20 @@ class LocalSession:
     keeps_pictures = True  # in memory at least
 
 
+def quiet_report_echo() -> None:
+    """Ray Train logs every ``ray.train.report`` at INFO, metrics dict included (~1.5 kB per rank and
+    epoch), under a logger named by its module's file path, so ``RunConfig(logging_config=...)``
+    (which filters ``ray.train.*``) does not reach it. The run prints its own epoch line with the same
+    figures; those echoes are dropped here, in the worker. Warnings and errors still show."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its lines stay
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 class RaySession:
     """Inside a Ray Train worker (Train V2): rank from the train context, checkpoints via report."""
 
@@ -120,6 +134,7 @@ class RaySession:
 
         self.node_id = ray.get_runtime_context().get_node_id()
         self.pictures_dir = pictures_dir
+        quiet_report_echo()
 
     def restore(self) -> Optional[dict]:
         import ray.train
