@@ -11,7 +11,8 @@ DEBIAN_DEPS := libopencv-dev libturbojpeg0-dev pkg-config
 PYTEST_ARGS ?=
 # Python writes sslray's bytecode caches (__pycache__, git-ignored) even where the environment says
 # PYTHONDONTWRITEBYTECODE: without them every Ray worker, Tune trial and CLI process compiles
-# sslray's sources again (~1 s of CPU each on 2 cores; the installed packages have theirs from pip).
+# sslray's sources again (0.45 s each on 2 cores, benchmarks/startup.py --what bytecode; the installed
+# packages have theirs from pip).
 WRITE_PYC := PYTHONDONTWRITEBYTECODE=
 
 .PHONY: setup demo test test-fast bench clean sysdeps
