@@ -61,6 +61,16 @@ def scoped_overrides(method: str, overrides: Sequence[str]) -> list[str]:
     return out
 
 
+def check_scopes(methods: Sequence[str], overrides: Sequence[str]) -> None:
+    """Every ``METHOD:`` scope names one of the study's methods (a mistyped scope would otherwise
+    leave every cell at the recipe's value without a word)."""
+    scopes = {t.partition(":")[0].strip().lower() for t in overrides if ":" in t.split("=", 1)[0]}
+    stray = sorted(scopes - set(methods))
+    if stray:
+        raise ConfigError(f"override scope(s) {', '.join(s + ':' for s in stray)} name no method of this study "
+                          f"(--methods {','.join(methods)})")
+
+
 def method_config(method: str, recipe: str | None = None, overrides: Sequence[str] = ()) -> Config:
     """One method's config for every cell of its row: its own recipe (``<method>_cifar10``) or the shared
     ``recipe`` with the method's own view preset, then the study's settings (``overrides``, see
@@ -185,6 +195,16 @@ class StudyResult:
     sweep: Any = field(default=None, repr=False)  # the SweepResult
 
 
+def grid_axes(spec) -> tuple[list[str], list[str]]:
+    """The methods and view policies of the grid a sweep ran, in their order: a resumed study runs the
+    grid it was started with, whatever the new command line lists. A row's method is the name of its
+    recipe file (``recipes/<method>.yaml``, see ``write_recipes``)."""
+    from .tune.space import RECIPE_KEY
+
+    d = spec.dists
+    return [Path(p).stem for p in d[RECIPE_KEY].args], [str(p) for p in d["views.policy"].args]
+
+
 def collect_cells(sweep) -> list[dict]:
     """One dict per trial: method, policy, status, monitor kNN, train/wall seconds, peak memory."""
     from .tune.space import trial_config
@@ -244,7 +264,8 @@ def probe_cells(cells: list[dict], sweep_dir: str, gpus_per_worker: float, train
         try:
             results = ray.get(ref)
         except Exception as e:  # noqa: BLE001 - a lost task fails its cells' probes, not the study
-            results = [{"reason": f"probe task failed: {type(e).__name__}: {str(e).strip()[-300:]}"}] * len(group)
+            last = (str(e).strip().splitlines() or [""])[-1]  # a Ray traceback's last line is the error
+            results = [{"reason": f"probe task failed: {type(e).__name__}: {last[:300]}"}] * len(group)
         for (c, _), res in zip(group, results):
             c.update(res)
 
@@ -311,22 +332,30 @@ def write_outputs(cells: list[dict], methods: Sequence[str], policies: Sequence[
     return {k: str(v) for k, v in files.items()}
 
 
-def log_study(sweep, cells: list[dict], methods: Sequence[str], policies: Sequence[str], files: dict[str, str]) -> None:
-    """Child runs get their cell's name, tags and probe metrics; the parent the matrix files."""
+def link_child_runs(sweep, cells: list[dict]) -> None:
+    """``cell["run_id"]``: the MLflow child run of each cell's trial (before the matrix files are written,
+    so matrix.csv links every row to its run)."""
     from .tracking import Tracker
     from .tune.mlflow_callback import PARENT_TAG, TRIAL_TAG
 
-    parent = Tracker(sweep.tracking_uri, sweep.parent_run_id)
-    c = parent.client
+    c = Tracker(sweep.tracking_uri, sweep.parent_run_id).client
     exp_id = c.get_run(sweep.parent_run_id).info.experiment_id
     children = {r.data.tags.get(TRIAL_TAG): r.info.run_id
                 for r in c.search_runs([exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{sweep.parent_run_id}'")}
     for cell in cells:
-        run_id = children.get(cell["trial_id"])
-        if run_id is None:
+        if cell["trial_id"] in children:
+            cell["run_id"] = children[cell["trial_id"]]
+
+
+def log_study(sweep, cells: list[dict], methods: Sequence[str], policies: Sequence[str], files: dict[str, str]) -> None:
+    """Child runs get their cell's name, tags and probe metrics; the parent the matrix files."""
+    from .tracking import Tracker
+
+    parent = Tracker(sweep.tracking_uri, sweep.parent_run_id)
+    for cell in cells:
+        if not cell.get("run_id"):
             continue
-        cell["run_id"] = run_id
-        child = Tracker(sweep.tracking_uri, run_id)
+        child = Tracker(sweep.tracking_uri, cell["run_id"])
         child.set_tags({"mlflow.runName": f"{sweep.spec.name}-{cell['method']}-{cell['policy']}",
                         f"{STUDY_TAG}.method": cell["method"], f"{STUDY_TAG}.policy": cell["policy"]})
         child.log_metrics({f"probe_{k}": cell[k] for k in ("linear_top1", "linear_top5", "linear_macro_f1",
@@ -335,6 +364,7 @@ def log_study(sweep, cells: list[dict], methods: Sequence[str], policies: Sequen
         if isinstance(cell.get("wall_seconds"), (int, float)):  # the name `sslray compare` reads as wall time
             child.log_metrics({"train_wall_seconds": cell["wall_seconds"]})
     parent.set_tags({STUDY_TAG: sweep.spec.name})
+    # The grid's own axes (grid_axes), the same on every resume: MLflow refuses to change a logged param.
     parent.log_params({"study.methods": ",".join(methods), "study.policies": ",".join(policies)})
     parent.log_metrics({"cells": len(cells), "cells_failed": sum(x["status"] == "failed" for x in cells)})
     parent.log_artifact(files["csv"], "study")
@@ -348,12 +378,19 @@ def run_study(spec, methods: Sequence[str], policies: Sequence[str], tracking_ur
     from .tune.sweep import run_sweep
 
     sweep = run_sweep(spec, tracking_uri=tracking_uri, experiment=experiment, verbose=verbose)
+    ran = grid_axes(sweep.spec)
+    if ran != (list(methods), list(policies)):
+        print(f"sslray study: {sweep.spec.name} resumed its own grid: --methods {','.join(ran[0])} --views "
+              f"{','.join(ran[1])} (this command asked for --methods {','.join(methods)} --views "
+              f"{','.join(policies)}; a new --name starts another study)")
+    methods, policies = ran
     cells = collect_cells(sweep)
     probe_cells(cells, sweep.sweep_dir, sweep.spec.gpus_per_worker, probe_train_subset, probe_val_subset,
                 tasks=max(1, sweep.spec.max_concurrent))
     base = from_dict(sweep.spec.base)
     title = (f"study {sweep.spec.name}: {base.model.backbone}, {sweep.spec.max_epochs} epoch(s), "
              f"{Path(base.data.train).name}")
+    link_child_runs(sweep, cells)
     files = write_outputs(cells, methods, policies, Path(sweep.sweep_dir) / "study", title)
     log_study(sweep, cells, methods, policies, files)
     return StudyResult(cells, list(methods), list(policies), sweep.parent_run_id, sweep.tracking_uri, files, sweep)
@@ -399,6 +436,7 @@ def cmd_study(a) -> int:
     if unknown:
         raise ConfigError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS.names())}")
     check_policies(policies)
+    check_scopes(methods, a.overrides)
     gpus = a.gpus_per_worker
     if gpus is None:
         import ray
@@ -423,7 +461,8 @@ def cmd_study(a) -> int:
     for kind, path in res.files.items():
         print(f"sslray study: {kind}: {path}")
     print(f"sslray study: MLflow parent run {res.parent_run_id} in {res.tracking_uri}")
-    return 0 if all(c["status"] != "failed" for c in res.cells) else 1
+    # 1 when a cell failed to train or its probe failed (both listed under "cells with a problem").
+    return 0 if not any(c["status"] == "failed" or c.get("reason") for c in res.cells) else 1
 
 
 __all__ = ["PeakMemorySession", "StudyResult", "make_study_spec", "method_config", "run_study", "study_train_func"]

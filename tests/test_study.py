@@ -7,6 +7,7 @@ import csv
 import io
 import math
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -70,13 +71,77 @@ def test_object_storage_is_refused_before_anything_is_written(tmp_path, monkeypa
     assert not list(tmp_path.iterdir())  # no "s3:" folder made from the URI
 
 
-def test_unknown_policy_or_method_is_refused_by_name(tmp_path):
+def test_unknown_policy_or_method_is_refused_by_name(tmp_path, capsys):
     with pytest.raises(ConfigError, match="nope.*known: .*lorot"):
         check_policies(["default", "nope"])
     from sslray.cli import main
 
     assert main(["study", "--methods", "simclr,nosuch", "--data", "x", "--val", "y", "--epochs", "1",
                  "--name", "s", "--storage", str(tmp_path), "--gpus-per-worker", "0"]) == 2
+    assert "unknown method(s) nosuch; known: " in capsys.readouterr().err
+
+
+def test_a_scope_that_names_no_method_of_the_study_is_refused(tmp_path, capsys):
+    from sslray.cli import main
+
+    assert main(["study", "--methods", "simclr,byol", "--views", "default", "--data", "x", "--val", "y",
+                 "--epochs", "1", "--name", "s", "--storage", str(tmp_path), "--gpus-per-worker", "0",
+                 "byl:method.params.pred_hidden_dim=64", "byol:method.params.pred_hidden_dim=64",
+                 "data.train=s3://b/x:y.beton"]) == 2
+    err = capsys.readouterr().err
+    assert "override scope(s) byl: name no method of this study (--methods simclr,byol)" in err
+    assert not list(tmp_path.iterdir())  # refused before any recipe is written
+
+
+def test_a_resumed_study_shows_and_logs_the_grid_it_ran_and_links_every_row_to_its_run(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """The sweep resumes its stored grid whatever the new command line lists: the matrix shows that grid,
+    the parent's params are not changed (MLflow refuses that), and matrix.csv names each cell's child run."""
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    import sslray.study as study
+    import sslray.tune.sweep as sweep_mod
+    from sslray.tracking import Tracker
+    from sslray.tune.mlflow_callback import PARENT_TAG, TRIAL_TAG
+    from sslray.tune.space import Dist
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = Tracker.start(uri, "study", "st", tags={"sslray.tune.parent": "true"})
+    grid = [(m, p) for m in ("simclr", "byol") for p in ("default", "lorot")]
+    child_of = {}
+    for i, _ in enumerate(grid):
+        child = Tracker.start(uri, "study", f"st-t{i}", tags={TRIAL_TAG: f"t{i}", PARENT_TAG: parent.run_id},
+                              parent_run_id=parent.run_id)
+        child_of[f"t{i}"] = child.run_id
+        child.end()
+    parent.end()
+    spec = SimpleNamespace(name="st", base=load_config("smoke", COMMON).to_dict(), max_epochs=1, gpus_per_worker=0,
+                           max_concurrent=1, dists={"recipe": Dist("grid", tuple(f"/r/recipes/{m}.yaml" for m in
+                                                                                  ("simclr", "byol"))),
+                                                    "views.policy": Dist("grid", ("default", "lorot"))})
+    sweep = SimpleNamespace(spec=spec, sweep_dir=str(tmp_path / "st"), parent_run_id=parent.run_id, tracking_uri=uri)
+    monkeypatch.setattr(sweep_mod, "run_sweep", lambda *a, **k: sweep)
+    monkeypatch.setattr(study, "collect_cells", lambda sw: [
+        {"method": m, "policy": p, "status": "completed", "reason": "", "trial_id": f"t{i}", "linear_top1": 0.3,
+         "knn_top1": 0.2, "train_seconds": 1.0} for i, (m, p) in enumerate(grid)])
+    monkeypatch.setattr(study, "probe_cells", lambda *a, **k: None)
+
+    first = study.run_study(None, ["simclr", "byol"], ["default", "lorot"], tracking_uri=uri)
+    assert "resumed its own grid" not in capsys.readouterr().out
+    again = study.run_study(None, ["byol", "simclr"], ["default"], tracking_uri=uri)  # resumed, other lists
+    out = capsys.readouterr().out
+    assert "st resumed its own grid: --methods simclr,byol --views default,lorot" in out
+    assert "asked for --methods byol,simclr --views default" in out
+    assert (again.methods, again.policies) == (first.methods, first.policies) == (["simclr", "byol"],
+                                                                                  ["default", "lorot"])
+    assert "| simclr | 30.0% | 30.0% |" in Path(again.files["markdown"]).read_text()
+    rows = list(csv.DictReader(io.StringIO(Path(again.files["csv"]).read_text())))
+    assert {r["run_id"] for r in rows} == set(child_of.values())
+    assert all(r["run_id"] == child_of[r["trial_id"]] for r in rows)
+    run = MlflowClient(uri).get_run(parent.run_id)
+    assert run.data.params["study.methods"] == "simclr,byol" and run.data.params["study.policies"] == "default,lorot"
 
 
 def _cells():
@@ -205,7 +270,7 @@ def test_study_methods_x_policies_on_imagenette(ray_cluster, imagenette_small, t
     for key, child in cells.items():
         assert child.data.params["method.name"] == key[0] and child.data.params["views.policy"] == key[1]
         assert child.data.metrics["probe_linear_top1"] == pytest.approx(float(by_csv[key]["linear_top1"]))
-        assert child.info.run_name == f"inette-{key[0]}-{key[1]}"
+        assert child.info.run_name == f"inette-{key[0]}-{key[1]}" and by_csv[key]["run_id"] == child.info.run_id
     # each method ran its own recipe (BYOL with LARS, SimCLR with SGD)
     assert cells[("byol", "dcl")].data.params["optim.name"] == "lars"
     assert cells[("simclr", "default")].data.params["optim.name"] == "sgd"
