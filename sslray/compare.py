@@ -17,8 +17,10 @@ from typing import Any, Callable, Optional, Sequence
 
 from .tracking import (
     KIND_TAG,
+    SWEEP_PARENT_TAG,
     RunRecord,
     Tracker,
+    folder_name,
     metric_histories,
     resolve_uri,
     search_runs,
@@ -142,7 +144,8 @@ def build_rows(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
     """One dict per run (CSV keys plus ``run_id``), ordered by family, method, then start time."""
     rows = []
     for r in runs:
-        if "sslray.study" in r.tags:  # a study's parent run holds the matrix, its cells are the rows
+        # A sweep's or study's parent run holds a summary, not a training run: its trials/cells are the rows.
+        if "sslray.study" in r.tags or r.tags.get(SWEEP_PARENT_TAG) == "true":
             continue
         method = r.params.get("method.name") or r.tags.get("sslray.method", "")
         fam = family_of(method, r.tags)
@@ -230,7 +233,7 @@ def compare(experiment: str, run_ids: Optional[list[str]] = None, out: Optional[
     if not runs:
         raise ValueError(f"experiment {experiment!r} has no finished sslray runs to compare")
     rows = build_rows(runs)
-    out_dir = Path(out or Path("compare") / experiment).resolve()
+    out_dir = Path(out or Path("compare") / folder_name(experiment)).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     if print_table:
         Console(width=None if sys.stdout.isatty() else 240).print(rich_table(rows, f"sslray compare: {experiment} ({len(rows)} runs)"))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import matplotlib
@@ -62,12 +63,16 @@ def metric_vs_params(rows: Sequence[Mapping], keys: Sequence[str], metric: str, 
     Completed trials are dots, early-stopped ones triangles, failed ones red crosses on the floor."""
     keys = list(keys) or ["(none)"]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
-    vals = [r[metric] for r in rows if isinstance(r.get(metric), float)]
-    floor = min(vals) if vals else 0.0
+    def value(r):
+        v = r.get(metric)
+        return v if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+    vals = [v for v in map(value, rows) if v is not None]
+    floor = min(vals) if vals else 0.0  # where trials without a finite metric (failed ones, NaN) are drawn
     styles = {"completed": ("o", "C0"), "stopped_early": ("^", "C1"), "failed": ("x", "red")}
     for ax, k in zip(axes[0], keys):
         for status, (marker, colour) in styles.items():
-            pts = [(r["config"].get(k), r.get(metric, floor) if status != "failed" else floor)
+            pts = [(r["config"].get(k), floor if status == "failed" or value(r) is None else value(r))
                    for r in rows if r["status"] == status and isinstance(r["config"].get(k), (int, float))]
             if pts:
                 xs, ys = zip(*pts)
@@ -101,7 +106,7 @@ def overlay(series: Mapping[str, Sequence[tuple[float, float]]], title: str, yla
     ax.set_ylabel(ylabel)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    if series:
+    if any(len(pts) for pts in series.values()):
         ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     return fig

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -24,9 +25,19 @@ def resolve_uri(uri: Optional[str] = None) -> str:
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
-    elif "://" not in uri:  # a plain folder path: MLflow's file store
+    elif ":" not in uri and uri not in BARE_SCHEMES:  # a plain folder path: MLflow's file store
         uri = str(Path(uri).resolve())
     return uri
+
+
+# Tracking URIs MLflow takes without "://" (a workspace's default profile); never a folder name.
+BARE_SCHEMES = ("databricks", "databricks-uc", "uc")
+
+
+def folder_name(experiment: str) -> str:
+    """``experiment`` as one safe path component: MLflow takes any name (``/Shared/exp``, ``ab#2``), but a
+    slash would leave the folder and ``#``/``?`` would cut a file URI short."""
+    return re.sub(r"[^\w.-]+", "_", experiment).strip("._") or "experiment"
 
 
 def artifact_root(uri: str) -> Optional[str]:
@@ -77,8 +88,10 @@ class Tracker:
         exp = c.get_experiment_by_name(experiment)
         if exp is None:
             root = artifact_root(uri)
-            exp_id = c.create_experiment(experiment, artifact_location=Path(root).as_uri() + f"/{experiment}" if root else None)
+            exp_id = c.create_experiment(experiment, artifact_location=(Path(root) / folder_name(experiment)).as_uri()
+                                         if root else None)
         else:
+            check_active(exp, uri)
             exp_id = exp.experiment_id
         all_tags = {"sslray.git_sha": git_sha(), **dict(tags)}
         if parent_run_id:
@@ -136,6 +149,7 @@ def numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
 # --- reading runs back (sslray compare, the UI test) -------------------------------------------
 
 KIND_TAG = "sslray.kind"  # "compare" marks a summary run that compares others; compares skip it
+SWEEP_PARENT_TAG = "sslray.tune.parent"  # "true" on the parent run of a sweep or a study (its trials are children)
 
 
 class RunRecord:
@@ -156,6 +170,14 @@ class RunRecord:
         return f"RunRecord({self.name!r}, {self.run_id[:8]}, {self.status})"
 
 
+def check_active(exp, uri: str) -> None:
+    """MLflow keeps a deleted experiment's name (and refuses new runs in it) until it is purged."""
+    if exp.lifecycle_stage == "deleted":
+        raise ValueError(f"MLflow experiment {exp.name!r} in {uri} was deleted: restore it (`mlflow experiments "
+                         f"restore --experiment-id {exp.experiment_id}` or the UI), purge it (`mlflow gc "
+                         f"--backend-store-uri {uri}`), or use another --experiment")
+
+
 def experiment_id(uri: Optional[str], experiment: str) -> str:
     """The id of ``experiment`` in the store at ``uri``; a clear error naming the known ones if absent."""
     c = _client(resolve_uri(uri))
@@ -164,6 +186,7 @@ def experiment_id(uri: Optional[str], experiment: str) -> str:
         names = sorted(e.name for e in c.search_experiments())
         raise ValueError(f"no MLflow experiment {experiment!r} in {resolve_uri(uri)}; "
                          f"known: {', '.join(names) or '(none)'}")
+    check_active(exp, resolve_uri(uri))
     return exp.experiment_id
 
 
@@ -183,13 +206,13 @@ def search_runs(uri: Optional[str], experiment: str, run_ids: Optional[list[str]
             break
     recs = [RunRecord.from_run(r) for r in runs]
     if run_ids:
-        picked = []
+        picked = {}  # by run id: a run named twice (full id and a prefix) is one row
         for rid in run_ids:
             hits = [r for r in recs if r.run_id.startswith(rid)]
             if len(hits) != 1:
                 raise ValueError(f"run id {rid!r} matches {len(hits)} runs of experiment {experiment!r}")
-            picked.append(hits[0])
-        return picked
+            picked.setdefault(hits[0].run_id, hits[0])
+        return list(picked.values())
     return [r for r in recs if r.tags.get(KIND_TAG) not in exclude_kinds
             and (r.status == "FINISHED" or not finished_only)]
 

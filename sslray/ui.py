@@ -28,6 +28,8 @@ def ui_command(tracking_uri: Optional[str] = None, host: str = "127.0.0.1", port
 
 def ui_url(host: str, port: int) -> str:
     shown = "localhost" if host in ("0.0.0.0", "::") else host  # where it listens; all interfaces: this host
+    if ":" in shown and not shown.startswith("["):  # an IPv6 address goes in brackets in a URL
+        shown = f"[{shown}]"
     return f"http://{shown}:{port}"
 
 

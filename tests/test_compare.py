@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,7 +81,8 @@ def test_eval_metrics_fill_the_probe_columns_and_study_parents_are_skipped():
     evaluated = _rec("b", "byol", metrics={"eval_knn_k200_top1": 0.6, "eval_linear_top1": 0.7,
                                            "eval_linear_macro_f1": 0.65, "eval_gain_linear_top1": 0.3})
     parent = _rec("c", "simclr", tags={"sslray.study": "s1"})
-    rows = {r["run_id"]: r for r in build_rows([probe, evaluated, parent])}
+    sweep_parent = _rec("d", "simclr", tags={"sslray.tune.parent": "true", "sslray.method": "simclr"})
+    rows = {r["run_id"]: r for r in build_rows([probe, evaluated, parent, sweep_parent])}
     assert set(rows) == {"a", "b"}
     assert rows["a"]["knn_top1"] == 0.5  # `sslray probe`'s figure wins where both exist
     assert (rows["b"]["knn_top1"], rows["b"]["linear_top1"], rows["b"]["macro_f1"], rows["b"]["gain_linear_top1"]) \
@@ -99,6 +101,71 @@ def test_ui_command_points_mlflow_at_the_store(tmp_path):
     assert cmd[cmd.index("--artifacts-destination") + 1] == str(tmp_path / "mlartifacts")
     a = build_parser().parse_args(["ui"])
     assert (a.port, a.host) == (5000, "127.0.0.1")
+
+
+def test_ui_url_brackets_an_ipv6_host():
+    from sslray.ui import ui_url
+
+    assert ui_url("::1", 5000) == "http://[::1]:5000" and ui_url("::", 80) == "http://localhost:80"
+    assert ui_url("127.0.0.1", 5000) == "http://127.0.0.1:5000"
+
+
+def test_tracking_uris_that_are_not_folders_are_kept(tmp_path, monkeypatch):
+    from sslray.tracking import resolve_uri
+
+    monkeypatch.chdir(tmp_path)
+    for uri in ("databricks", "databricks-uc", "databricks://profile", "file:./mlruns", "http://mlflow:5000"):
+        assert resolve_uri(uri) == uri
+    assert resolve_uri("mlruns") == str(tmp_path / "mlruns")
+    assert resolve_uri("sqlite:///m.db") == f"sqlite:///{tmp_path / 'm.db'}"
+
+
+def test_odd_experiment_names_keep_their_own_artifact_folder_and_compare_folder(tmp_path, monkeypatch):
+    """MLflow takes any experiment name; a slash must not leave the store's folder, # or ? not cut the URI."""
+    from mlflow.tracking import MlflowClient
+
+    from sslray.compare import compare
+    from sslray.tracking import Tracker
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    where = {}
+    for name in ("ab", "ab#2", "ab?x=1", "/Shared/exp"):
+        t = Tracker.start(uri, name, "r", tags={"sslray.method": "simclr"})
+        t.log_text("hello", "x.txt")
+        t.end()
+        where[name] = Path(MlflowClient(uri).download_artifacts(t.run_id, "x.txt", str(tmp_path / "dl" / t.run_id)))
+    found = sorted(str(p.relative_to(tmp_path / "mlartifacts")).split("/")[0] for p in
+                   (tmp_path / "mlartifacts").rglob("x.txt"))
+    assert found == ["Shared_exp", "ab", "ab_2", "ab_x_1"]
+    assert all(p.read_text() == "hello" for p in where.values())
+    res = compare("/Shared/exp", tracking_uri=uri, log=False, print_table=False)
+    assert Path(res.files[0]).parent == tmp_path / "compare" / "Shared_exp"
+
+
+def test_a_deleted_experiment_is_named_with_the_way_back(tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from sslray.cli import main
+    from sslray.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    Tracker.start(uri, "gone", "r1").end()
+    c = MlflowClient(uri)
+    c.delete_experiment(c.get_experiment_by_name("gone").experiment_id)
+    with pytest.raises(ValueError, match="MLflow experiment 'gone' in .* was deleted: restore it"):
+        Tracker.start(uri, "gone", "r2")
+    assert main(["compare", "--experiment", "gone", "--tracking-uri", uri, "--no-log"]) == 2
+    assert "was deleted" in capsys.readouterr().err
+
+
+def test_a_run_named_twice_is_one_row(tmp_path):
+    from sslray.tracking import Tracker, search_runs
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    a, b = Tracker.start(uri, "e", "a"), Tracker.start(uri, "e", "b")
+    got = search_runs(uri, "e", [a.run_id, a.run_id[:8], b.run_id[:8]])
+    assert [r.run_id for r in got] == [a.run_id, b.run_id]
 
 
 # ---- slow: real runs, the CLI, MLflow -----------------------------------------------------------

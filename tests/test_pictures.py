@@ -172,3 +172,24 @@ def test_sweep_plot_of_categorical_keys_draws_no_empty_legend():
         fig = plots.metric_vs_params(rows, ["method"], "knn_top1")
     assert fig.axes[0].get_legend() is None
     plots.close(fig)
+
+
+def test_sweep_plot_draws_failed_trials_on_the_finite_floor_and_curves_without_points_draw_no_legend():
+    """A NaN metric (a diverged trial that still finished) must not become the floor, else every failed
+    trial's cross is drawn at NaN, which is nowhere."""
+    import math
+    import warnings
+
+    rows = [{"config": {"lr": 0.1}, "status": "completed", "knn_top1": math.nan},
+            {"config": {"lr": 0.2}, "status": "completed", "knn_top1": 0.4},
+            {"config": {"lr": 0.3}, "status": "stopped_early", "knn_top1": 0.3},
+            {"config": {"lr": 0.5}, "status": "failed", "knn_top1": None}]
+    fig = plots.metric_vs_params(rows, ["lr"], "knn_top1")
+    crosses = [c for c in fig.axes[0].collections if c.get_label() == "failed"]
+    assert [tuple(xy) for xy in crosses[0].get_offsets().tolist()] == [(0.5, 0.3)]
+    plots.close(fig)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = plots.overlay({"simclr": [], "byol": []}, "kNN", "top-1")
+    assert fig.axes[0].get_legend() is None
+    plots.close(fig)

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..config import Config, ConfigError, dump_yaml, effective_lr, from_dict
 from ..storage import join, list_files, read_text, write_text
-from ..tracking import Tracker, resolve_uri
+from ..tracking import SWEEP_PARENT_TAG, Tracker, resolve_uri
 from .space import Dist, describe, grid_size, to_param_space, trial_config
 from .trial import run_trial
 
@@ -233,7 +233,7 @@ def run_sweep(spec: SweepSpec, tracking_uri: str | None = None, experiment: str 
             ray.cluster_resources(), base.ray.num_workers, base.ray.cpus_per_worker, spec.gpus_per_worker, total)
         spec = dataclasses.replace(spec, max_concurrent=limit)
         parent = Tracker.start(uri, experiment, spec.name, tags={
-            SWEEP_TAG: spec.name, "sslray.tune.parent": "true", "sslray.method": base.method.name,
+            SWEEP_TAG: spec.name, SWEEP_PARENT_TAG: "true", "sslray.method": base.method.name,
             "sslray.backbone": base.model.backbone})
         parent.log_params({
             **{f"space.{k}": v for k, v in describe(spec.dists).items()},
