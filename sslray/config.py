@@ -212,11 +212,19 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
             kwargs[name] = _coerce(value, f.type, key)
             if key in CHOICES and kwargs[name] not in CHOICES[key]:
                 raise ConfigError(f"config key {key!r}: expected one of {', '.join(CHOICES[key])}, got {value!r}")
+            if key in POSITIVE and not kwargs[name] > 0:
+                raise ConfigError(f"config key {key!r}: {POSITIVE[key]}; must be above 0, got {value!r}")
     return cls(**kwargs)
 
 
 # Keys whose value is one of a fixed set (the others are checked where they are looked up by name).
 CHOICES = {"train.precision": ("auto", "bf16", "fp16", "fp32"), "optim.lr_scaling": ("linear", "sqrt", "none")}
+
+
+# Keys that only make sense above 0 (what each is, for the message).
+POSITIVE = {"data.batch_size": "global batch", "method.temperature": "softmax temperature",
+            "train.knn_k": "neighbours of the kNN monitor", "train.knn_temperature": "kNN vote temperature",
+            "train.knn_every": "epochs between kNN monitor runs"}
 
 
 _SECTIONS = {

@@ -21,6 +21,15 @@ def test_overrides_are_typed_and_checked():
         load_config(None, ["model.cifar_stem=maybe"])
 
 
+@pytest.mark.parametrize("key", ["data.batch_size", "method.temperature", "train.knn_k", "train.knn_temperature",
+                                 "train.knn_every"])
+def test_keys_that_only_make_sense_above_zero_refuse_zero_and_below(key):
+    for bad in ("0", "-1"):
+        with pytest.raises(ConfigError, match=f"config key '{key}': .*must be above 0, got {bad}"):
+            load_config("smoke", [f"{key}={bad}"])
+    assert load_config("smoke", [f"{key}=2"]) is not None
+
+
 def test_every_recipe_loads():
     import pathlib
 

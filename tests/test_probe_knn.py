@@ -37,6 +37,39 @@ def test_knn_weights_closer_neighbours_more():
     assert scores.argmax(1).item() == 0  # one very close neighbour outvotes two far ones
 
 
+def test_knn_top5_counts_only_classes_a_neighbour_voted_for():
+    """10 one-hot classes, k=2: each query's two neighbours are of one other class. Its true class got no
+    vote, so neither top-1 nor top-5 may count it (zero-score classes used to fill the top 5 by tie order)."""
+    eye = torch.eye(10)
+    bank, bank_y = torch.cat([eye, eye]), torch.arange(10).repeat(2)
+    q, qy = eye, (torch.arange(10) + 1) % 10
+    assert knn_accuracy(q, qy, bank, bank_y, 10, k=2) == {"knn_top1": 0.0, "knn_top5": 0.0}
+    assert knn_accuracy(q, torch.arange(10), bank, bank_y, 10, k=2) == {"knn_top1": 1.0, "knn_top5": 1.0}
+
+
+def test_knn_is_exact_at_a_small_temperature_and_refuses_nonsense():
+    """exp(sim / 0.01) overflows float32 at sim ~ 0.9; scaled per query the vote is still the exact one:
+    one neighbour of class 0 at cos 0.999 against five of class 1 at cos 0.998 (class 1 wins in float64)."""
+    import math
+
+    import pytest
+
+    def unit(c):
+        return [c, math.sqrt(1 - c * c)]
+
+    bank = torch.tensor([unit(0.999)] + [unit(0.998)] * 5)
+    labels = torch.tensor([0, 1, 1, 1, 1, 1])
+    q = torch.tensor([[1.0, 0.0]])
+    for t in (0.07, 0.02, 0.01, 0.005):
+        want = 1 if 5 * math.exp((0.998 - 0.999) / t) > 1 else 0
+        scores = knn_predict(q, bank, labels, 2, k=6, temperature=t)
+        assert torch.isfinite(scores).all() and scores.argmax(1).item() == want, (t, scores)
+    with pytest.raises(ValueError, match="k >= 1 and a temperature above 0"):
+        knn_predict(q, bank, labels, 2, k=0)
+    with pytest.raises(ValueError, match="k >= 1 and a temperature above 0"):
+        knn_predict(q, bank, labels, 2, temperature=0.0)
+
+
 def test_linear_probe_converges_and_reports():
     x, y = _clusters(noise=0.5)
     names = ["a", "b", "c", "d"]
@@ -89,3 +122,16 @@ def test_extracted_labels_survive_ffcv_buffer_reuse(cifar_small):
     feats, labels = extract_features(backbone, loader, EvalTransform(32), torch.device("cpu"))
     assert labels.tolist() == [c for c in range(10) for _ in range(30)]  # class-sorted ImageFolder order
     assert feats.shape == (300, 4) and feats.std(0).min() > 0
+
+
+def test_every_top5_uses_one_k_that_is_never_trivially_perfect():
+    """kNN, the linear probe, the online probe and fine-tuning all take top5_k: with C classes top-C is 1.0."""
+    from sslray.raytrain.knn import top5_k
+
+    assert [top5_k(c) for c in (2, 3, 5, 6, 10, 1000)] == [1, 2, 4, 5, 5, 5]
+    # 4 classes, features that are noise: no top-"5" may be 1.0 (it was for kNN, which took top-4 of 4)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(200, 8, generator=g), torch.randint(0, 4, (200,), generator=g)
+    assert knn_accuracy(x[:100], y[:100], x[100:], y[100:], 4, k=50)["knn_top5"] < 1.0
+    res = linear_probe(x[100:].numpy(), y[100:].numpy(), x[:100].numpy(), y[:100].numpy(), list("abcd"))
+    assert res.metrics["top5"] < 1.0

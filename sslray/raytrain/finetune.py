@@ -96,13 +96,14 @@ def layer_decay_groups(model: Classifier, weight_decay: float, layer_decay: floa
 def classification_metrics(logits: np.ndarray, y: np.ndarray, num_classes: int) -> dict:
     from sklearn.metrics import accuracy_score, top_k_accuracy_score
 
+    from .knn import top5_k
     from .probe import macro_scores
 
     labels = np.arange(num_classes)
     pred = logits.argmax(1)
-    k = min(5, num_classes - 1)
+    k = top5_k(num_classes)
     return {"top1": float(accuracy_score(y, pred)),
-            "top5": float(top_k_accuracy_score(y, logits, k=k, labels=labels)) if num_classes > 2 else
+            "top5": float(top_k_accuracy_score(y, logits, k=k, labels=labels)) if k > 1 else
             float(accuracy_score(y, pred)),
             "macro_f1": macro_scores(y, pred)["macro_f1"]}
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as D
-from .knn import extract_features
+from .knn import extract_features, top5_k
 
 
 class OnlineProbe:
@@ -115,7 +115,7 @@ class OnlineProbe:
         """Top-1/top-5 of the current probe on every rank's shard of ``batches``, summed over ranks."""
         f, y = self.features(backbone, batches)
         f = (f - self.running_mean) * torch.rsqrt(self.running_var + 1e-5)
-        top = self.head(f).topk(min(5, self.num_classes), dim=1).indices
+        top = self.head(f).topk(top5_k(self.num_classes), dim=1).indices
         hit = top == y.view(-1, 1)
         c = torch.stack([hit[:, :1].any(1).sum(), hit.any(1).sum(), torch.tensor(y.shape[0], device=y.device)])
         c = D.all_reduce_mean(c.double()) * D.world_size()

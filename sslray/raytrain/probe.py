@@ -50,10 +50,13 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, va
     # predict_proba columns follow clf.classes_; expand to every class so top-5 works on subsets.
     full = np.zeros((len(val_x), len(labels)))
     full[:, clf.classes_] = proba
-    k5 = min(5, len(labels) - 1) if len(labels) > 2 else 1
+    from .knn import top5_k  # torch is loaded wherever features were made
+
+    k5 = top5_k(len(labels))
     metrics = {
         "top1": float(accuracy_score(val_y, pred)),
-        "top5": float(top_k_accuracy_score(val_y, full, k=k5, labels=labels)) if len(labels) > 2 else float(accuracy_score(val_y, pred)),
+        "top5": float(top_k_accuracy_score(val_y, full, k=k5, labels=labels)) if k5 > 1
+        else float(accuracy_score(val_y, pred)),
         **macro_scores(val_y, pred),
     }
     report = per_class_report(val_y, pred, class_names)
