@@ -152,6 +152,10 @@ def load_backbone(path: str | os.PathLike, device: str | torch.device = "cpu") -
     if is_remote(path):
         uri = str(path).rstrip("/")
         p = fetch(uri.rsplit("/", 1)[0] if uri.endswith((WEIGHTS, META)) else uri)
+    elif not p.exists():  # never fall back to the parent folder: it may hold another export
+        raise FileNotFoundError(f"load_backbone: {p} not found (an export folder, or its {WEIGHTS} / {META})")
+    if p.is_file() and p.name == META:
+        p = p.parent
     folder = p if p.is_dir() else p.parent
     meta_path, weights_path = folder / META, (p if p.is_file() else folder / WEIGHTS)
     if not weights_path.exists():
@@ -236,8 +240,14 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Path
         p = fetch(str(path))  # a URI (s3://...) is copied into the local cache first
     except FileNotFoundError:
         raise FileNotFoundError(f"model.init_weights: {path} not found") from None
+    from .raytrain.evaluate import find_state
+    from .raytrain.session import STATE_FILE
+
     if p.is_dir():
-        p = p / WEIGHTS
+        if (p / WEIGHTS).exists() or not any(p.glob(f"**/{STATE_FILE}")):
+            p = p / WEIGHTS
+        else:  # a checkpoint or run folder of sslray's: its (newest) state.pt
+            p = find_state(p)
     if not p.exists():
         raise FileNotFoundError(f"model.init_weights: {p} not found")
     try:
@@ -246,7 +256,9 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Path
 
             sd = load_file(str(p))
         else:
-            sd = torch.load(p, map_location="cpu", weights_only=True)
+            # sslray's own checkpoint also holds RNG states (numpy arrays), which torch's weights-only
+            # reader refuses; it is read as resume and `sslray export` read it. Any other file: weights only.
+            sd = torch.load(p, map_location="cpu", weights_only=p.name != STATE_FILE)
     except Exception as e:  # noqa: BLE001 - name the file, whatever the reader found wrong in it
         raise ValueError(f"model.init_weights: {p} is not a weights file sslray can read "
                          f"({type(e).__name__}: {e})") from None
@@ -255,8 +267,10 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Path
             sd = sd[key]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"model.init_weights: {p} holds no state_dict of tensors")
-    if sd and all(k.startswith("backbone.") for k in sd):
-        sd = {k[len("backbone."):]: v for k, v in sd.items()}
+    if sd and any(k.startswith("backbone.") for k in sd):
+        # A whole method's state_dict (sslray's own state.pt, or a backbone saved under a wrapper): its
+        # backbone is the student's ``backbone.*``; heads, teachers and queues stay behind.
+        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
     return sd, p
 
 

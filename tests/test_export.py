@@ -134,6 +134,32 @@ def test_errors_name_the_problem_and_keep_an_earlier_export(tmp_path, capsys):
         load_backbone(out)
 
 
+def test_a_missing_path_never_loads_the_parent_folders_export_and_the_json_path_loads(tmp_path):
+    model, _ = _checkpoint(tmp_path, "simclr_cifar10", SMALL)
+    out = export_backbone(tmp_path / "run", tmp_path / "models")
+    with pytest.raises(FileNotFoundError, match=r"load_backbone: .*models/v2 not found"):
+        load_backbone(out / "v2")  # a typo'd or missing subfolder: the export one level up is not it
+    _same_features(load_backbone(out / META)[0], model.backbone)
+
+
+def test_init_weights_take_sslray_own_checkpoint(tmp_path):
+    """A state.pt holds the whole method (heads, teacher, optimizer, RNG states as numpy arrays): its
+    student backbone is the one taken, from the file, its checkpoint folder or its run folder."""
+    import numpy as np
+
+    from sslray.export import init_backbone
+
+    over = {**SMALL, "method.params.pred_hidden_dim": 32}
+    source, folder = _checkpoint(tmp_path, "byol_cifar10", over)
+    state = torch.load(folder / "state.pt", weights_only=False)
+    torch.save({**state, "rng": {"numpy": np.random.get_state()}}, folder / "state.pt")  # as the loop saves it
+    for given in (folder / "state.pt", folder, tmp_path / "run"):
+        torch.manual_seed(123)
+        fresh = create_method(load_config("byol_cifar10", over))
+        assert init_backbone(fresh, given) == ["backbone", "teacher backbone"], given
+        _same_features(fresh.backbone, source.backbone)
+
+
 def test_exports_of_one_checkpoint_are_byte_identical(tmp_path):
     """Same checkpoint, same bytes: content hashes, caches and artifact stores see one file (safetensors
     writes a multi-key header in a random order, so the metadata is one key)."""
