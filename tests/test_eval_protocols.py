@@ -95,6 +95,43 @@ def test_cli_rejects_unknown_protocol_and_missing_checkpoint(tmp_path, capsys):
     assert str(missing) in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--protocol", "knn", "--knn-k", "10,0"], "--knn-k (knn_ks) needs neighbour counts of 1 or more, got [10, 0]"),
+    (["--protocol", "knn", "--knn-k", "ten"], "--knn-k 'ten': expected a comma list of ints"),
+    (["--protocol", "lowshot", "--lowshot-seeds", ""], "--lowshot-seeds (lowshot_seeds) needs at least one seed"),
+    (["--protocol", "lowshot", "--lowshot-fractions", "0,1"], "--lowshot-fractions (lowshot_fractions) needs label "
+                                                              "fractions in (0, 1], got [0.0, 1.0]"),
+])
+def test_eval_options_are_checked_before_any_work(flags, message, tmp_path, capsys, monkeypatch):
+    from sslray.cli import main
+
+    monkeypatch.setattr(F, "FeatureStore", lambda *a, **k: pytest.fail("the checkpoint was opened first"))
+    assert main(["eval", "--checkpoint", str(tmp_path), "--no-log", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_gains_leave_out_spreads_and_counts():
+    from sslray.eval.protocols import ProtocolResult
+
+    side = {"lowshot_1pct_top1_mean": 0.5, "lowshot_1pct_top1_std": 0.1, "lowshot_1pct_runs": 3}
+    r = ProtocolResult("lowshot", side, {**side, "lowshot_1pct_top1_mean": 0.3})
+    assert r.gain() == {"lowshot_1pct_top1_mean": pytest.approx(0.2)}
+
+
+def test_an_image_folder_split_gets_a_new_cache_key_when_an_image_inside_changes(cifar_small, tmp_path):
+    """A folder's own mtime and size stay the same when an image inside a class folder is replaced."""
+    import shutil
+
+    tree = tmp_path / "tree"
+    shutil.copytree(cifar_small["test_tree"], tree)
+    before = F._file_id(str(tree))
+    img = sorted((tree / "cat").iterdir())[0]
+    st = tree.stat()
+    img.write_bytes(sorted((tree / "dog").iterdir())[0].read_bytes())
+    os.utime(tree, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert F._file_id(str(tree)) != before and F._file_id(str(tree))["path"] == before["path"]
+
+
 def test_unlabelled_val_split_is_refused_by_name(tiny_ckpt, cifar_small, tmp_path):
     beton = tmp_path / "unlabelled.beton"
     beton.write_bytes(b"\0" * 16)

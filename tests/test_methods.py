@@ -388,3 +388,11 @@ def test_mocov3_heads_follow_the_paper_code_per_backbone(recipe, projector, pred
     assert not model.projector.net[-1].affine  # the projector's output BN has no affine, as in SimCLR
     # _build_mlp's Linears never have a bias, also where no BN follows the predictor's last one
     assert all(m.bias is None for m in [*model.projector.net, *model.predictor.net] if isinstance(m, nn.Linear))
+
+
+def test_a_timm_name_with_vit_in_it_but_no_img_size_still_builds_and_bad_kwargs_name_the_backbone():
+    from sslray.raytrain.backbones import create_backbone
+
+    assert create_backbone("fastvit_t8", img_size=32).num_features == 768  # FastViT takes no img_size
+    with pytest.raises(ValueError, match="backbone 'vit_tiny_patch16_224': .*bogus_kw"):
+        create_backbone("vit_tiny_patch16_224", img_size=32, bogus_kw=1)

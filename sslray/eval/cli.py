@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 
-def _ints(text: str) -> list[int]:
-    return [int(t) for t in text.split(",") if t.strip()]
-
-
-def _floats(text: str) -> list[float]:
-    return [float(t) for t in text.split(",") if t.strip()]
+def _numbers(text: str, kind: type, option: str) -> list:
+    try:
+        return [kind(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"{option} {text!r}: expected a comma list of {kind.__name__}s") from None
 
 
 def cmd_eval(a) -> int:
@@ -24,8 +23,9 @@ def cmd_eval(a) -> int:
                           use_gpu=a.gpu, train_subset=a.train_subset, val_subset=a.val_subset)
     report = run_eval(a.checkpoint, _abs(a.train), _abs(a.val), names, train_subset=a.train_subset,
                       val_subset=a.val_subset, use_gpu=a.gpu, cache_dir=a.cache_dir, cache=not a.no_cache,
-                      knn_ks=_ints(a.knn_k), lowshot_fractions=_floats(a.lowshot_fractions),
-                      lowshot_seeds=_ints(a.lowshot_seeds), finetune=ft)
+                      knn_ks=_numbers(a.knn_k, int, "--knn-k"),
+                      lowshot_fractions=_numbers(a.lowshot_fractions, float, "--lowshot-fractions"),
+                      lowshot_seeds=_numbers(a.lowshot_seeds, int, "--lowshot-seeds"), finetune=ft)
     print(format_eval_table(report))
     run = {"run_id": a.run_id, "tracking_uri": a.tracking_uri} if a.run_id else find_run(a.checkpoint)
     if run and not a.no_log:

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..datasets.loader import DataError, dataset_info, make_loader, subset_indices
+from ..datasets.loader import DataError, check_same_classes, dataset_info, make_loader, subset_indices
 from ..datasets.views import eval_transform
 from ..raytrain.evaluate import RANDOM_INIT_SEED_OFFSET, find_state, random_init_model
 from ..raytrain.knn import extract_features
@@ -53,8 +53,16 @@ def labelled_info(path: str, role: str):
 
 
 def _file_id(path: str) -> dict:
+    p = Path(path)
+    if p.is_dir():  # an ImageFolder tree: an image replaced or added inside a class folder leaves the
+        h = hashlib.sha1()  # tree's own mtime and size alone, so every file's size and mtime are hashed
+        for f in sorted(p.rglob("*")):
+            if f.is_file():
+                st = f.stat()
+                h.update(f"{f.relative_to(p)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        return {"path": str(p.resolve()), "tree": h.hexdigest()}
     st = os.stat(path)
-    return {"path": str(Path(path).resolve()), "mtime_ns": st.st_mtime_ns, "size": st.st_size}
+    return {"path": str(p.resolve()), "mtime_ns": st.st_mtime_ns, "size": st.st_size}
 
 
 def transform_id(t) -> dict:
@@ -81,8 +89,7 @@ class FeatureStore:
         self.train, self.val = str(train), str(val)
         self.train_info = labelled_info(self.train, "train")
         self.val_info = labelled_info(self.val, "val")
-        if self.train_info.classes != self.val_info.classes:
-            raise DataError(f"train split {self.train} and val split {self.val} have different classes")
+        self._classes = check_same_classes(self.train_info, self.val_info)  # as `sslray probe` and fine-tuning
         self.device = pick_device(0, use_gpu)
         self.batch_size = batch_size
         self.cache = cache
@@ -98,7 +105,7 @@ class FeatureStore:
 
     @property
     def classes(self) -> list[str]:
-        return self.val_info.classes
+        return self._classes
 
     def key(self, init: str) -> tuple[str, dict]:
         if init not in INITS:

@@ -33,9 +33,9 @@ class ProtocolResult:
     info: dict[str, Any] = field(default_factory=dict)  # settings and sizes, logged as JSON
 
     def gain(self) -> dict[str, float]:
-        """Pretrained minus random init, for every metric but spreads (``*_std``)."""
+        """Pretrained minus random init, for every metric but spreads (``*_std``) and counts (``*_runs``)."""
         return {k: v - self.random_init[k] for k, v in self.pretrained.items()
-                if k in self.random_init and not k.endswith("_std")}
+                if k in self.random_init and not k.endswith(("_std", "_runs"))}
 
 
 @dataclass
@@ -48,6 +48,20 @@ class EvalContext:
     embed_points: int = 2000  # t-SNE cost grows with N; a stratified sample of the val split above this
     finetune: Any = None  # sslray.raytrain.finetune.FinetuneSettings
     log: Callable[[str], None] = print
+
+
+def check_settings(names: Sequence[str], knn_ks: Sequence[int] = (1,), lowshot_fractions: Sequence[float] = (1.0,),
+                   lowshot_seeds: Sequence[int] = (0,), **_) -> None:
+    """The settings of the protocols that will run, checked before any feature is extracted (the
+    option each comes from in the message: ``sslray eval`` flag / ``EvalContext`` field)."""
+    if "knn" in names and (not knn_ks or any(int(k) < 1 for k in knn_ks)):
+        raise ValueError(f"--knn-k (knn_ks) needs neighbour counts of 1 or more, got {list(knn_ks)}")
+    if "lowshot" in names:
+        if not lowshot_fractions or any(not 0 < float(f) <= 1 for f in lowshot_fractions):
+            raise ValueError(f"--lowshot-fractions (lowshot_fractions) needs label fractions in (0, 1], "
+                             f"got {list(lowshot_fractions)}")
+        if not lowshot_seeds:
+            raise ValueError("--lowshot-seeds (lowshot_seeds) needs at least one seed")
 
 
 PROTOCOLS: Registry[Callable[[EvalContext], ProtocolResult]] = Registry("eval protocol")

@@ -10,7 +10,7 @@ from typing import Callable, Optional, Sequence
 from ..raytrain.evaluate import find_state
 from ..storage import RUN_FILE
 from .features import FeatureStore
-from .protocols import PROTOCOLS, EvalContext, ProtocolResult, parse_protocols
+from .protocols import PROTOCOLS, EvalContext, ProtocolResult, check_settings, parse_protocols
 
 
 @dataclass
@@ -55,6 +55,7 @@ def run_eval(checkpoint: str, train: Optional[str], val: Optional[str], protocol
     """Run ``protocols`` (names or ``"linear,knn"``) on ``checkpoint``. ``train``/``val`` default to the
     checkpoint's own ``data.train``/``data.val``; ``ctx_kw`` sets ``EvalContext`` fields (knn_ks, ...)."""
     names = parse_protocols(protocols)  # unknown names fail before any work
+    check_settings(names, **ctx_kw)
     if not train or not val:
         import torch
 

@@ -31,8 +31,13 @@ def create_backbone(name: str, *, cifar_stem_: bool = False, img_size: int | Non
         return BACKBONES.get(name)(cifar_stem_=cifar_stem_, img_size=img_size, **kw)
     extra = {"img_size": img_size} if img_size and "vit" in name else {}
     try:
-        model = timm.create_model(name, pretrained=False, num_classes=0, **extra, **kw)
-    except RuntimeError as e:
+        try:
+            model = timm.create_model(name, pretrained=False, num_classes=0, **extra, **kw)
+        except TypeError as e:  # "vit" in the name but no img_size argument (fastvit, levit): built at its own size
+            if not extra or "img_size" not in str(e):
+                raise
+            model = timm.create_model(name, pretrained=False, num_classes=0, **kw)
+    except (RuntimeError, TypeError) as e:
         raise ValueError(f"backbone {name!r}: {e}") from None
     if cifar_stem_:
         cifar_stem(model)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -44,7 +45,7 @@ class FinetuneSettings:
     use_gpu: str = "auto"
     train_subset: int = 0  # seeded random subset of the train split (0 = all)
     val_subset: int = 0
-    seed: int = 0
+    seed: Optional[int] = None  # None: the checkpoint's train.seed (the other protocols draw their subsets with it)
     storage: str = ""  # Ray's run folder; empty = a temporary folder (nothing is checkpointed)
 
 
@@ -121,6 +122,8 @@ def finetune_loop(c: dict, session) -> dict:
     cfg, model, _ = load_checkpoint(c["state_path"], torch.device("cpu"))
     if c["init"] == "random_init":
         model = random_init_model(cfg)
+    if s.seed is None:
+        s = dataclasses.replace(s, seed=cfg.train.seed)
     seed_everything(s.seed)  # the head and the data order are the same for both inits
     info, val_info = dataset_info(c["train"]), dataset_info(c["val"])
     classes = check_same_classes(info, val_info)
