@@ -29,7 +29,7 @@ def is_remote(location: str | os.PathLike) -> bool:
 
 def absolute(location: Optional[str]) -> Optional[str]:
     """A local path made absolute (workers may run with another cwd); URIs and empty values as given."""
-    return str(Path(location).resolve()) if location and not is_remote(location) else location
+    return str(Path(location).expanduser().resolve()) if location and not is_remote(location) else location
 
 
 def filesystem(location: str | os.PathLike):
@@ -37,7 +37,7 @@ def filesystem(location: str | os.PathLike):
     import pyarrow.fs as pafs
 
     s = str(location)
-    return pafs.FileSystem.from_uri(s if is_remote(s) else str(Path(s).resolve()))
+    return pafs.FileSystem.from_uri(s if is_remote(s) else str(Path(s).expanduser().resolve()))
 
 
 def join(location: str, *parts: str) -> str:
@@ -53,20 +53,28 @@ def exists(location: str) -> bool:
 
 def read_text(location: str) -> Optional[str]:
     """The text of a small file (local or URI), or None if it is not there."""
+    import pyarrow.fs as pafs
+
     fs, path = filesystem(location)
     try:
         with fs.open_input_stream(path) as f:
             return f.read().decode()
-    except (FileNotFoundError, OSError):
+    except FileNotFoundError:
         return None
+    except OSError:  # some stores say "not found" with a plain OSError; anything else is a real failure
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return None
+        raise
 
 
 def write_text(location: str, text: str) -> None:
     """Write a small file (local or URI), creating its folder."""
     fs, path = filesystem(location)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
+    tmp = f"{path}.tmp-{os.getpid()}"  # then renamed: a kill mid-write never leaves a truncated file
+    with fs.open_output_stream(tmp) as f:
         f.write(text.encode())
+    fs.move(tmp, path)
 
 
 def list_files(location: str, pattern: str = "*") -> list[str]:
@@ -222,6 +230,9 @@ def move_tree(uri: str, dest: str) -> bool:
 
     fs, path = filesystem(uri)
     _, dest_path = filesystem(dest)
+    if dest_path == path or dest_path.startswith(path.rstrip("/") + "/"):
+        raise OSError(f"moving {uri} to {dest}: the destination is the folder itself or inside it ({dest_path}); "
+                      "nothing was moved")
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return False
     files = [f for f in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if f.type == pafs.FileType.File]

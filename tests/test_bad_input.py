@@ -255,6 +255,14 @@ def test_pretrain_on_a_missing_dataset_fails_before_ray_starts(tmp_path, monkeyp
     assert f"data.train={tmp_path / 'trian.beton'}" in err and "data.val" not in err and not started
     assert not (tmp_path / "m.db").exists()  # no MLflow run was opened for it
 
+    # A dead head's file: sslray starts a local Ray, so the workers run here and the file is still refused.
+    from sslray.rayhead import LocalHead
+
+    monkeypatch.setattr(T, "local_head", lambda *a, **k: LocalHead("/tmp/ray/ray_current_cluster", "127.0.0.1:1",
+                                                                   "Connection refused"))
+    assert main(args) != 0 and not started
+    assert f"data.train={tmp_path / 'trian.beton'}" in capsys.readouterr().err
+
     # On a cluster the workers may have files this machine lacks: a note, then Ray as before.
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     with pytest.raises(SystemExit):

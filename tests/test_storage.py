@@ -7,6 +7,7 @@ probes, exports and then resumes from the S3 checkpoint in a second invocation."
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -354,3 +355,59 @@ def test_pretrain_on_s3_probes_exports_and_resumes(ray_cluster, s3_server, cifar
     meta = json.loads(Path(client.download_artifacts(run.info.run_id, "backbone/backbone.json", str(tmp_path)))
                       .read_text())
     assert (meta["epoch"], meta["checkpoint"]) == (2, f"{runs}/s3-run/epoch_0002/state.pt")
+
+
+def test_uri_special_characters_in_a_remote_run_name_are_refused_before_anything_moves(tmp_path, monkeypatch):
+    """pyarrow reads '#' as a fragment: `s3://b/runs/r#1` would be `b/runs/r` to sslray, `r#1` to Ray Train."""
+    from sslray.config import load_config
+    from sslray.raytrain import trainer as T
+
+    moved = []
+    monkeypatch.setattr(T, "move_aside", lambda run_dir: moved.append(run_dir))
+    for name, shown in (("r#1", "'#'"), ("my run", "a space"), ("r?x=1", "'?'"), ("r%41", "'%'")):
+        cfg = load_config("smoke", [f"ray.name={name}", "ray.storage=s3://bkt/runs", "data.train=/d/x.beton"])
+        with pytest.raises(T.StorageError, match=f"ray.name \\(--name\\) '{re.escape(name)}' holds {shown}"):
+            T.pretrain(cfg, restart=True)
+    assert not moved
+    with pytest.raises(T.StorageError, match="ray.storage"):
+        T.check_remote_name("gs://bkt/my runs", "r1")
+    T.check_remote_name(str(tmp_path / "my #runs"), "r#1")  # a local folder takes any name
+    cfg = load_config("smoke", ["data.train=/data/my set/cifar train.beton"])
+    assert " " not in T.run_name(cfg) and "cifar_train" in T.run_name(cfg)
+
+
+def test_move_tree_refuses_to_move_a_folder_onto_or_into_itself(tmp_path):
+    from sslray.storage import move_tree
+
+    run = tmp_path / "runs" / "r"
+    (run / "epoch_0001").mkdir(parents=True)
+    (run / "epoch_0001" / "state.pt").write_bytes(b"x" * 10)
+    for dest in (run, run / "old"):
+        with pytest.raises(OSError, match="the destination is the folder itself or inside it"):
+            move_tree(run.as_uri(), dest.as_uri())
+    assert (run / "epoch_0001" / "state.pt").read_bytes() == b"x" * 10
+
+
+def test_a_broken_run_file_is_named_and_the_run_file_is_written_whole(tmp_path, monkeypatch):
+    from sslray.config import load_config
+    from sslray.raytrain import trainer as T
+    from sslray.storage import read_text, write_text
+
+    cfg = load_config("smoke", ["ray.name=r1", f"ray.storage={tmp_path / 'runs'}"])
+    run_file = tmp_path / "runs" / "r1" / "sslray_run.json"
+    write_text(str(run_file), '{"run_id": "abc"}')
+    assert T.resumes(cfg) and sorted(p.name for p in run_file.parent.iterdir()) == ["sslray_run.json"]
+    run_file.write_text("")  # a kill between open and write, before writes went through a temp name
+    with pytest.raises(T.StorageError, match=f"{re.escape(str(run_file))} is not valid JSON.*--restart"):
+        T.resumes(cfg)
+    assert read_text(str(tmp_path / "nothing.json")) is None
+
+
+def test_a_tilde_in_storage_is_the_home_folder(tmp_path, monkeypatch):
+    from sslray.config import load_config
+    from sslray.raytrain.trainer import run_location
+    from sslray.storage import absolute
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert run_location(load_config("smoke", ["ray.name=r1", "ray.storage=~/runs"]))[2] == f"{tmp_path}/runs/r1"
+    assert absolute("~/data/train.beton") == f"{tmp_path}/data/train.beton"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,8 +110,27 @@ def resolve_use_gpu(cfg: Config) -> bool:
 
 
 def run_name(cfg: Config) -> str:
-    data = Path(cfg.data.train).stem
+    data = re.sub(URI_UNSAFE, "_", Path(cfg.data.train).stem)  # "my set.beton": the name is a path part
     return cfg.tracking.run_name or f"{cfg.method.name}-{cfg.model.backbone}-{data}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+# Characters a URI parser reads as something else: "#" starts a fragment and "?" a query (both cut off),
+# "%" an escape, whitespace a syntax error. Ray Train joins the run name to the storage root as a plain
+# path, while sslray's helpers parse "<storage>/<name>" as one URI: with these in a name on object
+# storage the two would use different folders (a --restart could move another run's files).
+URI_UNSAFE = r"[#?%\s]"
+
+
+def check_remote_name(storage: str, name: str) -> None:
+    """On ``s3://`` / ``gs://`` storage, a run name and storage URI without URI-special characters."""
+    if not is_remote(storage):
+        return
+    for key, value in (("ray.name (--name)", name), ("ray.storage (--storage)", storage)):
+        bad = sorted(set(re.findall(URI_UNSAFE, value)))
+        if bad:
+            shown = ", ".join("a space" if c.isspace() else repr(c) for c in bad)
+            raise StorageError(f"{key} {value!r} holds {shown}: on object storage a URI would cut it short or "
+                               "misread it; use letters, digits, '-', '_' and '.'")
 
 
 class StorageError(RuntimeError):
@@ -136,8 +156,19 @@ def check_storage(storage: str, name: str) -> str:
 def _read_run_file(run_dir: str) -> Optional[dict]:
     import json
 
-    text = read_text(join(run_dir, RUN_FILE))
-    return json.loads(text) if text is not None else None
+    where = join(run_dir, RUN_FILE)
+    text = read_text(where)
+    if text is None:
+        return None
+    try:
+        info = json.loads(text)
+    except json.JSONDecodeError as e:  # e.g. emptied by a kill mid-write
+        raise StorageError(f"{where} is not valid JSON ({e}): it names the MLflow run this run folder logs to; "
+                           "fix or delete it (the run then logs to a new MLflow run), or start over with "
+                           "--restart") from None
+    if not isinstance(info, dict) or "run_id" not in info:
+        raise StorageError(f"{where} names no MLflow run (no 'run_id'); delete it or start over with --restart")
+    return info
 
 
 def _write_run_file(run_dir: str, info: dict) -> None:
@@ -186,7 +217,8 @@ def check_data(cfg: Config) -> None:
                if path and not os.path.exists(path)]
     if not missing:
         return
-    here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS") and local_head() is None
+    head = local_head()  # a dead head's file: ensure_ray starts a local instance, so the workers run here too
+    here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS") and (head is None or head.dead)
     if here:
         raise DataError(f"{', '.join(missing)}: no such file or directory on this machine, where the workers run; "
                         f"convert it first with `sslray convert SRC DEST`")
@@ -222,7 +254,7 @@ def ensure_ray(address: Optional[str] = None) -> None:
 def run_location(cfg: Config) -> tuple[str, str, str]:
     """``(name, storage, run_dir)`` of the run ``cfg`` describes (a local storage made absolute)."""
     name = cfg.ray.name or run_name(cfg)
-    storage = cfg.ray.storage if "://" in cfg.ray.storage else str(Path(cfg.ray.storage).resolve())
+    storage = cfg.ray.storage if "://" in cfg.ray.storage else str(Path(cfg.ray.storage).expanduser().resolve())
     return name, storage, f"{storage.rstrip('/')}/{name}"
 
 
@@ -246,6 +278,7 @@ def pretrain(cfg: Config, tracker: Optional[Tracker] = None, restart: bool = Fal
     from .methods import METHODS
 
     name, storage, run_dir = run_location(cfg)
+    check_remote_name(storage, name)
     if restart and (old := move_aside(run_dir)):
         print(f"sslray: --restart: the previous run was moved to {old}")
     check_storage(storage, name)  # fail before Ray, data or models are touched
