@@ -12,7 +12,7 @@
 # (--serve-artifacts) to --artifacts-destination: a shared mount or s3:// / gs://, so clients
 # need no bucket credentials, only the server does.
 # Every job then needs MLFLOW_TRACKING_URI=http://<head-ip>:<port>; the cluster configs export it
-# before `ray start`, and `sslray submit` forwards yours.
+# before `ray start`; for another server pass `sslray submit --env MLFLOW_TRACKING_URI=http://...`.
 set -euo pipefail
 
 STATE_DIR="${MLFLOW_STATE_DIR:-$HOME/mlflow}"

@@ -117,30 +117,50 @@ def load_runtime_env(path: str | None, working_dir: str | None = None,
 
 
 def _flag(argv: Sequence[str], name: str) -> str | None:
+    """The value of ``name`` in ``argv`` (``--x v`` or ``--x=v``); the last one, as argparse keeps it."""
+    found = None
     for i, a in enumerate(argv):
         if a == name and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith(name + "="):
-            return a.split("=", 1)[1]
-    return None
+            found = argv[i + 1]
+        elif a.startswith(name + "="):
+            found = a.split("=", 1)[1]
+    return found
+
+
+def _override(argv: Sequence[str], key: str) -> str | None:
+    """The value of a ``section.key=value`` override in ``argv`` (the last one)."""
+    found = None
+    for a in argv:
+        if a.startswith(key + "="):
+            found = a.split("=", 1)[1]
+    return found
 
 
 def check_entrypoint(argv: Sequence[str], runtime_env: Mapping) -> list[str]:
     """Warnings for an sslray run whose results would stay in the job's temporary working dir."""
-    if len(argv) < 2 or (Path(argv[0]).name != "sslray" and list(argv[:3]) != ["python", "-m", "sslray.cli"]):
+    python = len(argv) >= 3 and Path(argv[0]).name.startswith("python") and list(argv[1:3]) == ["-m", "sslray.cli"]
+    if len(argv) < 2 or (Path(argv[0]).name != "sslray" and not python):
         return []
-    if not {"pretrain", "tune"} & set(argv):
+    if not {"pretrain", "tune", "study"} & set(argv):
         return []
     notes = []
-    if _flag(argv, "--storage") is None:
+    storage = _flag(argv, "--storage") or _override(argv, "ray.storage")
+    if storage is None:
         notes.append("no --storage: checkpoints go to ./runs inside the job's temporary working dir; "
                      "pass --storage s3://..., gs://... or a shared mount")
-    if _flag(argv, "--tracking-uri") is None and "MLFLOW_TRACKING_URI" not in runtime_env.get("env_vars", {}):
+    elif "://" not in storage and not os.path.isabs(os.path.expanduser(storage)):
+        notes.append(f"--storage {storage} is relative: checkpoints go inside the job's temporary working dir and "
+                     "are lost with it; give s3://..., gs://... or an absolute path on a shared mount")
+    uri = _flag(argv, "--tracking-uri") or _override(argv, "tracking.tracking_uri")
+    if uri is None and "MLFLOW_TRACKING_URI" not in runtime_env.get("env_vars", {}):
         notes.append("no --tracking-uri: the job logs to the cluster's $MLFLOW_TRACKING_URI (set by cluster/*.yaml), "
                      "else to sqlite:///mlflow.db inside its temporary working dir")
-    for name in ("--data", "--val"):
-        value = _flag(argv, name)
-        if value and "://" not in value and not os.path.isabs(value):
+    elif uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        notes.append(f"--tracking-uri {uri} is a relative sqlite file: it is written inside the job's temporary "
+                     "working dir and lost with it; give an absolute path (sqlite:////shared/mlflow.db) or a server")
+    for name, key in (("--data", "data.train"), ("--val", "data.val")):
+        value = _flag(argv, name) or _override(argv, key)
+        if value and "://" not in value and not os.path.isabs(os.path.expanduser(value)):
             notes.append(f"{name} {value} is relative: it resolves inside the uploaded working dir, where data "
                          "is excluded; give an absolute path on storage every node mounts")
     return notes
@@ -202,7 +222,17 @@ def cmd_submit(a) -> int:
         print(f"\nsslray submit: stopped following; job {job_id} keeps running "
               f"(sslray submit stop {job_id} to end it)", file=sys.stderr)
         return 130
+    return _finished(c, job_id, status)
+
+
+def _finished(c, job_id: str, status: str) -> int:
+    """The job's end line; for a job that did not succeed, Ray's reason too (a job that failed in its
+    runtime env set-up, before its command started, has no log to show)."""
     print(f"sslray submit: job {job_id} {status}")
+    if status != "SUCCEEDED":
+        message = getattr(c.get_job_info(job_id), "message", "") or ""
+        if message.strip():
+            print(f"sslray submit: reason: {message.strip()}", file=sys.stderr)
     return 0 if status == "SUCCEEDED" else 1
 
 
@@ -226,8 +256,7 @@ def cmd_manage(verb: str, argv: Sequence[str], outer) -> int:
         return 0
     if verb == "logs":
         if a.follow:
-            status = wait(c, a.job_id)
-            return 0 if status == "SUCCEEDED" else 1
+            return _finished(c, a.job_id, wait(c, a.job_id))
         sys.stdout.write(c.get_job_logs(a.job_id))
         return 0
     stopped = c.stop_job(a.job_id)
@@ -262,6 +291,13 @@ def _run(a) -> int:
         print(f"sslray submit: error: {e}", file=sys.stderr)
         return 2
     except (ConnectionError, RuntimeError) as e:
-        # The SDK raises these for an unreachable job server, 401/403 (token) and unknown job ids.
+        # The SDK raises these for an unreachable job server and unknown job ids.
         print(f"sslray submit: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        from ray.exceptions import AuthenticationError
+
+        if not isinstance(e, AuthenticationError):  # a 401/403 from the job server: the token
+            raise
+        print(f"sslray submit: error: the job server refused the request: {e}", file=sys.stderr)
         return 1

@@ -389,9 +389,29 @@ def test_only_a_ray_of_its_own_runs_without_the_preemption_watcher(monkeypatch, 
     elif where == "asked for":
         monkeypatch.setenv(trainer.PREEMPTION_WATCHER_ENV, "1")
     monkeypatch.setattr(trainer, "local_head", lambda: head)
+    monkeypatch.setattr(trainer, "_OWN_INSTANCE", [False])
     trainer.ensure_ray()
     assert os.environ.get(trainer.PREEMPTION_WATCHER_ENV) == watcher
     assert inits == [{"dead head file": "local", "RAY_ADDRESS": "10.0.0.1:6379"}.get(where)]
+    assert trainer._OWN_INSTANCE[0] == (where in ("own instance", "dead head file", "asked for"))
+
+
+def test_gpu_auto_warns_when_a_cluster_has_no_gpu_yet(monkeypatch, capsys):
+    """An autoscaling cluster's GPU nodes start at zero: "auto" then trains on CPU, and says so."""
+    import ray
+
+    from sslray.config import load_config
+    from sslray.raytrain import trainer
+
+    cfg = load_config("smoke", ["ray.use_gpu=auto"])
+    resources = {"CPU": 8.0}
+    monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
+    for own, warned in ((True, False), (False, True)):
+        monkeypatch.setattr(trainer, "_OWN_INSTANCE", [own])
+        assert trainer.resolve_use_gpu(cfg) is False
+        assert ("found no GPU in the cluster" in capsys.readouterr().out) == warned
+    resources["GPU"] = 4.0
+    assert trainer.resolve_use_gpu(cfg) is True and not capsys.readouterr().out
 
 
 def test_object_storage_is_probed_by_writing_to_it(s3_server):

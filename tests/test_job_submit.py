@@ -73,6 +73,34 @@ def test_entrypoint_warnings_flag_results_left_in_the_job_working_dir():
                        "--tracking-uri=http://head:5000"]
     assert submit.check_entrypoint(full, renv) == []
     assert submit.check_entrypoint(["python", "train.py"], renv) == []
+    # relative storage and sqlite files are lost with the job's working dir; overrides count like flags
+    rel = bare[:5] + ["/mnt/t.beton", "--storage", "runs", "--tracking-uri", "sqlite:///mlflow.db"]
+    notes = " | ".join(submit.check_entrypoint(rel, renv))
+    assert "--storage runs is relative" in notes and "sqlite:///mlflow.db is a relative sqlite file" in notes
+    over = ["python3", "-m", "sslray.cli", "study", "--methods", "simclr", "ray.storage=s3://b/runs",
+            "data.train=/mnt/t.beton", "--tracking-uri", "sqlite:////mnt/m.db"]
+    assert submit.check_entrypoint(over, renv) == []
+    assert "--storage runs is relative" in " ".join(submit.check_entrypoint(
+        [*full, "--storage", "runs"], renv))  # argparse keeps the last --storage
+
+
+def test_a_failed_job_shows_rays_reason_and_a_refused_token_is_an_error_line(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from ray.exceptions import AuthenticationError
+
+    fake = SimpleNamespace(get_job_info=lambda job_id: SimpleNamespace(
+        message="runtime env setup failed: pip install exited 1"))
+    assert submit._finished(fake, "raysubmit_1", "FAILED") == 1
+    captured = capsys.readouterr()
+    assert "job raysubmit_1 FAILED" in captured.out and "reason: runtime env setup failed" in captured.err
+
+    def refused(a):
+        raise AuthenticationError("401 Unauthorized")
+
+    monkeypatch.setattr(submit, "cmd_submit", refused)
+    assert submit._run(SimpleNamespace()) == 1
+    assert "sslray submit: error: the job server refused the request: 401" in capsys.readouterr().err
 
 
 def test_runtime_env_must_upload_the_repo(tmp_path, monkeypatch):
@@ -257,5 +285,7 @@ def test_submit_to_a_token_auth_head():
         assert refused.returncode == 1 and "uthentication" in refused.stderr, refused.stderr
         wrong = _sslray("submit", "list", "--address", head.url, env={**no_token, "RAY_AUTH_TOKEN": "wrong"})
         assert wrong.returncode == 1 and "uthentication" in wrong.stderr, wrong.stderr
+        for out in (refused, wrong):  # the error line, not a traceback that also mentions it
+            assert "sslray submit: error: the job server refused" in out.stderr and "Traceback" not in out.stderr
     finally:
         head.stop()

@@ -106,7 +106,14 @@ def resolve_use_gpu(cfg: Config) -> bool:
         return True
     if mode in ("false", "0", "no"):
         return False
-    return ray.cluster_resources().get("GPU", 0) >= 1
+    if ray.cluster_resources().get("GPU", 0) >= 1:
+        return True
+    if not _OWN_INSTANCE[0]:
+        # An autoscaling cluster (cluster/*.yaml) starts its GPU nodes for the workers that ask for GPUs:
+        # when the job starts there may be none yet, and "auto" would then train on CPU.
+        print("sslray: WARNING: ray.use_gpu=auto found no GPU in the cluster: training on CPU workers. On an "
+              "autoscaling cluster whose GPU nodes start at zero, pass --gpu true (the workers then wait for them)")
+    return False
 
 
 def run_name(cfg: Config) -> str:
@@ -230,6 +237,7 @@ def check_data(cfg: Config) -> None:
 # watcher is one more Python process per run, and its constructor makes Ray print a core-worker "E"
 # line into every run's log. Train's controller reads this from the driver's environment.
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+_OWN_INSTANCE = [False]  # whether ensure_ray started this process's Ray itself (one machine, nothing to scale)
 
 
 def ensure_ray(address: Optional[str] = None) -> None:
@@ -247,6 +255,7 @@ def ensure_ray(address: Optional[str] = None) -> None:
         target = "local"
     if target == "local" or (target is None and head is None):
         os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
+        _OWN_INSTANCE[0] = True
     # The dashboard also serves the state API that Train's placement-group cleaner polls.
     ray.init(address=target, log_to_driver=True, configure_logging=False)
 
