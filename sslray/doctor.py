@@ -173,17 +173,19 @@ def split_address(address: str) -> tuple[str, str, int]:
     return scheme, u.hostname or "127.0.0.1", u.port or default
 
 
-def ray_token() -> tuple[Optional[str], str]:
-    """(token, where it came from); never printed."""
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return os.environ["RAY_AUTH_TOKEN"].strip(), "$RAY_AUTH_TOKEN"
-    for p in (os.environ.get("RAY_AUTH_TOKEN_PATH"), str(Path.home() / ".ray" / "auth_token")):
-        if p and os.path.isfile(p):
-            try:
-                return Path(p).read_text().strip(), p
-            except OSError:
-                pass
-    return None, ""
+def ray_token() -> tuple[Optional[str], str, Optional[str]]:
+    """(token, where it came from, why it cannot be read): the lookup `sslray submit` makes, so the two
+    never disagree; the token is never printed."""
+    from .submit import SubmitError, read_token
+
+    env = os.environ
+    source = ("$RAY_AUTH_TOKEN" if env.get("RAY_AUTH_TOKEN", "").strip() else
+              env.get("RAY_AUTH_TOKEN_PATH") or str(Path(env.get("HOME", str(Path.home()))) / ".ray" / "auth_token"))
+    try:
+        token = read_token(env)
+    except SubmitError as e:
+        return None, source, str(e)
+    return token, (source if token else ""), None
 
 
 _RAY_PROBE = """
@@ -199,8 +201,11 @@ def check_ray(address: str, dashboard: Optional[str], timeout: float) -> list[Ch
     scheme, host, port = split_address(address)
     out: list[Check] = []
     mode = os.environ.get("RAY_AUTH_MODE", "")
-    token, source = ray_token()
-    if mode.lower() == "token" and not token:
+    token, source, unreadable = ray_token()
+    if unreadable:
+        out.append(Check("ray auth", "FAIL", unreadable, "point RAY_AUTH_TOKEN_PATH at the cluster's token file, or "
+                         "unset it to use ~/.ray/auth_token", "ray"))
+    elif mode.lower() == "token" and not token:
         out.append(Check("ray auth", "FAIL", "RAY_AUTH_MODE=token but no token in $RAY_AUTH_TOKEN, "
                          "$RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token", "copy the cluster's token to ~/.ray/auth_token "
                          "(`ray get-auth-token` on the head node)", "ray"))
@@ -240,7 +245,8 @@ def check_ray(address: str, dashboard: Optional[str], timeout: float) -> list[Ch
             out.append(Check("ray cluster", "FAIL", f"cannot connect to Ray at {address}: {_err(e)}",
                              "match the cluster's Ray and Python versions; check the auth token" + hint, "ray"))
 
-    url = (dashboard or (address if scheme in ("http", "https") else f"http://{host}:{DASHBOARD_PORT}")).rstrip("/")
+    job_host = "127.0.0.1" if address == "auto" else host  # "auto": the head on this machine
+    url = (dashboard or (address if scheme in ("http", "https") else f"http://{job_host}:{DASHBOARD_PORT}")).rstrip("/")
     req = request.Request(url + "/api/version", headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
         with request.urlopen(req, timeout=min(timeout, 5.0)) as r:

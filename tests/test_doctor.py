@@ -202,6 +202,31 @@ def test_token_found_in_home_is_named_never_shown(bare_home, monkeypatch):
     assert all("s3cret" not in c.detail + c.fix for c in checks)
 
 
+def test_an_unreadable_token_path_fails_as_submit_would_refuse_it(bare_home, monkeypatch):
+    """doctor and `sslray submit` read the token one way: a RAY_AUTH_TOKEN_PATH that cannot be read is not
+    passed over for ~/.ray/auth_token (submit refuses it)."""
+    (bare_home / ".ray").mkdir()
+    (bare_home / ".ray" / "auth_token").write_text("s3cret-token\n")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(bare_home / "missing_token"))
+    checks = doctor.check_ray(f"127.0.0.1:{closed_port()}", None, 2)
+    auth = next(c for c in checks if c.name == "ray auth")
+    assert auth.status == "FAIL" and "missing_token cannot be read" in auth.detail
+
+
+def test_address_auto_asks_this_machines_job_server(monkeypatch):
+    asked = []
+
+    def urlopen(req, timeout):
+        asked.append(req.full_url)
+        raise OSError("refused")
+
+    monkeypatch.setattr(doctor.request, "urlopen", urlopen)
+    monkeypatch.setattr(doctor, "tcp_open", lambda *a: None)
+    monkeypatch.setattr(doctor.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(OSError("no ray here")))
+    doctor.check_ray("auto", None, 1)
+    assert asked == ["http://127.0.0.1:8265/api/version"]
+
+
 def test_job_server_answering_is_ok():
     with http_server(200, {"ray_version": "2.60.0"}) as url:
         checks = doctor.check_ray(url, None, 2)
