@@ -235,16 +235,27 @@ def move_tree(uri: str, dest: str) -> bool:
                       "nothing was moved")
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return False
+    if fs.get_file_info(dest_path).type != pafs.FileType.NotFound:
+        raise OSError(f"moving {uri} to {dest}: {dest} already exists; nothing was moved")
     files = [f for f in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if f.type == pafs.FileType.File]
     moved = [(f, dest_path + f.path[len(path):]) for f in files]
     for f, to in tqdm(moved, desc=f"sslray: moving {uri}", unit="file", leave=False, disable=len(moved) < 20):
+        if fs.type_name == "local":  # object stores have no folders to make; a local (file://) one does
+            fs.create_dir(to.rsplit("/", 1)[0], recursive=True)
         fs.copy_file(f.path, to)
     for f, to in moved:
         got = fs.get_file_info(to)
         if got.type != pafs.FileType.File or got.size != f.size:
             raise OSError(f"moving {uri} to {dest}: {f.path} was not copied whole ({got.size} of {f.size} bytes); "
                           "the originals are kept")
-    fs.delete_dir(path)
+    for f, _ in moved:  # only what was copied: a file written meanwhile (a job still running) stays
+        fs.delete_file(f.path)
+    left = [f for f in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if f.type == pafs.FileType.File]
+    if left:
+        print(f"sslray: {len(left)} file(s) appeared under {uri} while it was moved (is a job still writing "
+              f"there?); they were left in place")
+    else:
+        fs.delete_dir(path)
     return True
 
 

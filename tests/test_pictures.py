@@ -105,6 +105,12 @@ def test_driver_logs_each_new_picture_once(tmp_path):
     names = sorted(a.path for a in MlflowClient(uri).list_artifacts(t.run_id, "pictures"))
     assert names == ["pictures/retrieval.png", "pictures/views.png"]
     assert log_pictures(t, str(tmp_path / "nowhere"), {}) == []  # no folder yet: nothing, no error
+    # The driver at the end of a run (the callback's memory is in another process): only what is missing.
+    from sslray.raytrain.trainer import log_missing_pictures
+
+    assert log_missing_pictures(t, str(folder)) == []
+    write_picture(str(folder), "final.png", png)
+    assert log_missing_pictures(t, str(folder)) == ["final.png"]
 
 
 def test_health_tags_name_the_epoch_and_the_statistic():

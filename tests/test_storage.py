@@ -388,6 +388,53 @@ def test_move_tree_refuses_to_move_a_folder_onto_or_into_itself(tmp_path):
     assert (run / "epoch_0001" / "state.pt").read_bytes() == b"x" * 10
 
 
+def test_move_tree_keeps_a_file_written_during_the_move_and_never_merges_into_an_existing_folder(tmp_path,
+                                                                                                    monkeypatch,
+                                                                                                    capsys):
+    """--restart while the old job still writes: what it wrote after the listing is not deleted uncopied."""
+    from sslray.storage import move_tree
+
+    run = tmp_path / "runs" / "r"
+    (run / "epoch_0001").mkdir(parents=True)
+    (run / "epoch_0001" / "state.pt").write_bytes(b"x" * 10)
+    (tmp_path / "runs" / "taken").mkdir()
+    with pytest.raises(OSError, match="taken already exists; nothing was moved"):
+        move_tree(run.as_uri(), (tmp_path / "runs" / "taken").as_uri())
+
+    real = storage.filesystem
+
+    class LateWriter:  # the first copy is when the still-running job writes its next checkpoint
+        def __init__(self, fs):
+            self.fs = fs
+
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
+        def copy_file(self, src, dest):
+            self.fs.copy_file(src, dest)
+            (run / "epoch_0002").mkdir(exist_ok=True)
+            (run / "epoch_0002" / "state.pt").write_bytes(b"y" * 10)
+
+    monkeypatch.setattr(storage, "filesystem", lambda loc: (LateWriter(real(loc)[0]), real(loc)[1]))
+    assert move_tree(run.as_uri(), (tmp_path / "runs" / "old").as_uri())
+    assert (tmp_path / "runs" / "old" / "epoch_0001" / "state.pt").read_bytes() == b"x" * 10
+    assert (run / "epoch_0002" / "state.pt").read_bytes() == b"y" * 10 and not (run / "epoch_0001" / "state.pt").exists()
+    assert "1 file(s) appeared under" in capsys.readouterr().out
+
+
+def test_two_restarts_within_a_second_keep_both_old_runs(tmp_path, monkeypatch):
+    from sslray.raytrain import trainer
+
+    monkeypatch.setattr(trainer.time, "strftime", lambda fmt: "20261124-120000")
+    olds = []
+    for data in (b"first", b"second"):
+        (tmp_path / "r1").mkdir()
+        (tmp_path / "r1" / "state.pt").write_bytes(data)
+        olds.append(trainer.move_aside(str(tmp_path / "r1")))
+    assert olds == [f"{tmp_path}/r1.old-20261124-120000", f"{tmp_path}/r1.old-20261124-120000-2"]
+    assert [Path(o, "state.pt").read_bytes() for o in olds] == [b"first", b"second"]
+
+
 def test_a_broken_run_file_is_named_and_the_run_file_is_written_whole(tmp_path, monkeypatch):
     from sslray.config import load_config
     from sslray.raytrain import trainer as T

@@ -98,6 +98,14 @@ def log_pictures(tracker: Tracker, folder: str, seen: dict[str, int]) -> list[st
     return [i.base_name for i in new]
 
 
+def log_missing_pictures(tracker: Tracker, folder: str) -> list[str]:
+    """``log_pictures`` for the driver at the end of a run: the callback that logged the others ran in
+    Train's controller process, so what the run already holds under ``pictures/`` (same name and size)
+    is the ``seen`` it starts from, and is not downloaded and logged again."""
+    logged = {Path(a.path).name: a.file_size for a in tracker.client.list_artifacts(tracker.run_id, "pictures")}
+    return log_pictures(tracker, folder, logged)
+
+
 def resolve_use_gpu(cfg: Config) -> bool:
     import ray
 
@@ -187,16 +195,20 @@ def _write_run_file(run_dir: str, info: dict) -> None:
 def move_aside(run_dir: str) -> Optional[str]:
     """``--restart``: keep the old run (never delete a user's checkpoints), start a fresh one. The
     old folder becomes ``<name>.old-<time>`` beside it (on object storage: copied there, then removed)."""
-    stamp = time.strftime('%Y%m%d-%H%M%S')
+    from ..storage import exists
+
+    base, i = f"{run_dir.rstrip('/')}.old-{time.strftime('%Y%m%d-%H%M%S')}", 1
+    dest = base
+    while exists(dest):  # two restarts within a second: never merge into (or fail on) the earlier copy
+        i += 1
+        dest = f"{base}-{i}"
     if is_remote(run_dir):
-        dest = f"{run_dir.rstrip('/')}.old-{stamp}"
         return dest if move_tree(run_dir, dest) else None
     p = Path(run_dir)
     if not p.exists():
         return None
-    dest = p.with_name(f"{p.name}.old-{stamp}")
     p.rename(dest)
-    return str(dest)
+    return dest
 
 
 @dataclass
@@ -343,7 +355,7 @@ def pretrain(cfg: Config, tracker: Optional[Tracker] = None, restart: bool = Fal
     fig = plots.curves(series, title=name)
     tracker.log_figure(fig, "curves.png")
     plots.close(fig)
-    log_pictures(tracker, f"{run_dir}/{PICTURES_DIR}", {})  # whatever the last report's callback missed
+    log_missing_pictures(tracker, f"{run_dir}/{PICTURES_DIR}")  # what the last report's callback missed
     ckpt = checkpoint_uri(result.checkpoint, storage)  # s3://... for object storage, not pyarrow's bare path
     if ckpt:
         tracker.set_tags({"sslray.checkpoint": ckpt})
