@@ -246,7 +246,8 @@ def check_ray(address: str, dashboard: Optional[str], timeout: float) -> list[Ch
                              "match the cluster's Ray and Python versions; check the auth token" + hint, "ray"))
 
     job_host = "127.0.0.1" if address == "auto" else host  # "auto": the head on this machine
-    url = (dashboard or (address if scheme in ("http", "https") else f"http://{job_host}:{DASHBOARD_PORT}")).rstrip("/")
+    url = dashboard or (address if scheme in ("http", "https") else f"http://{job_host}:{DASHBOARD_PORT}")
+    url = url.rstrip("/")
     req = request.Request(url + "/api/version", headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
         with request.urlopen(req, timeout=min(timeout, 5.0)) as r:

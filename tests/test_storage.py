@@ -418,7 +418,8 @@ def test_move_tree_keeps_a_file_written_during_the_move_and_never_merges_into_an
     monkeypatch.setattr(storage, "filesystem", lambda loc: (LateWriter(real(loc)[0]), real(loc)[1]))
     assert move_tree(run.as_uri(), (tmp_path / "runs" / "old").as_uri())
     assert (tmp_path / "runs" / "old" / "epoch_0001" / "state.pt").read_bytes() == b"x" * 10
-    assert (run / "epoch_0002" / "state.pt").read_bytes() == b"y" * 10 and not (run / "epoch_0001" / "state.pt").exists()
+    assert (run / "epoch_0002" / "state.pt").read_bytes() == b"y" * 10
+    assert not (run / "epoch_0001" / "state.pt").exists()
     assert "1 file(s) appeared under" in capsys.readouterr().out
 
 
