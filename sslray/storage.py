@@ -182,7 +182,7 @@ def newest_file(uri: str, name: str) -> str:
     import pyarrow.fs as pafs
 
     fs, path = filesystem(uri)
-    scheme = uri.split("://", 1)[0] + "://"
+    scheme = uri.split("://", 1)[0] + "://" if is_remote(uri) else ""  # a local path is its own answer
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
         return uri

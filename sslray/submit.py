@@ -113,6 +113,15 @@ def load_runtime_env(path: str | None, working_dir: str | None = None,
             raise SubmitError(f"working_dir {wd!r} is {wd_path}, which holds no sslray/ package: "
                               "run `sslray submit` from the repository root, or pass --working-dir")
         renv["working_dir"] = str(wd_path)
+    pip = renv.get("pip")
+    if isinstance(pip, str) and not Path(pip).expanduser().is_absolute():
+        # A requirements file named in the YAML: relative to the working dir (the repository) rather than
+        # wherever the command runs, and checked here, not after the working dir was uploaded.
+        base = Path(renv["working_dir"]) if wd and "://" not in str(wd) else Path.cwd()
+        req = (base / pip).resolve()
+        if not req.is_file():
+            raise SubmitError(f"runtime env pip: {pip} is not a file (looked for {req})")
+        renv["pip"] = str(req)
     return renv
 
 

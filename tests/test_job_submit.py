@@ -113,6 +113,12 @@ def test_runtime_env_must_upload_the_repo(tmp_path, monkeypatch):
         submit.load_runtime_env(str(REPO / LOCAL_ENV))
     with pytest.raises(submit.SubmitError, match="KEY=VALUE"):
         submit.load_runtime_env(None, env_vars=["NOEQUALS"])
+    # the cloud env's requirements file is found from the working dir, whatever the cwd
+    renv = submit.load_runtime_env(str(REPO / "cluster" / "runtime_env.yaml"), working_dir=str(REPO))
+    assert renv["pip"] == str(REPO / "cluster" / "requirements.txt")
+    (tmp_path / "env.yaml").write_text("pip: nope/requirements.txt\n")
+    with pytest.raises(submit.SubmitError, match="pip: nope/requirements.txt is not a file"):
+        submit.load_runtime_env(str(tmp_path / "env.yaml"), working_dir=str(REPO))
 
 
 def test_cli_reports_an_unreachable_job_server():

@@ -459,3 +459,12 @@ def test_a_tilde_in_storage_is_the_home_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert run_location(load_config("smoke", ["ray.name=r1", "ray.storage=~/runs"]))[2] == f"{tmp_path}/runs/r1"
     assert absolute("~/data/train.beton") == f"{tmp_path}/data/train.beton"
+
+
+def test_newest_file_takes_a_local_folder_too(tmp_path):
+    from sslray.storage import newest_file
+
+    for name in ("epoch_0001", "epoch_0002"):
+        (tmp_path / "run" / name).mkdir(parents=True)
+        (tmp_path / "run" / name / "state.pt").write_bytes(b"x")
+    assert newest_file(str(tmp_path / "run"), "state.pt") == str(tmp_path / "run" / "epoch_0002" / "state.pt")
