@@ -63,6 +63,7 @@ def metric_vs_params(rows: Sequence[Mapping], keys: Sequence[str], metric: str, 
     Completed trials are dots, early-stopped ones triangles, failed ones red crosses on the floor."""
     keys = list(keys) or ["(none)"]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
+
     def value(r):
         v = r.get(metric)
         return v if isinstance(v, (int, float)) and math.isfinite(v) else None

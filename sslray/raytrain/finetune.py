@@ -12,9 +12,9 @@ scored in disjoint per-rank slices, gathered, then top-1, top-5 and macro F1 (sc
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
-import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
