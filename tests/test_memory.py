@@ -144,3 +144,18 @@ def test_grad_checkpointing_on_a_backbone_without_it_names_the_key(monkeypatch):
     monkeypatch.setattr("sslray.raytrain.methods.create_backbone", lambda *a, **k: plain)
     with pytest.raises(ValueError, match="model.grad_checkpointing.*has no set_grad_checkpointing"):
         create_method(tiny_cfg("model.grad_checkpointing=true"))
+
+
+def test_auto_batch_clears_the_peak_its_trial_steps_left(monkeypatch):
+    """A run's peak GPU memory (a study's peak_gpu_mem_mb) must be training's, not the largest trial step's
+    (an out-of-memory attempt included). CPU stand-in: the trial step and the CUDA counters are stubbed."""
+    events = []
+    monkeypatch.setattr(M, "try_step", lambda cfg, b, device: events.append(("try", b)) or b <= 8)
+    monkeypatch.setattr(M, "all_workers_ok", lambda ok, device: ok)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: events.append(("reset", device)))
+    cfg = M.auto_batch(tiny_cfg("data.batch_size=32"), 1, torch.device("cuda", 0), lambda *a: None)
+    assert cfg.data.batch_size == 8
+    assert events == [("try", 32), ("try", 16), ("try", 8), ("reset", torch.device("cuda", 0))]
+    events.clear()
+    M.auto_batch(tiny_cfg("data.batch_size=8"), 1, torch.device("cpu"), lambda *a: None)
+    assert events == [("try", 8)]  # no CUDA call on a CPU run

@@ -127,6 +127,8 @@ def auto_batch(cfg: Config, world: int, device: torch.device, log: Callable[[str
     per = cfg.data.batch_size // world
     fitted = fit_batch(per, world, lambda b: try_step(cfg.replace(**{"data.batch_size": b * world}), b, device),
                        lambda ok: all_workers_ok(ok, device), log)
+    if device.type == "cuda":  # the run's peak memory (a study's peak_gpu_mem_mb) is training's, not the trials'
+        torch.cuda.reset_peak_memory_stats(device)
     if fitted != per:
         new = cfg.replace(**{"data.batch_size": fitted * world})
         log(f"sslray: auto batch: global batch {cfg.data.batch_size} -> {new.data.batch_size} "
