@@ -423,6 +423,21 @@ def test_move_tree_keeps_a_file_written_during_the_move_and_never_merges_into_an
     assert "1 file(s) appeared under" in capsys.readouterr().out
 
 
+def test_a_restart_that_cannot_move_the_old_run_is_a_storage_error(tmp_path, monkeypatch, capsys):
+    from sslray.cli import main
+    from sslray.raytrain import trainer
+
+    def unreachable(run_dir):
+        raise OSError("When listing objects under key 'runs/r1': AWS Error NETWORK_CONNECTION")
+
+    monkeypatch.setattr(trainer, "move_aside", unreachable)
+    rc = main(["pretrain", "--recipe", "smoke", "--data", "/d/x.beton", "--name", "r1", "--storage", "s3://bkt/runs",
+               "--restart"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--restart: the previous run in s3://bkt/runs/r1 could not be moved aside" in err
+    assert "NETWORK_CONNECTION" in err and "nothing was deleted" in err
+
+
 def test_two_restarts_within_a_second_keep_both_old_runs(tmp_path, monkeypatch):
     from sslray.raytrain import trainer
 

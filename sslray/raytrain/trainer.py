@@ -300,8 +300,14 @@ def pretrain(cfg: Config, tracker: Optional[Tracker] = None, restart: bool = Fal
 
     name, storage, run_dir = run_location(cfg)
     check_remote_name(storage, name)
-    if restart and (old := move_aside(run_dir)):
-        print(f"sslray: --restart: the previous run was moved to {old}")
+    if restart:
+        try:
+            old = move_aside(run_dir)
+        except OSError as e:  # an unreachable bucket, bad credentials, a copy that came out short
+            raise StorageError(f"--restart: the previous run in {run_dir} could not be moved aside ({e}); "
+                               "nothing was deleted") from None
+        if old:
+            print(f"sslray: --restart: the previous run was moved to {old}")
     check_storage(storage, name)  # fail before Ray, data or models are touched
     check_data(cfg)
     ensure_ray()
