@@ -176,15 +176,12 @@ def split_address(address: str) -> tuple[str, str, int]:
 def ray_token() -> tuple[Optional[str], str, Optional[str]]:
     """(token, where it came from, why it cannot be read): the lookup `sslray submit` makes, so the two
     never disagree; the token is never printed."""
-    from .submit import SubmitError, read_token
+    from .submit import SubmitError, find_token
 
-    env = os.environ
-    source = ("$RAY_AUTH_TOKEN" if env.get("RAY_AUTH_TOKEN", "").strip() else
-              env.get("RAY_AUTH_TOKEN_PATH") or str(Path(env.get("HOME", str(Path.home()))) / ".ray" / "auth_token"))
     try:
-        token = read_token(env)
+        token, source = find_token(os.environ)
     except SubmitError as e:
-        return None, source, str(e)
+        return None, os.environ.get("RAY_AUTH_TOKEN_PATH", ""), str(e)
     return token, (source if token else ""), None
 
 

@@ -244,10 +244,10 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Path
     from .raytrain.session import STATE_FILE
 
     if p.is_dir():
-        if (p / WEIGHTS).exists() or not any(p.glob(f"**/{STATE_FILE}")):
-            p = p / WEIGHTS
-        else:  # a checkpoint or run folder of sslray's: its (newest) state.pt
-            p = find_state(p)
+        try:  # an export folder, else a checkpoint or run folder of sslray's: its (newest) state.pt
+            p = p / WEIGHTS if (p / WEIGHTS).exists() else find_state(p)
+        except FileNotFoundError:
+            p = p / WEIGHTS  # neither: named as the missing export below
     if not p.exists():
         raise FileNotFoundError(f"model.init_weights: {p} not found")
     try:

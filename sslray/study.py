@@ -46,26 +46,24 @@ def _names(text: str) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ configs
 
+def _scoped(text: str) -> tuple[str | None, str]:
+    """``"byol:k=v"`` -> ``("byol", "k=v")``; ``"k=v"`` -> ``(None, "k=v")`` (a ``:`` in the value is not a scope)."""
+    if ":" in text.split("=", 1)[0]:
+        scope, _, rest = text.partition(":")
+        return scope.strip().lower(), rest
+    return None, text
+
+
 def scoped_overrides(method: str, overrides: Sequence[str]) -> list[str]:
     """``key=value`` applies to every method, ``METHOD:key=value`` to that method only (e.g.
     ``byol:method.params.pred_hidden_dim=512``: keys of ``method.params`` differ between methods)."""
-    out = []
-    for text in overrides:
-        key = text.split("=", 1)[0]
-        if ":" in key:
-            scope, _, rest = text.partition(":")
-            if scope.strip().lower() == method:
-                out.append(rest)
-        else:
-            out.append(text)
-    return out
+    return [rest for scope, rest in map(_scoped, overrides) if scope in (None, method)]
 
 
 def check_scopes(methods: Sequence[str], overrides: Sequence[str]) -> None:
     """Every ``METHOD:`` scope names one of the study's methods (a mistyped scope would otherwise
     leave every cell at the recipe's value without a word)."""
-    scopes = {t.partition(":")[0].strip().lower() for t in overrides if ":" in t.split("=", 1)[0]}
-    stray = sorted(scopes - set(methods))
+    stray = sorted({scope for scope, _ in map(_scoped, overrides) if scope is not None} - set(methods))
     if stray:
         raise ConfigError(f"override scope(s) {', '.join(s + ':' for s in stray)} name no method of this study "
                           f"(--methods {','.join(methods)})")

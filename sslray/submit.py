@@ -49,11 +49,11 @@ def resolve_address(address: str | None = None, env: Mapping[str, str] = os.envi
     return addr.rstrip("/")
 
 
-def read_token(env: Mapping[str, str] = os.environ) -> str | None:
-    """The Ray auth token, looked up in Ray's own order: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH,
-    ~/.ray/auth_token."""
+def find_token(env: Mapping[str, str] = os.environ) -> tuple[str | None, str]:
+    """``(token, where it was looked for)``, in Ray's own order: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH,
+    ~/.ray/auth_token. A RAY_AUTH_TOKEN_PATH that cannot be read, or is empty, raises."""
     if env.get("RAY_AUTH_TOKEN", "").strip():
-        return env["RAY_AUTH_TOKEN"].strip()
+        return env["RAY_AUTH_TOKEN"].strip(), "$RAY_AUTH_TOKEN"
     if env.get("RAY_AUTH_TOKEN_PATH"):
         p = Path(env["RAY_AUTH_TOKEN_PATH"]).expanduser()
         try:
@@ -62,11 +62,15 @@ def read_token(env: Mapping[str, str] = os.environ) -> str | None:
             raise SubmitError(f"RAY_AUTH_TOKEN_PATH={p} cannot be read: {e.strerror}") from None
         if not token:
             raise SubmitError(f"RAY_AUTH_TOKEN_PATH={p} is empty")
-        return token
+        return token, str(p)
     default = Path(env.get("HOME", str(Path.home()))) / ".ray" / "auth_token"
-    if default.is_file():
-        return default.read_text().strip() or None
-    return None
+    token = default.read_text().strip() if default.is_file() else ""
+    return token or None, str(default)
+
+
+def read_token(env: Mapping[str, str] = os.environ) -> str | None:
+    """The Ray auth token (``find_token``), or None."""
+    return find_token(env)[0]
 
 
 def auth_headers(env: Mapping[str, str] = os.environ) -> dict[str, str]:

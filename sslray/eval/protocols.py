@@ -50,10 +50,11 @@ class EvalContext:
     log: Callable[[str], None] = print
 
 
-def check_settings(names: Sequence[str], knn_ks: Sequence[int] = (1,), lowshot_fractions: Sequence[float] = (1.0,),
-                   lowshot_seeds: Sequence[int] = (0,), **_) -> None:
-    """The settings of the protocols that will run, checked before any feature is extracted (the
-    option each comes from in the message: ``sslray eval`` flag / ``EvalContext`` field)."""
+def check_settings(names: Sequence[str], knn_ks: Sequence[int] = EvalContext.knn_ks,
+                   lowshot_fractions: Sequence[float] = EvalContext.lowshot_fractions,
+                   lowshot_seeds: Sequence[int] = EvalContext.lowshot_seeds, **_) -> None:
+    """The ``EvalContext`` settings of the protocols that will run, checked before any feature is
+    extracted (the option each comes from in the message: ``sslray eval`` flag / field)."""
     if "knn" in names and (not knn_ks or any(int(k) < 1 for k in knn_ks)):
         raise ValueError(f"--knn-k (knn_ks) needs neighbour counts of 1 or more, got {list(knn_ks)}")
     if "lowshot" in names:
