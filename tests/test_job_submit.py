@@ -103,6 +103,41 @@ def test_a_failed_job_shows_rays_reason_and_a_refused_token_is_an_error_line(mon
     assert "sslray submit: error: the job server refused the request: 401" in capsys.readouterr().err
 
 
+class _Job:
+    """A job server stand-in: a log that grows by one chunk per status call, a stream of the same
+    chunks that may break after ``breaks_after`` of them."""
+
+    def __init__(self, chunks: list[str], breaks_after: int | None = None):
+        self.chunks, self.breaks_after, self.calls, self.log_fetches = chunks, breaks_after, 0, 0
+
+    def get_job_status(self, job_id):
+        self.calls += 1
+        return "SUCCEEDED" if self.calls >= len(self.chunks) else "RUNNING"
+
+    def get_job_logs(self, job_id):
+        self.log_fetches += 1
+        return "".join(self.chunks[: self.calls])
+
+    async def tail_job_logs(self, job_id):
+        for i, chunk in enumerate(self.chunks):
+            if i == self.breaks_after:
+                raise RuntimeError("WebSocket connection closed unexpectedly with close code 1006")
+            yield chunk
+
+
+def test_following_a_job_prints_its_log_once_from_the_stream_or_where_the_stream_broke(capsys):
+    chunks = ["epoch 1\n", "epoch 2\n", "epoch 3\n", "done\n"]
+    job = _Job(chunks)
+    assert submit.wait(job, "j", poll=0) == "SUCCEEDED"
+    assert capsys.readouterr().out == "".join(chunks)
+    assert job.log_fetches == 0  # the whole log is never fetched again while following
+
+    broken = _Job(chunks, breaks_after=2)
+    assert submit.wait(broken, "j", poll=0) == "SUCCEEDED"
+    assert capsys.readouterr().out == "".join(chunks)  # nothing printed twice, nothing lost
+    assert broken.log_fetches >= 1
+
+
 def test_runtime_env_must_upload_the_repo(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     renv = submit.load_runtime_env(LOCAL_ENV, env_vars=["MLFLOW_TRACKING_URI=http://h:5000"])
@@ -231,7 +266,9 @@ def test_submit_pretrain_end_to_end(local_head, cifar_small, tmp_path):
     out = _sslray("submit", "--address", local_head.url, "--runtime-env", LOCAL_ENV, "--submission-id", job_id,
                   "--no-wait", "--", "sslray", "pretrain", "--recipe", "smoke", "--data", cifar_small["train"],
                   "--val", cifar_small["test"], "--workers", "2", "--storage", str(tmp_path / "runs"),
-                  "--tracking-uri", uri, "--experiment", "e2e", env=local_head.env)
+                  "--tracking-uri", uri, "--experiment", "e2e",
+                  "--no-probe",  # the end-of-run probe is the e2e pretrain tests' subject; ~20 s here
+                  env=local_head.env)
     assert out.returncode == 0, out.stderr
     assert f"job {job_id} submitted" in out.stdout
 
