@@ -144,6 +144,8 @@ def test_unlabelled_val_split_is_refused_by_name(tiny_ckpt, cifar_small, tmp_pat
 # --- the feature cache ------------------------------------------------------------------------------
 
 def test_features_are_extracted_once_per_checkpoint(tiny_ckpt, cifar_small, monkeypatch):
+    import torch
+
     calls = []
     real = F.extract_features
     monkeypatch.setattr(F, "extract_features", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -166,6 +168,14 @@ def test_features_are_extracted_once_per_checkpoint(tiny_ckpt, cifar_small, monk
                            log=_quiet)
     key = store.key("pretrained")[0]
     assert store.key("random_init")[0] != key
+    # features computed in another precision or on another device are another entry
+    cpu, fp32 = store.device, store.cfg
+    store.cfg = fp32.replace(**{"train.precision": "bf16"})  # bf16 autocast on the CPU
+    assert store.key("pretrained")[0] != key
+    store.cfg, store.device = fp32.replace(**{"train.precision": "fp32"}), torch.device("meta")
+    assert store.key("pretrained")[0] != key
+    store.device = cpu
+    assert store.key("pretrained")[0] == key
     st = tiny_ckpt["state"].stat()
     try:
         os.utime(tiny_ckpt["state"], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))

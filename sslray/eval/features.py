@@ -3,8 +3,9 @@
 Every scikit-learn protocol (linear, kNN, low-shot, t-SNE) reads the same arrays, so a checkpoint's
 backbone runs over the data once, not once per protocol. The cache file sits beside the checkpoint
 (``<checkpoint dir>/features/<init>-<key>.npz``); its key hashes the checkpoint's resolved path,
-mtime and size, each data file's path, mtime and size, the eval transform, the image subsets and
-the backbone init (pretrained, or random with its seed), so any change there means a new file.
+mtime and size, each data file's path, mtime and size, the eval transform, the image subsets, the
+backbone init (pretrained, or random with its seed), the device type and the precision the features
+were computed in, so any change there means a new file.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from ..datasets.loader import DataError, check_same_classes, dataset_info, make_loader, subset_indices
 from ..datasets.views import eval_transform
+from ..raytrain.amp import resolve_precision
 from ..raytrain.evaluate import RANDOM_INIT_SEED_OFFSET, find_state, random_init_model
 from ..raytrain.knn import extract_features
 from ..raytrain.session import pick_device
@@ -116,6 +118,8 @@ class FeatureStore:
             "train": _file_id(self.train), "val": _file_id(self.val),
             "transform": transform_id(eval_transform(self.cfg.views)), "decode_res": self.cfg.data.decode_res,
             "train_indices": _indices_id(self.train_idx), "val_indices": _indices_id(self.val_idx),
+            # bf16 features on a GPU and fp32 features on a CPU differ: each gets its own entry
+            "device": self.device.type, "precision": resolve_precision(self.cfg.train.precision, self.device),
         }
         return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16], parts
 
