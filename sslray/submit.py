@@ -186,23 +186,49 @@ def client(address: str):
 
 
 def wait(c, job_id: str, timeout: float = 0.0, poll: float = 2.0, follow: bool = True) -> str:
-    """Stream the job's new log lines until it reaches a terminal state; return that state."""
-    seen = 0
+    """Print the job's log as it grows until the job reaches a terminal state; return that state.
+
+    The log comes through Ray's log stream (one websocket, each line sent once). Where the stream
+    breaks (a proxy without websockets, a dropped connection, a caller already inside an event loop),
+    the log is polled every ``poll`` seconds from the first character not yet printed."""
     t0 = time.monotonic()
+    printed, streamed = _stream(c, job_id, timeout) if follow else (0, True)
     while True:
         status = c.get_job_status(job_id)
         status = str(getattr(status, "value", status))
-        if follow:
+        if not streamed:
             logs = c.get_job_logs(job_id)
-            if len(logs) > seen:
-                sys.stdout.write(logs[seen:])
+            if len(logs) > printed:
+                sys.stdout.write(logs[printed:])
                 sys.stdout.flush()
-                seen = len(logs)
+                printed = len(logs)
         if status in TERMINAL:
             return status
         if timeout and time.monotonic() - t0 > timeout:
             raise TimeoutError(f"job {job_id} still {status} after {timeout:.0f} s")
         time.sleep(poll)
+
+
+def _stream(c, job_id: str, timeout: float) -> tuple[int, bool]:
+    """Follow the job's log stream to its end: (characters printed, whether the stream ended normally)."""
+    import asyncio
+
+    printed = 0
+
+    async def follow():
+        nonlocal printed
+        async for chunk in c.tail_job_logs(job_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+            printed += len(chunk)
+
+    try:
+        asyncio.run(asyncio.wait_for(follow(), timeout or None))
+    except TimeoutError:
+        raise TimeoutError(f"job {job_id} still running after {timeout:.0f} s") from None
+    except Exception:  # noqa: BLE001 - any broken stream: polling picks up where it stopped (and fails
+        return printed, False  # with the job server's own error if the server itself is the trouble)
+    return printed, True
 
 
 def cmd_submit(a) -> int:
