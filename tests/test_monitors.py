@@ -195,6 +195,62 @@ def test_skipped_step_leaves_the_weights_and_later_steps_train():
         _step(model, opt, health, 5, poison=True)
 
 
+class TinyBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+        self.projector = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.projector(self.backbone(x)).square().mean()
+
+
+def test_a_skipped_step_whose_forward_went_nan_leaves_the_bn_statistics_too():
+    """A NaN activation (not only a NaN loss) writes NaN into BN's running statistics during the
+    forward; train-mode BN never reads them, eval mode (kNN, probe, export) does."""
+    torch.manual_seed(0)
+    model = TinyBN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    health = StepHealth(model, torch.device("cpu"), max_skips=2)
+    bn = model.backbone[1]
+    for step, x in enumerate([torch.randn(8, 4), torch.full((8, 4), float("nan")), torch.randn(8, 4)]):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        health.before_forward()
+        loss = model(x)
+        opt.zero_grad()
+        loss.backward()
+        ok = health.after_backward(loss, step, lr=0.1)
+        opt.step()
+        health.restore(ok)
+        if step == 1:
+            assert not bool(ok)
+            after = model.state_dict()
+            changed = [k for k in before if not torch.equal(before[k], after[k]) and k != "backbone.1.num_batches_tracked"]
+            assert changed == [], changed  # parameters and running statistics as they were
+        else:
+            assert bool(ok) and not torch.equal(before["backbone.1.running_mean"], bn.running_mean)
+    assert torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()
+
+
+def test_the_online_probe_learns_nothing_from_a_skipped_step():
+    from sslray.raytrain.online_probe import OnlineProbe
+
+    torch.manual_seed(0)
+    probe = OnlineProbe(6, 3, nn.Identity(), torch.device("cpu"))
+    y = torch.tensor([0, 1, 2, 0])
+    probe.step_features(torch.randn(4, 6), y, torch.tensor(True))
+    head = {k: v.clone() for k, v in probe.head.state_dict().items()}
+    stats, sums = (probe.running_mean.clone(), probe.running_var.clone()), probe.sums.clone()
+    probe.step_features(torch.full((4, 6), float("nan")), y, torch.tensor(False))
+    assert all(torch.isfinite(v).all() for v in probe.head.state_dict().values())
+    assert torch.equal(probe.running_mean, stats[0]) and torch.equal(probe.running_var, stats[1])
+    assert torch.equal(probe.sums, sums)  # the skipped step is not in the epoch's probe accuracy
+    # Adam's moments decay by one step, so the head may move a little, but it learnt from no feature
+    assert all(torch.allclose(v, head[k], atol=1e-2) for k, v in probe.head.state_dict().items())
+    probe.step_features(torch.randn(4, 6), y, torch.tensor(True))
+    assert float(probe.sums[1]) == 8  # the next good step counts again
+
+
 def test_gpu_style_deferred_check_waits_for_its_step_then_names_the_first_bad_one():
     torch.manual_seed(0)
     model = Tiny()
@@ -252,6 +308,42 @@ def test_a_skipped_non_finite_step_is_counted_and_the_run_goes_on(cifar_small, p
     assert last["nonfinite_skipped_frac"] == pytest.approx(0.25)
 
 
+@pytest.mark.slow
+def test_a_nan_activation_skipped_in_the_real_loop_leaves_no_nan_in_the_checkpoint(cifar_small, tmp_path,
+                                                                                   monkeypatch):
+    """One transient non-finite activation inside the backbone at the 3rd training forward, with the
+    kNN monitor and the online probe on: the step is skipped and nothing NaN reaches the checkpoint."""
+    import glob
+
+    import sslray.raytrain.loop as L
+
+    real = L.create_method
+    calls = {"n": 0}
+
+    def create(cfg):
+        model = real(cfg)
+
+        def hook(mod, inp, out):
+            if mod.training and torch.is_grad_enabled():
+                calls["n"] += 1
+                if calls["n"] == 3:
+                    return out * float("nan")
+            return None
+
+        model.backbone.layer1.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(L, "create_method", create)
+    last, _ = L.run_local(_cfg(cifar_small, "train.epochs=1", "train.max_steps_per_epoch=5",
+                               "monitor.max_nonfinite_skips=1", "model.backbone=resnet18"), str(tmp_path))
+    assert last["nonfinite_skipped_frac"] == pytest.approx(0.2)
+    state = torch.load(glob.glob(f"{tmp_path}/epoch_0001/state.pt")[0], weights_only=False)
+    bad = [k for k, v in state["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    assert bad == [], bad[:4]
+    assert all(torch.isfinite(v).all() for v in state["online_probe"]["head"].values())
+    assert math.isfinite(last["online_probe_train_loss"]) and last["knn_top1"] > 0
+
+
 @pytest.mark.gpu
 def test_per_step_bookkeeping_never_syncs_the_host_on_cuda():
     """The reason the check is deferred: after_backward/restore/due run every step and must queue
@@ -259,10 +351,15 @@ def test_per_step_bookkeeping_never_syncs_the_host_on_cuda():
     dev = torch.device("cuda")
     torch.manual_seed(0)
     for max_skips in (0, 2):
-        model = Tiny().to(dev)
+        model = TinyBN().to(dev)  # BN: running statistics are kept and put back as well
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
         health = StepHealth(model, dev, max_skips=max_skips, check_every=50)
         for step in range(4):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                health.before_forward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
             loss = model(torch.randn(8, 4, device=dev)) * (float("nan") if step == 2 else 1.0)
             opt.zero_grad()
             loss.backward()

@@ -296,6 +296,7 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
                 tap.captured = {}
                 # collapse statistics of the epoch's last step; the probe's features every step
                 tap.armed = probe_tap or (cfg.monitor.collapse and i + 1 == data.steps_per_epoch)
+            health.before_forward()  # with skips allowed: the buffers this forward writes, kept
             with region("sslray.forward"), autocast_for(dev, tc.precision):
                 out = net(v)
             if tap is not None:
@@ -325,9 +326,9 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
                 with region("sslray.online_probe"):
                     f = tap.captured.get("feats") if probe_tap else None
                     if f is not None and f.ndim == 2 and f.shape[0] >= y.shape[0]:
-                        probe.step_features(f[: y.shape[0]], y)  # views are batched view-major: rows 0..B-1 = view 1
+                        probe.step_features(f[: y.shape[0]], y, ok)  # views are batched view-major: rows 0..B-1 = view 1
                     else:
-                        probe.step(model.backbone, x, y)
+                        probe.step(model.backbone, x, y, ok)
             loss_sum += torch.where(ok, loss.detach().float(), 0.0)
             n_steps += 1
             step += 1

@@ -135,8 +135,11 @@ class StepHealth:
     """Per-step gradient norms and non-finite bookkeeping, all on the device.
 
     ``after_backward(loss, step)`` returns a 0-d bool ``ok`` tensor. With ``max_skips`` > 0 a
-    non-finite step becomes a no-op for the weights: its gradients are zeroed and its parameters
-    restored after the optimizer step (``restore``); optimizer moments still decay by one step.
+    non-finite step becomes a no-op for the model: its gradients are zeroed and its parameters
+    restored after the optimizer step (``restore``); optimizer moments still decay by one step. The
+    floating-point buffers its forward wrote (BN running statistics, queues, DINO's centre), kept by
+    ``before_forward``, are put back too: a NaN forward would otherwise leave NaN running statistics
+    that train-mode BN never reads but every eval-mode use (kNN, probe, export) does.
     ``check(...)`` (host) raises ``NonFiniteLossError`` once more than ``max_skips`` steps in a row
     were non-finite; with ``max_skips`` = 0 the first one stops the run.
 
@@ -154,6 +157,7 @@ class StepHealth:
         self.backbone_params = [p for p in params if id(p) in bb_ids]
         self.head_params = [p for p in params if id(p) not in bb_ids]
         self.params = params
+        self.buffers = [b for b in model.buffers() if b.is_floating_point()]
         self.device, self.max_skips, self.check_every = device, int(max_skips), max(1, int(check_every))
         self.loss_scaling = bool(loss_scaling)
         z = lambda v=0.0: torch.tensor(v, device=device)  # noqa: E731
@@ -162,6 +166,7 @@ class StepHealth:
         self.last_finite_loss, self.last_finite_step = z(float("nan")), z(-1.0)
         self.reset_epoch()
         self._backup: Optional[list[torch.Tensor]] = None
+        self._buffer_backup: Optional[list[torch.Tensor]] = None
         self._lrs: dict[int, float] = {}
 
     def reset_epoch(self) -> None:
@@ -176,6 +181,12 @@ class StepHealth:
         if not grads:
             return torch.zeros((), device=device)
         return torch.stack(torch._foreach_norm(grads)).float().square().sum().sqrt()
+
+    @torch.no_grad()
+    def before_forward(self) -> None:
+        """With skips allowed: keep the floating-point buffers as they are before the forward."""
+        if self.max_skips > 0 and self.buffers:
+            self._buffer_backup = [b.detach().clone() for b in self.buffers]
 
     @torch.no_grad()
     def after_backward(self, loss: torch.Tensor, step: int, lr: float = float("nan")) -> torch.Tensor:
@@ -214,14 +225,20 @@ class StepHealth:
 
     @torch.no_grad()
     def restore(self, ok: torch.Tensor) -> None:
-        """After ``optimizer.step()``: put back the parameters of a skipped step (no-op when ``ok``)."""
+        """After ``optimizer.step()``: put back the parameters and buffers of a skipped step (no-op when ``ok``)."""
         if self._backup is not None:
-            # p += (backup - p) * (1 - ok), with the flag as a tensor: a Python scalar weight would sync.
-            params = [p.data for p in self.params]
-            torch._foreach_sub_(self._backup, params)
-            torch._foreach_mul_(self._backup, 1 - ok.float())
+            # p = p * ok + backup * (1 - ok), with the flag as a tensor (a Python scalar weight would
+            # sync): exact either way, since both are finite (the step's gradients were zeroed).
+            params, okf = [p.data for p in self.params], ok.float()
+            torch._foreach_mul_(params, okf)
+            torch._foreach_mul_(self._backup, 1 - okf)
             torch._foreach_add_(params, self._backup)
             self._backup = None
+        if self._buffer_backup is not None:
+            # where, not a blend: a NaN buffer times 0 is still NaN
+            for b, old in zip(self.buffers, self._buffer_backup):
+                b.copy_(torch.where(ok, b, old))
+            self._buffer_backup = None
 
     def due(self, step: int) -> bool:
         return (step + 1) % self.check_every == 0

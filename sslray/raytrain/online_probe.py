@@ -73,42 +73,60 @@ class OnlineProbe:
         return extract_features(backbone, batches, self.transform, self.device, self.precision, self.channels_last)
 
     @torch.no_grad()
-    def _standardise_train(self, f: torch.Tensor) -> torch.Tensor:
-        """Global-batch statistics (all ranks), then the running averages move towards them."""
+    def _standardise_train(self, f: torch.Tensor, okf: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Global-batch statistics (all ranks), then the running averages move towards them (not on a
+        step whose ``okf`` is 0)."""
         n = torch.tensor([float(f.shape[0])], device=f.device)
         s = D.all_reduce_mean(torch.cat([f.sum(0), (f * f).sum(0), n])) * D.world_size()
         d, total = f.shape[1], s[-1]
         mean = s[:d] / total
         var = (s[d : 2 * d] / total - mean * mean).clamp_min(0)
-        m = self.norm_momentum
-        self.running_mean.mul_(1 - m).add_(mean, alpha=m)
-        self.running_var.mul_(1 - m).add_(var * total / (total - 1).clamp_min(1), alpha=m)
+        if okf is None:
+            m = self.norm_momentum
+            self.running_mean.mul_(1 - m).add_(mean, alpha=m)
+            self.running_var.mul_(1 - m).add_(var * total / (total - 1).clamp_min(1), alpha=m)
+        else:  # a tensor momentum: no host sync
+            m = okf * self.norm_momentum
+            self.running_mean.mul_(1 - m).add_(mean * m)
+            self.running_var.mul_(1 - m).add_(var * total / (total - 1).clamp_min(1) * m)
         return (f - mean) * torch.rsqrt(var + 1e-5)
 
-    def step(self, backbone: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    def step(self, backbone: nn.Module, x: torch.Tensor, y: torch.Tensor, ok: Optional[torch.Tensor] = None) -> None:
         """One Adam step on this rank's labelled batch ``(x uint8, y)``, encoded here with the eval
         transform (one extra backbone forward, on its first ``max_batch`` images when set, so it stays
         small beside e.g. MAE's step, which encodes a quarter of the patches); gradients averaged over ranks."""
         if self.max_batch:
             x, y = x[: self.max_batch], y[: self.max_batch]
         f, y = self.features(backbone, [(x, y)])
-        self.step_features(f, y)
+        self.step_features(f, y, ok)
 
-    def step_features(self, f: torch.Tensor, y: torch.Tensor) -> None:
+    def step_features(self, f: torch.Tensor, y: torch.Tensor, ok: Optional[torch.Tensor] = None) -> None:
         """One Adam step on features the training forward already computed (detached here): the
         loop's default, since it costs no extra forward (solo-learn's online classifier does the
-        same, on the first augmented view)."""
+        same, on the first augmented view).
+
+        ``ok`` (a 0-d bool on the device, the training step's health flag): when false the step's
+        features are not learnt from: zero gradient, running statistics and epoch sums unchanged, so
+        NaN features of a skipped step leave no NaN behind. Adam's moments still decay by one step;
+        no host sync is needed."""
         f, y = f.detach().float(), y.to(f.device).long().view(-1)
-        logits = self.head(self._standardise_train(f))
+        okf = None
+        if ok is not None:
+            okf = ok.to(f.device).float()
+            f = torch.where(ok, f, 0.0)
+        logits = self.head(self._standardise_train(f, okf))
         loss = F.cross_entropy(logits, y)
+        if okf is not None:
+            loss = loss * okf
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         D.all_reduce_gradients(self.head)
         self.opt.step()
         with torch.no_grad():
             n = y.shape[0]
-            self.sums += torch.stack([(logits.argmax(1) == y).sum().double(), torch.tensor(float(n), dtype=torch.float64,
-                                      device=self.device), loss.detach().double() * n])
+            counts = torch.stack([(logits.argmax(1) == y).sum().double(), torch.tensor(float(n), dtype=torch.float64,
+                                  device=self.device), loss.detach().double() * n])
+            self.sums += counts if okf is None else counts * okf.double()
 
     @torch.no_grad()
     def evaluate(self, backbone: nn.Module, batches: Iterable) -> dict:
