@@ -135,6 +135,44 @@ def test_resident_folder_cache_sees_images_added_removed_or_replaced(tmp_path):
     assert np.array_equal(x3, x2)
 
 
+def test_workers_building_one_resident_cache_at_once_do_not_take_each_others_file(tmp_path, monkeypatch):
+    """Each Ray worker of a node loads the same tree in its own process; on a first run they all build
+    the cache. Here the second writer runs between the first one's write and its rename."""
+    import sslray.datasets.resident as R
+
+    root = tree(tmp_path / "train", {"cat": 2, "dog": 2})
+    real, calls = np.savez, []
+
+    def savez_then_another_writer(file, **arrays):
+        real(file, **arrays)
+        calls.append(1)
+        if len(calls) == 1:  # another process writes the same cache now
+            R._save_npz(tmp_path / "train.resident8.npz", arrays["images"], arrays["labels"],
+                        list(arrays["classes"]), str(arrays["stamp"]))
+
+    monkeypatch.setattr(R.np, "savez", savez_then_another_writer)
+    x, y, _ = load_image_folder(root, res=8)
+    assert len(calls) == 2 and y.tolist() == [0, 0, 1, 1]
+    monkeypatch.setattr(R.np, "savez", real)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train", "train.resident8.npz"]  # no temp left
+    x2, _, _ = load_image_folder(root, res=8)  # read from the cache
+    assert np.array_equal(x2, x)
+
+
+def test_an_unwritable_resident_cache_is_a_warning_not_a_failed_run(tmp_path, monkeypatch):
+    import sslray.datasets.resident as R
+
+    root = tree(tmp_path / "train", {"cat": 1, "dog": 1})
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(R.np, "savez", full)
+    with pytest.warns(UserWarning, match="train.resident8.npz.*No space left"):
+        x, y, _ = load_image_folder(root, res=8)
+    assert y.tolist() == [0, 1] and sorted(p.name for p in tmp_path.iterdir()) == ["train"]
+
+
 def make_archive(path: Path, src: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w:gz") as tf:

@@ -152,10 +152,27 @@ def load_beton(path: str, res: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 
 def _save_npz(path: Path, images, labels, classes, stamp: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, images=images, labels=labels, classes=np.array(classes), stamp=np.array(stamp))
-    os.replace(tmp, path)  # never a half-written cache
+    """Write the cache under a name of this writer's own, then rename it into place: never a
+    half-written cache, and the workers of a node that build it at once (each its own process) do
+    not take each other's file (the last rename wins; every writer wrote the same arrays). A cache
+    that cannot be written is a warning: the arrays are in memory and the run goes on."""
+    import tempfile
+    import warnings
+
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, images=images, labels=labels, classes=np.array(classes), stamp=np.array(stamp))
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        warnings.warn(f"sslray: could not write the resident-data cache {path} ({e}); the next run decodes "
+                      "the images again", stacklevel=2)
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def _load_npz(path: Path, stamp: str) -> Optional[tuple[np.ndarray, np.ndarray, list[str]]]:
