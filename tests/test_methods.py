@@ -97,6 +97,16 @@ def test_every_method_has_a_recipe_family_and_preset():
         assert set(cfg.method.params) <= set(inspect.signature(builder).parameters)
 
 
+@pytest.mark.parametrize("name", MULTICROP_METHODS)
+def test_multicrop_methods_train_on_the_two_global_crops_alone(name):
+    """views.local_crops=0 (SwAV's 2x224 row, a small GPU, a sweep over local_crops)."""
+    model = build(name)
+    loss = model(fixed_views(name)[:2])["loss"]
+    assert loss.ndim == 0 and torch.isfinite(loss), f"{name}: loss {loss}"
+    loss.backward()
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.backbone.parameters())
+
+
 @pytest.mark.parametrize("name", METHODS.names())
 def test_forward_backward_no_nan(name):
     model = build(name)

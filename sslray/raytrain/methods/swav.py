@@ -50,8 +50,8 @@ class SwAV(nn.Module):
         return w
 
     def forward(self, views):
-        if len(views) <= self.num_global:
-            raise ValueError(f"SwAV needs more than {self.num_global} views (global crops first), got {len(views)}")
+        if len(views) < max(2, self.num_global):  # 2 global crops alone: the paper's 2x224 row
+            raise ValueError(f"SwAV needs at least {max(2, self.num_global)} views (global crops first), got {len(views)}")
         if self.training and not self.frozen():
             with torch.no_grad():  # prototypes live on the unit sphere (alg. 1); frozen ones already do
                 self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
