@@ -177,6 +177,35 @@ def test_simsiam_predictor_keeps_a_fixed_lr():
     assert all(g["lr"] == 0.001 for g in opt.param_groups)
 
 
+@pytest.mark.parametrize("name", ["sgd", "lars", "adamw"])
+def test_a_resume_keeps_the_checkpoints_moments_and_this_runs_group_settings(name):
+    """Resumed at half the batch (the peak lr halves) with another weight decay: SimSiam's fixed
+    predictor lr and the decay are this run's, the momentum buffers the checkpoint's."""
+    from sslray.config import load_config
+    from sslray.raytrain.methods import create_method
+    from sslray.raytrain.optim import build_optimizer, load_optimizer_state, set_lr
+
+    over = ["model.backbone=resnet18", "model.proj_hidden_dim=32", "model.proj_out_dim=16", "method.params.pred_hidden_dim=8"]
+    torch.manual_seed(0)
+    model = create_method(load_config("simsiam_cifar10", over))
+    old = build_optimizer(model, name, 0.06, 5e-4)
+    model([torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32)])["loss"].backward()
+    old.step()
+    saved = old.state_dict()
+
+    new = build_optimizer(model, name, 0.03, 1e-4)
+    load_optimizer_state(new, saved)
+    set_lr(new, 0.001)
+    fixed = [g for g in new.param_groups if "fixed_lr" in g]
+    assert fixed and all(g["lr"] == g["fixed_lr"] == 0.03 * g["lr_scale"] for g in fixed)
+    assert {g["weight_decay"] for g in new.param_groups} == {1e-4, 0.0}
+    moments = new.state_dict()["state"]
+    assert moments.keys() == saved["state"].keys() and moments
+    for i, st in moments.items():
+        assert st.keys() == saved["state"][i].keys()
+        assert all(torch.equal(v, saved["state"][i][k]) for k, v in st.items() if torch.is_tensor(v))
+
+
 def test_biases_and_norms_can_run_at_a_scaled_lr():
     from sslray.config import load_config
     from sslray.raytrain.optim import build_optimizer, set_lr

@@ -28,7 +28,7 @@ from .memory import SSLOutOfMemoryError, auto_batch, explain_oom
 from .methods import compile_method, create_method
 from .monitors import EmbeddingTap, NonFiniteLossError, StepHealth, collapse_report, epoch_health
 from .online_probe import OnlineProbe
-from .optim import build_optimizer, set_lr, set_weight_decay, warmup_cosine, weight_decay_at
+from .optim import build_optimizer, load_optimizer_state, set_lr, set_weight_decay, warmup_cosine, weight_decay_at
 from .pictures import RunPictures
 
 __all__ = ["NonFiniteLossError", "train_loop", "run_local", "train_func"]
@@ -221,7 +221,7 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
     start_epoch, start_batch, step, last, partial = 0, 0, 0, {}, None
     if state is not None:
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        load_optimizer_state(opt, state["optimizer"])  # moments from the checkpoint, settings from this config
         start_epoch, step, last = int(state["epoch"]), int(state["step"]), state.get("metrics", {})
         start_batch, partial = int(state.get("batch_in_epoch", 0)), state.get("partial")
         saved_spe = int(state.get("steps_per_epoch", data.steps_per_epoch))

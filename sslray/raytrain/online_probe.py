@@ -33,6 +33,7 @@ from torch import nn
 
 from . import distributed as D
 from .knn import extract_features, top5_k
+from .optim import load_optimizer_state
 
 
 class OnlineProbe:
@@ -163,7 +164,7 @@ class OnlineProbe:
 
     def load_state_dict(self, state: dict) -> None:
         self.head.load_state_dict(state["head"])
-        self.opt.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.opt, state["optimizer"])  # this run's online_probe_lr
         # The saved sums are every rank's together: rank 0 carries them on, the others start from zero,
         # so the epoch's all-reduced figures count each rank's part once.
         if D.rank() == 0:

@@ -84,6 +84,20 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     return opt
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """A checkpoint's optimizer moments, under this run's group settings.
+
+    ``load_state_dict`` also brings back every group's hyper-parameters as they were saved; those
+    come from the config (SimSiam's ``fixed_lr`` at the run's peak lr, a constant weight decay,
+    ``lr_scale``/``wd_scale``, momentum), so a run resumed at another batch size or with a changed
+    optimizer setting keeps its own, not the old run's. Scheduled values (lr, scheduled decay) are set
+    again before every step anyway."""
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for g, settings in zip(optimizer.param_groups, fresh):
+        g.update(settings)
+
+
 def skip_frozen(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
     """Before every ``optimizer.step()``, drop the gradients of the parameters ``model.frozen_parameters()``
     names for this step (DINO's last layer in epoch 1, SwAV's prototypes in the first iterations).
