@@ -12,7 +12,7 @@ takes downstream is the backbone alone. ``export_backbone`` writes it as
 
 ``load_backbone`` rebuilds and loads it with sslray; without sslray, ``timm.create_model(name,
 num_classes=0, **timm_kwargs)`` and ``load_state_dict(safetensors.torch.load_file(...))`` give the
-same module (and, for ``cifar_stem``, a 3x3 stride-1 ``conv1`` and no ``maxpool``). Every export
+same module (and, for ``cifar_stem``, a 3x3 stride-1 ``conv1``, or first conv of a deep stem, and no ``maxpool``). Every export
 rebuilds the written file the same way and compares it with the checkpoint's backbone before it
 renames the files into place, so an export that would not load is never left behind.
 """

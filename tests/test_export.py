@@ -54,6 +54,29 @@ def test_cifar_stem_backbone_round_trips_exactly(tmp_path):
     _same_features(load_backbone(out / WEIGHTS)[0], model.backbone)
 
 
+@pytest.mark.parametrize("name", ["resnet18", "resnet10t", "resnet18d"])
+def test_cifar_stem_keeps_32px_inputs_at_32px_into_layer1_for_plain_and_deep_stems(name):
+    from sslray.raytrain.backbones import create_backbone
+
+    plain = create_backbone(name)
+    small = create_backbone(name, cifar_stem_=True)
+    x = torch.rand(2, 3, 32, 32)
+    seen = {}
+    small.layer1.register_forward_hook(lambda m, i, o: seen.update(small=o.shape[-1]))
+    plain.layer1.register_forward_hook(lambda m, i, o: seen.update(plain=o.shape[-1]))
+    assert small(x).shape == plain(x).shape == (2, plain.num_features)
+    assert (seen["plain"], seen["small"]) == (8, 32)
+    if isinstance(small.conv1, torch.nn.Sequential):  # a deep stem keeps its three convs
+        assert len(small.conv1) == len(plain.conv1)
+
+
+def test_a_deep_stem_cifar_backbone_round_trips(tmp_path):
+    model, _ = _checkpoint(tmp_path, "simclr_cifar10", {**SMALL, "model.cifar_stem": True})  # resnet10t
+    loaded, meta = load_backbone(export_backbone(tmp_path / "run", tmp_path / "exp"))
+    _same_features(loaded, model.backbone)
+    assert meta["cifar_stem"] is True and loaded.conv1[0].stride == (1, 1)
+
+
 def test_plain_timm_loads_the_export_without_sslray_code(tmp_path):
     import timm
     from safetensors.torch import load_file

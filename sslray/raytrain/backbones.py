@@ -15,11 +15,22 @@ register_backbone = BACKBONES.register
 
 
 def cifar_stem(model: nn.Module) -> nn.Module:
-    """3x3 stride-1 first conv and no max-pool: keeps 32-px inputs at 32x32 into layer1 (SimCLR, appendix B.9)."""
+    """3x3 stride-1 first conv and no max-pool: keeps 32-px inputs at 32x32 into layer1 (SimCLR, appendix B.9).
+
+    A deep stem (timm's ``resnet*d``/``resnet*t``: ``conv1`` is three 3x3 convs, the first of stride 2)
+    keeps its three convs; its first one becomes stride 1."""
     if not (hasattr(model, "conv1") and hasattr(model, "maxpool")):
-        raise ValueError(f"cifar_stem applies to ResNet-style models with conv1/maxpool, not {type(model).__name__}")
-    old = model.conv1
-    model.conv1 = nn.Conv2d(old.in_channels, old.out_channels, 3, 1, 1, bias=False)
+        raise ValueError(f"cifar_stem applies to ResNet-style models with conv1/maxpool, not {type(model).__name__}; "
+                         "set model.cifar_stem=false")
+    if isinstance(model.conv1, nn.Sequential) and isinstance(model.conv1[0], nn.Conv2d):
+        first = model.conv1[0]
+        model.conv1[0] = nn.Conv2d(first.in_channels, first.out_channels, 3, 1, 1, bias=False)
+    elif isinstance(model.conv1, nn.Conv2d):
+        old = model.conv1
+        model.conv1 = nn.Conv2d(old.in_channels, old.out_channels, 3, 1, 1, bias=False)
+    else:
+        raise ValueError(f"cifar_stem: {type(model).__name__}'s conv1 is a {type(model.conv1).__name__}, neither a "
+                         "conv nor a deep stem starting with one; set model.cifar_stem=false")
     model.maxpool = nn.Identity()
     return model
 
