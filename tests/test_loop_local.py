@@ -123,6 +123,26 @@ def test_mid_epoch_resume_on_an_image_folder_continues_exactly(cifar_small, tmp_
     assert lines["resumed"] == lines["whole"][4:]
 
 
+def test_a_mid_epoch_resume_reports_the_whole_epochs_grad_norms_and_skipped_steps(cifar_small, tmp_path,
+                                                                                    poison_loss):
+    """The epoch's health sums go into a mid-epoch checkpoint: the resumed epoch's grad norms and
+    skipped fraction are the uninterrupted epoch's, a skipped step before the checkpoint included."""
+    import shutil
+
+    cfg = _cfg(cifar_small, "data.val=", "data.train_subset=192", "train.epochs=1", "train.max_steps_per_epoch=0",
+               "train.checkpoint_every_steps=4", "monitor.max_nonfinite_skips=1", "train.online_probe=false",
+               "model.backbone=resnet10t")
+    poison_loss(2)  # the whole run's step 2 (before the checkpoint at step 4)
+    whole, _ = run_local(cfg, str(tmp_path / "whole"))
+    assert whole["step"] == 6 and whole["nonfinite_skipped_frac"] == pytest.approx(1 / 6)
+    mid = next((tmp_path / "whole").glob("epoch_0000_step_*"))
+    shutil.copytree(mid, tmp_path / "resumed" / mid.name)
+    resumed, s = run_local(cfg, str(tmp_path / "resumed"))
+    assert s.history[-1]["epoch"] == 1 and resumed["step"] == 6
+    for k in ("grad_norm_backbone", "grad_norm_heads", "nonfinite_skipped_frac", "loss"):
+        assert resumed[k] == pytest.approx(whole[k], rel=1e-6), k
+
+
 def test_resuming_at_another_batch_rescales_the_step_counter(cifar_small, tmp_path, capsys):
     """A checkpoint's step counter belongs to its steps per epoch: resumed at half the batch (what an
     out-of-memory error advises) it is doubled, so the lr / wd / momentum schedules go on from the same

@@ -275,6 +275,8 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
         n_steps, prior_seconds = int(resumed["n"]), float(resumed["seconds"])
         prior_ok = float(resumed.get("n_ok", resumed["n"]))
         health.reset_epoch()
+        if skip:
+            health.resume_epoch(resumed.get("health"))
         t0 = t_wait = time.perf_counter()
         wait_s = 0.0
         for i, (x, y) in enumerate(data.train):
@@ -343,7 +345,8 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
                 m = {"epoch": epoch, "step": step, "step_loss": float(D.all_reduce_mean(loss.detach())), "partial": 1}
                 # The loss sum of every rank (rank 0 carries it on after a resume, the others restart at 0).
                 part = {"loss_sum": float(D.all_reduce_mean(loss_sum)) * session.world_size, "n": n_steps,
-                        "n_ok": prior_ok + float(health.ok_steps), "seconds": prior_seconds + time.perf_counter() - t0}
+                        "n_ok": prior_ok + float(health.ok_steps), "seconds": prior_seconds + time.perf_counter() - t0,
+                        "health": health.epoch_state()}
                 session.report(m, snapshot(epoch, i + 1, last, part) if ckpt_now else None)
             t_wait = time.perf_counter()
         health.check(cfg.method.name, epoch + 1)
@@ -360,8 +363,7 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
             "images_per_sec": (n_steps - int(resumed["n"])) * cfg.data.batch_size / max(seconds, 1e-9),
         }
         metrics.update(epoch_health(health, tap if cfg.monitor.collapse else None, n_steps - int(resumed["n"]), wait_s,
-                                    metrics["images_per_sec"],
-                                    session.world_size))
+                                    metrics["images_per_sec"], session.world_size, epoch_steps=n_steps))
         flags, warnings = collapse_report(metrics)
         metrics.update(flags)
         for w in warnings:

@@ -175,6 +175,27 @@ class StepHealth:
         self.ok_steps, self.skipped = z(), z()  # steps whose loss counts / steps that were a fault
         self.norm_steps, self.overflows = z(), z()  # steps with finite gradients / fp16 overflows
 
+    EPOCH_KEYS = ("grad_norm_backbone", "grad_norm_heads", "norm_steps", "skipped", "overflows")
+
+    def _epoch_tensors(self) -> list[torch.Tensor]:
+        return [self.sums["grad_norm_backbone"], self.sums["grad_norm_heads"], self.norm_steps, self.skipped,
+                self.overflows]
+
+    def epoch_state(self) -> dict[str, float]:
+        """This epoch's sums so far, averaged over ranks (a collective: every rank calls it), for a
+        mid-epoch checkpoint: a resumed epoch's grad norms and skipped/overflow fractions then cover
+        the whole epoch, as an uninterrupted run's do."""
+        from . import distributed as D
+
+        vals = D.all_reduce_mean(torch.stack([t.float() for t in self._epoch_tensors()])).tolist()
+        return dict(zip(self.EPOCH_KEYS, vals))
+
+    def resume_epoch(self, saved: Optional[dict]) -> None:
+        """Start the epoch's sums from a mid-epoch checkpoint's ``epoch_state()`` (none in older ones)."""
+        for t, k in zip(self._epoch_tensors(), self.EPOCH_KEYS):
+            if saved and k in saved:
+                t += float(saved[k])
+
     @staticmethod
     def _norm(params: list[torch.nn.Parameter], device) -> torch.Tensor:
         grads = [p.grad for p in params if p.grad is not None]
@@ -276,12 +297,14 @@ class StepHealth:
 
 
 def epoch_health(health: StepHealth, tap: Optional[EmbeddingTap], trained_steps: int, wait_seconds: float,
-                 images_per_sec: float, world_size: int) -> dict[str, float]:
+                 images_per_sec: float, world_size: int, epoch_steps: Optional[int] = None) -> dict[str, float]:
     """The epoch's health metrics, averaged over ranks in one all-reduce (the epoch end syncs anyway):
-    grad norms, skipped fraction, collapse statistics, data wait and per-worker throughput."""
+    grad norms, skipped fraction, collapse statistics, data wait and per-worker throughput.
+    ``trained_steps``: steps this process ran (data wait); ``epoch_steps``: the epoch's steps, those
+    before a mid-epoch resume included (the health sums carry them)."""
     from . import distributed as D
 
-    dev_vals = health.epoch_metrics(trained_steps)
+    dev_vals = health.epoch_metrics(trained_steps if epoch_steps is None else epoch_steps)
     if tap is not None:
         dev_vals.update(collapse_metrics(tap.take()))
     keys = list(dev_vals)
