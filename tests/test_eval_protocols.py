@@ -334,12 +334,15 @@ def test_finetune_loop_runs_in_one_process(tiny_ckpt, cifar_small):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_finetune_against_scratch_on_ray(ray_cluster, tiny_ckpt, cifar_small, tmp_path):
+def test_finetune_against_scratch_on_ray(ray_cluster, tiny_ckpt, cifar_small, tmp_path, monkeypatch):
     from sslray.raytrain.finetune import FinetuneSettings
 
     s = FinetuneSettings(max_steps=2, batch_size=32, num_workers=2, use_gpu="false", train_subset=128,
                          storage=str(tmp_path / "ray"))
-    report = _eval(tiny_ckpt, cifar_small, "finetune", finetune=s)
+    # the checkpoint as a user names it, relative to the shell's folder (the workers run elsewhere)
+    monkeypatch.chdir(tiny_ckpt["run_dir"].parent)
+    report = run_eval(tiny_ckpt["run_dir"].name, cifar_small["train"], cifar_small["test"], "finetune",
+                      use_gpu="false", progress=False, log=_quiet, finetune=s)
     (r,) = report.results
     keys = {"finetune_top1", "finetune_top5", "finetune_macro_f1"}
     assert set(r.pretrained) == set(r.random_init) == keys == set(r.gain())

@@ -193,7 +193,8 @@ def finetune(ctx: EvalContext) -> ProtocolResult:
     st = ctx.store
     # A checkpoint fetched from s3:// or gs:// sits in this machine's cache only: workers on other nodes
     # get its URI and fetch it into their own.
-    state = storage.remote_source(st.state_path) or str(st.state_path)
-    res = finetune_compare(state, st.train, st.val, s, log=ctx.log)
+    # Local paths absolute: the workers run in another working dir ("runs/<name>" found nothing there).
+    state = storage.remote_source(st.state_path) or storage.absolute(str(st.state_path))
+    res = finetune_compare(state, storage.absolute(st.train), storage.absolute(st.val), s, log=ctx.log)
     info = {"settings": s.__dict__, **res["info"]}
     return ProtocolResult("finetune", res["pretrained"], res["random_init"], info=info)
