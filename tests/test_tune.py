@@ -40,10 +40,15 @@ def test_parse_key_dist_strings_and_aliases():
         "train.seed": Dist("randint", (0, 10)),
     }
     assert str(space["optim.base_lr"]) == "loguniform(0.0001, 0.1)"
+    # names as a shell user writes them: unquoted words are strings, numbers stay numbers
+    assert parse_space(["views.policy=grid(default,lorot,dcl)"]) == parse_space(
+        ["views.policy=grid('default','lorot','dcl')"]) == {"views.policy": Dist("grid", ("default", "lorot", "dcl"))}
+    assert parse_space(["x.y=choice(a, 2)"])["x.y"] == Dist("choice", ("a", 2))
 
 
 @pytest.mark.parametrize("text", ["lr=loguniform(1e-4)", "lr=loguniform(0,1)", "lr=uniform(2,1)", "lr=normal(0,1)",
-                                  "lr=choice()", "lr=0.1,0.2", "lr=loguniform(a b)", "justakey"])
+                                  "lr=choice()", "lr=0.1,0.2", "lr=loguniform(a b)", "lr=uniform(a,b)",
+                                  "p=choice(a b, c)", "justakey"])
 def test_bad_space_strings_raise_with_the_entry(text):
     with pytest.raises(ConfigError):
         parse_space([text])
@@ -162,6 +167,16 @@ def test_cli_parses_tune():
     assert a.space == ["lr=loguniform(1e-3,1)", "batch_size=choice(64,128)"] and a.num_samples == 6
     assert a.scheduler == "asha" and a.search == "random" and a.metric == "knn_top1" and a.mode == "max"
     assert a.overrides == ["train.max_steps_per_epoch=3"]
+
+
+def test_a_second_space_after_one_space_flag_is_named_not_taken_as_a_fixed_key(capsys, tmp_path):
+    from sslray.cli import main
+
+    rc = main(["tune", "--method", "simclr", "--data", str(tmp_path / "t.beton"), "--name", "s",
+               "--space", "lr=loguniform(0.01,1)", "method.temperature=uniform(0.1,0.5)"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "'method.temperature=uniform(0.1,0.5)' is a search space given as a fixed key" in err
+    assert '--space "method.temperature=uniform(0.1,0.5)"' in err
 
 
 # ---------------------------------------------------------------------------- real sweeps (ray, slow)

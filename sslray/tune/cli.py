@@ -16,8 +16,9 @@ def register(sub) -> None:
     t.add_argument("--data", help="training .beton")
     t.add_argument("--val", help="labelled val .beton (the kNN metric is measured on it)")
     t.add_argument("--space", action="append", default=[], metavar="KEY=DIST|FILE.yaml",
-                   help="searched key, e.g. lr=loguniform(1e-3,1) temperature=choice(0.1,0.2) or a YAML file; "
-                        "repeatable. Without it, the method's default space (docs/tune.md)")
+                   help="one searched key per flag, e.g. --space 'lr=loguniform(1e-3,1)' --space "
+                        "'temperature=choice(0.1,0.2)', or a YAML file. Without it, the method's default space "
+                        "(docs/tune.md)")
     t.add_argument("--num-samples", type=int, default=8, help="trials (with --search grid: repeats of the grid)")
     t.add_argument("--scheduler", default="asha", choices=["asha", "median", "pbt", "fifo"])
     t.add_argument("--search", default="random", choices=["random", "grid", "optuna"])
@@ -43,11 +44,18 @@ def register(sub) -> None:
 
 
 def base_config(a):
+    from .space import KINDS
+
     recipe = a.recipe
     if not recipe and a.method and (CONFIG_DIR / f"{a.method}_cifar10.yaml").exists():
         recipe = f"{a.method}_cifar10"
     flags = {"method.name": a.method, "data.train": _abs(a.data), "data.val": _abs(a.val),
              "ray.num_workers": a.workers_per_trial, "train.epochs": a.max_epochs}
+    for o in a.overrides:  # `--space "a=..." "b=uniform(..)"`: the second one lands here, as a fixed key
+        value = o.partition("=")[2].strip()
+        if value.endswith(")") and value.split("(", 1)[0].strip() in KINDS:
+            raise ConfigError(f"{o!r} is a search space given as a fixed key: give each searched key its own "
+                              f"--space (--space \"{o}\")")
     return load_config(recipe, flag_overrides(flags, a.overrides))
 
 

@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -111,6 +111,23 @@ class Dist:
 _CALL = re.compile(r"^\s*([A-Za-z_]\w*)\s*\((.*)\)\s*$", re.DOTALL)
 
 
+_WORD = re.compile(r"^[A-Za-z_][\w.\-/]*$")
+
+
+def _bare_words(body: str) -> Optional[tuple]:
+    """``grid(default,lorot,dcl)``: unquoted names as strings (numbers stay numbers), as a shell user
+    writes them; None when an item is neither a literal nor a plain name."""
+    out = []
+    for item in (part.strip() for part in body.split(",")):
+        try:
+            out.append(ast.literal_eval(item))
+        except (ValueError, SyntaxError):
+            if not _WORD.match(item):
+                return None
+            out.append(item)
+    return tuple(out)
+
+
 def parse_dist(value: Any, key: str = "") -> Dist:
     """``"loguniform(1e-4, 1e-1)"``, ``"choice(64, 128)"``, a YAML list (= choice), or a mapping
     ``{dist: uniform, low: 0.1, high: 0.5}`` / ``{dist: choice, values: [...]}`` -> Dist."""
@@ -134,7 +151,9 @@ def parse_dist(value: Any, key: str = "") -> Dist:
         try:
             args = ast.literal_eval(f"({body},)") if body.strip() else ()
         except (ValueError, SyntaxError):
-            raise ConfigError(f"cannot parse the arguments of {value!r}{where}: use plain numbers or strings") from None
+            args = _bare_words(body) if kind in ("choice", "grid") else None
+            if args is None:
+                raise ConfigError(f"cannot parse the arguments of {value!r}{where}: use plain numbers or strings") from None
         return Dist(kind, tuple(args))
     if isinstance(value, (int, float, bool)):
         return Dist("choice", (value,))
