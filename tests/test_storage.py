@@ -431,11 +431,45 @@ def test_a_restart_that_cannot_move_the_old_run_is_a_storage_error(tmp_path, mon
         raise OSError("When listing objects under key 'runs/r1': AWS Error NETWORK_CONNECTION")
 
     monkeypatch.setattr(trainer, "move_aside", unreachable)
-    rc = main(["pretrain", "--recipe", "smoke", "--data", "/d/x.beton", "--name", "r1", "--storage", "s3://bkt/runs",
-               "--restart"])
+    (tmp_path / "x.beton").write_bytes(b"")  # the data check comes first
+    rc = main(["pretrain", "--recipe", "smoke", "--data", str(tmp_path / "x.beton"), "--name", "r1", "--storage",
+               "s3://bkt/runs", "--restart"])
     err = capsys.readouterr().err
     assert rc == 2 and "--restart: the previous run in s3://bkt/runs/r1 could not be moved aside" in err
     assert "NETWORK_CONNECTION" in err and "nothing was deleted" in err
+
+
+def test_a_restart_with_a_mistyped_dataset_moves_nothing_aside(tmp_path, capsys):
+    from sslray.cli import main
+
+    old = tmp_path / "runs" / "r1"
+    old.mkdir(parents=True)
+    (old / "sslray_run.json").write_text("{}")
+    rc = main(["pretrain", "--recipe", "smoke", "--data", str(tmp_path / "trian.beton"), "--name", "r1", "--storage",
+               str(tmp_path / "runs"), "--restart"])
+    assert rc == 2 and "trian.beton: no such file" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["r1"] and (old / "sslray_run.json").exists()
+
+
+@pytest.mark.parametrize("key, value, named", [
+    ("method.params.temprature", "0.1", "method.params.temprature for method 'simclr'"),
+    ("views.backend", "kornai", "config key 'views.backend': unknown view backend 'kornai'"),
+    ("views.preset", "simclrr", "config key 'views.preset': unknown view preset 'simclrr'"),
+    ("optim.name", "adam", "config key 'optim.name': unknown optimizer 'adam'"),
+    ("method.name", "simclrr", "config key 'method.name': unknown method 'simclrr'"),
+])
+def test_a_key_the_workers_would_refuse_fails_before_ray_and_moves_nothing(tmp_path, capsys, monkeypatch, key, value,
+                                                                        named):
+    from sslray.cli import main
+    from sslray.raytrain import trainer
+
+    monkeypatch.setattr(trainer, "ensure_ray", lambda: pytest.fail("Ray was started"))
+    (tmp_path / "x.beton").write_bytes(b"")
+    (tmp_path / "runs" / "r1").mkdir(parents=True)
+    rc = main(["pretrain", "--recipe", "smoke", "--data", str(tmp_path / "x.beton"), "--name", "r1", "--storage",
+               str(tmp_path / "runs"), "--restart", f"{key}={value}"])
+    assert rc == 2 and named in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["r1"]
 
 
 def test_two_restarts_within_a_second_keep_both_old_runs(tmp_path, monkeypatch):

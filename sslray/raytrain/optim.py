@@ -66,6 +66,9 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
+OPTIMIZERS = ("sgd", "lars", "adamw")
+
+
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9,
                     no_decay_lr_scale: float = 1.0):
     groups = param_groups(model, weight_decay, lr, no_decay_lr_scale)
@@ -78,7 +81,7 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
         opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "lars"} for g in groups], lr=lr,
                                 betas=(0.9, 0.95))
     else:
-        raise ValueError(f"config key 'optim.name': unknown optimizer {name!r} (sgd, lars, adamw)")
+        raise ValueError(f"config key 'optim.name': unknown optimizer {name!r} ({', '.join(OPTIMIZERS)})")
     if hasattr(model, "frozen_parameters"):
         skip_frozen(opt, model)
     return opt

@@ -296,10 +296,12 @@ def pretrain(cfg: Config, tracker: Optional[Tracker] = None, restart: bool = Fal
     from .. import plots
     from .loop import train_func
     from .session import PICTURES_DIR
-    from .methods import METHODS
+    from .methods import METHODS, check_method_config
 
     name, storage, run_dir = run_location(cfg)
     check_remote_name(storage, name)
+    check_data(cfg)  # a typo in --data (or a key below) moves nothing aside and makes no run folder
+    check_method_config(cfg)  # a method.params or registry-name typo here, not ~80 s later in the workers
     if restart:
         try:
             old = move_aside(run_dir)
@@ -309,7 +311,6 @@ def pretrain(cfg: Config, tracker: Optional[Tracker] = None, restart: bool = Fal
         if old:
             print(f"sslray: --restart: the previous run was moved to {old}")
     check_storage(storage, name)  # fail before Ray, data or models are touched
-    check_data(cfg)
     ensure_ray()
     use_gpu = resolve_use_gpu(cfg)
     uri = resolve_uri(cfg.tracking.tracking_uri or None)

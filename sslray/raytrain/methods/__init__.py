@@ -33,8 +33,8 @@ def build_backbone(cfg) -> tuple[nn.Module, int]:
     return bb, check_shapes(bb, cfg.views.crop_size)
 
 
-def create_method(cfg) -> nn.Module:
-    """Build the method named by ``cfg.method.name``; ``cfg.method.params`` must match its keyword args."""
+def _builder_and_params(cfg) -> tuple[Callable[..., nn.Module], dict]:
+    """The method's builder and ``cfg.method.params``, which must match its keyword args."""
     builder = METHODS.get(cfg.method.name)
     params = dict(cfg.method.params)
     allowed = set(inspect.signature(builder).parameters) - {"cfg", "backbone", "feat_dim"}
@@ -44,6 +44,32 @@ def create_method(cfg) -> nn.Module:
             f"unknown key(s) {', '.join('method.params.' + k for k in unknown)} for method "
             f"{cfg.method.name!r}; it accepts: {', '.join(sorted(allowed)) or 'none'}"
         )
+    return builder, params
+
+
+def check_method_config(cfg) -> None:
+    """What the workers would refuse when they first build the run, checked where the command runs,
+    before Ray starts: the method and its ``method.params`` keys, the view preset and backend, the
+    optimizer. Each error names the config key."""
+    from ...datasets.views import BACKENDS, PRESETS
+    from ..optim import OPTIMIZERS
+
+    try:
+        _builder_and_params(cfg)
+        for key, registry in (("views.preset", PRESETS), ("views.backend", BACKENDS)):
+            try:
+                registry.get(getattr(cfg.views, key.split(".")[1]))
+            except KeyError as e:
+                raise ConfigError(f"config key {key!r}: {e.args[0]}") from None
+    except KeyError as e:  # the method itself
+        raise ConfigError(f"config key 'method.name': {e.args[0]}") from None
+    if cfg.optim.name.lower() not in OPTIMIZERS:
+        raise ConfigError(f"config key 'optim.name': unknown optimizer {cfg.optim.name!r} ({', '.join(OPTIMIZERS)})")
+
+
+def create_method(cfg) -> nn.Module:
+    """Build the method named by ``cfg.method.name``; ``cfg.method.params`` must match its keyword args."""
+    builder, params = _builder_and_params(cfg)
     backbone, feat_dim = build_backbone(cfg)
     model = builder(cfg=cfg, backbone=backbone, feat_dim=feat_dim, **params)
     if cfg.model.grad_checkpointing:  # on the backbone the method trains (MAE may have rebuilt it)
