@@ -54,6 +54,6 @@ def register(sub) -> None:
     u.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     u.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 exposes it to the network)")
     u.add_argument("--port", type=int, default=5000)
-    u.add_argument("--workers", type=int, default=1, help="server processes (mlflow's default is 4)")
+    u.add_argument("--workers", type=int, default=1, help="server processes (default 1; mlflow's own default is 4)")
     u.add_argument("--experiment", help="print a link straight to this experiment's runs table")
     u.set_defaults(func=cmd_ui)
