@@ -225,7 +225,8 @@ def test_a_skipped_step_whose_forward_went_nan_leaves_the_bn_statistics_too():
         if step == 1:
             assert not bool(ok)
             after = model.state_dict()
-            changed = [k for k in before if not torch.equal(before[k], after[k]) and k != "backbone.1.num_batches_tracked"]
+            changed = [k for k in before
+                       if not torch.equal(before[k], after[k]) and k != "backbone.1.num_batches_tracked"]
             assert changed == [], changed  # parameters and running statistics as they were
         else:
             assert bool(ok) and not torch.equal(before["backbone.1.running_mean"], bn.running_mean)

@@ -203,7 +203,8 @@ def test_the_probe_reuses_the_training_forward(cifar_small, monkeypatch):
     monkeypatch.setattr(OnlineProbe, "step", no_extra_forward)
     fed = []
     real = OnlineProbe.step_features
-    monkeypatch.setattr(OnlineProbe, "step_features", lambda self, f, y, ok=None: (fed.append((f.shape, y.shape)), real(self, f, y, ok)))
+    monkeypatch.setattr(OnlineProbe, "step_features",
+                        lambda self, f, y, ok=None: (fed.append((f.shape, y.shape)), real(self, f, y, ok)))
     cfg = load_config("smoke", [f"data.train={cifar_small['train']}", f"data.val={cifar_small['test']}",
                                 "ray.num_workers=1", "train.epochs=1", "train.max_steps_per_epoch=3",
                                 "train.online_probe=true"])

@@ -185,7 +185,8 @@ def test_a_resume_keeps_the_checkpoints_moments_and_this_runs_group_settings(nam
     from sslray.raytrain.methods import create_method
     from sslray.raytrain.optim import build_optimizer, load_optimizer_state, set_lr
 
-    over = ["model.backbone=resnet18", "model.proj_hidden_dim=32", "model.proj_out_dim=16", "method.params.pred_hidden_dim=8"]
+    over = ["model.backbone=resnet18", "model.proj_hidden_dim=32", "model.proj_out_dim=16",
+            "method.params.pred_hidden_dim=8"]
     torch.manual_seed(0)
     model = create_method(load_config("simsiam_cifar10", over))
     old = build_optimizer(model, name, 0.06, 5e-4)

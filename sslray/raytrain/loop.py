@@ -328,7 +328,8 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
                 with region("sslray.online_probe"):
                     f = tap.captured.get("feats") if probe_tap else None
                     if f is not None and f.ndim == 2 and f.shape[0] >= y.shape[0]:
-                        probe.step_features(f[: y.shape[0]], y, ok)  # views are batched view-major: rows 0..B-1 = view 1
+                        # views are batched view-major: rows 0..B-1 = view 1
+                        probe.step_features(f[: y.shape[0]], y, ok)
                     else:
                         probe.step(model.backbone, x, y, ok)
             loss_sum += torch.where(ok, loss.detach().float(), 0.0)

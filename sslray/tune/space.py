@@ -153,7 +153,8 @@ def parse_dist(value: Any, key: str = "") -> Dist:
         except (ValueError, SyntaxError):
             args = _bare_words(body) if kind in ("choice", "grid") else None
             if args is None:
-                raise ConfigError(f"cannot parse the arguments of {value!r}{where}: use plain numbers or strings") from None
+                raise ConfigError(f"cannot parse the arguments of {value!r}{where}: "
+                                  "use plain numbers or strings") from None
         return Dist(kind, tuple(args))
     if isinstance(value, (int, float, bool)):
         return Dist("choice", (value,))

@@ -51,7 +51,8 @@ class SwAV(nn.Module):
 
     def forward(self, views):
         if len(views) < max(2, self.num_global):  # 2 global crops alone: the paper's 2x224 row
-            raise ValueError(f"SwAV needs at least {max(2, self.num_global)} views (global crops first), got {len(views)}")
+            raise ValueError(f"SwAV needs at least {max(2, self.num_global)} views (global crops first), "
+                             f"got {len(views)}")
         if self.training and not self.frozen():
             with torch.no_grad():  # prototypes live on the unit sphere (alg. 1); frozen ones already do
                 self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
