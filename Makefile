@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 # packages have theirs from pip).
 WRITE_PYC := PYTHONDONTWRITEBYTECODE=
 
-.PHONY: setup demo test test-fast bench clean sysdeps
+.PHONY: setup demo test test-fast bench docs clean sysdeps
 
 setup: $(STAMP)
 
@@ -52,6 +52,10 @@ test-fast: setup
 
 bench: setup
 	$(PY) benchmarks/loader.py
+
+# docs/config.md and docs/cli.md from the code (tests/test_docgen.py fails when they are stale)
+docs: setup
+	$(PY) -m sslray.docgen
 
 clean:
 	rm -rf $(VENV) mlflow.db mlruns runs demo-data

@@ -1,4 +1,4 @@
-"""`sslray convert | pretrain | probe | demo`: the command line."""
+"""`sslray <command>`: the command line (every command and flag: docs/cli.md)."""
 
 from __future__ import annotations
 
@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quality", type=int, default=90, help="JPEG quality for write mode jpg/proportion")
     c.add_argument("--compress-probability", type=float, default=0.5, help="share stored as JPEG in proportion mode")
     c.add_argument("--workers", type=int, default=0, help="processes (default: CPU count, at most 8)")
-    c.add_argument("--strict", action="store_true", help="check every image and exit 2 listing the unreadable ones, instead of skipping them")
+    c.add_argument("--strict", action="store_true",
+                   help="check every image and exit 2 listing the unreadable ones, instead of skipping them")
     c.add_argument("--force", action="store_true", help="convert even when the manifest says it is up to date")
     c.set_defaults(func=cmd_convert)
 

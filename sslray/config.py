@@ -49,8 +49,8 @@ class ViewConfig:
 class ModelConfig:
     backbone: str = "resnet18"  # any timm name, see sslray.raytrain.backbones
     cifar_stem: bool = True  # 3x3 stride-1 first conv and no max-pool (small images)
-    proj_hidden_dim: int = 2048
-    proj_out_dim: int = 128
+    proj_hidden_dim: int = 2048  # projector (and predictor) hidden width
+    proj_out_dim: int = 128  # projector output width (the embedding the loss sees)
     sync_bn: bool = True  # global batch statistics across workers (GPU only: torch's SyncBN is CUDA-only)
     grad_checkpointing: bool = False  # recompute backbone activations in backward: less memory, ~30% more compute
     compile: bool = False  # torch.compile the backbone(s) in place; the first steps of each shape pay the compile
@@ -60,8 +60,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class MethodConfig:
-    name: str = "simclr"
-    temperature: float = 0.5
+    name: str = "simclr"  # the SSL method: `sslray methods` lists them
+    temperature: float = 0.5  # softmax temperature of the methods whose loss has one; the others ignore it
     params: Mapping[str, Any] = field(default_factory=dict)  # method-specific, checked by the method
 
 
@@ -70,9 +70,9 @@ class OptimConfig:
     name: str = "sgd"  # sgd | lars | adamw
     base_lr: float = 0.06  # lr per 256 images; effective lr = base_lr * global_batch / 256
     lr_scaling: str = "linear"  # linear | sqrt | none
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
-    warmup_epochs: float = 1.0
+    weight_decay: float = 5e-4  # on weights; biases and norm parameters get none
+    momentum: float = 0.9  # SGD and LARS momentum
+    warmup_epochs: float = 1.0  # linear lr warm-up from 0 (fractions allowed), then cosine
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak lr
     clip_grad: float = 0.0  # max global grad norm; 0 disables
     no_decay_lr_scale: float = 1.0  # lr of biases and norm parameters / the scheduled lr (Barlow Twins: 0.024)
@@ -81,12 +81,12 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 10
-    seed: int = 0
+    epochs: int = 10  # total epochs (a resumed run trains up to this many)
+    seed: int = 0  # model init, views, data order and subsets
     precision: str = "auto"  # auto (bf16 on GPUs >= sm80, fp16 + loss scaling before, fp32 on CPU) | bf16 | fp16 | fp32
     channels_last: bool = True  # applied on GPU only
-    knn_k: int = 200
-    knn_temperature: float = 0.07
+    knn_k: int = 200  # neighbours of the kNN monitor and of the end-of-run probe
+    knn_temperature: float = 0.07  # kNN vote weight exp(similarity / T)
     knn_every: int = 1  # epochs between kNN monitor evaluations (the last epoch always runs it)
     online_probe: bool = True  # linear classifier trained every step on detached features, scored on val each epoch
     online_probe_lr: float = 1e-3  # its own Adam (constant lr, no decay) on per-dimension standardised features
@@ -111,9 +111,9 @@ class MonitorConfig:
 
 @dataclass(frozen=True)
 class RayConfig:
-    num_workers: int = 2
+    num_workers: int = 2  # training workers (one per GPU), the global batch split over them
     use_gpu: str = "auto"  # auto | true | false
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0  # CPUs Ray reserves per worker (FFCV decode threads run inside)
     storage: str = "./runs"  # RunConfig.storage_path: local dir, shared mount, s3:// or gs://
     name: str = ""  # run name under storage; empty = derived from method/backbone/date
     num_to_keep: int = 2  # checkpoints kept
@@ -124,8 +124,8 @@ class RayConfig:
 @dataclass(frozen=True)
 class TrackingConfig:
     tracking_uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd
-    experiment: str = "sslray"
-    run_name: str = ""
+    experiment: str = "sslray"  # MLflow experiment
+    run_name: str = ""  # the run's name (MLflow and storage) when ray.name is empty; empty = method-backbone-data-date
 
 
 @dataclass(frozen=True)
