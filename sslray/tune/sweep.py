@@ -83,6 +83,8 @@ def make_spec(base: Config, space: Mapping[str, Dist], **kw) -> SweepSpec:
         raise ConfigError(PBT_UNSUPPORTED)
     if kw.get("search", "random") not in SEARCHES:
         raise ConfigError(f"--search must be one of {', '.join(SEARCHES)}")
+    if kw.get("search") == "optuna":
+        require_optuna()  # before the sweep's MLflow parent run exists
     if kw.get("mode", "max") not in ("max", "min"):
         raise ConfigError("--mode must be max or min")
     metric = kw.get("metric", "knn_top1")
@@ -133,15 +135,19 @@ def build_scheduler(spec: SweepSpec):
     return FIFOScheduler()
 
 
+def require_optuna() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("optuna") is None:
+        raise ConfigError("--search optuna needs the optional package optuna: pip install 'sslray[tune]'")
+
+
 def build_search(spec: SweepSpec, max_concurrent: int):
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     if spec.search != "optuna":  # a SearchGenerator ignores TuneConfig.max_concurrent_trials: limit it here
         return BasicVariantGenerator(random_state=spec.seed, max_concurrent=max_concurrent)
-    try:
-        import optuna  # noqa: F401
-    except ImportError:
-        raise ConfigError("--search optuna needs the optional package optuna: pip install 'sslray[tune]'") from None
+    require_optuna()
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
