@@ -449,7 +449,6 @@ def run_checks(a) -> list[Check]:
     address = a.address or os.environ.get("RAY_ADDRESS")
     need = parse_need(a.need, address, a.data)
     skip = {s.strip() for s in (a.skip or "").split(",") if s.strip()}
-    out = check_packages()
     steps: list[tuple[str, Callable[[], list[Check]]]] = [
         ("ffcv", lambda: check_ffcv(a.timeout * 12)),  # first numba compile of a Loader takes a while
         ("gpu", lambda: check_gpu("gpu" in need)),
@@ -458,6 +457,10 @@ def run_checks(a) -> list[Check]:
         ("storage", lambda: check_storage(a.storage, a.timeout)),
         ("data", lambda: check_data(a.data, a.storage) if a.data else []),
     ]
+    bad = skip - {g for g, _ in steps}
+    if bad:
+        raise ValueError(f"--skip: unknown {', '.join(sorted(bad))} (choose from {', '.join(g for g, _ in steps)})")
+    out = check_packages()
     for group, step in steps:
         if group in skip:
             out.append(Check(group, "WARN", "not checked (--skip)", group=group))

@@ -183,6 +183,12 @@ def test_unknown_need_is_a_usage_error(tmp_path, capsys):
     assert "teleport" in capsys.readouterr().err
 
 
+def test_unknown_skip_is_a_usage_error(tmp_path, capsys):
+    assert main(["doctor", *FAST, "--skip", "ffcv,gpux"]) == 2
+    err = capsys.readouterr().err
+    assert "--skip: unknown gpux" in err and "ffcv, gpu, ray" in err
+
+
 # -- Ray auth and the job server --------------------------------------------------------------------
 
 def test_token_auth_without_token_fails(bare_home, monkeypatch):
