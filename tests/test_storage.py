@@ -472,6 +472,25 @@ def test_a_key_the_workers_would_refuse_fails_before_ray_and_moves_nothing(tmp_p
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["r1"]
 
 
+def test_a_resume_with_other_settings_says_so_in_the_mlflow_run(tmp_path, capsys):
+    from sslray.config import flatten, load_config
+    from sslray.raytrain.trainer import log_resumed_config
+    from sslray.tracking import Tracker
+
+    first = load_config("smoke", ["ray.name=", "train.epochs=1"])
+    tracker = Tracker.start(f"sqlite:///{tmp_path / 'mlflow.db'}", "e", "r1")
+    tracker.log_params(flatten(first))
+    assert log_resumed_config(tracker, first.replace(**{"ray.name": "r1"})) == {}  # the name is no change
+    resumed = first.replace(**{"ray.name": "r1", "train.epochs": 2, "data.batch_size": 16})
+    assert log_resumed_config(tracker, resumed) == {"train.epochs": ("2", "1"), "data.batch_size": ("16", "32")}
+    run = tracker.client.get_run(tracker.run_id)
+    assert run.data.tags["sslray.resumed_with"] == "data.batch_size=16 (was 32); train.epochs=2 (was 1)"
+    assert run.data.params["train.epochs"] == "1"  # params stay as first logged (MLflow cannot change them)
+    arts = [a.path for a in tracker.client.list_artifacts(tracker.run_id)]
+    assert any(a.startswith("config-resume-") and a.endswith(".yaml") for a in arts), arts
+    assert "resumed with other settings" in capsys.readouterr().out
+
+
 def test_two_restarts_within_a_second_keep_both_old_runs(tmp_path, monkeypatch):
     from sslray.raytrain import trainer
 

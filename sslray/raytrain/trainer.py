@@ -284,6 +284,22 @@ def resumes(cfg: Config, restart: bool = False) -> bool:
     return not restart and bool(cfg.ray.name) and _read_run_file(run_location(cfg)[2]) is not None
 
 
+def log_resumed_config(tracker: Tracker, cfg: Config) -> dict[str, tuple[str, str]]:
+    """A resume with other settings (another batch size, more epochs): MLflow params cannot change, so
+    the keys that differ from the logged ones go to the ``sslray.resumed_with`` tag (``key=new (was
+    old)``, latest resume) and the resumed config to ``config-resume-<time>.yaml``; returns the changes."""
+    logged = tracker.client.get_run(tracker.run_id).data.params
+    same_run = {"ray.name", "tracking.run_name"}  # a first launch may have derived the name the resume names
+    changed = {k: (str(v)[:6000], logged[k]) for k, v in flatten(cfg).items()
+               if k in logged and k not in same_run and str(v)[:6000] != logged[k]}
+    if changed:
+        text = "; ".join(f"{k}={new} (was {old})" for k, (new, old) in sorted(changed.items()))
+        tracker.set_tags({"sslray.resumed_with": text[:5000]})
+        tracker.log_text(dump_yaml(cfg), f"config-resume-{time.strftime('%Y%m%d-%H%M%S')}.yaml")
+        print(f"sslray: resumed with other settings than the run's params: {text}")
+    return changed
+
+
 def pretrain(cfg: Config, tracker: Optional[Tracker] = None, restart: bool = False) -> PretrainResult:
     """Fit ``cfg`` with Ray Train; log params, config, per-epoch metrics and curves to MLflow.
 
@@ -320,6 +336,7 @@ def pretrain(cfg: Config, tracker: Optional[Tracker] = None, restart: bool = Fal
         tracker = Tracker(uri, previous["run_id"])
         tracker.client.update_run(tracker.run_id, status="RUNNING")
         print(f"sslray: resuming run {name} (MLflow run {tracker.run_id}) from its latest checkpoint in {run_dir}")
+        log_resumed_config(tracker, cfg)
     else:
         if tracker is None:
             tracker = Tracker.start(uri, cfg.tracking.experiment, name, tags={
