@@ -222,6 +222,16 @@ def test_time_to_accuracy_budget_fits_epochs(bench_cache, tmp_path, capsys):
     assert [int(r["epoch"]) for r in rows] == [1]  # no time left: the fit falls back to one epoch
 
 
+def test_probe_fit_times_the_rule_beside_the_default(capsys):
+    import probe_fit
+
+    before = probe_fit.C.RESULTS.read_text()
+    assert probe_fit.main(["--sizes", "64", "--runs", "1", "--dim", "16", "--max-iter", "50"]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| 64 x 16")]
+    assert len(rows) == 1 and rows[0].split("|")[2].strip() == "1" and rows[0].rstrip(" |").endswith("x")
+    assert probe_fit.C.RESULTS.read_text() == before  # nothing appended without --append
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("what,names", [("ffcv", ("uncached", "cached")), ("bytecode", ("no bytecode", "bytecode"))])
 def test_startup_times_both_variants_in_fresh_processes(capsys, what, names):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from sslray.raytrain.knn import knn_accuracy, knn_predict
@@ -79,6 +80,27 @@ def test_linear_probe_converges_and_reports():
     assert res.confusion.shape == (4, 4) and res.confusion.sum() == 100
     assert all(n in res.report for n in names)
     assert np.isclose(res.metrics["recall"], np.diag(res.confusion).sum() / 100, atol=0.05)
+
+
+def test_small_probe_fits_run_on_one_blas_thread_and_give_the_same_numbers(monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    import sslray.raytrain.probe as P
+
+    assert P.blas_threads(128 * 512) == 1 and P.blas_threads(50_000 * 512) is None
+    seen = []
+    real_fit = P.LogisticRegression.fit
+
+    def fit(self, *a, **k):
+        seen.append({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+        return real_fit(self, *a, **k)
+
+    monkeypatch.setattr(P.LogisticRegression, "fit", fit)
+    x, y = _clusters(noise=0.5)
+    args = (x.numpy()[::2], y.numpy()[::2], x.numpy()[1::2], y.numpy()[1::2], ["a", "b", "c", "d"])
+    one, default = linear_probe(*args), linear_probe(*args, threads=None)
+    assert seen[0] == {1}  # under the rule's limit while the solver runs
+    assert one.metrics == pytest.approx(default.metrics) and np.array_equal(one.confusion, default.confusion)
 
 
 def test_macro_scores_leave_out_classes_the_val_set_lacks():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Optional, Union
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
@@ -17,6 +18,7 @@ from sklearn.metrics import (accuracy_score, classification_report, confusion_ma
                              recall_score, top_k_accuracy_score)
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 
 def macro_scores(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
@@ -37,11 +39,27 @@ class ProbeResult:
     converged: bool
 
 
+# Below this many feature values (images x dims) the solver runs on one BLAS thread: each L-BFGS
+# iteration is a few small matrix products, and waking a thread pool for them costs more than it
+# saves: 1.3-1.4x faster fits up to 5,000 x 512 on an idle 2-core machine, ~10x when other jobs share
+# the cores (benchmarks/probe_fit.py, RESULTS.md). Larger fits keep the library's threads.
+ONE_THREAD_BELOW = 10_000_000
+
+
+def blas_threads(num_values: int) -> Optional[int]:
+    """1 for a fit of ``num_values`` feature values under ``ONE_THREAD_BELOW``, else None (the default)."""
+    return 1 if num_values < ONE_THREAD_BELOW else None
+
+
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
-                 class_names: list[str], C: float = 1.0, max_iter: int = 3000, seed: int = 0) -> ProbeResult:
+                 class_names: list[str], C: float = 1.0, max_iter: int = 3000, seed: int = 0,
+                 threads: Union[int, None, str] = "auto") -> ProbeResult:
+    """``threads``: BLAS threads of the fit; ``"auto"``: one for small fits (``blas_threads``), None: the
+    library's default."""
     labels = np.arange(len(class_names))
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, tol=1e-4, random_state=seed))
-    with warnings.catch_warnings(record=True) as caught:
+    limit = blas_threads(train_x.size) if threads == "auto" else threads
+    with warnings.catch_warnings(record=True) as caught, threadpool_limits(limits=limit, user_api="blas"):
         warnings.simplefilter("always", ConvergenceWarning)
         clf.fit(train_x, train_y)
     converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
