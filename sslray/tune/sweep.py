@@ -18,7 +18,7 @@ from typing import Any
 from ..config import Config, ConfigError, dump_yaml, effective_lr, from_dict
 from ..storage import join, list_files, read_text, write_text
 from ..tracking import SWEEP_PARENT_TAG, Tracker, resolve_uri
-from .space import Dist, describe, grid_size, to_param_space, trial_config
+from .space import RECIPE_KEY, Dist, describe, grid_size, to_param_space, trial_config
 from .trial import run_trial
 
 META_FILE = "sslray_sweep.json"  # the sweep's spec + parent run id, read back on resume
@@ -254,7 +254,9 @@ def run_sweep(spec: SweepSpec, tracking_uri: str | None = None, experiment: str 
         parent.log_text(json.dumps(describe(spec.dists), indent=2), "space.json")
         write_text(_meta_path(spec), json.dumps({"spec": dataclasses.asdict(spec), "tracking_uri": uri,
                                                  "parent_run_id": parent.run_id}, indent=2))
-        print(f"sslray tune: {total} trial(s) of {base.method.name}, at most {limit} at once, "
+        recipes = spec.space.get(RECIPE_KEY, [None, []])[1]  # a study: one recipe per method x policy
+        what = f"{len(recipes)} recipes" if recipes else base.method.name
+        print(f"sslray tune: {total} trial(s) of {what}, at most {limit} at once, "
               f"{spec.scheduler} on {spec.metric} ({spec.mode}); MLflow parent run {parent.run_id}")
         tuner = tune.Tuner(
             make_trainable(spec),
