@@ -117,8 +117,10 @@ def probe(checkpoint: str | os.PathLike, train: str, val: str, *, train_subset: 
 
 def evaluate(checkpoint: str | os.PathLike, protocols: str | Sequence[str] = "linear,knn", *,
              train: Optional[str] = None, val: Optional[str] = None, **kw: Any) -> "EvalReport":
-    """``sslray eval``: evaluation protocols (linear, knn, finetune, lowshot, embed) on a checkpoint;
-    ``train``/``val`` default to the checkpoint's own splits. ``kw`` as ``sslray.eval.run_eval``."""
+    """``sslray eval``'s protocols (linear, knn, finetune, lowshot, embed) on a checkpoint;
+    ``train``/``val`` default to the checkpoint's own splits. ``kw`` as ``sslray.eval.run_eval``.
+    Returns the report and logs nothing; ``sslray.eval.runner.log_eval(Tracker(uri, run_id), report)``
+    logs it as ``sslray eval`` does."""
     from .eval import run_eval
 
     return run_eval(str(checkpoint), train, val, protocols, **kw)
