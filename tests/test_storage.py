@@ -439,8 +439,18 @@ def test_a_restart_that_cannot_move_the_old_run_is_a_storage_error(tmp_path, mon
     assert "NETWORK_CONNECTION" in err and "nothing was deleted" in err
 
 
-def test_a_restart_with_a_mistyped_dataset_moves_nothing_aside(tmp_path, capsys):
+def test_a_restart_with_a_mistyped_dataset_moves_nothing_aside(tmp_path, capsys, monkeypatch):
+    import ray
+
     from sslray.cli import main
+
+    # where sslray starts its own Ray (the workers run here); on a joined cluster a path missing here is
+    # only a note, since the workers may have it
+    from sslray.raytrain import trainer
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(trainer, "local_head", lambda: None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
 
     old = tmp_path / "runs" / "r1"
     old.mkdir(parents=True)

@@ -254,8 +254,8 @@ def run_sweep(spec: SweepSpec, tracking_uri: str | None = None, experiment: str 
         parent.log_text(json.dumps(describe(spec.dists), indent=2), "space.json")
         write_text(_meta_path(spec), json.dumps({"spec": dataclasses.asdict(spec), "tracking_uri": uri,
                                                  "parent_run_id": parent.run_id}, indent=2))
-        recipes = spec.space.get(RECIPE_KEY, [None, []])[1]  # a study: one recipe per method x policy
-        what = f"{len(recipes)} recipes" if recipes else base.method.name
+        recipes = spec.space.get(RECIPE_KEY, [None, []])[1]  # a study: one recipe file per method
+        what = ", ".join(Path(str(r)).stem for r in recipes) if recipes else base.method.name
         print(f"sslray tune: {total} trial(s) of {what}, at most {limit} at once, "
               f"{spec.scheduler} on {spec.metric} ({spec.mode}); MLflow parent run {parent.run_id}")
         tuner = tune.Tuner(
