@@ -66,6 +66,11 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def param_text(value: Any) -> str:
+    """A param's value as MLflow stores it (text, at most 6,000 characters)."""
+    return str(value)[:6000]
+
+
 class Tracker:
     """A handle on one MLflow run."""
 
@@ -104,7 +109,7 @@ class Tracker:
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = [Param(k, param_text(v)) for k, v in params.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 

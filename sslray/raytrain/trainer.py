@@ -12,7 +12,7 @@ from typing import Any, Optional
 from ..config import Config, dump_yaml, flatten
 from ..rayhead import local_head, stale_message
 from ..storage import RUN_FILE, checkpoint_uri, filesystem, is_remote, join, move_tree, read_text, write_text
-from ..tracking import Tracker, numeric, resolve_uri
+from ..tracking import Tracker, numeric, param_text, resolve_uri
 
 try:  # Ray Train V2 driver callbacks run in the train controller, never on the workers.
     from ray.train import UserCallback as _UserCallback
@@ -290,8 +290,8 @@ def log_resumed_config(tracker: Tracker, cfg: Config) -> dict[str, tuple[str, st
     old)``, latest resume) and the resumed config to ``config-resume-<time>.yaml``; returns the changes."""
     logged = tracker.client.get_run(tracker.run_id).data.params
     same_run = {"ray.name", "tracking.run_name"}  # a first launch may have derived the name the resume names
-    changed = {k: (str(v)[:6000], logged[k]) for k, v in flatten(cfg).items()
-               if k in logged and k not in same_run and str(v)[:6000] != logged[k]}
+    changed = {k: (param_text(v), logged[k]) for k, v in flatten(cfg).items()
+               if k in logged and k not in same_run and param_text(v) != logged[k]}
     if changed:
         text = "; ".join(f"{k}={new} (was {old})" for k, (new, old) in sorted(changed.items()))
         tracker.set_tags({"sslray.resumed_with": text[:5000]})

@@ -44,7 +44,7 @@ def register(sub) -> None:
 
 
 def base_config(a):
-    from .space import KINDS
+    from .space import looks_like_dist
 
     recipe = a.recipe
     if not recipe and a.method and (CONFIG_DIR / f"{a.method}_cifar10.yaml").exists():
@@ -52,8 +52,7 @@ def base_config(a):
     flags = {"method.name": a.method, "data.train": _abs(a.data), "data.val": _abs(a.val),
              "ray.num_workers": a.workers_per_trial, "train.epochs": a.max_epochs}
     for o in a.overrides:  # `--space "a=..." "b=uniform(..)"`: the second one lands here, as a fixed key
-        value = o.partition("=")[2].strip()
-        if value.endswith(")") and value.split("(", 1)[0].strip() in KINDS:
+        if looks_like_dist(o.partition("=")[2]):
             raise ConfigError(f"{o!r} is a search space given as a fixed key: give each searched key its own "
                               f"--space (--space \"{o}\")")
     return load_config(recipe, flag_overrides(flags, a.overrides))

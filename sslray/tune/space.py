@@ -128,6 +128,12 @@ def _bare_words(body: str) -> Optional[tuple]:
     return tuple(out)
 
 
+def looks_like_dist(text: str) -> bool:
+    """``uniform(0.1,0.5)``, ``grid(a,b)``: a call of one of the KINDS (what ``parse_dist`` parses)."""
+    m = _CALL.match(text)
+    return bool(m) and m.group(1).lower() in KINDS
+
+
 def parse_dist(value: Any, key: str = "") -> Dist:
     """``"loguniform(1e-4, 1e-1)"``, ``"choice(64, 128)"``, a YAML list (= choice), or a mapping
     ``{dist: uniform, low: 0.1, high: 0.5}`` / ``{dist: choice, values: [...]}`` -> Dist."""
