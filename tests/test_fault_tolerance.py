@@ -49,7 +49,7 @@ def test_sigkill_mid_epoch_resumes_bit_for_bit(cifar_small, tmp_path):
 
     b_dir, b_out = tmp_path / "b", tmp_path / "b.json"
     proc = subprocess.Popen([sys.executable, str(SCRIPTS), "local", str(b_dir), str(b_out), *over], env=_env())
-    _wait_for(lambda: any(b_dir.glob("epoch_0000_step_*/state.pt")), 600, "the first mid-epoch checkpoint", proc)
+    _wait_for(lambda: any(b_dir.glob("epoch_0000.*_step_*/state.pt")), 600, "the first mid-epoch checkpoint", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL and not b_out.exists()
@@ -76,7 +76,7 @@ def test_nan_at_step_k_stops_cleanly_and_keeps_the_checkpoint(cifar_small, tmp_p
     with pytest.raises(NonFiniteLossError, match=r"at step 3 \(epoch 1\)"):
         run_local(cfg, str(tmp_path))
     kept = sorted(p.parent.name for p in tmp_path.glob("*/state.pt"))
-    assert kept == ["epoch_0000_step_0000002"]  # the checkpoint before the NaN, intact
+    assert kept == ["epoch_0000.333333_step_0000002"]  # before the NaN, intact (2 of 6 steps)
 
 
 def _worker_pids() -> list[int]:
@@ -115,7 +115,7 @@ def test_killed_worker_costs_at_most_one_checkpoint_interval(ray_cluster, cifar_
 
     def killer():
         # After the first mid-epoch checkpoint, let one more step finish, then SIGKILL a worker.
-        _wait_for(lambda: any(run_dir.glob("epoch_0000_step_*")), 600, "a checkpoint")
+        _wait_for(lambda: any(run_dir.glob("epoch_0000.*_step_*")), 600, "a checkpoint")
         before = set(_worker_pids())
         _wait_for(lambda: _step_entries(uri) >= interval + 1, 300, "a step past the checkpoint")
         pid = sorted(before)[-1]

@@ -114,7 +114,7 @@ def test_mid_epoch_resume_on_an_image_folder_continues_exactly(cifar_small, tmp_
     for name in ("whole", "resumed"):
         ck = tmp_path / name
         if name == "resumed":  # only the whole run's mid-epoch checkpoint, then the loop
-            mid = next((tmp_path / "whole").glob("epoch_0000_step_*"))
+            mid = next((tmp_path / "whole").glob("epoch_0000.*_step_*"))
             shutil.copytree(mid, ck / mid.name)
         out: list = []
         train_loop(cfg, LocalSession(str(ck), "false", printer=lambda m, flush=True: out.append(m)))
@@ -135,7 +135,7 @@ def test_a_mid_epoch_resume_reports_the_whole_epochs_grad_norms_and_skipped_step
     poison_loss(2)  # the whole run's step 2 (before the checkpoint at step 4)
     whole, _ = run_local(cfg, str(tmp_path / "whole"))
     assert whole["step"] == 6 and whole["nonfinite_skipped_frac"] == pytest.approx(1 / 6)
-    mid = next((tmp_path / "whole").glob("epoch_0000_step_*"))
+    mid = next((tmp_path / "whole").glob("epoch_0000.*_step_*"))
     shutil.copytree(mid, tmp_path / "resumed" / mid.name)
     resumed, s = run_local(cfg, str(tmp_path / "resumed"))
     assert s.history[-1]["epoch"] == 1 and resumed["step"] == 6

@@ -78,7 +78,7 @@ def test_ranks_draw_their_own_views_and_resume_them(cifar_small, tmp_path):
 
     # Resume from the mid-epoch checkpoint (after step 2): step 3 draws what the whole run drew on each
     # rank, and the epoch's figures (loss and online-probe sums over both ranks) are the whole run's.
-    mid = tmp_path / "whole" / "epoch_0000_step_0000002"
+    mid = next((tmp_path / "whole").glob("epoch_0000.*_step_0000002"))
     shutil.copytree(mid, tmp_path / "resumed" / mid.name)
     resumed = _spawn(tmp_path, cfg, tmp_path / "resumed", "resumed")
     for rank in (0, 1):

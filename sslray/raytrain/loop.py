@@ -343,7 +343,8 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
             report_now = tc.report_every_steps and step % tc.report_every_steps == 0
             if i + 1 < data.steps_per_epoch and (ckpt_now or report_now):
                 health.check(cfg.method.name, epoch + 1)  # never checkpoint past a bad step
-                m = {"epoch": epoch, "step": step, "step_loss": float(D.all_reduce_mean(loss.detach())), "partial": 1}
+                m = {"epoch": epoch, "step": step, "step_loss": float(D.all_reduce_mean(loss.detach())), "partial": 1,
+                     "batch_in_epoch": i + 1, "steps_per_epoch": data.steps_per_epoch}
                 # The loss sum of every rank (rank 0 carries it on after a resume, the others restart at 0).
                 part = {"loss_sum": float(D.all_reduce_mean(loss_sum)) * session.world_size, "n": n_steps,
                         "n_ok": prior_ok + float(health.ok_steps), "seconds": prior_seconds + time.perf_counter() - t0,
@@ -395,9 +396,18 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
 
 
 def checkpoint_name(metrics: dict) -> str:
-    """``epoch_0003`` after 3 epochs; ``epoch_0003_step_0000412`` inside the 4th (sorts after it)."""
+    """``epoch_0003`` after 3 epochs; ``epoch_0003.250000_step_0000412`` a quarter into the 4th.
+
+    Names sort in training order, which is how the newest is found (``LocalSession.restore``, the
+    probe/eval/export readers). Inside an epoch the order key is the fraction of the epoch done, not
+    the global step: a resume at another batch size renumbers the steps (same point of the schedules,
+    other count), so a step-keyed name of the crashed run could sort after the resumed run's newer ones.
+    """
     name = f"epoch_{int(metrics['epoch']):04d}"
-    return name + f"_step_{int(metrics['step']):07d}" if metrics.get("partial") else name
+    if not metrics.get("partial"):
+        return name
+    done = int(metrics["batch_in_epoch"]) * 10**6 // max(1, int(metrics["steps_per_epoch"]))
+    return f"{name}.{done:06d}_step_{int(metrics['step']):07d}"
 
 
 def train_func(config: dict) -> None:

@@ -1,0 +1,49 @@
+"""Checkpoint folder names sort in training order, also across a resume at another batch size.
+
+Every reader finds the newest checkpoint by its folder name (``LocalSession.restore``, ``find_state``
+for probe/eval/export, ``newest_file`` for remote runs). A resume at another batch renumbers the global
+step, so the names cannot be keyed by it inside an epoch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sslray.raytrain.evaluate import find_state
+from sslray.raytrain.loop import checkpoint_name
+from sslray.raytrain.session import STATE_FILE, LocalSession
+from sslray.storage import newest_file
+
+
+def _mid(epoch: int, batch: int, steps_per_epoch: int) -> dict:
+    """The step-level report the loop makes after ``batch`` steps of epoch ``epoch`` (0-based)."""
+    return {"epoch": epoch, "step": epoch * steps_per_epoch + batch, "partial": 1,
+            "batch_in_epoch": batch, "steps_per_epoch": steps_per_epoch}
+
+
+def test_names_follow_training_order():
+    names = [checkpoint_name({"epoch": 1}), checkpoint_name(_mid(1, 1, 8)), checkpoint_name(_mid(1, 7, 8)),
+             checkpoint_name({"epoch": 2}), checkpoint_name(_mid(2, 1, 8)), checkpoint_name({"epoch": 10})]
+    assert sorted(names) == names and len(set(names)) == len(names)
+    assert checkpoint_name(_mid(0, 2, 6)) == "epoch_0000.333333_step_0000002"
+
+
+@pytest.mark.parametrize("spe", [2, 3, 7, 1000, 999_983])
+def test_consecutive_steps_of_an_epoch_never_share_a_name(spe):
+    """The fraction in the name has six digits: distinct for every step up to a million steps per epoch."""
+    names = [checkpoint_name(_mid(4, b, spe)) for b in range(max(1, spe - 50), spe)] + [checkpoint_name({"epoch": 5})]
+    assert sorted(names) == names and len({n.split("_step_")[0] for n in names}) == len(names)
+
+
+def test_the_resumed_runs_checkpoint_is_the_newest_after_a_resume_at_a_larger_batch(tmp_path):
+    """A run at batch 16 (8 steps per epoch) saved a quarter into epoch 2 (global step 10) and crashed;
+    resumed at batch 32 (4 steps per epoch) it saved half-way into epoch 2 (global step 6 in its
+    numbering) and crashed again. Every reader must pick the half-way checkpoint."""
+    session = LocalSession(str(tmp_path), "false", printer=lambda *a, **k: None)
+    session.report(_mid(1, 2, 8), {"marker": "crashed run, 25%"})
+    session.report(_mid(1, 2, 4), {"marker": "resumed run, 50%"})
+    assert session.restore()["marker"] == "resumed run, 50%"
+    newest = find_state(tmp_path)
+    assert newest == tmp_path / checkpoint_name(_mid(1, 2, 4)) / STATE_FILE
+    assert newest_file(str(tmp_path), STATE_FILE) == str(newest)
+    assert torch.load(newest, weights_only=False)["marker"] == "resumed run, 50%"
