@@ -82,6 +82,14 @@ def _check_metrics(name: str, metrics: dict) -> None:
         assert 0.0 <= metrics[key] <= 1.0, (name, key, metrics.get(key))
 
 
+def _check_names(name: str, epoch_report: dict) -> None:
+    """Every per-epoch metric a method reports is in EPOCH_METRICS (what `sslray tune --metric` accepts)."""
+    from sslray.raytrain.loop import EPOCH_METRICS
+
+    unknown = sorted(set(epoch_report) - EPOCH_METRICS - {"node_id"})
+    assert not unknown, f"{name} reports {unknown}, missing from sslray.raytrain.loop.EPOCH_METRICS"
+
+
 @pytest.mark.parametrize("name", METHODS.names())
 def test_method_trains_on_two_ranks_and_reports_its_metrics(name, request):
     import math
@@ -102,6 +110,7 @@ def test_method_trains_on_two_ranks_and_reports_its_metrics(name, request):
         assert all(isinstance(v, (int, float, bool, str)) or v is None for m in hist for v in m.values()), hist
         assert [m["loss"] for m in reports[1][name]["history"]] == [m["loss"] for m in hist]
         _check_metrics(name, epochs[0])
+        _check_names(name, epochs[0])
         assert reports[0][name]["checkpoints"] == ["epoch_0001"], reports[0][name]["checkpoints"]
         return
 

@@ -37,3 +37,11 @@ def test_the_cli_reference_shows_every_command_and_flag():
 def test_the_references_in_docs_are_current():
     for name, make in docgen.REFERENCES.items():
         assert (docgen.DOCS / name).read_text() == make(), f"docs/{name} is stale: run python -m sslray.docgen"
+
+
+def test_the_tune_guide_lists_every_metric_a_sweep_accepts():
+    """docs/tune.md's metric table is what `--metric` is checked against (the loop's EPOCH_METRICS)."""
+    from sslray.raytrain.loop import EPOCH_METRICS
+
+    text = (docgen.DOCS / "tune.md").read_text()
+    assert sorted(m for m in EPOCH_METRICS if f"`{m}`" not in text) == []

@@ -106,6 +106,25 @@ def test_a_forced_key_cannot_be_searched():
     assert spec.forced == {}
 
 
+@pytest.mark.parametrize("metric,match", [
+    ("knn_tpo1", r"--metric knn_tpo1 is not a per-epoch metric.*did you mean knn_top1"),
+    ("linear_top1", r"--metric linear_top1 is not a per-epoch metric.*knn_top1, knn_top5, online_probe_top1"),
+    ("online_probe_top1", r"measured on the val split: give --val"),
+])
+def test_a_metric_the_runs_never_report_is_refused_before_any_trial(metric, match):
+    """Tune only finds a missing metric at the first epoch report, trials running and the MLflow
+    parent left KILLED; the probe metrics need the val split."""
+    cfg = load_config("smoke", DATA[:1] + ["data.val="])
+    with pytest.raises(ConfigError, match=match):
+        make_spec(cfg, {}, name="s", storage="/tmp/s", metric=metric)
+
+
+@pytest.mark.parametrize("metric", ["z_rankme", "collapse_feats", "online_probe_train_loss", "images_per_sec"])
+def test_every_reported_kind_of_metric_can_be_scheduled_on(metric):
+    spec = make_spec(load_config("smoke", DATA), {}, name="s", storage="/tmp/s", metric=metric, mode="min")
+    assert spec.metric == metric and spec.forced == {}
+
+
 # ------------------------------------------------------------------ search space, before anything runs
 
 

@@ -26,7 +26,8 @@ from .amp import autocast_for, grad_scaler, resolve_precision
 from .knn import extract_features, knn_accuracy
 from .memory import SSLOutOfMemoryError, auto_batch, explain_oom
 from .methods import compile_method, create_method
-from .monitors import EmbeddingTap, NonFiniteLossError, StepHealth, collapse_report, epoch_health
+from .monitors import (COLLAPSE_STATS, TAP_KEYS, EmbeddingTap, NonFiniteLossError, StepHealth, collapse_report,
+                       epoch_health)
 from .online_probe import OnlineProbe
 from .optim import build_optimizer, load_optimizer_state, set_lr, set_weight_decay, warmup_cosine, weight_decay_at
 from .pictures import RunPictures
@@ -393,6 +394,19 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
         session.report(metrics, snapshot(epoch + 1, 0, metrics, None) if keep else None)
         last = metrics
     return last
+
+
+# Every per-epoch metric the loop can report (which appear depends on the config: kNN and online-probe
+# val scores need a val split, amp_* fp16, global_batch data.auto_batch). `sslray tune --metric` is
+# checked against it before any trial starts; tests/test_all_methods_ray.py checks every method's real
+# reports against it, so a new metric cannot be left out.
+EPOCH_METRICS = frozenset({
+    "epoch", "step", "loss", "lr", "epoch_seconds", "images_per_sec", "images_per_sec_per_worker",
+    "data_wait_ms_per_step", "grad_norm_backbone", "grad_norm_heads", "nonfinite_skipped_frac",
+    "amp_overflow_frac", "amp_scale", "global_batch", "knn_top1", "knn_top5", "knn_seconds",
+    "online_probe_top1", "online_probe_top5", "online_probe_train_top1", "online_probe_train_loss",
+    *(f"{k}_{s}" for k in TAP_KEYS for s in COLLAPSE_STATS), *(f"collapse_{k}" for k in TAP_KEYS)})
+VAL_METRICS = ("knn_top1", "knn_top5", "online_probe_top1", "online_probe_top5")  # measured on the val split
 
 
 def checkpoint_name(metrics: dict) -> str:

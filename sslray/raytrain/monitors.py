@@ -29,6 +29,8 @@ from torch import nn
 STD_RATIO_MIN = 0.05  # std * sqrt(d) of the normalised embeddings
 RANK_MIN = 2.0  # RankMe below this: the batch spans (about) one direction
 MEAN_COS_MAX = 0.98  # all embeddings point the same way
+TAP_KEYS = ("feats", "z")  # what EmbeddingTap captures: backbone features, projector outputs
+COLLAPSE_STATS = ("std_ratio", "rankme", "mean_cos")  # collapse_stats' keys; metrics "<tap key>_<stat>"
 HEAD_NAMES = ("projector", "head")  # the module whose input/output are the features/projections
 # fp16 loss scaling halves its scale at every overflowing step, from 2**16: after this many in a row
 # the scale is ~2**-14 and gradients that are still non-finite are not an overflow but a fault.
@@ -119,8 +121,8 @@ def collapse_metrics(captured: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 def collapse_report(metrics: dict[str, float]) -> tuple[dict[str, float], list[str]]:
     """Flags ``collapse_feats`` / ``collapse_z`` (1.0 tripped, 0.0 not) and one warning line per trip."""
     flags, lines = {}, []
-    for key in ("feats", "z"):
-        names = {k: metrics.get(f"{key}_{k}") for k in ("std_ratio", "rankme", "mean_cos")}
+    for key in TAP_KEYS:
+        names = {k: metrics.get(f"{key}_{k}") for k in COLLAPSE_STATS}
         if any(v is None for v in names.values()):
             continue
         why = tripped(names)

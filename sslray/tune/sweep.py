@@ -88,8 +88,7 @@ def make_spec(base: Config, space: Mapping[str, Dist], **kw) -> SweepSpec:
     if kw.get("mode", "max") not in ("max", "min"):
         raise ConfigError("--mode must be max or min")
     metric = kw.get("metric", "knn_top1")
-    if metric.startswith("knn") and not base.data.val:
-        raise ConfigError(f"--metric {metric} is measured on the val split: give --val")
+    check_metric(metric, base)
     max_epochs = int(kw.get("max_epochs", base.train.epochs))
     grace = int(kw.get("grace_period", 1))
     if not 0 < grace <= max_epochs:
@@ -105,6 +104,22 @@ def make_spec(base: Config, space: Mapping[str, Dist], **kw) -> SweepSpec:
     cfg = base.replace(**{"train.epochs": max_epochs, "tracking.run_name": "", "ray.name": "", **forced})
     return SweepSpec(base=cfg.to_dict(), space={k: [d.kind, list(d.args)] for k, d in space.items()}, forced=forced,
                      **kw)
+
+
+def check_metric(metric: str, base: Config) -> None:
+    """``--metric`` must be a per-epoch metric of the runs: a typo would otherwise end the sweep at the
+    first epoch report (Tune's error), after the trials started and with the MLflow parent left KILLED."""
+    import difflib
+
+    from ..raytrain.loop import EPOCH_METRICS, VAL_METRICS
+
+    if metric not in EPOCH_METRICS:
+        near = difflib.get_close_matches(metric, sorted(EPOCH_METRICS), n=3)
+        hint = f"did you mean {' or '.join(near)}? " if near else ""
+        raise ConfigError(f"--metric {metric} is not a per-epoch metric of sslray runs; {hint}"
+                          f"the probe metrics are {', '.join(VAL_METRICS)}; every name: docs/tune.md")
+    if metric in VAL_METRICS and not base.data.val:
+        raise ConfigError(f"--metric {metric} is measured on the val split: give --val")
 
 
 def max_concurrent_trials(resources: Mapping[str, float], workers: int, cpus_per_worker: float,
