@@ -14,7 +14,7 @@ from sslray.datasets.resident import ResidentDataset, ResidentLoader, load_archi
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+from conftest import CIFAR_ARCHIVE as ARCHIVE, require_archive  # noqa: E402
 
 
 def _data(n=50, res=4):
@@ -110,8 +110,7 @@ def test_image_folder_and_archive_sources_agree(tmp_path):
 
 @pytest.fixture(scope="module")
 def bench_cache(tmp_path_factory):
-    if not ARCHIVE.exists():
-        pytest.skip("shared CIFAR-10 archive not present")
+    require_archive(ARCHIVE)
     d = tmp_path_factory.mktemp("bench-cache")
     load_archive(ARCHIVE, "test", per_class=8, cache_dir=d)  # one archive pass, shared by both scripts
     x, y, c = load_archive(ARCHIVE, "test", per_class=30, cache_dir=d)

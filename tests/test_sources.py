@@ -18,7 +18,7 @@ from sslray.datasets import SOURCES, SourceError, WriteParams, convert, read_man
 from sslray.datasets.loader import read_image
 from sslray.datasets.sources import select
 
-from conftest import CIFAR_ARCHIVE, IMAGENETTE_ARCHIVE
+from conftest import CIFAR_ARCHIVE, IMAGENETTE_ARCHIVE, require_archive
 
 NAMES = {  # Imagenette's wnids -> names, as an ImageNet-100 Labels.json would hold them
     "n01440764": "tench", "n02102040": "English springer", "n02979186": "cassette player",
@@ -30,8 +30,7 @@ NAMES = {  # Imagenette's wnids -> names, as an ImageNet-100 Labels.json would h
 def extract_subset(archive: Path, root: Path, want: dict[str, int]) -> Path:
     """The first ``want[split]`` images of every class of an ImageFolder archive (a real subset,
     without unpacking all of it)."""
-    if not archive.exists():
-        pytest.skip(f"{archive} not found")
+    require_archive(archive)
     seen: dict[tuple[str, str], int] = {}
     with tarfile.open(archive) as tf:
         members = []
@@ -270,8 +269,7 @@ def test_rerun_with_same_source_and_params_is_a_noop(imagenette, tmp_path, capsy
 @pytest.mark.slow
 def test_full_imagenette_and_cifar10_convert(cifar_root, tmp_path):
     """The complete shared datasets (slow: ~60k + 9k images)."""
-    if not IMAGENETTE_ARCHIVE.exists():
-        pytest.skip("no imagenette archive")
+    require_archive(IMAGENETTE_ARCHIVE)
     with tarfile.open(IMAGENETTE_ARCHIVE) as tf:
         tf.extractall(tmp_path / "nette", filter="data")
     root = next(p.parent for p in (tmp_path / "nette").rglob("train"))

@@ -201,12 +201,11 @@ IMAGENETTE_PER_CLASS = {"train": 0.02, "val": 0.02}  # ~19 train and ~8 val imag
 @pytest.fixture(scope="module")
 def imagenette_small(tmp_path_factory):
     """The shared Imagenette extracted, then a small per-class subset converted with `sslray convert`."""
-    from conftest import IMAGENETTE_ARCHIVE
+    from conftest import IMAGENETTE_ARCHIVE, require_archive
 
     from sslray.cli import main
 
-    if not IMAGENETTE_ARCHIVE.exists():
-        pytest.skip(f"{IMAGENETTE_ARCHIVE} not found")
+    require_archive(IMAGENETTE_ARCHIVE)
     root = tmp_path_factory.mktemp("imagenette")
     with tarfile.open(IMAGENETTE_ARCHIVE) as tf:
         tf.extractall(root / "src", filter="data")
