@@ -185,6 +185,26 @@ def test_features_are_extracted_once_per_checkpoint(tiny_ckpt, cifar_small, monk
         os.utime(tiny_ckpt["state"], ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
+def test_pretrained_features_come_from_the_checkpoint_and_the_baseline_from_a_fresh_init(tiny_ckpt, cifar_small):
+    """Every reported gain compares these two: a store that built the pretrained backbone without the
+    checkpoint's weights (or the baseline with them) would make the gains meaningless."""
+    import numpy as np
+    import torch
+
+    from sslray.config import from_dict
+    from sslray.raytrain.methods import create_method
+
+    store = F.FeatureStore(str(tiny_ckpt["state"]), cifar_small["train"], cifar_small["test"], val_subset=40,
+                           train_subset=40, use_gpu="false", cache=False, progress=False, log=_quiet)
+    state = torch.load(tiny_ckpt["state"], weights_only=False)
+    by_hand = create_method(from_dict(state["config"]))
+    by_hand.load_state_dict(state["model"])
+    want, _ = store._split(by_hand.backbone.eval(), store.val, store.val_idx, "by hand")
+    pretrained, random_init = store.get("pretrained").val_x, store.get("random_init").val_x
+    np.testing.assert_allclose(pretrained, want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(random_init, want, atol=1e-3), "the baseline used the checkpoint's weights"
+
+
 def test_cli_eval_prints_the_table_and_logs_to_the_run_it_finds(tiny_ckpt, cifar_small, capsys):
     from mlflow.tracking import MlflowClient
 
