@@ -66,7 +66,7 @@ def multinode(argv: list[str]) -> None:
     try:
         res = pretrain(cfg)
         result["node_loss"] = {"ok": True, "final_epoch": int(res.metrics.get("epoch", -1)) if res.metrics else None,
-                               "loss": _loss_history(res)}
+                               "loss": _loss_history(res), "ended_at": time.time()}
     except Exception as e:  # noqa: BLE001 - recorded for the test to judge
         result["node_loss"] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
     t.join(timeout=5)

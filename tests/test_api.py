@@ -78,8 +78,11 @@ def test_the_notebook_flow_on_real_cifar(cifar_small, tmp_path, monkeypatch):
                                        "ray.num_workers": 1, "train.epochs": 2, "model.backbone": "resnet10t"})
     metrics = sslray.train_local(cfg, tmp_path / "run")
     assert metrics["epoch"] == 2 and 0 <= metrics["knn_top1"] <= 1
+    saved = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").glob("*/state.pt")}
     again = sslray.train_local(cfg, tmp_path / "run")  # the folder holds epoch 2: nothing left to train
     assert again["epoch"] == 2 and again["loss"] == metrics["loss"]
+    # ... and nothing was trained again (a run from scratch would give the same loss and write new states)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").glob("*/state.pt")} == saved
 
     report = sslray.probe(tmp_path / "run", cfg.data.train, cfg.data.val, train_subset=200, val_subset=100)
     assert 0 <= report.pretrained["linear_top1"] <= 1 and set(report.random_init) == set(report.pretrained)

@@ -53,11 +53,16 @@ def test_sigkill_mid_epoch_resumes_bit_for_bit(cifar_small, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL and not b_out.exists()
-    subprocess.run([sys.executable, str(SCRIPTS), "local", str(b_dir), str(b_out), *over], check=True, env=_env(),
-                   timeout=600)
+    again = subprocess.run([sys.executable, str(SCRIPTS), "local", str(b_dir), str(b_out), *over], check=True,
+                           env=_env(), timeout=600, capture_output=True, text=True)
 
     a = [m for m in json.loads(a_out.read_text()) if not m.get("partial")]
     b = [m for m in json.loads(b_out.read_text()) if not m.get("partial")]
+    # The second process started from the checkpoint, not from scratch (which, being deterministic, would
+    # give the same final loss): mid-epoch 1 after step 4, or epoch 2 if the kill came after epoch 1's.
+    where = "epoch 1, batch 4" if len(b) == 2 else "epoch 2, batch 0"
+    assert f"sslray: resumed at {where}" in again.stdout, again.stdout[-2000:]
+    assert all(m["step"] > 4 for m in json.loads(b_out.read_text())), "the resumed run trained steps 1-4 again"
     assert [m["epoch"] for m in a] == [1, 2]
     assert [m["epoch"] for m in b] == [1, 2] or [m["epoch"] for m in b] == [2], b
     assert b[-1]["loss"] == a[-1]["loss"] and b[-1]["step"] == a[-1]["step"] == 12
@@ -97,7 +102,7 @@ def _worker_pids() -> list[int]:
 
 @pytest.mark.ray
 @SLOW
-def test_killed_worker_costs_at_most_one_checkpoint_interval(ray_cluster, cifar_small, tmp_path):
+def test_killed_worker_costs_at_most_one_checkpoint_interval(ray_cluster, cifar_small, tmp_path, capfd):
     from mlflow.tracking import MlflowClient
 
     from sslray.config import load_config
@@ -146,6 +151,10 @@ def test_killed_worker_costs_at_most_one_checkpoint_interval(ray_cluster, cifar_
           f"(median step {step_s:.2f} s; checkpoint interval {interval} steps)")
     assert redone <= interval
     assert max(m.timestamp for m in hist) / 1000 > killed["time"]  # training went on after the kill
+    # ... in a restarted worker group that loaded a mid-epoch checkpoint (the kill hit a training worker;
+    # the new rank 0's line reaches this process through Ray's log_to_driver).
+    out = capfd.readouterr().out
+    assert "sslray: resumed at epoch 1, batch" in out or "sslray: resumed at epoch 2, batch" in out, out[-3000:]
 
 
 def _step_entries(uri: str) -> int:
@@ -202,6 +211,10 @@ def test_multinode_cluster_matches_single_node_and_survives_node_loss(cifar_smal
     assert len(spread) == 2 and spread == pytest.approx(pack, rel=1e-5)
     assert r["node_loss"]["ok"], r["node_loss"]
     assert r["node_loss"]["final_epoch"] == 3
+    # The node went while the run was going, and the run went on from a checkpoint (the only resume in
+    # the script; the restarted rank 0's line reaches the script's stdout through log_to_driver).
+    assert r.get("node_removed_at", float("inf")) < r["node_loss"]["ended_at"], r
+    assert "sslray: resumed at epoch" in proc.stdout + proc.stderr, proc.stdout[-3000:]
 
 
 def test_unwritable_storage_fails_before_training(tmp_path):
