@@ -288,3 +288,110 @@ def test_losses_are_float32_inside_bf16_autocast(name):
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
     got.backward()
     assert a.grad is not None and a.grad.dtype == torch.bfloat16 and a.grad.abs().sum() > 0
+
+
+# --- Paper-formula parity for VICReg, Barlow Twins and SwAV (review §4: mutations M1-M5) -------------------
+
+
+def _vicreg_reference(z1, z2, sim=25.0, std=25.0, cov=1.0):
+    """VICReg (Bardes et al. 2022, eq. 1-6) written out in float64 loops, as the official code computes it.
+
+    Two places where the official code (and this module) differ from the paper's equations, kept here:
+    the invariance is the per-element MSE (eq. 5 writes 1/n sum_i ||z_i - z'_i||^2, D times larger), and
+    the variance terms are averaged, std * (v(Z) + v(Z')) / 2, where eq. 6 writes mu * (v(Z) + v(Z')).
+    """
+    z1, z2 = z1.double(), z2.double()
+    n, d = z1.shape
+    inv = sum(float(z1[i, j] - z2[i, j]) ** 2 for i in range(n) for j in range(d)) / (n * d)
+
+    def var_term(z):  # eq. 1: mean over dimensions of max(0, 1 - sqrt(Var(z^j) + eps)), Var unbiased
+        total = 0.0
+        for j in range(d):
+            col = [float(z[i, j]) for i in range(n)]
+            mean = sum(col) / n
+            var = sum((c - mean) ** 2 for c in col) / (n - 1)
+            total += max(0.0, 1.0 - math.sqrt(var + 1e-4))
+        return total / d
+
+    def cov_term(z):  # eq. 3-4: C = 1/(n-1) sum_i (z_i - zbar)(z_i - zbar)^T; sum_{a != b} C_ab^2 / d
+        mean = [sum(float(z[i, j]) for i in range(n)) / n for j in range(d)]
+        total = 0.0
+        for a in range(d):
+            for b in range(d):
+                if a != b:
+                    c_ab = sum((float(z[i, a]) - mean[a]) * (float(z[i, b]) - mean[b]) for i in range(n)) / (n - 1)
+                    total += c_ab ** 2
+        return total / d
+
+    terms = {"inv": inv, "var1": var_term(z1), "var2": var_term(z2), "cov1": cov_term(z1), "cov2": cov_term(z2)}
+    terms["total"] = sim * inv + std * (terms["var1"] + terms["var2"]) / 2 + cov * (terms["cov1"] + terms["cov2"])
+    return terms
+
+
+def test_vicreg_terms_equal_the_paper_formulas_on_random_inputs():
+    """Catches M1 (invariance as mean absolute error) and M2 (covariance without the / D), and any change
+    to the variance hinge, the (n-1) covariance normalisation or the coefficients of the total."""
+    g = _g(70)
+    # correlated columns with stds straddling 1, so every term (and the variance hinge) is non-zero
+    base = torch.randn(24, 7, generator=g)
+    z1 = (base + 0.8 * base.roll(1, dims=1)) * torch.linspace(0.2, 1.4, 7) + 0.3
+    z2 = z1 + 0.3 * torch.randn(24, 7, generator=g)
+    ref = _vicreg_reference(z1, z2)
+    assert min(ref["inv"], ref["var1"], ref["var2"], ref["cov1"], ref["cov2"]) > 1e-2, ref  # nothing trivially 0
+    assert invariance_loss(z1, z2).item() == pytest.approx(ref["inv"], rel=1e-5)
+    assert variance_loss(z1).item() == pytest.approx(ref["var1"], rel=1e-5)
+    assert variance_loss(z2).item() == pytest.approx(ref["var2"], rel=1e-5)
+    assert covariance_loss(z1).item() == pytest.approx(ref["cov1"], rel=1e-5)
+    assert covariance_loss(z2).item() == pytest.approx(ref["cov2"], rel=1e-5)
+    assert vicreg_loss(z1, z2).item() == pytest.approx(ref["total"], rel=1e-5)
+    custom = _vicreg_reference(z1, z2, sim=2.0, std=3.0, cov=0.5)["total"]
+    assert vicreg_loss(z1, z2, sim_coeff=2.0, std_coeff=3.0, cov_coeff=0.5).item() == pytest.approx(custom, rel=1e-5)
+
+
+def _barlow_reference(z1, z2, lambda_):
+    """Barlow Twins (Zbontar et al. 2021) eq. 1 with C from eq. 2: the Pearson correlation of the batch-
+    mean-centred embeddings, C_ij = sum_b a_bi b_bj / (sqrt(sum_b a_bi^2) sqrt(sum_b b_bj^2)), in loops.
+
+    Eq. 2 equals standardising with the *biased* std and dividing a.T @ b by N, which is what the official
+    code (BatchNorm1d(affine=False), eps 1e-5) and this module do; the paper's Algorithm 1 pseudocode uses
+    z.std(0) (unbiased), which gives C larger by N/(N-1).
+    """
+    a = (z1 - z1.mean(0)).double()
+    b = (z2 - z2.mean(0)).double()
+    n, d = a.shape
+    total = 0.0
+    for i in range(d):
+        for j in range(d):
+            num = sum(float(a[k, i] * b[k, j]) for k in range(n))
+            c_ij = num / (math.sqrt(sum(float(a[k, i]) ** 2 for k in range(n)))
+                          * math.sqrt(sum(float(b[k, j]) ** 2 for k in range(n))))
+            total += (1 - c_ij) ** 2 if i == j else lambda_ * c_ij ** 2
+    return total
+
+
+@pytest.mark.parametrize("lambda_", [5e-3, 1.0])
+def test_barlow_twins_equals_eq1_with_pearson_cross_correlation(lambda_):
+    """Catches M3 (off-diagonal |C_ij| instead of C_ij^2) and any change to the standardisation, the / N
+    or the on-diagonal (1 - C_ii)^2."""
+    g = _g(71)
+    z1 = torch.randn(32, 6, generator=g) * torch.linspace(0.5, 3.0, 6) + 2.0
+    z2 = 0.8 * z1 + torch.randn(32, 6, generator=g)
+    ref = _barlow_reference(z1, z2, lambda_)
+    # the module's eps (1e-5 next to variances of ~1-10) moves the loss by far less than rel 1e-4
+    assert barlow_twins_loss(z1, z2, lambda_=lambda_).item() == pytest.approx(ref, rel=1e-4)
+
+
+def test_swav_loss_equals_swapped_prediction_formula_and_depends_on_temperature():
+    """Catches M4 (temperature dropped from the log-softmax) and M5 (a crop also predicting its own code)."""
+    g = _g(72)
+    scores = [torch.randn(5, 8, generator=g) for _ in range(4)]  # 2 global + 2 local crops
+    codes = [F.softmax(torch.randn(5, 8, generator=g) * 2, dim=1) for _ in range(2)]
+    for t in (0.1, 0.5):
+        terms = []
+        for i, q in enumerate(codes):
+            for v, s in enumerate(scores):
+                if v != i:
+                    terms.append(-(q * F.log_softmax(s / t, dim=1)).sum(1).mean())
+        assert len(terms) == 6
+        torch.testing.assert_close(swav_loss(scores, codes, t), torch.stack(terms).mean())
+    assert not torch.isclose(swav_loss(scores, codes, 0.1), swav_loss(scores, codes, 0.5))

@@ -406,3 +406,121 @@ def test_a_timm_name_with_vit_in_it_but_no_img_size_still_builds_and_bad_kwargs_
     assert create_backbone("fastvit_t8", img_size=32).num_features == 768  # FastViT takes no img_size
     with pytest.raises(ValueError, match="backbone 'vit_tiny_patch16_224': .*bogus_kw"):
         create_backbone("vit_tiny_patch16_224", img_size=32, bogus_kw=1)
+
+
+# --- Reference forwards written from the papers (review §3: mutations M8-M10) ----------------------------
+# Each builds the method as above, computes its loss by hand from the model's own submodules and compares
+# with model(views)["loss"]. The models stay in train mode and every branch sees the two views as ONE
+# concatenated batch, as the methods do, so BatchNorm uses the same batch statistics on both sides (no
+# dropout or random ops in these backbones/heads).
+
+
+def test_mocov3_loss_is_the_symmetrised_cross_view_infonce_scaled_by_2t():
+    """Catches M9 (query paired with the key of its own view) and a lost 2T scale (paper code: ctr * 2T)."""
+    from sslray.raytrain.losses import infonce_loss
+
+    model = build("mocov3")
+    assert model.training
+    x1, x2 = fixed_views("mocov3")
+    n, t = x1.shape[0], model.temperature
+    with torch.no_grad():
+        q = model.predictor(model.projector(model.backbone(torch.cat([x1, x2]))))
+        k = model.momentum_encoder.module(torch.cat([x1, x2]))
+        q1, q2, k1, k2 = q[:n], q[n:], k[:n], k[n:]
+        # MoCo v3 alg. 1: ctr(q1, k2) + ctr(q2, k1), ctr = CE(q k^T / T, arange) * 2T
+        ref = infonce_loss(q1, k2, None, t) * 2 * t + infonce_loss(q2, k1, None, t) * 2 * t
+        same_view = infonce_loss(q1, k1, None, t) * 2 * t + infonce_loss(q2, k2, None, t) * 2 * t
+    assert not torch.isclose(ref, same_view, rtol=1e-3)  # the test can tell the two pairings apart
+    torch.testing.assert_close(model([x1, x2])["loss"], ref)
+
+
+@pytest.mark.parametrize("name", ["byol", "simsiam"])
+def test_byol_and_simsiam_predict_the_other_views_target(name):
+    """Catches M10 (p and t of the same view) and a wrong scale: BYOL sums 2 - 2 cos over both directions
+    (eq. 2 plus its mirror), SimSiam averages -cos over both directions (eq. 2)."""
+    import torch.nn.functional as F
+
+    model = build(name)
+    assert model.training
+    x1, x2 = fixed_views(name)
+    n = x1.shape[0]
+    with torch.no_grad():
+        z = model.projector(model.backbone(torch.cat([x1, x2])))
+        p = model.predictor(z)
+        t = model.target.module(torch.cat([x1, x2])) if name == "byol" else z
+        p1, p2, t1, t2 = p[:n], p[n:], t[:n], t[n:]
+
+        def cos(a, b):  # row-wise cosine written out
+            return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+
+        if name == "byol":
+            def mse(a, b):  # ||a/|a| - b/|b|||^2 = 2 - 2 cos, mean over the batch
+                return ((F.normalize(a, dim=1) - F.normalize(b, dim=1)) ** 2).sum(1).mean()
+            ref, same_view = mse(p1, t2) + mse(p2, t1), mse(p1, t1) + mse(p2, t2)
+            torch.testing.assert_close(ref, (2 - 2 * cos(p1, t2)).mean() + (2 - 2 * cos(p2, t1)).mean())
+        else:
+            ref = -(cos(p1, t2).mean() + cos(p2, t1).mean()) / 2
+            same_view = -(cos(p1, t1).mean() + cos(p2, t2).mean()) / 2
+    assert not torch.isclose(ref, same_view, rtol=1e-3)
+    torch.testing.assert_close(model([x1, x2])["loss"], ref)
+
+
+def test_nnclr_positive_is_the_support_sets_nearest_neighbour():
+    """Catches M8 (FeatureQueue.nearest returning z itself) and NNCLR pairing its neighbours with the
+    wrong view's predictions: loss = (infonce(NN(z1), p2) + infonce(NN(z2), p1)) / 2 (NNCLR eq. 2)."""
+    import torch.nn.functional as F
+
+    from sslray.raytrain.losses import infonce_loss
+
+    model = build("nnclr")
+    assert model.training
+    x1, x2 = fixed_views("nnclr")
+    n, temp = x1.shape[0], model.temperature
+    known = F.normalize(torch.randn(model.support.size, model.support.queue.shape[1],
+                                    generator=torch.Generator().manual_seed(11)), dim=1)
+    model.support.queue.copy_(known)
+    with torch.no_grad():
+        z = model.projector(model.backbone(torch.cat([x1, x2])))
+        p = model.predictor(z)
+
+        def nearest(v):  # the row of ``known`` with the largest cosine, by an explicit loop
+            out = []
+            for row in F.normalize(v, dim=1):
+                sims = [float(row @ k) for k in known]
+                out.append(known[max(range(len(sims)), key=sims.__getitem__)])
+            return torch.stack(out)
+
+        nn1, nn2 = nearest(z[:n]), nearest(z[n:])
+        assert not torch.allclose(nn1, F.normalize(z[:n], dim=1), atol=1e-3)  # a neighbour is not z itself
+        ref = (infonce_loss(nn1, p[n:], None, temp) + infonce_loss(nn2, p[:n], None, temp)) / 2
+        with_z = (infonce_loss(z[:n], p[n:], None, temp) + infonce_loss(z[n:], p[:n], None, temp)) / 2
+    assert not torch.isclose(ref, with_z, rtol=1e-3)
+    torch.testing.assert_close(model([x1, x2])["loss"], ref)
+    # training pushes the normalised first-view projections at the pointer (0 for a fresh queue)
+    torch.testing.assert_close(model.support.queue[:n], F.normalize(z[:n], dim=1))
+    torch.testing.assert_close(model.support.queue[n:], known[n:])
+
+
+def test_feature_queue_push_wraps_around_and_nearest_is_by_cosine():
+    """Catches a wrong wrap-around (ptr + n > size), a wrong count/ptr, and M8 (nearest returning z)."""
+    from sslray.raytrain.methods._queue import FeatureQueue
+
+    q = FeatureQueue(5, 2, "empty")
+    r = torch.tensor([[float(i), float(i % 3) - 1.0] for i in range(1, 8)])  # rows r1..r7
+    assert q.rows().shape == (0, 2)
+    q.push(r[0:3])  # r1 r2 r3
+    assert q.rows().shape == (3, 2)
+    q.push(r[3:7])  # r4 r5 fill the queue, r6 r7 wrap onto r1 r2
+    assert torch.equal(q.queue, torch.stack([r[5], r[6], r[2], r[3], r[4]]))
+    assert int(q.ptr) == 2 and int(q.count) == 5 and q.rows().shape == (5, 2)
+    q2 = FeatureQueue(3, 2, "empty")
+    q2.push(r)  # more rows than the queue holds: only the last 3 are kept, written from the pointer
+    assert torch.equal(q2.queue, torch.stack([r[4], r[5], r[6]])) and int(q2.ptr) == 0 and int(q2.count) == 3
+    bank = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0], [1.0, 1.0], [0.5, -0.1]])
+    q3 = FeatureQueue(5, 2, "empty")
+    q3.push(bank)
+    # angles: z 5.7, 88.9, 191.3, 36.9 deg; bank 0, 90, 180, 45, -11.3 deg. By cosine the neighbours are
+    # bank rows 0, 1, 2, 3, returned as stored (not normalised); a dot product would give 3, 1, 2, 3 and
+    # Euclidean distance 3, 1, 4, 3.
+    z = torch.tensor([[10.0, 1.0], [0.1, 5.0], [-1.0, -0.2], [2.0, 1.5]])
+    assert torch.equal(q3.nearest(z), torch.stack([bank[0], bank[1], bank[2], bank[3]]))
