@@ -43,3 +43,75 @@ def test_swav_frozen_window_survives_a_resume():
     fresh = create_method(cfg)
     fresh.load_state_dict(m.state_dict())
     assert not fresh.frozen() and counter(fresh, "step") == 20
+
+
+def _draws() -> tuple:
+    """The next draws of all three streams restore_rng puts back (torch, numpy, python)."""
+    import random
+
+    import numpy as np
+
+    return torch.rand(3), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return torch.equal(a[0], b[0]) and a[1] == b[1] and a[2] == b[2]
+
+
+def test_restore_rng_derives_a_per_rank_stream_when_the_checkpoint_has_fewer_ranks():
+    """Catches a resume on more workers reusing a saved stream, or a derived seed ignoring rank or step."""
+    from sslray.raytrain.loop import rank_seed, restore_rng, rng_state, seed_everything, set_rng_state
+
+    outer = rng_state()
+    try:
+        seed_everything(100)
+        saved0 = rng_state()
+        after0 = _draws()
+        seed_everything(200)
+        state = {"rng_ranks": [saved0], "rng": rng_state(), "step": 7}  # saved by a one-worker run
+        expect = {}
+        for r in (1, 2):
+            seed_everything(rank_seed(0, r, 7))
+            expect[r] = _draws()
+        got = {}
+        for r in (0, 1, 2):
+            seed_everything(999)  # whatever the stream was before the resume
+            restore_rng(state, rank=r, seed=0)
+            got[r] = _draws()
+        assert _same(got[0], after0)  # rank 0 has its own saved state
+        assert _same(got[1], expect[1]) and _same(got[2], expect[2])
+        assert not torch.equal(got[1][0], got[2][0]) and got[1][1] != got[2][1] and got[1][2] != got[2][2]
+        assert not torch.equal(got[1][0], got[0][0])
+        restore_rng({**state, "step": 8}, rank=1, seed=0)  # the derived stream depends on the step too
+        assert not torch.equal(torch.rand(3), expect[1][0])
+        restore_rng(state, rank=1, seed=1)  # and on the run's seed
+        assert not torch.equal(torch.rand(3), expect[1][0])
+        # a one-process checkpoint (no per-rank list): rank 0 takes "rng", rank 1 the derived stream
+        single = {"rng_ranks": None, "rng": saved0, "step": 7}
+        restore_rng(single, rank=0, seed=0)
+        assert _same(_draws(), after0)
+        restore_rng(single, rank=1, seed=0)
+        assert _same(_draws(), expect[1])
+    finally:
+        set_rng_state(outer)
+
+
+def test_restore_rng_gives_each_rank_its_own_saved_state():
+    """Catches restore_rng handing a rank another rank's saved streams (or rank 0's "rng") back."""
+    from sslray.raytrain.loop import restore_rng, rng_state, seed_everything, set_rng_state
+
+    outer = rng_state()
+    try:
+        saved, after = [], []
+        for r in range(3):
+            seed_everything(10 + r)
+            saved.append(rng_state())
+            after.append(_draws())
+        seed_everything(300)
+        state = {"rng_ranks": saved, "rng": rng_state(), "step": 7}
+        for r in (2, 0, 1):
+            seed_everything(999)
+            restore_rng(state, rank=r, seed=0)
+            assert _same(_draws(), after[r]), r
+    finally:
+        set_rng_state(outer)

@@ -214,3 +214,76 @@ def test_grouped_views_never_sync_the_host_on_cuda():
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert all(v.is_cuda and torch.isfinite(v).all() for v in views)
+
+
+def _grey_axis_rotation(img: torch.Tensor, hue: float) -> torch.Tensor:
+    """Rotate each pixel's colour about the grey axis (1, 1, 1) by 2*pi*hue (right-handed, so red turns
+    towards green, like a positive HSV hue shift), built as the exponential of the axis' cross matrix."""
+    k = 1 / 3 ** 0.5
+    cross = torch.tensor([[0.0, -k, k], [k, 0.0, -k], [-k, k, 0.0]], dtype=torch.float64)
+    rot = torch.linalg.matrix_exp(2 * torch.pi * hue * cross).float()
+    return torch.einsum("ij,jhw->ihw", rot, img)
+
+
+def _hsv_hue_deg(img: torch.Tensor) -> torch.Tensor:
+    """(3, h, w) float RGB -> each pixel's HSV hue in degrees, by the standard library's colorsys."""
+    import colorsys
+
+    return torch.tensor([colorsys.rgb_to_hsv(*px)[0] * 360 for px in img.flatten(1).T.tolist()])
+
+
+def test_jitter_composes_the_four_ops_in_each_images_own_order():
+    """Catches the fused colour matrix ignoring the per-image op order (or composing it reversed)."""
+    n = 64
+    g = torch.Generator().manual_seed(1)
+    # a tinted image per sample (so contrast and hue do not commute), every value in [0.3, 0.7]: with these
+    # strengths no op leaves [0, 1], so torchvision's per-op clamps never act and the two must agree
+    x = 0.4 + 0.2 * torch.rand(n, 3, 1, 1, generator=g) + 0.1 * (2 * torch.rand(n, 3, 16, 16, generator=g) - 1)
+    p = AugParams(size=16, hflip_p=0, jitter=(0.3, 0.3, 0.5, 0.1), jitter_p=1.0, grey_p=0, **WHOLE, **ID)
+    aug = FusedViewAugment(p)
+    torch.manual_seed(5)
+    out = aug(x)
+    P = aug.last_params
+    assert P["jitter_on"].all() and len({tuple(r) for r in P["order"].tolist()}) > 12
+
+    def sequential(i: int, order) -> torch.Tensor:
+        ops = (lambda im: TF.adjust_brightness(im, P["brightness"][i].item()),
+               lambda im: TF.adjust_contrast(im, P["contrast"][i].item()),
+               lambda im: TF.adjust_saturation(im, P["saturation"][i].item()),
+               lambda im: _grey_axis_rotation(im, P["hue"][i].item()))
+        im = x[i]
+        for k in order:
+            im = ops[k](im)
+            assert 0 < im.min() and im.max() < 1  # no clamp anywhere in the reference
+        return im
+
+    ref = torch.stack([sequential(i, P["order"][i].tolist()) for i in range(n)])
+    # 1e-4: torchvision's luma weights are (0.2989, 0.587, 0.114), the fused ones (0.299, 0.587, 0.114);
+    # the largest difference seen (20 seeds) is ~6e-5. A wrong order costs up to ~2e-2 here.
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    fixed = torch.stack([sequential(i, range(4)) for i in range(n)])
+    assert (fixed - ref).abs().amax() > 1e-2  # the data can tell the orders apart
+
+
+def test_hue_is_a_grey_axis_rotation_of_2pi_hue_and_shifts_hsv_hue_by_hue_x_360():
+    """Catches a wrong hue angle in the fused jitter (e.g. ``ang = hue`` instead of ``2*pi*hue``)."""
+    # the six pure hues (red, yellow, green, cyan, blue, magenta) at HSV saturation 2/3, centred so that any
+    # rotation about the grey axis stays inside [0, 1]: no clamp, and HSV hue is then a function of the
+    # angle about the grey axis that departs from it by at most ~1.1 degrees
+    pure = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 1, 1], [0, 0, 1], [1, 0, 1]], dtype=torch.float)
+    x = (0.25 + 0.5 * pure).T.reshape(1, 3, 1, 6).expand(32, 3, 6, 6).contiguous()
+    aug = FusedViewAugment(AugParams(size=6, hflip_p=0, jitter=(0, 0, 0, 0.25), jitter_p=1.0, grey_p=0, **WHOLE, **ID))
+    torch.manual_seed(0)
+    out = aug(x)
+    hue = aug.last_params["hue"]
+    assert hue.abs().max() > 0.2
+    ref = torch.stack([_grey_axis_rotation(x[i], hue[i].item()) for i in range(32)])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    for i in range(32):
+        h = hue[i].item()
+        got = _hsv_hue_deg(out[i])
+        want = _hsv_hue_deg(x[i]) + 360 * h
+        tv = _hsv_hue_deg(TF.adjust_hue(x[i], h))  # torchvision's HSV shift, for comparison
+        for other in (want, tv):
+            err = ((got - other + 180) % 360 - 180).abs().max().item()
+            assert err < 2.0, (i, h, err)
