@@ -1,7 +1,9 @@
 """DDP equals one process: a 2-worker Ray Train run (gloo, through the loop's own data-parallel
 wrapper) computes the same loss and the same gradients as a single process on the same global
 batch, for SimCLR on ResNet-18 and for every method whose loss gathers across ranks (negatives,
-batch statistics, Sinkhorn, DINO centre).
+batch statistics, Sinkhorn, DINO centre); for those methods also after an update, where every
+tensor of the model's state (running statistics, queues, centre, teachers) must be equal, and over
+the second step's loss, which reads that state.
 
 Both sides build the model with the same seed; each rank takes its half of a fixed global batch
 of views. Rank results are written to files (``Result.metrics`` is not populated without a
@@ -20,6 +22,7 @@ from sslray.config import load_config
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 GLOBAL_BATCH = 8
+LR = 0.01  # the update between the two steps: small enough to keep BatchNorm well conditioned
 GATHERING = ["simclr", "mocov3", "nnclr", "barlowtwins", "vicreg", "swav", "dino"]
 
 
@@ -80,8 +83,30 @@ def _ddp_worker(config):
     ray.train.report({"done": 1})
 
 
+def _step(model, net, sync, views: list) -> dict:
+    """Forward and backward; ``net`` is ``model`` itself or its DDP wrapper (``sync`` averages then)."""
+    out = net(views)
+    out["loss"].backward()
+    sync()
+    return {"loss": out["loss"].detach(), "grads": _grads(model)}
+
+
+def _update(model) -> dict:
+    """A fixed SGD step, then the method's ``on_step`` (EMA teachers, queues, centres, schedules); returns
+    every tensor of the model's state afterwards (BatchNorm running statistics, queues and pointers,
+    DINO's centre, teachers)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= LR * p.grad
+                p.grad = None
+    if hasattr(model, "on_step"):
+        model.on_step(0, 10)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def _methods_worker(config):
-    """Every gathering method, each on the tiny test build and its own preset's views."""
+    """Every gathering method, each on the tiny test build and its own preset's views, two steps."""
     import ray.train
     import test_methods as T
 
@@ -93,12 +118,13 @@ def _methods_worker(config):
     for name in config["methods"]:
         m = convert_global_bn(_nonzero_bn(T.build(name)), "cpu")
         net, sync = data_parallel(m, torch.device("cpu"))
-        views = T.fixed_views(name)
-        n = views[0].shape[0] // w
-        o = net([v[r * n : (r + 1) * n] for v in views])
-        o["loss"].backward()
-        sync()
-        torch.save({"loss": o["loss"].detach(), "grads": _grads(m)}, os.path.join(config["out"], f"{name}{r}.pt"))
+        n = T.fixed_views(name)[0].shape[0] // w
+        views, views2 = ([v[r * n : (r + 1) * n] for v in vs] for vs in (T.fixed_views(name), T._make_views(name, 1)))
+        first = _step(m, net, sync, views)
+        state = _update(m)
+        second = _step(m, net, sync, views2)
+        torch.save({**first, "state": state, "loss2": second["loss"]},
+                   os.path.join(config["out"], f"{name}{r}.pt"))
     ray.train.report({"done": 1})
 
 
@@ -123,9 +149,24 @@ def test_every_gathering_method_matches_one_process(ray_cluster, tmp_path):
     torch.set_num_threads(1)
     for name in GATHERING:
         m = _nonzero_bn(T.build(name))
-        out = m(T.fixed_views(name))
-        out["loss"].backward()
-        _compare(tmp_path, name, out["loss"], _grads(m))
+        first = _step(m, m, lambda: None, T.fixed_views(name))
+        _compare(tmp_path, name, first["loss"], first["grads"])
+        # After one update, the state the gathered collectives keep in step: running statistics of the
+        # global batch, queues filled with every rank's rows in rank order, DINO's centre, EMA teachers.
+        state = _update(m)
+        got = [torch.load(tmp_path / f"{name}{r}.pt")["state"] for r in range(2)]
+        for r in range(2):
+            assert set(got[r]) == set(state), name
+            for k, v in state.items():
+                torch.testing.assert_close(got[r][k], v, rtol=1e-4, atol=1e-5,
+                                           msg=lambda msg, k=k, r=r: f"{name} rank {r}: {k}: {msg}")
+        # The second step reads that state (queues as negatives, the centre, the teacher). Its loss only:
+        # these tiny BatchNorm models are ill-conditioned after an update (a 1e-6 change of the weights,
+        # step 1's rounding, moves some gradients by ~1e-3 relative), the loss stays within ~1e-5.
+        second = _step(m, m, lambda: None, T._make_views(name, 1))
+        for r in range(2):
+            loss2 = torch.load(tmp_path / f"{name}{r}.pt")["loss2"]
+            torch.testing.assert_close(loss2, second["loss"], rtol=1e-4, atol=1e-6, msg=lambda msg: f"{name}: {msg}")
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
@@ -149,16 +190,17 @@ def _compare(tmp_path, prefix, loss, ref_grads):
     total = float(torch.cat([g.reshape(-1) for g in ref_grads.values()]).norm())
     for r in range(2):
         got = torch.load(tmp_path / f"{prefix}{r}.pt")
+        got_grads = got["grads"]
         torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
-        assert set(got["grads"]) == set(ref_grads)
+        assert set(got_grads) == set(ref_grads)
         for name, g in ref_grads.items():
             # DDP has averaged the ranks' gradients; they must equal the single-process gradient.
             if float(g.norm()) == 0:  # frozen for the first iterations (SwAV prototypes, DINO last layer)
-                assert float(got["grads"][name].norm()) == 0, f"{prefix}: {name} should have no gradient yet"
+                assert float(got_grads[name].norm()) == 0, f"{prefix}: {name} should have no gradient yet"
                 continue
             # Relative L2 error, with a small absolute floor for gradients that are zero in exact
             # arithmetic (a bias right before a BatchNorm) and hold only rounding noise.
-            err, ref = float((got["grads"][name] - g).norm()), float(g.norm())
+            err, ref = float((got_grads[name] - g).norm()), float(g.norm())
             assert err <= 1e-4 * ref + 1e-5 * total, f"{prefix} rank {r}: gradient of {name}: |diff| {err:.2e}, |ref| {ref:.2e}"
     # The check is not vacuous: nearly every parameter has a non-zero gradient.
     nonzero = sum(float(g.abs().max()) > 0 for g in ref_grads.values())
