@@ -32,11 +32,22 @@ def assert_png(data: bytes, min_w: int = 200, min_h: int = 100) -> np.ndarray:
 
 
 def test_image_grid_shows_the_images_it_was_given():
-    rng = np.random.default_rng(0)
-    rows = [[rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(3)] for _ in range(2)]
-    rows[1].append(np.zeros((16, 16, 3), np.uint8))  # cells may differ in size and count
-    png = plots.png_bytes(plots.image_grid(rows, ["a", "b", "c", "d"], ["r1", "r2"], title="grid"))
-    assert_png(png)
+    """Each cell is drawn, in its row and column: solid colours are found where the grid puts them."""
+    colours = [[(230, 20, 20), (20, 200, 20), (20, 20, 230)], [(240, 200, 0), (200, 0, 200), (0, 200, 200)]]
+    rows = [[np.full((32, 32, 3), c, np.uint8) for c in row] for row in colours]
+    rows[1].append(np.full((16, 16, 3), (90, 60, 30), np.uint8))  # cells may differ in size and count
+    colours[1].append((90, 60, 30))
+    arr = assert_png(plots.png_bytes(plots.image_grid(rows, ["a", "b", "c", "d"], ["r1", "r2"], title="grid")))
+    where = {}
+    for r, row in enumerate(colours):
+        for c, colour in enumerate(row):
+            ys, xs = np.nonzero((np.abs(arr - np.array(colour, np.float32)) <= 2).all(-1))
+            assert len(ys) >= 400, f"cell ({r}, {c}) {colour}: {len(ys)} pixels"
+            where[r, c] = (ys.mean(), xs.mean())
+    for r, row in enumerate(colours):
+        xs = [where[r, c][1] for c in range(len(row))]
+        assert xs == sorted(xs), f"row {r}: cells out of column order"
+    assert all(where[1, c][0] > where[0, c][0] for c in range(3)), "rows out of order"
 
 
 def test_to_images_undoes_the_normalisation():
