@@ -546,3 +546,24 @@ def test_newest_file_takes_a_local_folder_too(tmp_path):
         (tmp_path / "run" / name).mkdir(parents=True)
         (tmp_path / "run" / name / "state.pt").write_bytes(b"x")
     assert newest_file(str(tmp_path / "run"), "state.pt") == str(tmp_path / "run" / "epoch_0002" / "state.pt")
+
+
+def test_a_run_that_cannot_start_ray_leaves_no_empty_run_folder(tmp_path, capsys, monkeypatch):
+    """Ray (or MLflow) failing after the storage check left an empty <storage>/<name> behind; a run
+    folder that was there before (a resume) stays."""
+    from sslray.cli import main
+    from sslray.raytrain import trainer
+
+    def no_ray():
+        raise ConnectionError("no Ray cluster at ray://head:10001")
+
+    monkeypatch.setattr(trainer, "ensure_ray", no_ray)
+    (tmp_path / "x.beton").write_bytes(b"")
+    args = ["pretrain", "--recipe", "smoke", "--data", str(tmp_path / "x.beton"), "--storage", str(tmp_path / "runs")]
+    with pytest.raises(ConnectionError, match="ray://head"):
+        main([*args, "--name", "fresh"])
+    assert not (tmp_path / "runs" / "fresh").exists()
+    (tmp_path / "runs" / "kept").mkdir()
+    with pytest.raises(ConnectionError):
+        main([*args, "--name", "kept"])
+    assert (tmp_path / "runs" / "kept").is_dir()

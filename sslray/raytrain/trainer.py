@@ -11,7 +11,8 @@ from typing import Any, Optional
 
 from ..config import Config, dump_yaml, flatten
 from ..rayhead import local_head, stale_message
-from ..storage import RUN_FILE, checkpoint_uri, filesystem, is_remote, join, move_tree, read_text, write_text
+from ..storage import (RUN_FILE, checkpoint_uri, exists, filesystem, is_remote, join, move_tree, read_text,
+                       write_text)
 from ..tracking import Tracker, numeric, param_text, resolve_uri
 
 try:  # Ray Train V2 driver callbacks run in the train controller, never on the workers.
@@ -195,7 +196,6 @@ def _write_run_file(run_dir: str, info: dict) -> None:
 def move_aside(run_dir: str) -> Optional[str]:
     """``--restart``: keep the old run (never delete a user's checkpoints), start a fresh one. The
     old folder becomes ``<name>.old-<time>`` beside it (on object storage: copied there, then removed)."""
-    from ..storage import exists
 
     base, i = f"{run_dir.rstrip('/')}.old-{time.strftime('%Y%m%d-%H%M%S')}", 1
     dest = base
@@ -300,33 +300,11 @@ def log_resumed_config(tracker: Tracker, cfg: Config) -> dict[str, tuple[str, st
     return changed
 
 
-def pretrain(cfg: Config, tracker: Optional[Tracker] = None, restart: bool = False) -> PretrainResult:
-    """Fit ``cfg`` with Ray Train; log params, config, per-epoch metrics and curves to MLflow.
+def _open_run(cfg: Config, tracker: Optional[Tracker], name: str, run_dir: str) -> tuple[Tracker, bool, str]:
+    """Ray up, the GPU question settled, and the MLflow run: the one ``run_dir`` names (a resume) or a
+    new one, written into ``run_dir``. Returns ``(tracker, use_gpu, tracking URI)``."""
+    from .methods import METHODS
 
-    Running again with the same ``ray.name`` and ``ray.storage`` resumes from the latest checkpoint
-    and keeps writing to the same MLflow run; ``restart=True`` moves the old run aside first.
-    """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from .. import plots
-    from .loop import train_func
-    from .session import PICTURES_DIR
-    from .methods import METHODS, check_method_config
-
-    name, storage, run_dir = run_location(cfg)
-    check_remote_name(storage, name)
-    check_data(cfg)  # a typo in --data (or a key below) moves nothing aside and makes no run folder
-    check_method_config(cfg)  # a method.params or registry-name typo here, not ~80 s later in the workers
-    if restart:
-        try:
-            old = move_aside(run_dir)
-        except OSError as e:  # an unreachable bucket, bad credentials, a copy that came out short
-            raise StorageError(f"--restart: the previous run in {run_dir} could not be moved aside ({e}); "
-                               "nothing was deleted") from None
-        if old:
-            print(f"sslray: --restart: the previous run was moved to {old}")
-    check_storage(storage, name)  # fail before Ray, data or models are touched
     ensure_ray()
     use_gpu = resolve_use_gpu(cfg)
     uri = resolve_uri(cfg.tracking.tracking_uri or None)
@@ -345,7 +323,57 @@ def pretrain(cfg: Config, tracker: Optional[Tracker] = None, restart: bool = Fal
         tracker.log_params({**flatten(cfg), "derived.use_gpu": use_gpu, "derived.storage_name": name})
         tracker.log_text(dump_yaml(cfg), "config.yaml")
         _write_run_file(run_dir, {"run_id": tracker.run_id, "tracking_uri": uri, "name": name})
+    return tracker, use_gpu, uri
 
+
+def _remove_if_empty(run_dir: str) -> None:
+    import pyarrow.fs as pafs
+
+    try:
+        fs, path = filesystem(run_dir)
+        if not fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+            fs.delete_dir(path)
+    except OSError:
+        pass  # an unreachable store: the folder (if any) stays; nothing in it is lost either way
+
+
+def pretrain(cfg: Config, tracker: Optional[Tracker] = None, restart: bool = False) -> PretrainResult:
+    """Fit ``cfg`` with Ray Train; log params, config, per-epoch metrics and curves to MLflow.
+
+    Running again with the same ``ray.name`` and ``ray.storage`` resumes from the latest checkpoint
+    and keeps writing to the same MLflow run; ``restart=True`` moves the old run aside first.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .. import plots
+    from .loop import train_func
+    from .session import PICTURES_DIR
+    from .methods import check_method_config
+
+    name, storage, run_dir = run_location(cfg)
+    check_remote_name(storage, name)
+    check_data(cfg)  # a typo in --data (or a key below) moves nothing aside and makes no run folder
+    check_method_config(cfg)  # a method.params or registry-name typo here, not ~80 s later in the workers
+    if restart:
+        try:
+            old = move_aside(run_dir)
+        except OSError as e:  # an unreachable bucket, bad credentials, a copy that came out short
+            raise StorageError(f"--restart: the previous run in {run_dir} could not be moved aside ({e}); "
+                               "nothing was deleted") from None
+        if old:
+            print(f"sslray: --restart: the previous run was moved to {old}")
+    try:
+        made_here = not exists(run_dir)
+    except Exception:  # noqa: BLE001 - an unreachable store: check_storage names it next
+        made_here = False
+    check_storage(storage, name)  # fail before Ray, data or models are touched
+    try:
+        tracker, use_gpu, uri = _open_run(cfg, tracker, name, run_dir)
+    except BaseException:
+        if made_here:  # Ray or MLflow could not start: no empty run folder is left behind
+            _remove_if_empty(run_dir)
+        raise
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"cfg": cfg.to_dict(), "pictures_dir": f"{run_dir}/{PICTURES_DIR}"},
