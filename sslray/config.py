@@ -183,6 +183,9 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"config key {key!r}: expected a number, got {value!r}") from None
     if typ is str:
+        if isinstance(value, (Mapping, list, tuple, set)):  # wrong nesting (data.train.path=...) would become text
+            kind = "a mapping" if isinstance(value, Mapping) else "a list"
+            raise ConfigError(f"config key {key!r}: expected text, got {kind} ({value!r})")
         return "" if value is None else str(value)
     return value
 
@@ -210,21 +213,58 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
             kwargs[name] = dict(value)
         else:
             kwargs[name] = _coerce(value, f.type, key)
-            if key in CHOICES and kwargs[name] not in CHOICES[key]:
-                raise ConfigError(f"config key {key!r}: expected one of {', '.join(CHOICES[key])}, got {value!r}")
-            if key in POSITIVE and not kwargs[name] > 0:
-                raise ConfigError(f"config key {key!r}: {POSITIVE[key]}; must be above 0, got {value!r}")
+            _check_range(key, kwargs[name], value)
     return cls(**kwargs)
 
 
+def _check_range(key: str, v: Any, given: Any) -> None:
+    """The value limits below: a zero epoch count or a negative resolution is refused here, by key,
+    not in the workers (after Ray started), where some abort the process without a Python error."""
+    if key in CHOICES and v not in CHOICES[key]:
+        raise ConfigError(f"config key {key!r}: expected one of {', '.join(CHOICES[key])}, got {given!r}")
+    if key in CHOICES_ANY_CASE and str(v).lower() not in CHOICES_ANY_CASE[key]:
+        raise ConfigError(f"config key {key!r}: expected one of {', '.join(CHOICES_ANY_CASE[key])}, got {given!r}")
+    if key in POSITIVE and not v > 0:
+        raise ConfigError(f"config key {key!r}: {POSITIVE[key]}; must be above 0, got {given!r}")
+    if key in NON_NEGATIVE and not v >= 0:
+        raise ConfigError(f"config key {key!r}: {NON_NEGATIVE[key]}; must be 0 or more, got {given!r}")
+    if key in BOUNDED and not BOUNDED[key][0](v):
+        raise ConfigError(f"config key {key!r}: must be {BOUNDED[key][1]}, got {given!r}")
+
+
 # Keys whose value is one of a fixed set (the others are checked where they are looked up by name).
-CHOICES = {"train.precision": ("auto", "bf16", "fp16", "fp32"), "optim.lr_scaling": ("linear", "sqrt", "none")}
+CHOICES = {"train.precision": ("auto", "bf16", "fp16", "fp32"), "optim.lr_scaling": ("linear", "sqrt", "none"),
+           "model.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+           "ray.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")}
+CHOICES_ANY_CASE = {"ray.use_gpu": ("auto", "true", "false", "1", "0", "yes", "no")}  # YAML's true reads "True"
 
 
 # Keys that only make sense above 0 (what each is, for the message).
 POSITIVE = {"data.batch_size": "global batch", "method.temperature": "softmax temperature",
             "train.knn_k": "neighbours of the kNN monitor", "train.knn_temperature": "kNN vote temperature",
-            "train.knn_every": "epochs between kNN monitor runs"}
+            "train.knn_every": "epochs between kNN monitor runs", "train.epochs": "epochs to train",
+            "ray.num_workers": "training workers", "ray.cpus_per_worker": "CPUs per worker",
+            "ray.num_to_keep": "checkpoints kept", "data.decode_res": "decode resolution in pixels",
+            "views.crop_size": "crop size in pixels", "model.proj_hidden_dim": "projector hidden width",
+            "model.proj_out_dim": "projector output width", "train.online_probe_batch": "online probe batch",
+            "train.online_probe_lr": "online probe learning rate", "monitor.check_every": "steps between health checks"}
+
+# Keys where 0 means "off", "all" or "none" and only a negative value is wrong.
+NON_NEGATIVE = {"optim.base_lr": "learning rate", "optim.weight_decay": "weight decay",
+                "optim.warmup_epochs": "warm-up epochs", "optim.clip_grad": "gradient clipping norm (0 = off)",
+                "data.loader_workers": "loader worker processes", "data.batches_ahead": "batches decoded ahead",
+                "data.train_subset": "training images used (0 = all)", "data.val_subset": "val images used (0 = all)",
+                "data.knn_bank": "kNN bank images (0 = all)", "train.max_steps_per_epoch": "step cap (0 = none)",
+                "train.checkpoint_every": "epochs between checkpoints", "train.log_every": "steps between log lines",
+                "train.checkpoint_every_steps": "steps between mid-epoch checkpoints (0 = off)",
+                "train.report_every_steps": "steps between step-level reports (0 = off)", "train.seed": "seed",
+                "monitor.max_nonfinite_skips": "non-finite steps skipped (0 = stop at the first)",
+                "monitor.recon_every": "epochs between reconstruction pictures", "monitor.num_images": "pictured images"}
+
+# Keys with both ends bounded: (test, what the message says).
+BOUNDED = {"views.min_scale": (lambda v: 0 < v <= 1, "a crop area fraction in (0, 1]"),
+           "optim.min_lr_ratio": (lambda v: 0 <= v <= 1, "a fraction of the peak lr in [0, 1]"),
+           "optim.momentum": (lambda v: 0 <= v < 1, "in [0, 1)")}
 
 
 _SECTIONS = {

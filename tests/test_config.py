@@ -22,12 +22,50 @@ def test_overrides_are_typed_and_checked():
 
 
 @pytest.mark.parametrize("key", ["data.batch_size", "method.temperature", "train.knn_k", "train.knn_temperature",
-                                 "train.knn_every"])
+                                 "train.knn_every", "train.epochs", "ray.num_workers", "data.decode_res",
+                                 "views.crop_size", "ray.num_to_keep", "ray.cpus_per_worker", "monitor.check_every"])
 def test_keys_that_only_make_sense_above_zero_refuse_zero_and_below(key):
     for bad in ("0", "-1"):
         with pytest.raises(ConfigError, match=f"config key '{key}': .*must be above 0, got {bad}"):
             load_config("smoke", [f"{key}={bad}"])
     assert load_config("smoke", [f"{key}=2"]) is not None
+
+
+@pytest.mark.parametrize("key", ["optim.base_lr", "data.loader_workers", "data.train_subset", "train.seed",
+                                 "train.checkpoint_every_steps", "monitor.max_nonfinite_skips", "optim.clip_grad"])
+def test_keys_where_zero_means_off_refuse_only_negatives(key):
+    """``data.decode_res=0`` used to abort a Ray worker in OpenCV; these take 0 (off, all) but not -1."""
+    with pytest.raises(ConfigError, match=f"config key '{key}': .*must be 0 or more, got -1"):
+        load_config("smoke", [f"{key}=-1"])
+    assert load_config("smoke", [f"{key}=0"]) is not None
+
+
+@pytest.mark.parametrize("override, match", [
+    ("views.min_scale=2", r"'views.min_scale': must be a crop area fraction in \(0, 1\], got 2"),
+    ("views.min_scale=0", r"'views.min_scale': must be a crop area fraction"),
+    ("optim.momentum=1.5", r"'optim.momentum': must be in \[0, 1\)"),
+    ("ray.use_gpu=maybe", r"'ray.use_gpu': expected one of auto, true, false"),
+    ("model.compile_mode=fast", r"'model.compile_mode': expected one of default, reduce-overhead"),
+    ("ray.placement_strategy=SPRED", r"'ray.placement_strategy': expected one of PACK, SPREAD"),
+    ("model.backbone.depth=18", r"'model.backbone': expected text, got a mapping"),
+])
+def test_values_outside_a_keys_range_or_set_are_refused_by_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("smoke", [override])
+
+
+def test_wrong_nesting_in_a_recipe_is_refused_not_turned_into_text(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data:\n  train:\n    path: x.beton\n")
+    with pytest.raises(ConfigError, match=r"'data.train': expected text, got a mapping \({'path': 'x.beton'}\)"):
+        load_config(str(recipe))
+
+
+def test_yaml_booleans_and_any_case_are_gpu_choices(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("ray:\n  use_gpu: true\n")
+    assert load_config(str(recipe)).ray.use_gpu == "True"
+    assert load_config("smoke", ["ray.use_gpu=FALSE"]).ray.use_gpu == "FALSE"
 
 
 def test_every_recipe_loads():
