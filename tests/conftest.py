@@ -87,6 +87,27 @@ def cifar_small(cifar_root, tmp_path_factory) -> dict:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_betons(tmp_path_factory) -> dict:
+    """Readable train/val .betons of 64 generated 8-px images in 2 classes (val: 8): for the checks
+    `sslray pretrain` makes on the data's headers before Ray starts, where the pixels do not matter."""
+    from PIL import Image
+
+    from sslray.datasets import WriteParams, convert
+
+    root = tmp_path_factory.mktemp("tiny_betons")
+    for split, n in (("train", 32), ("val", 4)):
+        for k, cls in enumerate(("cat", "dog")):
+            (root / "src" / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (8, 8), (60 * k + i, 100, 7 * i % 256)).save(root / "src" / split / cls / f"{i}.png")
+    out = {}
+    for split in ("train", "val"):
+        out[split] = str(root / f"{split}.beton")
+        convert(root / "src", out[split], split=split, params=WriteParams(max_resolution=8), workers=1, verbose=False)
+    return out
+
+
 @pytest.fixture
 def poison_loss(monkeypatch):
     """``poison_loss(k)``: SimCLR's loss turns NaN on its k-th call (1-based), in this process."""

@@ -423,7 +423,7 @@ def test_move_tree_keeps_a_file_written_during_the_move_and_never_merges_into_an
     assert "1 file(s) appeared under" in capsys.readouterr().out
 
 
-def test_a_restart_that_cannot_move_the_old_run_is_a_storage_error(tmp_path, monkeypatch, capsys):
+def test_a_restart_that_cannot_move_the_old_run_is_a_storage_error(tmp_path, monkeypatch, capsys, tiny_betons):
     from sslray.cli import main
     from sslray.raytrain import trainer
 
@@ -431,9 +431,8 @@ def test_a_restart_that_cannot_move_the_old_run_is_a_storage_error(tmp_path, mon
         raise OSError("When listing objects under key 'runs/r1': AWS Error NETWORK_CONNECTION")
 
     monkeypatch.setattr(trainer, "move_aside", unreachable)
-    (tmp_path / "x.beton").write_bytes(b"")  # the data check comes first
-    rc = main(["pretrain", "--recipe", "smoke", "--data", str(tmp_path / "x.beton"), "--name", "r1", "--storage",
-               "s3://bkt/runs", "--restart"])
+    rc = main(["pretrain", "--recipe", "smoke", "--data", tiny_betons["train"], "--name", "r1", "--storage",
+               "s3://bkt/runs", "--restart"])  # the data check comes first
     err = capsys.readouterr().err
     assert rc == 2 and "--restart: the previous run in s3://bkt/runs/r1 could not be moved aside" in err
     assert "NETWORK_CONNECTION" in err and "nothing was deleted" in err
@@ -469,14 +468,13 @@ def test_a_restart_with_a_mistyped_dataset_moves_nothing_aside(tmp_path, capsys,
     ("method.name", "simclrr", "config key 'method.name': unknown method 'simclrr'"),
 ])
 def test_a_key_the_workers_would_refuse_fails_before_ray_and_moves_nothing(tmp_path, capsys, monkeypatch, key, value,
-                                                                        named):
+                                                                        named, tiny_betons):
     from sslray.cli import main
     from sslray.raytrain import trainer
 
     monkeypatch.setattr(trainer, "ensure_ray", lambda: pytest.fail("Ray was started"))
-    (tmp_path / "x.beton").write_bytes(b"")
     (tmp_path / "runs" / "r1").mkdir(parents=True)
-    rc = main(["pretrain", "--recipe", "smoke", "--data", str(tmp_path / "x.beton"), "--name", "r1", "--storage",
+    rc = main(["pretrain", "--recipe", "smoke", "--data", tiny_betons["train"], "--name", "r1", "--storage",
                str(tmp_path / "runs"), "--restart", f"{key}={value}"])
     assert rc == 2 and named in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["r1"]
@@ -548,7 +546,7 @@ def test_newest_file_takes_a_local_folder_too(tmp_path):
     assert newest_file(str(tmp_path / "run"), "state.pt") == str(tmp_path / "run" / "epoch_0002" / "state.pt")
 
 
-def test_a_run_that_cannot_start_ray_leaves_no_empty_run_folder(tmp_path, capsys, monkeypatch):
+def test_a_run_that_cannot_start_ray_leaves_no_empty_run_folder(tmp_path, capsys, monkeypatch, tiny_betons):
     """Ray (or MLflow) failing after the storage check left an empty <storage>/<name> behind; a run
     folder that was there before (a resume) stays."""
     from sslray.cli import main
@@ -558,8 +556,7 @@ def test_a_run_that_cannot_start_ray_leaves_no_empty_run_folder(tmp_path, capsys
         raise ConnectionError("no Ray cluster at ray://head:10001")
 
     monkeypatch.setattr(trainer, "ensure_ray", no_ray)
-    (tmp_path / "x.beton").write_bytes(b"")
-    args = ["pretrain", "--recipe", "smoke", "--data", str(tmp_path / "x.beton"), "--storage", str(tmp_path / "runs")]
+    args = ["pretrain", "--recipe", "smoke", "--data", tiny_betons["train"], "--storage", str(tmp_path / "runs")]
     with pytest.raises(ConnectionError, match="ray://head"):
         main([*args, "--name", "fresh"])
     assert not (tmp_path / "runs" / "fresh").exists()
@@ -567,3 +564,52 @@ def test_a_run_that_cannot_start_ray_leaves_no_empty_run_folder(tmp_path, capsys
     with pytest.raises(ConnectionError):
         main([*args, "--name", "kept"])
     assert (tmp_path / "runs" / "kept").is_dir()
+
+
+@pytest.fixture(scope="module")
+def other_betons(tmp_path_factory, tiny_betons) -> dict:
+    """Beside tiny_betons: a val split with other classes, an unlabelled one, and a PNG."""
+    from PIL import Image
+
+    from sslray.datasets import WriteParams, convert
+
+    root = tmp_path_factory.mktemp("other_betons")
+    for cls in ("bird", "frog"):
+        (root / "src" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (i, 9 * i, 200)).save(root / "src" / cls / f"{i}.png")
+    out = {"pic": str(root / "src" / "bird" / "0.png")}
+    for name, source in (("birds", "imagefolder"), ("unlabelled", "unlabelled")):
+        out[name] = str(root / f"{name}.beton")
+        convert(root / "src", out[name], source=source, params=WriteParams(max_resolution=8), workers=1, verbose=False)
+    return {**tiny_betons, **out}
+
+
+@pytest.mark.parametrize("data, val, extra, named", [
+    ("pic", "val", [], "bird/0.png is not a readable .beton"),
+    ("train", "birds", [], "only in train: cat, dog; only in val: bird, frog"),
+    ("unlabelled", "val", [], "data.train=.*unlabelled.beton has no class labels, but a val split is given"),
+    ("train", "unlabelled", [], "data.val=.*unlabelled.beton has no class labels"),
+    ("train", "val", ["--batch-size", "128"], "data.batch_size 128 is larger than the 64 training images allow"),
+    ("train", "val", ["--batch-size", "33"], "'data.batch_size' \\(33\\) must divide evenly over 2 workers"),
+    ("train", "val", ["--backbone", "resnet81"], "unknown backbone 'resnet81'.*did you mean .*resnet18"),
+])
+def test_what_the_workers_would_refuse_in_the_data_fails_before_ray_and_keeps_the_old_run(
+        tmp_path, capsys, monkeypatch, other_betons, data, val, extra, named):
+    """The workers read the data's headers ~80 s after Ray started; a --restart had moved the old run
+    aside by then. The same checks now run first (a fresh CLI: no Ray in this process)."""
+    import ray
+
+    from sslray.cli import main
+    from sslray.raytrain import trainer
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(trainer, "local_head", lambda *a, **k: None)
+    monkeypatch.setattr(trainer, "ensure_ray", lambda: pytest.fail("Ray was started"))
+    (tmp_path / "runs" / "r1").mkdir(parents=True)
+    rc = main(["pretrain", "--recipe", "smoke", "--data", other_betons[data], "--val", other_betons[val], "--name", "r1",
+               "--storage", str(tmp_path / "runs"), "--restart", "--workers", "2", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and re.search(named, err), err
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["r1"]

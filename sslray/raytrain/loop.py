@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..config import Config, effective_lr, from_dict
-from ..datasets.loader import check_same_classes, dataset_info, eval_slice, make_loader, subset_indices
+from ..datasets.loader import DataError, check_same_classes, dataset_info, eval_slice, make_loader, subset_indices
 from ..datasets.resident import make_resident_loader
 from ..datasets.views import build_views, eval_transform
 from . import distributed as D
@@ -44,12 +44,35 @@ class Data:
     steps_per_epoch: int
 
 
-def build_data(cfg: Config, session) -> Data:
-    d, world = cfg.data, session.world_size
+@dataclass
+class DataPlan:
+    """What the data's headers decide before any image is read: the splits, the training subset, the
+    per-worker batch and the class list."""
+    train_info: object
+    val_info: object
+    train_idx: Optional[np.ndarray]
+    n_train: int
+    per_worker: int
+    classes: list
+
+
+def plan_data(cfg: Config, world: int) -> DataPlan:
+    """The checks the workers would otherwise make after Ray started: readable splits with the same
+    classes, labels where the kNN monitor and online probe need them, a batch that divides over the
+    workers and fits the data. ``sslray pretrain`` runs it before Ray; every worker runs it again."""
+    d = cfg.data
     if d.batch_size % world:
         raise ValueError(f"config key 'data.batch_size' ({d.batch_size}) must divide evenly over {world} workers")
     train_info = dataset_info(d.train)
     val_info = dataset_info(d.val) if d.val else None
+    classes = train_info.classes
+    if val_info is not None:
+        for key, info in (("data.val", val_info), ("data.train", train_info)):
+            if not info.classes:
+                raise DataError(f"{key}={info.path} has no class labels, but a val split is given: the kNN monitor and "
+                                "the online probe score the val images against labelled training images. Drop "
+                                "data.val (--val) to pretrain without labels, or convert that split from class folders")
+        classes = check_same_classes(train_info, val_info)
     train_idx = subset_indices(train_info.num_images, d.train_subset, cfg.train.seed)
     n_train = train_info.num_images if train_idx is None else len(train_idx)
     per_worker = d.batch_size // world
@@ -57,14 +80,21 @@ def build_data(cfg: Config, session) -> Data:
         raise ValueError(
             f"data.batch_size {d.batch_size} is larger than the {n_train} training images allow over {world} workers"
         )
+    return DataPlan(train_info, val_info, train_idx, n_train, per_worker, classes)
+
+
+def build_data(cfg: Config, session) -> Data:
+    d, world = cfg.data, session.world_size
+    plan = plan_data(cfg, world)
+    train_info, val_info, train_idx, n_train, per_worker = (plan.train_info, plan.val_info, plan.train_idx,
+                                                            plan.n_train, plan.per_worker)
     common = dict(res=d.decode_res, device=session.device, num_workers=d.loader_workers, distributed=world > 1,
                   os_cache=d.os_cache, batches_ahead=d.batches_ahead)
     load = make_resident_loader if d.resident else make_loader
     train = load(d.train, per_worker, train=True, seed=cfg.train.seed, indices=train_idx, **common)
     bank = val = None
-    classes = train_info.classes
+    classes = plan.classes
     if val_info is not None:
-        classes = check_same_classes(train_info, val_info)
         bank_n = d.knn_bank or n_train
         bank_idx = train_idx if bank_n >= n_train else (
             subset_indices(train_info.num_images, bank_n, cfg.train.seed) if train_idx is None

@@ -224,10 +224,13 @@ class PretrainResult:
 def check_data(cfg: Config) -> None:
     """Fail before Ray starts on a dataset that is not given or not on this machine, when the workers
     will run here (a Ray instance this process starts). A cluster's workers may read files this
-    machine does not have (node-local copies), so there a missing path is only reported."""
+    machine does not have (node-local copies), so there a missing path is only reported. Data that is
+    here gets the workers' own header checks (``loop.plan_data``: readable files, class lists, labels,
+    batch against workers and images)."""
     import ray
 
     from ..datasets.loader import DataError
+    from .loop import plan_data
 
     if not cfg.data.train:
         raise DataError("data.train: no dataset given (expected a .beton written by `sslray convert`, or an "
@@ -235,6 +238,7 @@ def check_data(cfg: Config) -> None:
     missing = [f"{key}={path}" for key, path in (("data.train", cfg.data.train), ("data.val", cfg.data.val))
                if path and not os.path.exists(path)]
     if not missing:
+        plan_data(cfg, cfg.ray.num_workers)
         return
     head = local_head()  # a dead head's file: ensure_ray starts a local instance, so the workers run here too
     here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS") and (head is None or head.dead)

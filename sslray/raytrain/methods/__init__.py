@@ -65,6 +65,22 @@ def check_method_config(cfg) -> None:
         raise ConfigError(f"config key 'method.name': {e.args[0]}") from None
     if cfg.optim.name.lower() not in OPTIMIZERS:
         raise ConfigError(f"config key 'optim.name': unknown optimizer {cfg.optim.name!r} ({', '.join(OPTIMIZERS)})")
+    check_backbone_name(cfg.model.backbone)
+
+
+def check_backbone_name(name: str) -> None:
+    """A registered backbone or a timm model name (timm's registry, no weights downloaded)."""
+    import difflib
+
+    import timm
+
+    from ..backbones import BACKBONES
+
+    if name in BACKBONES or timm.is_model(name):
+        return
+    near = difflib.get_close_matches(name, [*BACKBONES.names(), *timm.list_models()], n=3)
+    raise ConfigError(f"config key 'model.backbone': unknown backbone {name!r} (neither sslray's nor a timm model)"
+                      + (f"; did you mean {', '.join(near)}?" if near else ""))
 
 
 def create_method(cfg) -> nn.Module:
