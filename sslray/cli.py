@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -85,6 +86,9 @@ def cmd_convert(a) -> int:
     return 0
 
 
+AFTER_TRAINING_TAG = "sslray.after_training_error"  # the export, probe or --eval failure of a finished run
+
+
 def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val_subset: int = 0,
                  restart: bool = False, eval_protocols: Optional[str] = None):
     """Pretrain, export, probe and evaluate as ``sslray pretrain`` does; returns an ``sslray.api.Run``."""
@@ -100,33 +104,48 @@ def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val
         from .raytrain.methods import create_method
 
         init_backbone(create_method(cfg), cfg.model.init_weights)
+    if eval_protocols and not cfg.data.val:  # every protocol scores on a val split
+        raise ValueError(f"--eval {eval_protocols} scores the checkpoint on a val split: give --val")
+    if (eval_protocols or probe) and cfg.data.val and os.path.exists(cfg.data.val):
+        from .eval.features import labelled_info
+
+        # The probe after training fits a classifier: a single-class split fails there, hours later.
+        labelled_info(cfg.data.val, "val")
+        labelled_info(cfg.data.train, "train")
     res = pretrain(cfg, restart=restart)
     print(f"sslray: run {res.name} finished; MLflow run {res.run_id} in {res.tracking_uri}; checkpoint {res.checkpoint}")
     backbone = ev = report = None
-    if cfg.train.export_backbone:
-        from .export import export_after_training
+    tracker = Tracker(res.tracking_uri, res.run_id)
+    try:
+        if cfg.train.export_backbone:
+            from .export import export_after_training
 
-        backbone = export_after_training(res.checkpoint, Tracker(res.tracking_uri, res.run_id))
-    if probe and cfg.data.val and res.checkpoint:
-        report = probe_checkpoint(res.checkpoint, cfg.data.train, cfg.data.val, train_subset=probe_train_subset,
-                                  val_subset=probe_val_subset, knn_k=cfg.train.knn_k, use_gpu=cfg.ray.use_gpu)
-        log_probe(Tracker(res.tracking_uri, res.run_id), report)
-        print(format_table(report))
-    if eval_protocols and res.checkpoint:  # `--eval linear,knn,...`: the protocols of `sslray eval`, same run
-        from .eval import format_eval_table, log_eval, run_eval
-        from .eval.runner import close_figures
-        from .raytrain.finetune import FinetuneSettings
+            backbone = export_after_training(res.checkpoint, tracker)
+        if probe and cfg.data.val and res.checkpoint:
+            report = probe_checkpoint(res.checkpoint, cfg.data.train, cfg.data.val, train_subset=probe_train_subset,
+                                      val_subset=probe_val_subset, knn_k=cfg.train.knn_k, use_gpu=cfg.ray.use_gpu)
+            log_probe(tracker, report)
+            print(format_table(report))
+        if eval_protocols and res.checkpoint:  # `--eval linear,knn,...`: the protocols of `sslray eval`, same run
+            from .eval import format_eval_table, log_eval, run_eval
+            from .eval.runner import close_figures
+            from .raytrain.finetune import FinetuneSettings
 
-        ft = FinetuneSettings(num_workers=cfg.ray.num_workers, cpus_per_worker=cfg.ray.cpus_per_worker,
-                              use_gpu=cfg.ray.use_gpu, seed=cfg.train.seed)  # the training run's workers
-        ev = run_eval(res.checkpoint, cfg.data.train, cfg.data.val or None, eval_protocols,
-                      train_subset=probe_train_subset, val_subset=probe_val_subset, use_gpu=cfg.ray.use_gpu,
-                      finetune=ft)
-        log_eval(Tracker(res.tracking_uri, res.run_id), ev)
-        close_figures(ev)
-        print(format_eval_table(ev))
-
-    Tracker(res.tracking_uri, res.run_id).end()
+            ft = FinetuneSettings(num_workers=cfg.ray.num_workers, cpus_per_worker=cfg.ray.cpus_per_worker,
+                                  use_gpu=cfg.ray.use_gpu, seed=cfg.train.seed)  # the training run's workers
+            ev = run_eval(res.checkpoint, cfg.data.train, cfg.data.val or None, eval_protocols,
+                          train_subset=probe_train_subset, val_subset=probe_val_subset, use_gpu=cfg.ray.use_gpu,
+                          finetune=ft)
+            log_eval(tracker, ev)
+            close_figures(ev)
+            print(format_eval_table(ev))
+    except BaseException as e:
+        # Training finished and its checkpoint is kept: the run ends FINISHED (a RUNNING run is left out of
+        # `sslray compare`), tagged with what failed after it.
+        tracker.set_tags({AFTER_TRAINING_TAG: f"{type(e).__name__}: {e}"[:4000]})
+        raise
+    finally:
+        tracker.end()
     return Run(res.run_id, res.tracking_uri, res.checkpoint, res.metrics, res.name, res.storage, backbone, report, ev)
 
 
@@ -144,14 +163,15 @@ def cmd_pretrain(a) -> int:
 
 def cmd_probe(a) -> int:
     from .raytrain.evaluate import format_table, log_probe, probe_checkpoint
-    from .tracking import Tracker
+    from .tracking import existing_run
 
+    tracker = existing_run(a.tracking_uri, a.run_id) if a.run_id else None  # before the features are extracted
     report = probe_checkpoint(a.checkpoint, _abs(a.train), _abs(a.val), train_subset=a.train_subset,
                               val_subset=a.val_subset, knn_k=a.k, use_gpu=a.gpu)
     print(format_table(report))
     print(report.probe.report)
-    if a.run_id:
-        log_probe(Tracker(a.tracking_uri, a.run_id), report)
+    if tracker is not None:
+        log_probe(tracker, report)
         print(f"sslray: probe metrics logged to MLflow run {a.run_id}")
     return 0
 

@@ -146,6 +146,24 @@ class Tracker:
         self.client.set_terminated(self.run_id, status)
 
 
+def existing_run(uri: Optional[str], run_id: str, option: str = "--run-id") -> Tracker:
+    """The run a command is told to log to (``--run-id``), checked before any work: a run id that is not
+    in the store, or a sqlite store that is not there (a relative default URI read from another folder),
+    is named with the URI, and no empty store is created for the lookup."""
+    from mlflow.exceptions import MlflowException
+
+    resolved = resolve_uri(uri)
+    hint = "pass --tracking-uri of the store that holds it"
+    if resolved.startswith("sqlite:///") and not os.path.exists(resolved[len("sqlite:///"):]):
+        raise ValueError(f"{option} {run_id}: there is no MLflow store at {resolved[len('sqlite:///'):]}; {hint}")
+    tracker = Tracker(resolved, run_id)
+    try:
+        tracker.client.get_run(run_id)
+    except MlflowException:
+        raise ValueError(f"{option} {run_id}: no such run in {resolved}; {hint}") from None
+    return tracker
+
+
 def numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}

@@ -13,11 +13,13 @@ def _numbers(text: str, kind: type, option: str) -> list:
 def cmd_eval(a) -> int:
     from ..cli import _abs
     from ..raytrain.finetune import FinetuneSettings
-    from ..tracking import Tracker
+    from ..tracking import Tracker, existing_run
     from .protocols import parse_protocols
     from .runner import close_figures, find_run, format_eval_table, log_eval, run_eval
 
     names = parse_protocols(a.protocol)  # before any data or model is touched
+    if a.run_id and not a.no_log:
+        existing_run(a.tracking_uri, a.run_id)  # a run id or store that is not there, before the protocols run
     ft = FinetuneSettings(epochs=a.ft_epochs, max_steps=a.ft_max_steps, batch_size=a.ft_batch_size,
                           base_lr=a.ft_lr, layer_decay=a.ft_layer_decay, views=a.ft_views, num_workers=a.ft_workers,
                           use_gpu=a.gpu, train_subset=a.train_subset, val_subset=a.val_subset)

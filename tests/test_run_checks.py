@@ -1,0 +1,80 @@
+"""What `sslray pretrain`, `probe` and `eval` check before their long work, and how a finished
+training run ends when the work after it fails."""
+
+from __future__ import annotations
+
+import pytest
+
+from sslray.cli import AFTER_TRAINING_TAG, main, run_pretrain
+from sslray.config import load_config
+from sslray.tracking import Tracker
+
+
+@pytest.fixture
+def store(tmp_path) -> tuple[str, str]:
+    """An MLflow sqlite store holding one run: ``(uri, run_id)``."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return uri, Tracker.start(uri, "e", "r").run_id
+
+
+@pytest.mark.parametrize("command", ["probe", "eval"])
+def test_a_run_id_that_is_not_there_fails_before_any_feature_is_extracted(command, store, tmp_path, capsys,
+                                                                          monkeypatch):
+    """The whole probe used to run first, then MLflow raised; from another folder the default store
+    was created empty for the lookup."""
+    from sslray.eval import features, runner
+    from sslray.raytrain import evaluate
+
+    uri, _ = store
+    monkeypatch.setattr(evaluate, "probe_checkpoint", lambda *a, **k: pytest.fail("the probe ran"))
+    monkeypatch.setattr(runner, "run_eval", lambda *a, **k: pytest.fail("the protocols ran"))
+    monkeypatch.setattr(features, "FeatureStore", lambda *a, **k: pytest.fail("features were extracted"))
+    argv = {"probe": ["probe", "--checkpoint", "ckpt", "--train", "t.beton", "--val", "v.beton"],
+            "eval": ["eval", "--checkpoint", "ckpt", "--protocol", "knn"]}[command]
+    assert main([*argv, "--run-id", "deadbeef", "--tracking-uri", uri]) == 2
+    assert f"--run-id deadbeef: no such run in {uri}" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path / "..")  # the default store, relative to a folder that has none
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main([*argv, "--run-id", store[1]]) == 2
+    assert "there is no MLflow store at" in capsys.readouterr().err
+    assert not (tmp_path / ".." / "mlflow.db").exists()
+
+
+def test_eval_without_a_val_split_and_a_single_class_val_fail_before_training(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from sslray.datasets import WriteParams, convert
+    from sslray.raytrain import trainer
+
+    monkeypatch.setattr(trainer, "pretrain", lambda *a, **k: pytest.fail("training started"))
+    cfg = load_config("smoke", ["data.train=/d/t.beton", "data.val="])
+    with pytest.raises(ValueError, match="--eval linear scores the checkpoint on a val split: give --val"):
+        run_pretrain(cfg, eval_protocols="linear")
+    (tmp_path / "src" / "cat").mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (8, 8), (i, 50, 90)).save(tmp_path / "src" / "cat" / f"{i}.png")
+    one = str(tmp_path / "one.beton")
+    convert(tmp_path / "src", one, params=WriteParams(max_resolution=8), workers=1, verbose=False)
+    with pytest.raises(ValueError, match="one.beton"):
+        run_pretrain(cfg.replace(**{"data.train": one, "data.val": one}))
+
+
+def test_a_failure_after_training_ends_the_run_finished_with_a_tag(store, monkeypatch):
+    """The probe or --eval failing after hours of training left the MLflow run RUNNING for good (and out of
+    `sslray compare`); training itself finished and its checkpoint is kept."""
+    from sslray.raytrain import evaluate, trainer
+
+    uri, run_id = store
+    res = trainer.PretrainResult(run_id, uri, "/runs/r/checkpoint_000001", {}, "r", "/runs")
+    monkeypatch.setattr(trainer, "pretrain", lambda *a, **k: res)
+
+    def probe_fails(*a, **k):
+        raise RuntimeError("the probe ran out of memory")
+
+    monkeypatch.setattr(evaluate, "probe_checkpoint", probe_fails)
+    cfg = load_config("smoke", ["data.train=/d/t.beton", "data.val=/d/v.beton", "train.export_backbone=false"])
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_pretrain(cfg)
+    run = Tracker(uri, run_id).client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[AFTER_TRAINING_TAG] == "RuntimeError: the probe ran out of memory"
