@@ -427,7 +427,8 @@ def register(sub) -> None:
 
 
 def cmd_study(a) -> int:
-    from .raytrain.methods import METHODS
+    from .raytrain.methods import METHODS, check_method_config
+    from .raytrain.trainer import check_data
 
     methods, policies = _names(a.methods), _names(a.views)
     unknown = [m for m in methods if m not in METHODS]
@@ -435,6 +436,14 @@ def cmd_study(a) -> int:
         raise ConfigError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS.names())}")
     check_policies(policies)
     check_scopes(methods, a.overrides)
+    flags = {"data.train": _abs(a.data), "data.val": _abs(a.val), "train.epochs": a.epochs,
+             "model.backbone": a.backbone, "data.batch_size": a.batch_size, "ray.num_workers": a.workers_per_trial,
+             "train.seed": a.seed}
+    over = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(a.overrides)
+    cfgs = {m: method_config(m, a.recipe, over) for m in methods}
+    for cfg in cfgs.values():  # what a cell's workers would refuse, before Ray starts (each recipe has its batch)
+        check_data(cfg)
+        check_method_config(cfg)
     gpus = a.gpus_per_worker
     if gpus is None:
         import ray
@@ -443,11 +452,7 @@ def cmd_study(a) -> int:
 
         ensure_ray()
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    flags = {"data.train": _abs(a.data), "data.val": _abs(a.val), "train.epochs": a.epochs,
-             "model.backbone": a.backbone, "data.batch_size": a.batch_size, "ray.num_workers": a.workers_per_trial,
-             "ray.use_gpu": "true" if gpus > 0 else "false", "train.seed": a.seed}
-    over = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(a.overrides)
-    cfgs = {m: method_config(m, a.recipe, over) for m in methods}
+    cfgs = {m: c.replace(**{"ray.use_gpu": "true" if gpus > 0 else "false"}) for m, c in cfgs.items()}
     spec = make_study_spec(cfgs, policies, name=a.name, storage=a.storage, gpus_per_worker=gpus,
                            max_concurrent=a.max_concurrent, seed=a.seed)
     print(f"sslray study: {len(methods)} method(s) x {len(policies)} view polic{'y' if len(policies) == 1 else 'ies'}"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -35,7 +34,7 @@ def test_every_api_name_is_the_function_even_after_its_namesake_module_is_import
     assert cfg.train.epochs == 3
 
 
-def test_sweep_takes_a_dict_space_and_builds_the_spec_the_cli_would(monkeypatch, tmp_path):
+def test_sweep_takes_a_dict_space_and_builds_the_spec_the_cli_would(monkeypatch, tmp_path, tiny_betons):
     """``sslray.sweep`` and ``sslray tune`` share one path: the same space (dict here, strings there)
     gives the same spec; Ray is not started because the search itself is stubbed."""
     import sslray
@@ -46,17 +45,20 @@ def test_sweep_takes_a_dict_space_and_builds_the_spec_the_cli_would(monkeypatch,
     specs = []
     monkeypatch.setattr(sweep_mod, "run_sweep", lambda spec, **kw: specs.append((spec, kw)) or _Result(spec))
     monkeypatch.setattr(sweep_mod, "print_summary", lambda *a: None)
-    cfg = sslray.load_config("simclr_cifar10", {"data.train": "t.beton", "data.val": "v.beton", "train.epochs": 4})
+    train, val = tiny_betons["train"], tiny_betons["val"]  # the data is checked before Ray, as pretrain does
+    cfg = sslray.load_config("simclr_cifar10", {"data.train": train, "data.val": val, "train.epochs": 4,
+                                                "data.batch_size": 32})
     sslray.sweep(cfg, {"lr": "loguniform(0.01,1)", "temperature": [0.1, 0.2]}, name="s", storage=str(tmp_path),
                  gpus_per_worker=0, num_samples=3, grace_period=2)
-    assert main(["tune", "--recipe", "simclr_cifar10", "--data", "t.beton", "--val", "v.beton", "--max-epochs", "4",
+    assert main(["tune", "--recipe", "simclr_cifar10", "--data", train, "--val", val, "--max-epochs", "4",
+                 "data.batch_size=32",
                  "--space", "lr=loguniform(0.01,1)", "--space", "temperature=choice(0.1,0.2)", "--name", "s",
                  "--storage", str(tmp_path), "--gpus-per-worker", "0", "--num-samples", "3",
                  "--grace-period", "2"]) == 0
     (api, _), (cli, _) = specs
     assert api.space == cli.space and set(api.space) == {"optim.base_lr", "method.temperature"}
     assert (api.num_samples, api.grace_period, api.max_epochs) == (3, 2, 4)
-    assert api.base == cli.base and api.base["data"]["train"] == str(Path("t.beton").resolve())
+    assert api.base == cli.base and api.base["data"]["train"] == train
     with pytest.raises(ConfigError, match="data.train"):
         sslray.sweep(sslray.load_config("smoke"), name="s", gpus_per_worker=0)
 

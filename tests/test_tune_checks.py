@@ -5,6 +5,7 @@ trial the config rejects failing alone, and the number of trials a sweep runs.""
 from __future__ import annotations
 
 import pickle
+import re
 import types
 
 import pytest
@@ -217,3 +218,52 @@ def test_total_trials_is_what_tune_runs(search, total, monkeypatch):
     space = {"optim.base_lr": Dist("loguniform", (1e-3, 1.0)), "optim.weight_decay": Dist("grid", (0.0, 1e-5, 1e-4))}
     spec = make_spec(load_config("smoke", DATA), space, name="s", storage="/tmp/s", num_samples=4, search=search)
     assert spec.total_trials() == total
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--space", "lr=loguniform(0,1)"], r"loguniform\(0, 1\): bounds must be positive"),
+    (["--num-samples", "0"], "--num-samples must be at least 1, got 0"),
+    (["--reduction-factor", "1"], "--reduction-factor must be above 1, got 1"),
+    (["--metric", "knn_tpo1"], "did you mean knn_top1"),
+    (["method.params.foo=1"], "method.params.foo"),
+    (["--data", "/nowhere/t.beton"], "data.train=/nowhere/t.beton: no such file"),
+])
+def test_tune_refuses_what_its_trials_would_before_ray_starts(argv, named, tiny_betons, tmp_path, capsys,
+                                                              monkeypatch):
+    """Without --gpus-per-worker the sweep started Ray (to count GPUs) before the space, the options, the
+    data and the method's keys were checked; each trial then failed in its own workers."""
+    import ray
+
+    from sslray.cli import main
+    from sslray.raytrain import trainer
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # a fresh CLI: the workers would run here
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(trainer, "local_head", lambda *a, **k: None)
+    monkeypatch.setattr(trainer, "ensure_ray", lambda *a, **k: pytest.fail("Ray was started"))
+    base = ["tune", "--method", "simclr", "--data", tiny_betons["train"], "--val", tiny_betons["val"], "--name", "s",
+            "--storage", str(tmp_path), "data.batch_size=32"]
+    assert main(base + argv) == 2
+    assert re.search(named, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["optim.bas_lr=1"], "unknown config key.*optim.bas_lr"),
+    (["method.params.foo=1"], "method.params.foo"),
+    (["--batch-size", "33"], r"'data.batch_size' \(33\) must divide evenly over 2 workers"),
+])
+def test_study_refuses_a_bad_cell_before_ray_starts(extra, named, tiny_betons, tmp_path, capsys, monkeypatch):
+    import ray
+
+    from sslray.cli import main
+    from sslray.raytrain import trainer
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(trainer, "local_head", lambda *a, **k: None)
+    monkeypatch.setattr(trainer, "ensure_ray", lambda *a, **k: pytest.fail("Ray was started"))
+    rc = main(["study", "--methods", "simclr,byol", "--views", "default", "--data", tiny_betons["train"], "--val",
+               tiny_betons["val"], "--epochs", "1", "--name", "st", "--storage", str(tmp_path), "--workers-per-trial",
+               "2", "--batch-size", "32", *extra])
+    assert rc == 2 and re.search(named, capsys.readouterr().err)
+    assert not (tmp_path / "st").exists()  # no recipes or matrix written either

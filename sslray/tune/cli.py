@@ -66,12 +66,27 @@ def sweep_config(cfg, space=None, *, name: str, storage: str = "./runs", num_sam
     """Search ``space`` (``["lr=loguniform(1e-3,1)", ...]``, ``{"lr": "loguniform(1e-3,1)"}``, YAML files;
     ``None``: the method's default space) around ``cfg``, each trial a Ray Train run of
     ``cfg.train.epochs`` epochs at most; returns the ``SweepResult``. The same ``name``/``storage`` resumes."""
+    from ..raytrain.methods import check_method_config
+    from ..raytrain.trainer import check_data
     from .space import canonical_key, check_space, default_space, parse_dist, parse_space
     from .sweep import make_spec, run_sweep
 
     if not cfg.data.train:
         raise ConfigError("give the training data: --data TRAIN.beton (config key 'data.train')")
     cfg = absolute_paths(cfg)
+    # Everything a trial would refuse, before Ray starts: the data (as pretrain checks it), the method's
+    # keys, the search space against the config, and the sweep's own options.
+    check_data(cfg)
+    check_method_config(cfg)
+    if isinstance(space, dict):  # values as in a --space YAML file: "loguniform(1e-3,1)", [0.1, 0.2], ...
+        space = {canonical_key(str(k)): parse_dist(v, str(k)) for k, v in space.items()}
+    else:
+        space = parse_space(space) if space else default_space(cfg)
+    check_space(space, cfg, search, grid_points)
+    kw = dict(name=name, storage=_abs(storage), num_samples=num_samples, scheduler=scheduler, search=search,
+              metric=metric, mode=mode, max_epochs=cfg.train.epochs, grace_period=grace_period,
+              reduction_factor=reduction_factor, grid_points=grid_points, max_concurrent=max_concurrent, seed=seed)
+    make_spec(cfg, space, gpus_per_worker=gpus_per_worker or 0.0, **kw)
     if gpus_per_worker is None:
         import ray
 
@@ -80,15 +95,7 @@ def sweep_config(cfg, space=None, *, name: str, storage: str = "./runs", num_sam
         ensure_ray()
         gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     cfg = cfg.replace(**{"ray.use_gpu": "true" if gpus_per_worker > 0 else "false"})
-    if isinstance(space, dict):  # values as in a --space YAML file: "loguniform(1e-3,1)", [0.1, 0.2], ...
-        space = {canonical_key(str(k)): parse_dist(v, str(k)) for k, v in space.items()}
-    else:
-        space = parse_space(space) if space else default_space(cfg)
-    check_space(space, cfg, search, grid_points)
-    spec = make_spec(cfg, space, name=name, storage=_abs(storage), num_samples=num_samples, scheduler=scheduler,
-                     search=search, metric=metric, mode=mode, max_epochs=cfg.train.epochs, grace_period=grace_period,
-                     reduction_factor=reduction_factor, grid_points=grid_points, gpus_per_worker=gpus_per_worker,
-                     max_concurrent=max_concurrent, seed=seed)
+    spec = make_spec(cfg, space, gpus_per_worker=gpus_per_worker, **kw)
     return run_sweep(spec, tracking_uri=tracking_uri, experiment=experiment, verbose=verbose)
 
 

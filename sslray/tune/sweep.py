@@ -77,6 +77,12 @@ class SweepSpec:
 
 
 def make_spec(base: Config, space: Mapping[str, Dist], **kw) -> SweepSpec:
+    for flag, key, low, strict in (("--num-samples", "num_samples", 1, False), ("--grid-points", "grid_points", 1, False),
+                                   ("--reduction-factor", "reduction_factor", 1, True),
+                                   ("--max-concurrent", "max_concurrent", 0, False)):
+        v = kw.get(key)
+        if v is not None and (v <= low if strict else v < low):
+            raise ConfigError(f"{flag} must be {'above' if strict else 'at least'} {low}, got {v}")
     if kw.get("scheduler", "asha") not in SCHEDULERS:
         raise ConfigError(f"--scheduler must be one of {', '.join(SCHEDULERS)}")
     if kw.get("scheduler") == "pbt":
