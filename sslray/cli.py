@@ -108,7 +108,9 @@ def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val
         raise ValueError(f"--eval {eval_protocols} scores the checkpoint on a val split: give --val")
     if (eval_protocols or probe) and cfg.data.val and os.path.exists(cfg.data.val):
         from .eval.features import labelled_info
+        from .raytrain.trainer import check_data
 
+        check_data(cfg)  # the training run's own data checks first (they name the config keys)
         # The probe after training fits a classifier: a single-class split fails there, hours later.
         labelled_info(cfg.data.val, "val")
         labelled_info(cfg.data.train, "train")
