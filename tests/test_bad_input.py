@@ -268,3 +268,114 @@ def test_pretrain_on_a_missing_dataset_fails_before_ray_starts(tmp_path, monkeyp
     with pytest.raises(SystemExit):
         main(args)
     assert started and "not found on this machine; the cluster's workers must have it" in capsys.readouterr().out
+
+
+# --- write settings, a dying writer, not-a-CSV, a split tree without --split (review findings 1, 13) ---
+
+
+@pytest.mark.parametrize("flag,value,says", [
+    ("--max-res", "0", "--max-res must be a positive number of pixels, got 0"),
+    ("--max-res", "-8", "--max-res must be a positive number of pixels, got -8"),
+    ("--quality", "500", "--quality must be a JPEG quality in [0, 100], got 500"),
+    ("--quality", "-1", "--quality must be a JPEG quality in [0, 100], got -1"),
+    ("--compress-probability", "7", "--compress-probability must be a probability in [0, 1], got 7.0"),
+    ("--workers", "-2", "--workers must be >= 0"),
+])
+def test_write_settings_out_of_range_fail_before_any_work(flag, value, says, tmp_path, capsys, monkeypatch):
+    """--max-res 0 used to hang for ever (the writer's worker died in cv2.resize) and leave
+    .X.beton.partial-<pid> files; --quality 500 and --compress-probability 7 were accepted."""
+    import importlib
+
+    C = importlib.import_module("sslray.datasets.convert")
+    src = tree(tmp_path / "src", {})
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+
+    def no_work(*a, **k):
+        raise AssertionError("images were read before the write settings were checked")
+
+    monkeypatch.setattr(C, "validate", no_work)
+    monkeypatch.setattr(C, "SOURCES", None)  # not even the listing may run
+    rc = main(["convert", str(src), str(outdir / "o.beton"), flag, value])
+    err = capsys.readouterr().err
+    assert rc == 2 and says in err, err
+    assert list(outdir.iterdir()) == []
+    if flag != "--workers":
+        key = {"--max-res": "max_resolution", "--quality": "jpeg_quality",
+               "--compress-probability": "compress_probability"}[flag]
+        with pytest.raises(ConversionError, match=flag):
+            convert(src, outdir / "o.beton", params=WriteParams(**{key: float(value)}), verbose=False)
+
+
+_DYING_WRITER = """
+import importlib, os, signal, sys
+from pathlib import Path
+C = importlib.import_module("sslray.datasets.convert")
+real_validate = C.validate
+
+def validate(records, *a, **k):  # the check passes, then the writer's processes fail
+    result = real_validate(records, *a, **k)
+    if sys.argv[1] == "removed":
+        Path(records[1].path).unlink()
+    else:
+        C.load_record = lambda rec, max_res: os.kill(os.getpid(), signal.SIGKILL)
+    return result
+
+C.validate = validate
+try:
+    C.convert(sys.argv[2], sys.argv[3], workers=2, verbose=False)
+except C.ConversionError as e:
+    print("ConversionError:", e)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("how", ["removed", "killed"])
+def test_a_writer_process_that_dies_ends_the_conversion_instead_of_hanging(how, tmp_path):
+    """FFCV's writer waited for ever when one of its processes died (an image removed since the check,
+    the OOM killer). Run in a subprocess with a timeout so that a regression fails instead of hanging."""
+    import subprocess
+    import sys
+
+    src = tree(tmp_path / "src", {})
+    out = tmp_path / "out" / "h.beton"
+    out.parent.mkdir()
+    gone = sorted((src / "a").iterdir())[1]
+    try:
+        r = subprocess.run([sys.executable, "-c", _DYING_WRITER, how, str(src), str(out)], capture_output=True,
+                           text=True, timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the conversion hung after a writer process died")
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert f"writing {out} failed" in r.stdout and f"nothing was written to {out}" in r.stdout, r.stdout
+    if how == "removed":
+        assert f"{gone} can no longer be read" in r.stdout and "FileNotFoundError" in r.stdout, r.stdout
+    else:
+        assert "killed by signal 9" in r.stdout, r.stdout
+    assert list(out.parent.iterdir()) == []  # no .partial files, no manifest
+
+
+def test_csv_source_that_is_not_text_names_the_file(tmp_path, capsys):
+    """`convert pic.png x.beton --source csv` said only "'utf-8' codec can't decode byte 0x89"."""
+    pic = tmp_path / "pic.png"
+    good_image().save(pic)
+    blob = tmp_path / "list.csv"
+    blob.write_bytes(b"a.png,0\x00\x00\x01")
+    for f in (pic, blob):
+        rc, _, err = run_cli(capsys, f, tmp_path / "x.beton", "--source", "csv")
+        assert rc == 2 and f"csv source {f}" in err and "text CSV of path,label rows" in err, err
+        assert "codec" not in err
+    assert "give the CSV that lists the images" in run_cli(capsys, pic, tmp_path / "x.beton", "--source", "csv")[2]
+    assert not (tmp_path / "x.beton").exists()
+
+
+def test_split_tree_without_split_suggests_one(tmp_path, capsys):
+    """`convert img e.beton` on img/{train,val}/<class>/ said only "no readable images in img (0 skipped)"."""
+    for split in ("train", "val"):
+        tree(tmp_path / "img" / split, {"x.png": good_image()})
+    rc, _, err = run_cli(capsys, tmp_path / "img", tmp_path / "e.beton")
+    img = tmp_path / "img"
+    assert rc == 2 and f"{img}/train and {img}/val hold only sub-folders: did you mean --split train?" in err, err
+    with pytest.raises(SourceError, match="did you mean --split train"):
+        convert(img, tmp_path / "e.beton", verbose=False)
+    assert run_cli(capsys, img, tmp_path / "e.beton", "--split", "train")[0] == 0

@@ -89,3 +89,55 @@ def test_crash_leaves_nothing_that_looks_finished(cifar_small, tmp_path, monkeyp
 def test_output_must_end_in_beton(cifar_small, tmp_path):
     with pytest.raises(ConversionError, match=r"\.beton"):
         convert(cifar_small["test_tree"], tmp_path / "x.bin", verbose=False)
+
+
+# --- replacing an existing .beton (review finding 11) -------------------------------------------------
+
+
+def _split_tree(root, n=2):
+    """``root/{train,val}/{a,b}/<i>.png``: tiny distinct images."""
+    for s, split in enumerate(("train", "val")):
+        for c, cls in enumerate("ab"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (8, 6), (40 * s + 10 * c + i, 50, 90)).save(root / split / cls / f"{i}.png")
+    return root
+
+
+def test_a_beton_from_another_split_or_settings_is_only_replaced_with_force(tmp_path, capsys):
+    """`convert img keep.beton --split val` over a keep.beton made from --split train replaced it
+    without a word; a mistyped OUT must not destroy a conversion whose source may be gone."""
+    from sslray.cli import main
+
+    src = _split_tree(tmp_path / "img")
+    out = tmp_path / "keep.beton"
+    p = WriteParams(write_mode="raw", max_resolution=8)
+    convert(src, out, split="train", params=p, workers=1, verbose=False)
+    before = (out.read_bytes(), manifest_path(out).read_text())
+
+    with pytest.raises(ConversionError, match=r"split 'train' \(now 'val'\).*keep\.manifest\.json.*--force"):
+        convert(src, out, split="val", params=p, workers=1, verbose=False)
+    with pytest.raises(ConversionError, match=r"fraction None \(now 0\.5\).*--force"):  # a subset of it
+        convert(src, out, split="train", params=p, fraction=0.5, workers=1, verbose=False)
+    with pytest.raises(ConversionError, match=r"source_type 'imagefolder' \(now 'unlabelled'\)"):
+        convert(src, out, source="unlabelled", split="train", params=p, workers=1, verbose=False)
+    rc = main(["convert", str(src), str(out), "--split", "val", "--write-mode", "raw", "--max-res", "8"])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(out) in err and "split 'train' (now 'val')" in err and "--force" in err, err
+    assert (out.read_bytes(), manifest_path(out).read_text()) == before  # nothing lost
+
+    m = convert(src, out, split="val", params=p, workers=1, verbose=False, force=True)
+    assert m["split"] == "val" and read_manifest(out)["source"] == str((src / "val").resolve())
+
+
+def test_the_same_source_with_changed_files_or_write_settings_still_reconverts_without_force(tmp_path, capsys):
+    src = _split_tree(tmp_path / "img")
+    out = tmp_path / "t.beton"
+    p = WriteParams(write_mode="raw", max_resolution=8)
+    convert(src, out, split="train", params=p, workers=1, verbose=False)
+    convert(src, out, split="train", params=p, workers=1)
+    assert "up to date" in capsys.readouterr().out
+    Image.new("RGB", (8, 6), (1, 2, 3)).save(src / "train" / "a" / "new.png")
+    assert convert(src, out, split="train", params=p, workers=1, verbose=False)["num_images"] == 5
+    m = convert(src, out, split="train", params=WriteParams(max_resolution=4), workers=1, verbose=False)
+    assert m["write_params"]["write_mode"] == "jpg" and m["write_params"]["max_resolution"] == 4

@@ -47,6 +47,19 @@ class WriteParams:
     def as_dict(self) -> dict:
         return dict(self.__dict__)
 
+    def check(self) -> None:
+        """Refuse settings the FFCV writer cannot honour, naming the ``sslray convert`` flag. A max
+        resolution <= 0 made every writer process die in cv2.resize while the parent waited for ever."""
+        if self.write_mode not in WRITE_MODES:
+            raise ConversionError(f"write mode {self.write_mode!r} is not one of {', '.join(WRITE_MODES)}")
+        if not self.max_resolution > 0:
+            raise ConversionError(f"--max-res must be a positive number of pixels, got {self.max_resolution}")
+        if not 0 <= self.jpeg_quality <= 100:
+            raise ConversionError(f"--quality must be a JPEG quality in [0, 100], got {self.jpeg_quality}")
+        if not 0 <= self.compress_probability <= 1:
+            raise ConversionError(f"--compress-probability must be a probability in [0, 1], "
+                                  f"got {self.compress_probability}")
+
 
 def manifest_path(beton: str | os.PathLike) -> Path:
     """``data/train.beton`` -> ``data/train.manifest.json``."""
@@ -137,7 +150,112 @@ class _ValidDataset:
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
         rec = self.records[i]
-        return load_record(rec, self.max_res), int(rec.label)
+        try:
+            return load_record(rec, self.max_res), int(rec.label)
+        except Exception as e:  # it decoded during the check: changed or removed since
+            raise ConversionError(f"{rec.path} can no longer be read ({type(e).__name__}: {e}); "
+                                  "it was readable when the images were checked") from e
+
+
+class WriterDied(RuntimeError):
+    """A process of the FFCV writer died; the message says which error or signal ended it."""
+
+
+def _report_errors(work_fn, errors, *args) -> None:
+    """Runs one FFCV writer process; an exception is sent to the parent instead of a traceback."""
+    import sys
+    import traceback
+
+    try:
+        work_fn(*args)
+    except Exception as e:  # the parent names it and stops the others
+        if isinstance(e, ConversionError):  # ours: it names the file
+            errors.put(str(e))
+        else:
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            errors.put(f"{type(e).__name__}: {e} (at {Path(where.filename).name}:{where.lineno})")
+        sys.exit(1)
+
+
+def _supervised(DatasetWriter):
+    """FFCV's ``DatasetWriter`` whose parent notices a dead worker. FFCV's own ``_write_common``
+    waits until the workers have counted every sample: a worker that raised, or was killed (out of
+    memory), left the parent waiting for ever. This is that method (ffcv 1.0.2) with the workers
+    watched while the parent waits; the first failure stops the others and raises ``WriterDied``."""
+    import ctypes
+    import queue
+    from multiprocessing import Process, Queue, Value
+    from time import sleep
+
+    from ffcv.memory_allocator import MemoryAllocator
+
+    def failure(processes, errors) -> Optional[str]:
+        dead = [p for p in processes if p.exitcode not in (None, 0)]
+        if not dead:
+            return None
+        try:
+            return errors.get(timeout=2)
+        except queue.Empty:
+            code = dead[0].exitcode
+            return f"a writer process was killed by signal {-code}" + (" (out of memory?)" if code == -9 else "") \
+                if code < 0 else f"a writer process exited with code {code}"
+
+    class SupervisedWriter(DatasetWriter):
+        def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):
+            self.num_samples = num_samples
+            self.prepare()
+            workqueue: Queue = Queue()
+            for todo in queue_content:
+                workqueue.put(todo)
+            for _ in range(self.num_workers):
+                workqueue.put(None)  # one "no more work" token per worker
+            allocations_queue: Queue = Queue()
+            errors: Queue = Queue()
+            done_number = Value(ctypes.c_uint64, 0)
+            allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
+            worker_args = (work_fn, errors, workqueue, self.metadata_sm, self.metadata_type, self.fields,
+                           allocator, done_number, allocations_queue, *extra_worker_args)
+            processes = [Process(target=_report_errors, args=worker_args) for _ in range(self.num_workers)]
+            ok = False
+            progress = tqdm(total=self.num_samples, desc="writing", unit="img")
+            try:
+                for p in processes:
+                    p.start()
+                previous = 0
+                while previous != self.num_samples:
+                    val = done_number.value
+                    if val - previous > 0:
+                        progress.update(val - previous)
+                    previous = val
+                    why = failure(processes, errors)
+                    if why:
+                        raise WriterDied(why)
+                    sleep(0.1)
+                allocation_list: list = []
+                pending = len(processes)
+                while pending:  # each worker sends its allocations as it exits
+                    try:
+                        allocation_list.extend(allocations_queue.get(timeout=0.5))
+                        pending -= 1
+                    except queue.Empty:
+                        why = failure(processes, errors)
+                        if why:
+                            raise WriterDied(why)
+                self.finalize(allocation_list)
+                ok = True
+            finally:
+                progress.close()
+                if not ok:  # work nobody will read: exiting must not wait to flush it into the pipe
+                    workqueue.cancel_join_thread()
+                for p in processes:
+                    if not ok and p.is_alive():
+                        p.terminate()
+                    if p.pid is not None:
+                        p.join(timeout=10)
+                self.metadata_sm.close()
+                self.metadata_sm.unlink()
+
+    return SupervisedWriter
 
 
 def check_writable(out: Path) -> None:
@@ -153,6 +271,28 @@ def check_writable(out: Path) -> None:
         os.unlink(probe)
     except OSError as e:
         raise ConversionError(f"output folder {parent} is not writable: {e.strerror}") from None
+
+
+def check_same_origin(out: Path, old: dict, source: str, split: Optional[str], settings: dict) -> None:
+    """``out`` converted from another source, source type or split, or with another subset
+    (``--classes``/``--fraction``/``--seed``, source options), holds a different dataset: it is only
+    replaced with ``--force``, since a mistyped OUT must not destroy a conversion whose source may be
+    gone. The same images with other write settings (``--max-res``, ``--quality``...), or the same
+    source with changed files, convert again as before: that source is there to convert from."""
+    diffs = []
+    if old.get("source") not in (None, source):
+        diffs.append(f"source {old['source']} (now {source})")
+    if "split" in old and old["split"] != split:
+        diffs.append(f"split {old['split']!r} (now {split!r})")
+    before = old.get("settings")
+    if isinstance(before, dict):
+        encoding = set(WriteParams.__dataclass_fields__) | {"split"}  # split: reported above
+        for k in sorted((set(before) | set(settings)) - encoding):
+            if before.get(k) != settings.get(k):
+                diffs.append(f"{k} {before.get(k)!r} (now {settings.get(k)!r})")
+    if diffs:
+        raise ConversionError(f"{out} holds a different conversion, with {'; '.join(diffs)} (recorded in "
+                              f"{manifest_path(out)}): pass --force to replace it, or choose another OUT")
 
 
 def validate(records: Sequence[Record], max_res: int, workers: int, desc: str = "checking images"):
@@ -199,13 +339,15 @@ def convert(
     """Convert ``src`` to ``out`` (.beton) and return the manifest dict.
 
     ``classes`` / ``fraction`` / ``seed`` select a class subset and a per-class fraction (see
-    ``sources.select``); they are part of the settings, so changing them reconverts.
+    ``sources.select``). An existing ``out`` made from another source, split or subset is replaced
+    only with ``force`` (``check_same_origin``); other write settings convert it again.
     """
     out = Path(out)
     if not out.name.endswith(".beton"):
         raise ConversionError(f"output {out} must end in .beton")
-    if params.write_mode not in WRITE_MODES:
-        raise ConversionError(f"write mode {params.write_mode!r} is not one of {', '.join(WRITE_MODES)}")
+    params.check()
+    if workers < 0:
+        raise ConversionError(f"--workers must be >= 0 (0: CPU count, at most 8), got {workers}")
     check_writable(out)  # before any work
     workers = workers or min(8, os.cpu_count() or 1)
     if listing is None:
@@ -217,6 +359,8 @@ def convert(
                 **_jsonable({**subset, **source_kwargs})}
 
     old = read_manifest(out) if out.exists() else None
+    if old and not force:
+        check_same_origin(out, old, str(listing.root), split, settings)
     if old and not force and old.get("source_hash") == fingerprint and old.get("settings") == settings \
             and old.get("beton_bytes") == out.stat().st_size:
         if verbose:
@@ -239,7 +383,7 @@ def convert(
     tmp_beton = out.with_name(f".{out.name}.partial-{os.getpid()}")
     mpath = manifest_path(out)
     try:
-        writer = DatasetWriter(
+        writer = _supervised(DatasetWriter)(
             str(tmp_beton),
             {
                 "image": RGBImageField(
@@ -252,7 +396,10 @@ def convert(
             },
             num_workers=workers,
         )
-        writer.from_indexed_dataset(_ValidDataset(ok, params.max_resolution), chunksize=100)
+        try:
+            writer.from_indexed_dataset(_ValidDataset(ok, params.max_resolution), chunksize=100)
+        except WriterDied as e:
+            raise ConversionError(f"writing {out} failed: {e}; nothing was written to {out}") from None
         labels = np.array([r.label for r in ok])
         manifest = {
             "manifest_version": MANIFEST_VERSION,

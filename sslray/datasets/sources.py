@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -133,6 +134,17 @@ def imagefolder(src: str | os.PathLike, split: str | None = None, **_: object) -
             notes.append(f"{root} has no folder for {len(absent)} class(es) found in its sibling splits: "
                          f"{', '.join(absent[:10])}" + (" ..." if len(absent) > 10 else ""))
     records, folder_notes, skipped = list_class_folder(root, class_dirs, classes)
+    if not records and not split:
+        nested = [d for d in class_dirs if all(p.is_dir() for p in d.iterdir()) and any(d.iterdir())]
+        if nested:
+            shown = [str(Path(src) / d.name) for d in nested]
+            if len(shown) > 3:
+                shown = shown[:3] + [f"{len(nested) - 3} more"]
+            where = shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " and " + shown[-1]
+            guess = next((d.name for d in nested if d.name == "train"), nested[0].name)
+            raise SourceError(f"no images at {src}/<class>/<image>: {where} "
+                              f"{'holds' if len(nested) == 1 else 'hold'} only sub-folders: "
+                              f"did you mean --split {guess}?")
     return SourceListing(records, classes, "imagefolder", str(root.resolve()), notes=notes + folder_notes,
                          skipped=skipped)
 
@@ -359,25 +371,38 @@ def csv_list(src: str | os.PathLike, split: str | None = None, **_: object) -> S
     base = f.resolve().parent
     rows: list[tuple[str, str]] = []
     skipped: list[dict] = []
-    with open(f, newline="", encoding="utf-8-sig") as fh:
-        for lineno, row in enumerate(csv.reader(fh), 1):
-            cells = [c.strip() for c in row]
-            if not cells or not any(cells) or cells[0].startswith("#"):
-                continue
-            if lineno == 1 and [c.lower() for c in cells[:2]] == ["path", "label"]:
-                continue
-            if len(cells) > 2 or not cells[0]:
-                skipped.append({"path": f"{f}:{lineno}", "reason": f"bad row {row!r} (expected path,label)"})
-                continue
-            p = Path(cells[0]).expanduser()
-            p = p if p.is_absolute() else base / p
-            label = cells[1] if len(cells) > 1 else ""
-            if not p.is_file():
-                skipped.append({"path": str(p), "reason": f"file does not exist ({f}:{lineno})"})
-            elif not is_image_name(p.name):
-                skipped.append({"path": str(p), "reason": f"not an image file extension ({f}:{lineno})"})
-            else:
-                rows.append((str(p.resolve()), label))
+    try:
+        with open(f, newline="", encoding="utf-8-sig") as fh:
+            text = fh.read()
+    except UnicodeDecodeError as e:
+        hint = " (this is an image: give the CSV that lists the images)" if is_image_name(f.name) else ""
+        raise SourceError(f"csv source {f} is not a UTF-8 text file (byte {e.start} cannot be decoded){hint}; "
+                          "expected a text CSV of path,label rows") from None
+    if "\0" in text:
+        raise SourceError(f"csv source {f} holds NUL bytes, so it is not a text file; "
+                          "expected a text CSV of path,label rows")
+    try:
+        rows_read = list(enumerate(csv.reader(io.StringIO(text, newline="")), 1))
+    except csv.Error as e:
+        raise SourceError(f"csv source {f} cannot be parsed as CSV ({e}); expected path,label rows") from None
+    for lineno, row in rows_read:
+        cells = [c.strip() for c in row]
+        if not cells or not any(cells) or cells[0].startswith("#"):
+            continue
+        if lineno == 1 and [c.lower() for c in cells[:2]] == ["path", "label"]:
+            continue
+        if len(cells) > 2 or not cells[0]:
+            skipped.append({"path": f"{f}:{lineno}", "reason": f"bad row {row!r} (expected path,label)"})
+            continue
+        p = Path(cells[0]).expanduser()
+        p = p if p.is_absolute() else base / p
+        label = cells[1] if len(cells) > 1 else ""
+        if not p.is_file():
+            skipped.append({"path": str(p), "reason": f"file does not exist ({f}:{lineno})"})
+        elif not is_image_name(p.name):
+            skipped.append({"path": str(p), "reason": f"not an image file extension ({f}:{lineno})"})
+        else:
+            rows.append((str(p.resolve()), label))
     labelled = [lab for _, lab in rows if lab]
     if labelled and all(_is_int(x) for x in labelled):
         ints = [int(x) for x in labelled]
