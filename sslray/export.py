@@ -240,7 +240,7 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Path
         p = fetch(str(path))  # a URI (s3://...) is copied into the local cache first
     except FileNotFoundError:
         raise FileNotFoundError(f"model.init_weights: {path} not found") from None
-    from .raytrain.evaluate import find_state
+    from .raytrain.evaluate import find_state, read_file
     from .raytrain.session import STATE_FILE
 
     if p.is_dir():
@@ -248,20 +248,21 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Path
             p = p / WEIGHTS if (p / WEIGHTS).exists() else find_state(p)
         except FileNotFoundError:
             p = p / WEIGHTS  # neither: named as the missing export below
+        except ValueError as e:  # a folder of several runs' checkpoints
+            raise ValueError(f"model.init_weights: {e}") from None
     if not p.exists():
         raise FileNotFoundError(f"model.init_weights: {p} not found")
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
-            sd = load_file(str(p))
-        else:
+        def load(f):
+            return load_file(str(f))
+    else:
+        def load(f):
             # sslray's own checkpoint also holds RNG states (numpy arrays), which torch's weights-only
             # reader refuses; it is read as resume and `sslray export` read it. Any other file: weights only.
-            sd = torch.load(p, map_location="cpu", weights_only=p.name != STATE_FILE)
-    except Exception as e:  # noqa: BLE001 - name the file, whatever the reader found wrong in it
-        raise ValueError(f"model.init_weights: {p} is not a weights file sslray can read "
-                         f"({type(e).__name__}: {e})") from None
+            return torch.load(f, map_location="cpu", weights_only=f.name != STATE_FILE)
+    sd = read_file(p, load, "a weights file sslray can read", where="model.init_weights: ")
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]

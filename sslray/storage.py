@@ -13,6 +13,7 @@ keeps every original).
 from __future__ import annotations
 
 import os
+import posixpath
 import shutil
 import uuid
 from pathlib import Path
@@ -176,6 +177,22 @@ def fetch(uri: str) -> Path:
     return dest
 
 
+def check_one_run(found: list[str], where: str) -> None:
+    """``found``: the checkpoint files below the folder ``where``, as paths relative to it. They must be
+    one run's: a run folder is the parent of its checkpoint folders. Under the storage root, or a run
+    beside its ``--restart``-moved ``<name>.old-<time>``, the newest checkpoint across them all could
+    be another run's, so this raises a ValueError naming the runs (up to 10) and asking for one."""
+    runs = sorted({posixpath.dirname(posixpath.dirname(f)) for f in found})
+    if len(runs) < 2:
+        return
+    where = str(where).rstrip("/")
+    names = [r or f"{where} itself" for r in runs]
+    shown = ", ".join(names[:10]) + (f" (+{len(names) - 10} more)" if len(names) > 10 else "")
+    example = join(where, runs[0]) if runs[0] else join(where, runs[1])
+    raise ValueError(f"{where} holds the checkpoints of {len(runs)} runs: {shown}; give one run folder "
+                     f"(such as {example}), or a checkpoint folder or state file inside it")
+
+
 def newest_file(uri: str, name: str) -> str:
     """``uri`` itself if it is the file ``name``; ``uri/name`` if that exists; else the newest ``name``
     below ``uri`` (ordered by its folder's name, then time, as checkpoints ``epoch_0002`` sort)."""
@@ -194,6 +211,8 @@ def newest_file(uri: str, name: str) -> str:
              if f.type == pafs.FileType.File and f.base_name == name]
     if not found:
         raise FileNotFoundError(f"no checkpoint ({name}) under {uri}")
+    base = path.rstrip("/") + "/"
+    check_one_run([f.path[len(base):] if f.path.startswith(base) else f.path for f in found], uri)
     best = max(found, key=lambda f: (Path(f.path).parent.name, f.mtime_ns or 0))
     return scheme + best.path
 
@@ -271,6 +290,6 @@ def upload(local: str | os.PathLike, uri: str) -> str:
     return uri
 
 
-__all__ = ["RUN_FILE", "absolute", "cache_root", "checkpoint_uri", "exists", "fetch", "fetch_checkpoint", "filesystem",
-           "is_remote", "join", "list_files", "local_mirror", "move_tree", "newest_file", "read_text", "remote_source",
-           "upload", "write_text"]
+__all__ = ["RUN_FILE", "absolute", "cache_root", "check_one_run", "checkpoint_uri", "exists", "fetch",
+           "fetch_checkpoint", "filesystem", "is_remote", "join", "list_files", "local_mirror", "move_tree",
+           "newest_file", "read_text", "remote_source", "upload", "write_text"]

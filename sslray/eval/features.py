@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-import torch
 
 from ..datasets.loader import DataError, check_same_classes, dataset_info, make_loader, subset_indices
 from ..datasets.views import eval_transform
 from ..raytrain.amp import resolve_precision
-from ..raytrain.evaluate import RANDOM_INIT_SEED_OFFSET, find_state, random_init_model
+from ..raytrain.evaluate import RANDOM_INIT_SEED_OFFSET, find_state, random_init_model, read_checkpoint
 from ..raytrain.knn import extract_features
 from ..raytrain.session import pick_device
 
@@ -48,9 +47,12 @@ class Features:
 def labelled_info(path: str, role: str):
     """``dataset_info`` that also refuses a split without class labels, naming the file."""
     info = dataset_info(path)
+    if info.num_classes == 1:
+        raise DataError(f"{role} split {path} has one class only ({info.classes[0]}): a probe needs at least 2 "
+                        "classes to tell apart")
     if info.num_classes < 2:
-        raise DataError(f"{role} split {path} has no class labels (manifest classes: {info.classes or 'none'}); "
-                        "the eval protocols need a labelled .beton (convert it from a class-folder source)")
+        raise DataError(f"{role} split {path} has no class labels (manifest classes: none); the probes and eval "
+                        "protocols need a labelled .beton (convert it from a class-folder source)")
     return info
 
 
@@ -97,10 +99,7 @@ class FeatureStore:
         self.cache = cache
         self.cache_dir = Path(cache_dir) if cache_dir else self.state_path.parent / "features"
         self.progress, self.log = progress, log
-        self._state = torch.load(self.state_path, map_location="cpu", weights_only=False)
-        from ..config import from_dict
-
-        self.cfg = from_dict(self._state["config"])
+        self.cfg, self._state = read_checkpoint(self.state_path, "cpu")  # ValueError naming a file that is none
         self.train_idx = subset_indices(self.train_info.num_images, train_subset, self.cfg.train.seed)
         self.val_idx = subset_indices(self.val_info.num_images, val_subset, self.cfg.train.seed)
         self._mem: dict[str, Features] = {}

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from ..raytrain.evaluate import find_state
+from ..raytrain.evaluate import find_state, read_checkpoint
 from ..storage import RUN_FILE
 from .features import FeatureStore
 from .protocols import PROTOCOLS, EvalContext, ProtocolResult, check_settings, parse_protocols
@@ -57,11 +57,7 @@ def run_eval(checkpoint: str, train: Optional[str], val: Optional[str], protocol
     names = parse_protocols(protocols)  # unknown names fail before any work
     check_settings(names, **ctx_kw)
     if not train or not val:
-        import torch
-
-        from ..config import from_dict
-
-        cfg = from_dict(torch.load(find_state(checkpoint), map_location="cpu", weights_only=False)["config"])
+        cfg, _ = read_checkpoint(find_state(checkpoint), "cpu")
         for role, given, key in (("train", train, cfg.data.train), ("val", val, cfg.data.val)):
             if not given and not key:
                 raise ValueError(f"no --{role} split given and the checkpoint's config key 'data.{role}' is empty")

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
-from ..config import Config, from_dict
+from ..config import Config, ConfigError, from_dict
 from ..datasets.loader import check_same_classes, dataset_info, make_loader, subset_indices
 from ..datasets.views import eval_transform
-from ..storage import fetch_checkpoint, is_remote
+from ..storage import check_one_run, fetch_checkpoint, is_remote
 from .knn import extract_features, knn_accuracy
 from .loop import seed_everything
 from .methods import create_method
@@ -21,7 +22,9 @@ from .session import STATE_FILE, pick_device
 
 def find_state(checkpoint: str | os.PathLike) -> Path:
     """Accept a state.pt, a checkpoint folder, or a run folder (newest checkpoint inside); local or a
-    URI such as ``s3://bucket/runs/name`` (that checkpoint is copied into the local cache first)."""
+    URI such as ``s3://bucket/runs/name`` (that checkpoint is copied into the local cache first). A
+    folder holding the checkpoints of several runs (the storage root, or a run beside its
+    ``--restart``-moved ``<name>.old-<time>``) is refused, naming the runs: which one is meant?"""
     if is_remote(checkpoint):
         return fetch_checkpoint(str(checkpoint), STATE_FILE)
     p = Path(checkpoint)
@@ -32,13 +35,49 @@ def find_state(checkpoint: str | os.PathLike) -> Path:
     found = sorted(p.glob(f"**/{STATE_FILE}"), key=lambda f: (f.parent.name, f.stat().st_mtime))
     if not found:
         raise FileNotFoundError(f"no checkpoint ({STATE_FILE}) under {p}")
+    check_one_run([f.relative_to(p).as_posix() for f in found], str(p))
     return found[-1]
 
 
+CHECKPOINT = f"an sslray checkpoint, a {STATE_FILE} written by sslray pretrain"
+
+
+def read_file(path: Path, load: Callable[[Path], Any], expected: str, where: str = "") -> Any:
+    """``load(path)``; whatever the reader finds wrong in the file (an image, a truncated torch zip,
+    another tool's pickle) becomes a ValueError naming the file and what it should have been. Serves
+    ``read_checkpoint`` and ``--init-weights``' ``sslray.export.read_weights``."""
+    try:
+        return load(path)
+    except OSError as e:  # a folder, no permission...: the file may be fine, it could not be read
+        raise ValueError(f"{where}cannot read {path} ({type(e).__name__}: {e.strerror or e})") from None
+    except Exception as e:  # noqa: BLE001 - name the file, whatever the reader found wrong in it
+        said = " ".join(str(e).split())  # one line: torch's messages run over several
+        raise ValueError(f"{where}{path} is not {expected} ({type(e).__name__}: {said})") from None
+
+
+def read_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[Config, dict]:
+    """The config and the whole state of an sslray checkpoint file (a local state.pt, as ``find_state``
+    returns it). Anything else (an image, a truncated file, a plain state_dict) is a ValueError
+    naming the file and what was expected."""
+    path = Path(path)
+    # The loop's checkpoint also holds RNG states (numpy arrays), which torch's weights-only reader refuses.
+    state = read_file(path, lambda p: torch.load(p, map_location=device, weights_only=False), CHECKPOINT)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not {CHECKPOINT}")
+    if not isinstance(state.get("config"), dict):
+        raise ValueError(f"{path} holds no sslray config (a plain state_dict? give it to --init-weights / "
+                         f"model.init_weights instead); expected {CHECKPOINT}")
+    if not isinstance(state.get("model"), dict):
+        raise ValueError(f"{path} holds no 'model' state_dict; expected {CHECKPOINT}")
+    try:
+        cfg = from_dict(state["config"])
+    except ConfigError as e:
+        raise ConfigError(f"{path}: the checkpoint's config: {e}") from None
+    return cfg, state
+
+
 def load_checkpoint(checkpoint: str | os.PathLike, device: torch.device):
-    path = find_state(checkpoint)
-    state = torch.load(path, map_location=device, weights_only=False)
-    cfg = from_dict(state["config"])
+    cfg, state = read_checkpoint(find_state(checkpoint), device)
     model = create_method(cfg).to(device)
     model.load_state_dict(state["model"])
     return cfg, model, state
@@ -166,5 +205,5 @@ def format_table(report: ProbeReport) -> str:
     return cap.get()
 
 
-__all__ = ["probe_checkpoint", "log_probe", "format_table", "load_checkpoint", "find_state", "ProbeReport",
-           "random_init_model"]
+__all__ = ["probe_checkpoint", "log_probe", "format_table", "load_checkpoint", "read_checkpoint", "find_state",
+           "ProbeReport", "random_init_model"]
