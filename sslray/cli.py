@@ -106,7 +106,7 @@ def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val
         init_backbone(create_method(cfg), cfg.model.init_weights)
     if eval_protocols and not cfg.data.val:  # every protocol scores on a val split
         raise ValueError(f"--eval {eval_protocols} scores the checkpoint on a val split: give --val")
-    if (eval_protocols or probe) and cfg.data.val and os.path.exists(cfg.data.val):
+    if (eval_protocols or probe) and cfg.data.val and all(map(os.path.exists, (cfg.data.train, cfg.data.val))):
         from .eval.features import labelled_info
         from .raytrain.trainer import check_data
 
@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--workers", type=int, default=0, help="processes (default: CPU count, at most 8)")
     c.add_argument("--strict", action="store_true",
                    help="check every image and exit 2 listing the unreadable ones, instead of skipping them")
-    c.add_argument("--force", action="store_true", help="convert even when the manifest says it is up to date")
+    c.add_argument("--force", action="store_true", help="convert even when the manifest says it is up to date, or replace an OUT made from "
+                   "another source, split or subset")
     c.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("pretrain", help="self-supervised pretraining with Ray Train, then probe, logged to MLflow")
