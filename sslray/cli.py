@@ -213,8 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--workers", type=int, default=0, help="processes (default: CPU count, at most 8)")
     c.add_argument("--strict", action="store_true",
                    help="check every image and exit 2 listing the unreadable ones, instead of skipping them")
-    c.add_argument("--force", action="store_true", help="convert even when the manifest says it is up to date, or replace an OUT made from "
-                   "another source, split or subset")
+    c.add_argument("--force", action="store_true",
+                   help="convert even when the manifest says it is up to date, or replace an OUT made from "
+                        "another source, split or subset")
     c.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("pretrain", help="self-supervised pretraining with Ray Train, then probe, logged to MLflow")

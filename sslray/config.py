@@ -259,7 +259,8 @@ NON_NEGATIVE = {"optim.base_lr": "learning rate", "optim.weight_decay": "weight 
                 "train.checkpoint_every_steps": "steps between mid-epoch checkpoints (0 = off)",
                 "train.report_every_steps": "steps between step-level reports (0 = off)", "train.seed": "seed",
                 "monitor.max_nonfinite_skips": "non-finite steps skipped (0 = stop at the first)",
-                "monitor.recon_every": "epochs between reconstruction pictures", "monitor.num_images": "pictured images"}
+                "monitor.recon_every": "epochs between reconstruction pictures",
+                "monitor.num_images": "pictured images"}
 
 # Keys with both ends bounded: (test, what the message says).
 BOUNDED = {"views.min_scale": (lambda v: 0 < v <= 1, "a crop area fraction in (0, 1]"),

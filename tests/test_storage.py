@@ -608,8 +608,8 @@ def test_what_the_workers_would_refuse_in_the_data_fails_before_ray_and_keeps_th
     monkeypatch.setattr(trainer, "local_head", lambda *a, **k: None)
     monkeypatch.setattr(trainer, "ensure_ray", lambda: pytest.fail("Ray was started"))
     (tmp_path / "runs" / "r1").mkdir(parents=True)
-    rc = main(["pretrain", "--recipe", "smoke", "--data", other_betons[data], "--val", other_betons[val], "--name", "r1",
-               "--storage", str(tmp_path / "runs"), "--restart", "--workers", "2", *extra])
+    rc = main(["pretrain", "--recipe", "smoke", "--data", other_betons[data], "--val", other_betons[val],
+               "--name", "r1", "--storage", str(tmp_path / "runs"), "--restart", "--workers", "2", *extra])
     err = capsys.readouterr().err
     assert rc == 2 and re.search(named, err), err
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["r1"]

@@ -77,7 +77,8 @@ class SweepSpec:
 
 
 def make_spec(base: Config, space: Mapping[str, Dist], **kw) -> SweepSpec:
-    for flag, key, low, strict in (("--num-samples", "num_samples", 1, False), ("--grid-points", "grid_points", 1, False),
+    for flag, key, low, strict in (("--num-samples", "num_samples", 1, False),
+                                   ("--grid-points", "grid_points", 1, False),
                                    ("--reduction-factor", "reduction_factor", 1, True),
                                    ("--max-concurrent", "max_concurrent", 0, False)):
         v = kw.get(key)
