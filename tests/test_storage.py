@@ -613,3 +613,26 @@ def test_what_the_workers_would_refuse_in_the_data_fails_before_ray_and_keeps_th
     err = capsys.readouterr().err
     assert rc == 2 and re.search(named, err), err
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["r1"]
+
+
+def test_a_resume_with_another_tracking_uri_is_refused_and_keeps_the_link(tmp_path, capsys, monkeypatch, tiny_betons):
+    """Resumed from another folder (the default sqlite:///mlflow.db is per folder), the run started a
+    second MLflow run and overwrote sslray_run.json, the only link to the first."""
+    import json
+
+    from sslray.cli import main
+    from sslray.raytrain import trainer
+
+    monkeypatch.setattr(trainer, "ensure_ray", lambda *a, **k: pytest.fail("Ray was started"))
+    run_dir = tmp_path / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    link = {"run_id": "abc123", "tracking_uri": "sqlite:////team/a/mlflow.db", "name": "r1"}
+    (run_dir / "sslray_run.json").write_text(json.dumps(link))
+    monkeypatch.chdir(tmp_path)
+    rc = main(["pretrain", "--recipe", "smoke", "--data", tiny_betons["train"], "--name", "r1", "--storage",
+               str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "logs to MLflow run abc123 in sqlite:////team/a/mlflow.db" in err
+    assert f"this command's tracking URI is sqlite:///{tmp_path / 'mlflow.db'}" in err
+    assert "--tracking-uri sqlite:////team/a/mlflow.db" in err
+    assert json.loads((run_dir / "sslray_run.json").read_text()) == link and not (tmp_path / "mlflow.db").exists()

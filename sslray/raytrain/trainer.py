@@ -309,11 +309,18 @@ def _open_run(cfg: Config, tracker: Optional[Tracker], name: str, run_dir: str) 
     new one, written into ``run_dir``. Returns ``(tracker, use_gpu, tracking URI)``."""
     from .methods import METHODS
 
+    uri = resolve_uri(cfg.tracking.tracking_uri or None)
+    previous = _read_run_file(run_dir)
+    if tracker is None and previous and previous.get("tracking_uri") not in (None, uri):
+        # A resume from another folder (the default sqlite:///mlflow.db is per folder) or with another
+        # MLFLOW_TRACKING_URI would start a second MLflow run and overwrite the only link to the first.
+        raise StorageError(f"run {name} in {run_dir} logs to MLflow run {previous.get('run_id')} in "
+                           f"{previous['tracking_uri']}, but this command's tracking URI is {uri}: pass "
+                           f"--tracking-uri {previous['tracking_uri']} to resume it there, or --restart to start "
+                           f"over (or delete {join(run_dir, RUN_FILE)} to log the resumed run to a new MLflow run)")
     ensure_ray()
     use_gpu = resolve_use_gpu(cfg)
-    uri = resolve_uri(cfg.tracking.tracking_uri or None)
     family = getattr(METHODS.get(cfg.method.name), "family", None)
-    previous = _read_run_file(run_dir)
     if tracker is None and previous and previous.get("tracking_uri") == uri:
         tracker = Tracker(uri, previous["run_id"])
         tracker.client.update_run(tracker.run_id, status="RUNNING")
