@@ -626,13 +626,23 @@ def test_a_resume_with_another_tracking_uri_is_refused_and_keeps_the_link(tmp_pa
     monkeypatch.setattr(trainer, "ensure_ray", lambda *a, **k: pytest.fail("Ray was started"))
     run_dir = tmp_path / "runs" / "r1"
     run_dir.mkdir(parents=True)
-    link = {"run_id": "abc123", "tracking_uri": "sqlite:////team/a/mlflow.db", "name": "r1"}
+    team_db = tmp_path / "team" / "mlflow.db"  # the store the run was started with, still there
+    team_db.parent.mkdir()
+    team_db.write_bytes(b"")
+    link = {"run_id": "abc123", "tracking_uri": f"sqlite:///{team_db}", "name": "r1"}
     (run_dir / "sslray_run.json").write_text(json.dumps(link))
     monkeypatch.chdir(tmp_path)
     rc = main(["pretrain", "--recipe", "smoke", "--data", tiny_betons["train"], "--name", "r1", "--storage",
                str(tmp_path / "runs")])
     err = capsys.readouterr().err
-    assert rc == 2 and "logs to MLflow run abc123 in sqlite:////team/a/mlflow.db" in err
+    assert rc == 2 and f"logs to MLflow run abc123 in sqlite:///{team_db}" in err
     assert f"this command's tracking URI is sqlite:///{tmp_path / 'mlflow.db'}" in err
-    assert "--tracking-uri sqlite:////team/a/mlflow.db" in err
+    assert f"--tracking-uri sqlite:///{team_db}" in err
     assert json.loads((run_dir / "sslray_run.json").read_text()) == link and not (tmp_path / "mlflow.db").exists()
+    # A store that is gone (a job's temporary working dir) has no run to resume into: a new one, with a warning.
+    team_db.unlink()
+    monkeypatch.setattr(trainer, "ensure_ray", lambda *a, **k: (_ for _ in ()).throw(SystemExit(7)))
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--recipe", "smoke", "--data", tiny_betons["train"], "--name", "r1", "--storage",
+              str(tmp_path / "runs")])
+    assert f"sqlite:///{team_db}, which no longer exists" in capsys.readouterr().out

@@ -311,7 +311,12 @@ def _open_run(cfg: Config, tracker: Optional[Tracker], name: str, run_dir: str) 
 
     uri = resolve_uri(cfg.tracking.tracking_uri or None)
     previous = _read_run_file(run_dir)
-    if tracker is None and previous and previous.get("tracking_uri") not in (None, uri):
+    before = previous.get("tracking_uri") if previous and tracker is None else None
+    if before not in (None, uri) and before.startswith("sqlite:///") and not os.path.exists(before[10:]):
+        # e.g. a job's temporary working dir, gone with the job: there is no run left to resume into
+        print(f"sslray: WARNING: run {name} logged to {before}, which no longer exists; its resumed training "
+              f"logs to a new MLflow run in {uri}")
+    elif before not in (None, uri):
         # A resume from another folder (the default sqlite:///mlflow.db is per folder) or with another
         # MLFLOW_TRACKING_URI would start a second MLflow run and overwrite the only link to the first.
         raise StorageError(f"run {name} in {run_dir} logs to MLflow run {previous.get('run_id')} in "
