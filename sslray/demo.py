@@ -32,10 +32,18 @@ def extract(archive: Path, dest: Path) -> Path:
     root = dest / "cifar10"
     marker = root / ".extracted"
     if marker.exists():
+        if marker.read_text() != str(archive):
+            print(f"demo: {root} holds {marker.read_text()}, extracted before; using it (not {archive}). "
+                  f"Give another --data-dir to use {archive}")
         return root
+    try:
+        tf = tarfile.open(archive)
+    except tarfile.TarError as e:
+        raise FileNotFoundError(f"--archive {archive} is not a tar archive of CIFAR-10 ImageFolder splits "
+                                f"({e})") from None
     root.mkdir(parents=True, exist_ok=True)
     print(f"demo: extracting {archive} -> {root}")
-    with tarfile.open(archive) as tf:
+    with tf:
         tf.extractall(root, filter="data")
     marker.write_text(str(archive))
     return root
@@ -61,16 +69,17 @@ def run_demo(a) -> int:
     from .cli import run_pretrain
 
     t0 = time.time()
-    train, test = prepare(a.data_dir, a.archive)
     recipe = "simclr_cifar10" if torch.cuda.is_available() else "demo_cpu"
-    over = [f"data.train={train}", f"data.val={test}", f"ray.num_workers={a.workers}"]
+    fixed = [f"ray.num_workers={a.workers}"]
     if a.epochs:
-        over.append(f"train.epochs={a.epochs}")
+        fixed.append(f"train.epochs={a.epochs}")
     if a.train_subset is not None:
-        over.append(f"data.train_subset={a.train_subset}")
+        fixed.append(f"data.train_subset={a.train_subset}")
     if a.tracking_uri:
-        over.append(f"tracking.tracking_uri={a.tracking_uri}")
-    cfg = load_config(recipe, over + list(a.overrides))
+        fixed.append(f"tracking.tracking_uri={a.tracking_uri}")
+    load_config(recipe, fixed + list(a.overrides))  # a typo in the overrides, before minutes of extraction
+    train, test = prepare(a.data_dir, a.archive)
+    cfg = load_config(recipe, [f"data.train={train}", f"data.val={test}", *fixed, *a.overrides])
     print(f"demo: recipe {recipe} ({'GPU' if torch.cuda.is_available() else 'CPU'}), "
           f"{cfg.train.epochs} epochs on {cfg.data.train_subset or 50000} training images")
     run = run_pretrain(cfg, probe=True, probe_train_subset=cfg.data.train_subset,

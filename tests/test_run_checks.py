@@ -78,3 +78,19 @@ def test_a_failure_after_training_ends_the_run_finished_with_a_tag(store, monkey
     run = Tracker(uri, run_id).client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags[AFTER_TRAINING_TAG] == "RuntimeError: the probe ran out of memory"
+
+
+def test_demo_refuses_an_override_typo_before_extracting_and_names_a_bad_archive(tmp_path, capsys, monkeypatch):
+    """A typo in the demo's overrides surfaced only after a minute of extracting and converting 60k
+    images; a file that is not a tar archive gave tarfile's traceback and left a folder behind."""
+    from sslray import demo
+
+    monkeypatch.setattr(demo, "prepare", lambda *a, **k: pytest.fail("the archive was extracted"))
+    assert main(["demo", "--data-dir", str(tmp_path / "dd"), "optim.bas_lr=1"]) == 2
+    assert "unknown config key(s) optim.bas_lr" in capsys.readouterr().err
+    monkeypatch.undo()
+    png = tmp_path / "pic.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    assert main(["demo", "--archive", str(png), "--data-dir", str(tmp_path / "dd")]) == 2
+    assert f"--archive {png} is not a tar archive" in capsys.readouterr().err
+    assert not (tmp_path / "dd" / "cifar10").exists()
