@@ -267,3 +267,27 @@ def test_study_refuses_a_bad_cell_before_ray_starts(extra, named, tiny_betons, t
                "2", "--batch-size", "32", *extra])
     assert rc == 2 and re.search(named, capsys.readouterr().err)
     assert not (tmp_path / "st").exists()  # no recipes or matrix written either
+
+
+def test_the_export_path_is_checked_before_the_sweep(tmp_path, monkeypatch):
+    """--export was written after the whole sweep: a folder gave IsADirectoryError, best.txt a recipe
+    `sslray pretrain --recipe` refuses, and a hand-written recipe was overwritten."""
+    from sslray.cli import main
+    from sslray.config import ConfigError
+    from sslray.tune import cli as tune_cli
+    from sslray.tune.sweep import check_export_path
+
+    monkeypatch.setattr(tune_cli, "sweep_config", lambda *a, **k: pytest.fail("the sweep ran"))
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("optim:\n  base_lr: 0.3\n")
+    (tmp_path / "dir.yaml").mkdir()
+    for bad, says in ((tmp_path / "best.txt", "ends in .yaml or .yml"), (tmp_path / "dir.yaml", "is a folder"),
+                      (mine, "exists and is not a recipe an earlier sweep exported")):
+        with pytest.raises(ConfigError, match=says):
+            check_export_path(str(bad))
+        assert main(["tune", "--method", "simclr", "--data", "t.beton", "--name", "s", "--export", str(bad)]) == 2
+    assert mine.read_text() == "optim:\n  base_lr: 0.3\n"
+    earlier = tmp_path / "best.yaml"
+    earlier.write_text("# Best trial t1 of sweep s (knn_top1 = 0.5, 3 epochs).\nmethod:\n  name: simclr\n")
+    check_export_path(str(earlier))  # an earlier export may be replaced
+    check_export_path(str(tmp_path / "new" / "best.yml"))

@@ -100,8 +100,10 @@ def sweep_config(cfg, space=None, *, name: str, storage: str = "./runs", num_sam
 
 
 def cmd_tune(a) -> int:
-    from .sweep import export_recipe, print_summary
+    from .sweep import check_export_path, export_recipe, print_summary
 
+    if a.export:
+        check_export_path(a.export)  # before the sweep, not after it
     res = sweep_config(base_config(a), a.space, name=a.name, storage=a.storage, num_samples=a.num_samples,
                        scheduler=a.scheduler, search=a.search, metric=a.metric, mode=a.mode,
                        grace_period=a.grace_period, reduction_factor=a.reduction_factor, grid_points=a.grid_points,

@@ -310,10 +310,29 @@ def best_config(spec: SweepSpec, best: Mapping[str, Any]) -> Config:
     return trial_config(from_dict(spec.base), best["config"], spec.forced)
 
 
+EXPORT_MARK = "# Best trial "  # how an exported recipe starts: such a file may be replaced by the next export
+
+
+def check_export_path(path: str) -> None:
+    """``--export``, checked before the sweep: a recipe name `sslray pretrain --recipe` takes, not a folder,
+    and not a file other than an earlier export (a hand-written recipe is not overwritten)."""
+    p = Path(path)
+    if p.suffix not in (".yaml", ".yml"):
+        raise ConfigError(f"--export {path}: a recipe file ends in .yaml or .yml (what sslray pretrain --recipe "
+                          "reads)")
+    if p.is_dir():
+        raise ConfigError(f"--export {path} is a folder; give the recipe file to write")
+    if p.exists():
+        with open(p, errors="replace") as f:
+            if not f.read(len(EXPORT_MARK)) == EXPORT_MARK:
+                raise ConfigError(f"--export {path} exists and is not a recipe an earlier sweep exported; "
+                                  "give another file name (it is left as it is)")
+
+
 def export_recipe(cfg: Config, path: str, spec: SweepSpec, best: Mapping[str, Any]) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    header = (f"# Best trial {best['trial_id']} of sweep {spec.name} ({spec.metric} = {best.get(spec.metric)}, "
+    header = (f"{EXPORT_MARK}{best['trial_id']} of sweep {spec.name} ({spec.metric} = {best.get(spec.metric)}, "
               f"{best.get('epochs')} epochs).\n# Sampled: "
               + ", ".join(f"{k}={v}" for k, v in best["config"].items())
               + f"\n# optim.base_lr is per 256 images: effective lr = {effective_lr(cfg):.4g} at batch "
