@@ -192,6 +192,19 @@ def cmd_methods(a) -> int:
     return 0
 
 
+def count(minimum: int = 0):
+    """An argparse type: an integer of at least ``minimum`` (image counts, neighbours), named in the error."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {n}")
+        return n
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sslray", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -221,8 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="self-supervised pretraining with Ray Train, then probe, logged to MLflow")
     add_run_args(p)
     p.add_argument("--no-probe", action="store_true", help="skip the offline linear probe after training")
-    p.add_argument("--probe-train-subset", type=int, default=0, help="train images for the probe (0: as training)")
-    p.add_argument("--probe-val-subset", type=int, default=0, help="val images for the probe (0: as data.val_subset)")
+    p.add_argument("--probe-train-subset", type=count(), default=0,
+                   help="train images for the probe (0: as training)")
+    p.add_argument("--probe-val-subset", type=count(), default=0,
+                   help="val images for the probe (0: as data.val_subset)")
     p.add_argument("--eval", metavar="PROTOCOLS",
                    help="after training, also run these eval protocols (e.g. linear,knn,lowshot; see `sslray eval`)")
     p.set_defaults(func=cmd_pretrain)
@@ -231,9 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--checkpoint", required=True, help="state.pt, a checkpoint folder, or a run folder")
     q.add_argument("--train", required=True, help="labelled .beton to fit the probe on")
     q.add_argument("--val", required=True, help="labelled .beton to score it on")
-    q.add_argument("--train-subset", type=int, default=0)
-    q.add_argument("--val-subset", type=int, default=0)
-    q.add_argument("-k", type=int, default=200, help="kNN neighbours")
+    q.add_argument("--train-subset", type=count(), default=0, help="seeded subset of train images (0: all)")
+    q.add_argument("--val-subset", type=count(), default=0, help="seeded subset of val images (0: all)")
+    q.add_argument("-k", type=count(1), default=200, help="kNN neighbours")
     q.add_argument("--gpu", default="auto", choices=["auto", "true", "false"])
     q.add_argument("--run-id", help="MLflow run to log the probe metrics to")
     q.add_argument("--tracking-uri")

@@ -94,3 +94,15 @@ def test_demo_refuses_an_override_typo_before_extracting_and_names_a_bad_archive
     assert main(["demo", "--archive", str(png), "--data-dir", str(tmp_path / "dd")]) == 2
     assert f"--archive {png} is not a tar archive" in capsys.readouterr().err
     assert not (tmp_path / "dd" / "cifar10").exists()
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["probe", "--checkpoint", "c", "--train", "t", "--val", "v", "--train-subset", "-5"], "--train-subset"),
+    (["probe", "--checkpoint", "c", "--train", "t", "--val", "v", "-k", "0"], "-k"),
+    (["eval", "--checkpoint", "c", "--protocol", "knn", "--val-subset", "-1"], "--val-subset"),
+])
+def test_negative_image_counts_are_refused_by_flag(argv, flag, capsys):
+    """--train-subset -5 reached numpy ("negative dimensions are not allowed"); -k 0 failed after extraction."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and f"argument {flag}: must be at least" in capsys.readouterr().err

@@ -291,3 +291,8 @@ def test_the_export_path_is_checked_before_the_sweep(tmp_path, monkeypatch):
     earlier.write_text("# Best trial t1 of sweep s (knn_top1 = 0.5, 3 epochs).\nmethod:\n  name: simclr\n")
     check_export_path(str(earlier))  # an earlier export may be replaced
     check_export_path(str(tmp_path / "new" / "best.yml"))
+
+
+def test_a_bad_distribution_names_its_key():
+    with pytest.raises(ConfigError, match=r"^--space lr: uniform\(1, 0.1\): low must be below high$"):
+        parse_space(["lr=uniform(1,0.1)"])

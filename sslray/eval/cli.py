@@ -40,13 +40,15 @@ def cmd_eval(a) -> int:
 
 
 def register(sub) -> None:
+    from ..cli import count
+
     e = sub.add_parser("eval", help="evaluation protocols on a checkpoint: linear, knn, finetune, lowshot, embed")
     e.add_argument("--checkpoint", required=True, help="state.pt, a checkpoint folder, or a run folder")
     e.add_argument("--protocol", required=True, help="one or more of linear,knn,finetune,lowshot,embed (comma list)")
     e.add_argument("--train", help="labelled .beton to fit on (default: the checkpoint's data.train)")
     e.add_argument("--val", help="labelled .beton to score on (default: the checkpoint's data.val)")
-    e.add_argument("--train-subset", type=int, default=0, help="seeded random subset of train images (0: all)")
-    e.add_argument("--val-subset", type=int, default=0)
+    e.add_argument("--train-subset", type=count(), default=0, help="seeded random subset of train images (0: all)")
+    e.add_argument("--val-subset", type=count(), default=0, help="seeded random subset of val images (0: all)")
     e.add_argument("--gpu", default="auto", choices=["auto", "true", "false"])
     e.add_argument("--run-id", help="MLflow run to log to (default: the pretraining run of the checkpoint)")
     e.add_argument("--tracking-uri")

@@ -136,8 +136,16 @@ def looks_like_dist(text: str) -> bool:
 
 def parse_dist(value: Any, key: str = "") -> Dist:
     """``"loguniform(1e-4, 1e-1)"``, ``"choice(64, 128)"``, a YAML list (= choice), or a mapping
-    ``{dist: uniform, low: 0.1, high: 0.5}`` / ``{dist: choice, values: [...]}`` -> Dist."""
-    where = f" for {key!r}" if key else ""
+    ``{dist: uniform, low: 0.1, high: 0.5}`` / ``{dist: choice, values: [...]}`` -> Dist. Errors name ``key``."""
+    try:
+        return _parse_dist(value, f" for {key!r}" if key else "")
+    except ConfigError as e:
+        if key and repr(key) not in str(e):
+            raise ConfigError(f"--space {key}: {e}") from None
+        raise
+
+
+def _parse_dist(value: Any, where: str) -> Dist:
     if isinstance(value, Dist):
         return value
     if isinstance(value, (list, tuple)):
