@@ -109,6 +109,20 @@ def tiny_betons(tmp_path_factory) -> dict:
 
 
 @pytest.fixture
+def no_ray(monkeypatch):
+    """This process as a fresh CLI sees it: no Ray started here and none to connect to (so the workers
+    would run on this machine), and starting Ray fails the test: for checks that must come first."""
+    import ray
+
+    from sslray.raytrain import trainer
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # the session's shared Ray may be up
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(trainer, "local_head", lambda *a, **k: None)
+    monkeypatch.setattr(trainer, "ensure_ray", lambda *a, **k: pytest.fail("Ray was started"))
+
+
+@pytest.fixture
 def poison_loss(monkeypatch):
     """``poison_loss(k)``: SimCLR's loss turns NaN on its k-th call (1-based), in this process."""
     from sslray.raytrain.methods import simclr

@@ -595,18 +595,10 @@ def other_betons(tmp_path_factory, tiny_betons) -> dict:
     ("train", "val", ["--backbone", "resnet81"], "unknown backbone 'resnet81'.*did you mean .*resnet18"),
 ])
 def test_what_the_workers_would_refuse_in_the_data_fails_before_ray_and_keeps_the_old_run(
-        tmp_path, capsys, monkeypatch, other_betons, data, val, extra, named):
+        tmp_path, capsys, no_ray, other_betons, data, val, extra, named):
     """The workers read the data's headers ~80 s after Ray started; a --restart had moved the old run
     aside by then. The same checks now run first (a fresh CLI: no Ray in this process)."""
-    import ray
-
     from sslray.cli import main
-    from sslray.raytrain import trainer
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(trainer, "local_head", lambda *a, **k: None)
-    monkeypatch.setattr(trainer, "ensure_ray", lambda: pytest.fail("Ray was started"))
     (tmp_path / "runs" / "r1").mkdir(parents=True)
     rc = main(["pretrain", "--recipe", "smoke", "--data", other_betons[data], "--val", other_betons[val],
                "--name", "r1", "--storage", str(tmp_path / "runs"), "--restart", "--workers", "2", *extra])

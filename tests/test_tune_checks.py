@@ -228,19 +228,10 @@ def test_total_trials_is_what_tune_runs(search, total, monkeypatch):
     (["method.params.foo=1"], "method.params.foo"),
     (["--data", "/nowhere/t.beton"], "data.train=/nowhere/t.beton: no such file"),
 ])
-def test_tune_refuses_what_its_trials_would_before_ray_starts(argv, named, tiny_betons, tmp_path, capsys,
-                                                              monkeypatch):
+def test_tune_refuses_what_its_trials_would_before_ray_starts(argv, named, tiny_betons, tmp_path, capsys, no_ray):
     """Without --gpus-per-worker the sweep started Ray (to count GPUs) before the space, the options, the
     data and the method's keys were checked; each trial then failed in its own workers."""
-    import ray
-
     from sslray.cli import main
-    from sslray.raytrain import trainer
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # a fresh CLI: the workers would run here
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(trainer, "local_head", lambda *a, **k: None)
-    monkeypatch.setattr(trainer, "ensure_ray", lambda *a, **k: pytest.fail("Ray was started"))
     base = ["tune", "--method", "simclr", "--data", tiny_betons["train"], "--val", tiny_betons["val"], "--name", "s",
             "--storage", str(tmp_path), "data.batch_size=32"]
     assert main(base + argv) == 2
@@ -252,16 +243,8 @@ def test_tune_refuses_what_its_trials_would_before_ray_starts(argv, named, tiny_
     (["method.params.foo=1"], "method.params.foo"),
     (["--batch-size", "33"], r"'data.batch_size' \(33\) must divide evenly over 2 workers"),
 ])
-def test_study_refuses_a_bad_cell_before_ray_starts(extra, named, tiny_betons, tmp_path, capsys, monkeypatch):
-    import ray
-
+def test_study_refuses_a_bad_cell_before_ray_starts(extra, named, tiny_betons, tmp_path, capsys, no_ray):
     from sslray.cli import main
-    from sslray.raytrain import trainer
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(trainer, "local_head", lambda *a, **k: None)
-    monkeypatch.setattr(trainer, "ensure_ray", lambda *a, **k: pytest.fail("Ray was started"))
     rc = main(["study", "--methods", "simclr,byol", "--views", "default", "--data", tiny_betons["train"], "--val",
                tiny_betons["val"], "--epochs", "1", "--name", "st", "--storage", str(tmp_path), "--workers-per-trial",
                "2", "--batch-size", "32", *extra])
