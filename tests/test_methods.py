@@ -171,6 +171,11 @@ def test_state_dict_round_trips_exactly(name):
     torch.manual_seed(5)
     b = other(views)["loss"]
     assert torch.equal(a, b), f"{name}: {float(a)} != {float(b)} after reload"
+    # ... and both went on alike: that forward pushed to the queues at the same pointer and moved the
+    # centres the same way (a host-side pointer left stale by the load would write elsewhere).
+    after_a, after_b = model.state_dict(), other.state_dict()
+    for k, v in after_a.items():
+        assert torch.equal(after_b[k], v), f"{name}: {k} differs one forward after the reload"
 
 
 @pytest.mark.parametrize("name", METHODS.names())
