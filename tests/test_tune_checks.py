@@ -279,3 +279,17 @@ def test_the_export_path_is_checked_before_the_sweep(tmp_path, monkeypatch):
 def test_a_bad_distribution_names_its_key():
     with pytest.raises(ConfigError, match=r"^--space lr: uniform\(1, 0.1\): low must be below high$"):
         parse_space(["lr=uniform(1,0.1)"])
+
+
+def test_a_searched_batch_is_checked_against_the_data_at_its_smallest_value(tiny_betons, tmp_path, no_ray,
+                                                                              monkeypatch):
+    """The recipe's own batch (512) is larger than the 64 images, but every searched batch fits: not refused."""
+    from sslray.tune import sweep as sweep_mod
+    from sslray.tune.cli import sweep_config
+
+    monkeypatch.setattr(sweep_mod, "run_sweep", lambda spec, **kw: spec)
+    cfg = load_config("simclr_cifar10", [f"data.train={tiny_betons['train']}", f"data.val={tiny_betons['val']}"])
+    spec = sweep_config(cfg, ["batch_size=choice(16,32)"], name="s", storage=str(tmp_path), gpus_per_worker=0)
+    assert spec.space["data.batch_size"][1] == [16, 32]
+    with pytest.raises(ValueError, match="data.batch_size 512 is larger than the 64 training images"):
+        sweep_config(cfg, ["lr=loguniform(0.1,1)"], name="s", storage=str(tmp_path), gpus_per_worker=0)

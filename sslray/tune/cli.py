@@ -74,15 +74,19 @@ def sweep_config(cfg, space=None, *, name: str, storage: str = "./runs", num_sam
     if not cfg.data.train:
         raise ConfigError("give the training data: --data TRAIN.beton (config key 'data.train')")
     cfg = absolute_paths(cfg)
-    # Everything a trial would refuse, before Ray starts: the data (as pretrain checks it), the method's
-    # keys, the search space against the config, and the sweep's own options.
-    check_data(cfg)
-    check_method_config(cfg)
+    # Everything a trial would refuse, before Ray starts: the search space against the config, the data
+    # (as pretrain checks it, at the smallest batch searched), the method's keys, the sweep's options.
     if isinstance(space, dict):  # values as in a --space YAML file: "loguniform(1e-3,1)", [0.1, 0.2], ...
         space = {canonical_key(str(k)): parse_dist(v, str(k)) for k, v in space.items()}
     else:
         space = parse_space(space) if space else default_space(cfg)
     check_space(space, cfg, search, grid_points)
+    batches = space.get("data.batch_size")
+    if batches is not None and batches.kind in ("choice", "grid"):
+        check_data(cfg.replace(**{"data.batch_size": min(int(b) for b in batches.args)}))
+    else:
+        check_data(cfg)
+    check_method_config(cfg)
     kw = dict(name=name, storage=_abs(storage), num_samples=num_samples, scheduler=scheduler, search=search,
               metric=metric, mode=mode, max_epochs=cfg.train.epochs, grace_period=grace_period,
               reduction_factor=reduction_factor, grid_points=grid_points, max_concurrent=max_concurrent, seed=seed)
