@@ -246,8 +246,7 @@ POSITIVE = {"data.batch_size": "global batch", "method.temperature": "softmax te
             "ray.num_workers": "training workers", "ray.cpus_per_worker": "CPUs per worker",
             "ray.num_to_keep": "checkpoints kept", "data.decode_res": "decode resolution in pixels",
             "views.crop_size": "crop size in pixels", "model.proj_hidden_dim": "projector hidden width",
-            "model.proj_out_dim": "projector output width", "train.online_probe_batch": "online probe batch",
-            "train.online_probe_lr": "online probe learning rate", "monitor.check_every": "steps between health checks"}
+            "model.proj_out_dim": "projector output width", "train.online_probe_lr": "online probe learning rate", "monitor.check_every": "steps between health checks"}
 
 # Keys where 0 means "off", "all" or "none" and only a negative value is wrong.
 NON_NEGATIVE = {"optim.base_lr": "learning rate", "optim.weight_decay": "weight decay",
@@ -260,6 +259,7 @@ NON_NEGATIVE = {"optim.base_lr": "learning rate", "optim.weight_decay": "weight 
                 "train.report_every_steps": "steps between step-level reports (0 = off)", "train.seed": "seed",
                 "monitor.max_nonfinite_skips": "non-finite steps skipped (0 = stop at the first)",
                 "monitor.recon_every": "epochs between reconstruction pictures",
+                "train.online_probe_batch": "online probe rows per step (0 = all)",
                 "monitor.num_images": "pictured images"}
 
 # Keys with both ends bounded: (test, what the message says).

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -193,6 +194,23 @@ def check_one_run(found: list[str], where: str) -> None:
                      f"(such as {example}), or a checkpoint folder or state file inside it")
 
 
+_CKPT_NAME = re.compile(r"epoch_(\d+)(?:\.(\d+))?(?:_step_(\d+))?$")
+
+
+def checkpoint_order(folder_name: str) -> tuple:
+    """Sort key of a checkpoint folder in training order: ``epoch_0003`` (3 epochs done), then the
+    4th epoch's mid-epoch checkpoints by the fraction done (``epoch_0003.250000_step_0000412``).
+    An earlier version's ``epoch_0003_step_0000412`` (no fraction) sorts before this version's in
+    the same epoch: after an upgrade, only new-style names are written from where it left off. Other
+    names (Ray's ``checkpoint_000004``) sort by name, before every ``epoch_`` name."""
+    m = _CKPT_NAME.match(folder_name)
+    if not m:
+        return (0, folder_name, -1, -1, -1)
+    epoch, frac, step = m.groups()
+    mid = frac is not None or step is not None
+    return (1, "", int(epoch), int(mid), int(frac) if frac is not None else -1, int(step or 0))
+
+
 def newest_file(uri: str, name: str) -> str:
     """``uri`` itself if it is the file ``name``; ``uri/name`` if that exists; else the newest ``name``
     below ``uri`` (ordered by its folder's name, then time, as checkpoints ``epoch_0002`` sort)."""
@@ -213,7 +231,7 @@ def newest_file(uri: str, name: str) -> str:
         raise FileNotFoundError(f"no checkpoint ({name}) under {uri}")
     base = path.rstrip("/") + "/"
     check_one_run([f.path[len(base):] if f.path.startswith(base) else f.path for f in found], uri)
-    best = max(found, key=lambda f: (Path(f.path).parent.name, f.mtime_ns or 0))
+    best = max(found, key=lambda f: (checkpoint_order(Path(f.path).parent.name), f.mtime_ns or 0))
     return scheme + best.path
 
 
@@ -235,7 +253,7 @@ def fetch_checkpoint(uri: str, state_file: str) -> Path:
 def _drop_older_copies(folder: Path, state_file: str) -> None:
     """Remove the cached copies of the same run's older checkpoints (names sort by epoch and step)."""
     for sib in folder.parent.iterdir():
-        if sib.is_dir() and sib.name < folder.name and (sib / state_file).is_file():
+        if sib.is_dir() and checkpoint_order(sib.name) < checkpoint_order(folder.name) and (sib / state_file).is_file():
             shutil.rmtree(sib, ignore_errors=True)
 
 
@@ -290,6 +308,6 @@ def upload(local: str | os.PathLike, uri: str) -> str:
     return uri
 
 
-__all__ = ["RUN_FILE", "absolute", "cache_root", "check_one_run", "checkpoint_uri", "exists", "fetch",
-           "fetch_checkpoint", "filesystem", "is_remote", "join", "list_files", "local_mirror", "move_tree",
+__all__ = ["RUN_FILE", "absolute", "cache_root", "check_one_run", "checkpoint_order", "checkpoint_uri", "exists",
+           "fetch", "fetch_checkpoint", "filesystem", "is_remote", "join", "list_files", "local_mirror", "move_tree",
            "newest_file", "read_text", "remote_source", "upload", "write_text"]

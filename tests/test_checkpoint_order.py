@@ -47,3 +47,20 @@ def test_the_resumed_runs_checkpoint_is_the_newest_after_a_resume_at_a_larger_ba
     assert newest == tmp_path / checkpoint_name(_mid(1, 2, 4)) / STATE_FILE
     assert newest_file(str(tmp_path), STATE_FILE) == str(newest)
     assert torch.load(newest, weights_only=False)["marker"] == "resumed run, 50%"
+
+
+def test_an_earlier_versions_mid_epoch_name_sorts_before_this_versions(tmp_path):
+    """A run that crashed mid-epoch under the old ``epoch_0003_step_N`` names and went on after an
+    upgrade writes ``epoch_0003.<fraction>_step_M`` from there: those are newer, though '_' > '.'."""
+    from sslray.storage import checkpoint_order
+
+    names = ["checkpoint_000009", "epoch_0002", "epoch_0002_step_0000900", "epoch_0002.250000_step_0000100",
+             "epoch_0002.750000_step_0000300", "epoch_0003", "epoch_0012"]
+    assert sorted(reversed(names), key=checkpoint_order) == names
+    session = LocalSession(str(tmp_path), "false", printer=lambda *a, **k: None)
+    for name in ("epoch_0002_step_0000900", "epoch_0002.250000_step_0000100"):
+        (tmp_path / name).mkdir()
+        torch.save({"marker": name}, tmp_path / name / STATE_FILE)
+    assert session.restore()["marker"] == "epoch_0002.250000_step_0000100"
+    assert find_state(tmp_path).parent.name == "epoch_0002.250000_step_0000100"
+    assert newest_file(str(tmp_path), STATE_FILE).endswith("epoch_0002.250000_step_0000100/state.pt")

@@ -12,7 +12,7 @@ import torch
 from ..config import Config, ConfigError, from_dict
 from ..datasets.loader import check_same_classes, dataset_info, make_loader, subset_indices
 from ..datasets.views import eval_transform
-from ..storage import check_one_run, fetch_checkpoint, is_remote
+from ..storage import check_one_run, checkpoint_order, fetch_checkpoint, is_remote
 from .knn import extract_features, knn_accuracy
 from .loop import seed_everything
 from .methods import create_method
@@ -32,7 +32,7 @@ def find_state(checkpoint: str | os.PathLike) -> Path:
         return p
     if (p / STATE_FILE).exists():
         return p / STATE_FILE
-    found = sorted(p.glob(f"**/{STATE_FILE}"), key=lambda f: (f.parent.name, f.stat().st_mtime))
+    found = sorted(p.glob(f"**/{STATE_FILE}"), key=lambda f: (checkpoint_order(f.parent.name), f.stat().st_mtime))
     if not found:
         raise FileNotFoundError(f"no checkpoint ({STATE_FILE}) under {p}")
     check_one_run([f.relative_to(p).as_posix() for f in found], str(p))

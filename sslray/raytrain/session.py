@@ -20,7 +20,7 @@ STATE_FILE = "state.pt"
 
 
 def pick_device(local_rank: int = 0, use_gpu: str = "auto") -> torch.device:
-    if use_gpu in ("false", "False", False) or not torch.cuda.is_available():
+    if str(use_gpu).lower() in ("false", "0", "no") or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
 
@@ -75,7 +75,10 @@ class LocalSession:
     def restore(self) -> Optional[dict]:
         if not self.ckpt_dir or not self.ckpt_dir.exists():
             return None
-        done = sorted(p for p in self.ckpt_dir.glob("epoch_*") if (p / STATE_FILE).exists())
+        from ..storage import checkpoint_order
+
+        done = sorted((p for p in self.ckpt_dir.glob("epoch_*") if (p / STATE_FILE).exists()),
+                      key=lambda p: checkpoint_order(p.name))
         return load_state(done[-1], self.device) if done else None
 
     def report(self, metrics: dict[str, Any], state: Optional[dict] = None) -> None:
