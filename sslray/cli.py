@@ -107,13 +107,17 @@ def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val
     if eval_protocols and not cfg.data.val:  # every protocol scores on a val split
         raise ValueError(f"--eval {eval_protocols} scores the checkpoint on a val split: give --val")
     if (eval_protocols or probe) and cfg.data.val and all(map(os.path.exists, (cfg.data.train, cfg.data.val))):
+        from .datasets import DataError
         from .eval.features import labelled_info
         from .raytrain.trainer import check_data
 
         check_data(cfg)  # the training run's own data checks first (they name the config keys)
         # The probe after training fits a classifier: a single-class split fails there, hours later.
-        labelled_info(cfg.data.val, "val")
-        labelled_info(cfg.data.train, "train")
+        try:
+            labelled_info(cfg.data.val, "val")
+            labelled_info(cfg.data.train, "train")
+        except DataError as e:
+            raise DataError(f"{e} (or pretrain without the probe: --no-probe, and no --eval)") from None
     res = pretrain(cfg, restart=restart)
     print(f"sslray: run {res.name} finished; MLflow run {res.run_id} in {res.tracking_uri}; checkpoint {res.checkpoint}")
     backbone = ev = report = None
@@ -143,11 +147,14 @@ def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val
             print(format_eval_table(ev))
     except BaseException as e:
         # Training finished and its checkpoint is kept: the run ends FINISHED (a RUNNING run is left out of
-        # `sslray compare`), tagged with what failed after it.
-        tracker.set_tags({AFTER_TRAINING_TAG: f"{type(e).__name__}: {e}"[:4000]})
+        # `sslray compare`), tagged with what failed after it. An MLflow outage here must not hide `e`.
+        try:
+            tracker.set_tags({AFTER_TRAINING_TAG: f"{type(e).__name__}: {e}"[:4000]})
+            tracker.end()
+        except Exception as m:  # noqa: BLE001
+            print(f"sslray: could not record the failure in MLflow run {res.run_id} ({m})", file=sys.stderr)
         raise
-    finally:
-        tracker.end()
+    tracker.end()
     return Run(res.run_id, res.tracking_uri, res.checkpoint, res.metrics, res.name, res.storage, backbone, report, ev)
 
 

@@ -439,8 +439,8 @@ def cmd_study(a) -> int:
     flags = {"data.train": _abs(a.data), "data.val": _abs(a.val), "train.epochs": a.epochs,
              "model.backbone": a.backbone, "data.batch_size": a.batch_size, "ray.num_workers": a.workers_per_trial,
              "train.seed": a.seed}
-    over = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(a.overrides)
-    cfgs = {m: method_config(m, a.recipe, over) for m in methods}
+    fixed = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    cfgs = {m: method_config(m, a.recipe, fixed + list(a.overrides)) for m in methods}
     for cfg in cfgs.values():  # what a cell's workers would refuse, before Ray starts (each recipe has its batch)
         check_data(cfg)
         check_method_config(cfg)
@@ -452,7 +452,8 @@ def cmd_study(a) -> int:
 
         ensure_ray()
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    cfgs = {m: c.replace(**{"ray.use_gpu": "true" if gpus > 0 else "false"}) for m, c in cfgs.items()}
+    gpu = f"ray.use_gpu={'true' if gpus > 0 else 'false'}"  # before the overrides: a ray.use_gpu there wins
+    cfgs = {m: method_config(m, a.recipe, fixed + [gpu] + list(a.overrides)) for m in methods}
     spec = make_study_spec(cfgs, policies, name=a.name, storage=a.storage, gpus_per_worker=gpus,
                            max_concurrent=a.max_concurrent, seed=a.seed)
     print(f"sslray study: {len(methods)} method(s) x {len(policies)} view polic{'y' if len(policies) == 1 else 'ies'}"

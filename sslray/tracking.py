@@ -154,14 +154,36 @@ def existing_run(uri: Optional[str], run_id: str, option: str = "--run-id") -> T
 
     resolved = resolve_uri(uri)
     hint = "pass --tracking-uri of the store that holds it"
-    if resolved.startswith("sqlite:///") and not os.path.exists(resolved[len("sqlite:///"):]):
-        raise ValueError(f"{option} {run_id}: there is no MLflow store at {resolved[len('sqlite:///'):]}; {hint}")
+    where = local_store(resolved)
+    if where is not None and not os.path.exists(where):
+        raise ValueError(f"{option} {run_id}: there is no MLflow store at {where}; {hint}")
     tracker = Tracker(resolved, run_id)
     try:
         tracker.client.get_run(run_id)
-    except MlflowException:
-        raise ValueError(f"{option} {run_id}: no such run in {resolved}; {hint}") from None
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise ValueError(f"{option} {run_id}: no such run in {resolved}; {hint}") from None
+        raise ValueError(f"{option} {run_id}: the MLflow store {resolved} could not be read "
+                         f"({' '.join(str(e).split())[:300]})") from None
     return tracker
+
+
+def local_store(uri: str) -> Optional[str]:
+    """The file or folder of a local MLflow store (``sqlite:///path``, a file store path or ``file://``
+    URI), else None (a server)."""
+    if uri.startswith("sqlite:///"):
+        return uri[len("sqlite:///"):].split("?", 1)[0]
+    if uri.startswith("file://"):
+        return uri[len("file://"):]
+    return uri if "://" not in uri and uri not in BARE_SCHEMES else None
+
+
+def same_store(a: str, b: str) -> bool:
+    """Two tracking URIs that name one store, however spelled (a trailing slash, a folder and its file://)."""
+    la, lb = local_store(a), local_store(b)
+    if la is not None and lb is not None:
+        return os.path.normpath(la) == os.path.normpath(lb)
+    return a.rstrip("/") == b.rstrip("/")
 
 
 def numeric(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -141,3 +141,20 @@ def test_the_same_source_with_changed_files_or_write_settings_still_reconverts_w
     assert convert(src, out, split="train", params=p, workers=1, verbose=False)["num_images"] == 5
     m = convert(src, out, split="train", params=WriteParams(max_resolution=4), workers=1, verbose=False)
     assert m["write_params"]["write_mode"] == "jpg" and m["write_params"]["max_resolution"] == 4
+
+
+def test_a_moved_source_folder_converts_again_without_force(tmp_path):
+    """`sslray demo` after its data dir moved (or a CI cache restored elsewhere): the recorded source is
+    gone and the folder is the same by name, so the same data converts again; it has no --force."""
+    import shutil
+
+    src = _split_tree(tmp_path / "a" / "img")
+    out = tmp_path / "t.beton"
+    p = WriteParams(write_mode="raw", max_resolution=8)
+    convert(src, out, split="train", params=p, workers=1, verbose=False)
+    shutil.move(str(tmp_path / "a"), str(tmp_path / "b"))
+    m = convert(tmp_path / "b" / "img", out, split="train", params=p, workers=1, verbose=False)
+    assert m["source"] == str((tmp_path / "b" / "img" / "train").resolve())
+    other = _split_tree(tmp_path / "c" / "img")  # the old source is there: another folder is another dataset
+    with pytest.raises(ConversionError, match="--force"):
+        convert(other, out, split="train", params=p, workers=1, verbose=False)

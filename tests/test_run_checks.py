@@ -55,7 +55,7 @@ def test_eval_without_a_val_split_and_a_single_class_val_fail_before_training(tm
         Image.new("RGB", (8, 8), (i, 50, 90)).save(tmp_path / "src" / "cat" / f"{i}.png")
     one = str(tmp_path / "one.beton")
     convert(tmp_path / "src", one, params=WriteParams(max_resolution=8), workers=1, verbose=False)
-    with pytest.raises(ValueError, match="val split .*one.beton has one class only \\(cat\\)"):
+    with pytest.raises(ValueError, match=r"val split .*one.beton has one class only \(cat\).*--no-probe"):
         run_pretrain(cfg.replace(**{"data.train": one, "data.val": one, "data.batch_size": 2, "ray.num_workers": 1}))
 
 
@@ -106,3 +106,56 @@ def test_negative_image_counts_are_refused_by_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and f"argument {flag}: must be at least" in capsys.readouterr().err
+
+
+def test_tracking_uris_that_name_one_store_are_one_store(tmp_path):
+    from sslray.tracking import local_store, same_store
+
+    assert local_store(f"sqlite:///{tmp_path}/m.db?timeout=60") == f"{tmp_path}/m.db"
+    assert same_store(str(tmp_path / "mlruns"), f"file://{tmp_path}/mlruns/")
+    assert same_store("http://head:5000/", "http://head:5000")
+    assert not same_store(f"sqlite:///{tmp_path}/a.db", f"sqlite:///{tmp_path}/b.db")
+    assert local_store("databricks") is None and local_store("http://head:5000") is None
+
+
+def test_an_unreachable_store_is_not_called_a_missing_run(monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    from sslray import tracking
+
+    class Down:
+        def get_run(self, run_id):
+            raise MlflowException("API request to http://head:5000 failed: Connection refused")
+
+    monkeypatch.setattr(tracking, "_client", lambda uri: Down())
+    with pytest.raises(ValueError, match="the MLflow store http://head:5000 could not be read .*Connection refused"):
+        tracking.existing_run("http://head:5000", "abc")
+
+
+def test_auto_batch_leaves_the_batch_to_the_loop(tiny_betons, no_ray):
+    """Under data.auto_batch the workers pick the batch (halving, or the checkpoint's on a resume): the
+    check before Ray must not refuse the configured one."""
+    from sslray.raytrain.trainer import check_data
+
+    cfg = load_config("smoke", [f"data.train={tiny_betons['train']}", f"data.val={tiny_betons['val']}",
+                                "data.batch_size=128"])
+    with pytest.raises(ValueError, match="data.batch_size 128 is larger"):
+        check_data(cfg)
+    check_data(cfg.replace(**{"data.auto_batch": True}))
+
+
+def test_a_studys_use_gpu_override_wins_over_the_counted_gpus(tiny_betons, tmp_path, no_ray, monkeypatch):
+    from sslray import study
+
+    seen = {}
+
+    def capture(cfgs, *a, **k):  # the cells' configs, then stop: nothing is written or run
+        seen.update(cfgs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(study, "make_study_spec", capture)
+    with pytest.raises(SystemExit):
+        main(["study", "--methods", "simclr", "--views", "default", "--data", tiny_betons["train"], "--val",
+              tiny_betons["val"], "--epochs", "1", "--name", "st", "--storage", str(tmp_path), "--batch-size", "32",
+              "--gpus-per-worker", "0", "ray.use_gpu=true"])
+    assert seen["simclr"].ray.use_gpu == "true"

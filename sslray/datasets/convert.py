@@ -280,8 +280,12 @@ def check_same_origin(out: Path, old: dict, source: str, split: Optional[str], s
     gone. The same images with other write settings (``--max-res``, ``--quality``...), or the same
     source with changed files, convert again as before: that source is there to convert from."""
     diffs = []
-    if old.get("source") not in (None, source):
-        diffs.append(f"source {old['source']} (now {source})")
+    was = old.get("source")
+    # A source folder that was moved (the old path is gone, the folder name is the same: a data dir
+    # moved or restored elsewhere) is the same data: it converts again as a changed source would.
+    moved = was is not None and not os.path.exists(was) and Path(was).name == Path(source).name
+    if was not in (None, source) and not moved:
+        diffs.append(f"source {was} (now {source})")
     if "split" in old and old["split"] != split:
         diffs.append(f"split {old['split']!r} (now {split!r})")
     before = old.get("settings")

@@ -48,6 +48,8 @@ def read_file(path: Path, load: Callable[[Path], Any], expected: str, where: str
     ``read_checkpoint`` and ``--init-weights``' ``sslray.export.read_weights``."""
     try:
         return load(path)
+    except (MemoryError, torch.OutOfMemoryError):  # the file may be fine: the device or host is full
+        raise
     except OSError as e:  # a folder, no permission...: the file may be fine, it could not be read
         raise ValueError(f"{where}cannot read {path} ({type(e).__name__}: {e.strerror or e})") from None
     except Exception as e:  # noqa: BLE001 - name the file, whatever the reader found wrong in it

@@ -56,12 +56,13 @@ class DataPlan:
     classes: list
 
 
-def plan_data(cfg: Config, world: int) -> DataPlan:
+def plan_data(cfg: Config, world: int, check_batch: bool = True) -> DataPlan:
     """The checks the workers would otherwise make after Ray started: readable splits with the same
     classes, labels where the kNN monitor and online probe need them, a batch that divides over the
-    workers and fits the data. ``sslray pretrain`` runs it before Ray; every worker runs it again."""
+    workers and fits the data. ``sslray pretrain`` runs it before Ray (without the batch checks under
+    ``data.auto_batch``, where the loop picks the batch); every worker runs it again."""
     d = cfg.data
-    if d.batch_size % world:
+    if check_batch and d.batch_size % world:
         raise ValueError(f"config key 'data.batch_size' ({d.batch_size}) must divide evenly over {world} workers")
     train_info = dataset_info(d.train)
     val_info = dataset_info(d.val) if d.val else None
@@ -76,7 +77,7 @@ def plan_data(cfg: Config, world: int) -> DataPlan:
     train_idx = subset_indices(train_info.num_images, d.train_subset, cfg.train.seed)
     n_train = train_info.num_images if train_idx is None else len(train_idx)
     per_worker = d.batch_size // world
-    if n_train // world < per_worker:
+    if check_batch and n_train // world < per_worker:
         raise ValueError(
             f"data.batch_size {d.batch_size} is larger than the {n_train} training images allow over {world} workers"
         )

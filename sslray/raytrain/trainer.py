@@ -13,7 +13,7 @@ from ..config import Config, dump_yaml, flatten
 from ..rayhead import local_head, stale_message
 from ..storage import (RUN_FILE, checkpoint_uri, exists, filesystem, is_remote, join, move_tree, read_text,
                        write_text)
-from ..tracking import Tracker, numeric, param_text, resolve_uri
+from ..tracking import Tracker, local_store, numeric, param_text, resolve_uri, same_store
 
 try:  # Ray Train V2 driver callbacks run in the train controller, never on the workers.
     from ray.train import UserCallback as _UserCallback
@@ -238,7 +238,7 @@ def check_data(cfg: Config) -> None:
     missing = [f"{key}={path}" for key, path in (("data.train", cfg.data.train), ("data.val", cfg.data.val))
                if path and not os.path.exists(path)]
     if not missing:
-        plan_data(cfg, cfg.ray.num_workers)
+        plan_data(cfg, cfg.ray.num_workers, check_batch=not cfg.data.auto_batch)
         return
     head = local_head()  # a dead head's file: ensure_ray starts a local instance, so the workers run here too
     here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS") and (head is None or head.dead)
@@ -312,11 +312,13 @@ def _open_run(cfg: Config, tracker: Optional[Tracker], name: str, run_dir: str) 
     uri = resolve_uri(cfg.tracking.tracking_uri or None)
     previous = _read_run_file(run_dir)
     before = previous.get("tracking_uri") if previous and tracker is None else None
-    if before not in (None, uri) and before.startswith("sqlite:///") and not os.path.exists(before[10:]):
+    if before is not None and same_store(before, uri):
+        uri = before  # the run's own spelling of the same store: resume into it
+    elif before is not None and local_store(before) is not None and not os.path.exists(local_store(before)):
         # e.g. a job's temporary working dir, gone with the job: there is no run left to resume into
         print(f"sslray: WARNING: run {name} logged to {before}, which no longer exists; its resumed training "
               f"logs to a new MLflow run in {uri}")
-    elif before not in (None, uri):
+    elif before is not None:
         # A resume from another folder (the default sqlite:///mlflow.db is per folder) or with another
         # MLFLOW_TRACKING_URI would start a second MLflow run and overwrite the only link to the first.
         raise StorageError(f"run {name} in {run_dir} logs to MLflow run {previous.get('run_id')} in "

@@ -76,7 +76,7 @@ def check_backbone_name(name: str) -> None:
 
     from ..backbones import BACKBONES
 
-    if name in BACKBONES or timm.is_model(name):
+    if name in BACKBONES or timm.is_model(name) or name.startswith(("hf-hub:", "hf_hub:")):
         return
     near = difflib.get_close_matches(name, [*BACKBONES.names(), *timm.list_models()], n=3)
     raise ConfigError(f"config key 'model.backbone': unknown backbone {name!r} (neither sslray's nor a timm model)"
