@@ -108,14 +108,14 @@ def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val
         raise ValueError(f"--eval {eval_protocols} scores the checkpoint on a val split: give --val")
     if (eval_protocols or probe) and cfg.data.val and all(map(os.path.exists, (cfg.data.train, cfg.data.val))):
         from .datasets import DataError
-        from .eval.features import labelled_info
+        from .eval.features import check_labelled
         from .raytrain.trainer import check_data
 
-        check_data(cfg)  # the training run's own data checks first (they name the config keys)
+        plan = check_data(cfg)  # the training run's own data checks first (they name the config keys)
         # The probe after training fits a classifier: a single-class split fails there, hours later.
         try:
-            labelled_info(cfg.data.val, "val")
-            labelled_info(cfg.data.train, "train")
+            check_labelled(plan.val_info, "val")
+            check_labelled(plan.train_info, "train")
         except DataError as e:
             raise DataError(f"{e} (or pretrain without the probe: --no-probe, and no --eval)") from None
     res = pretrain(cfg, restart=restart)

@@ -46,7 +46,12 @@ class Features:
 
 def labelled_info(path: str, role: str):
     """``dataset_info`` that also refuses a split without class labels, naming the file."""
-    info = dataset_info(path)
+    return check_labelled(dataset_info(path), role)
+
+
+def check_labelled(info, role: str):
+    """``info`` (a ``DatasetInfo``) when its split has 2 classes or more, else a DataError naming it."""
+    path = info.path
     if info.num_classes == 1:
         raise DataError(f"{role} split {path} has one class only ({info.classes[0]}): a probe needs at least 2 "
                         "classes to tell apart")

@@ -221,12 +221,12 @@ class PretrainResult:
     storage: str
 
 
-def check_data(cfg: Config) -> None:
+def check_data(cfg: Config):
     """Fail before Ray starts on a dataset that is not given or not on this machine, when the workers
     will run here (a Ray instance this process starts). A cluster's workers may read files this
     machine does not have (node-local copies), so there a missing path is only reported. Data that is
     here gets the workers' own header checks (``loop.plan_data``: readable files, class lists, labels,
-    batch against workers and images)."""
+    batch against workers and images) and its ``DataPlan`` is returned (else None)."""
     import ray
 
     from ..datasets.loader import DataError
@@ -238,14 +238,14 @@ def check_data(cfg: Config) -> None:
     missing = [f"{key}={path}" for key, path in (("data.train", cfg.data.train), ("data.val", cfg.data.val))
                if path and not os.path.exists(path)]
     if not missing:
-        plan_data(cfg, cfg.ray.num_workers, check_batch=not cfg.data.auto_batch)
-        return
+        return plan_data(cfg, cfg.ray.num_workers, check_batch=not cfg.data.auto_batch)
     head = local_head()  # a dead head's file: ensure_ray starts a local instance, so the workers run here too
     here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS") and (head is None or head.dead)
     if here:
         raise DataError(f"{', '.join(missing)}: no such file or directory on this machine, where the workers run; "
                         f"convert it first with `sslray convert SRC DEST`")
     print(f"sslray: note: {', '.join(missing)} not found on this machine; the cluster's workers must have it")
+    return None
 
 
 # Ray Train starts a PreemptionWatcher actor with every worker group, to notice nodes an autoscaler is
