@@ -56,7 +56,10 @@ def multinode(argv: list[str]) -> None:
     run_dir = Path(storage) / "node-loss"
 
     def remove_when_checkpointed():
-        while not any(run_dir.glob("checkpoint_*")) and not any(run_dir.glob("epoch_*")):
+        # After epoch 1's checkpoint (4 reports in, so the first mid-epoch ones are committed too): a
+        # removal at the first file seen could come before Ray had registered any checkpoint, and the
+        # worker group then restarted from scratch.
+        while not (run_dir / "epoch_0001" / "state.pt").exists():
             time.sleep(0.2)
         cluster.remove_node(worker_node)
         result["node_removed_at"] = time.time()
@@ -66,7 +69,7 @@ def multinode(argv: list[str]) -> None:
     try:
         res = pretrain(cfg)
         result["node_loss"] = {"ok": True, "final_epoch": int(res.metrics.get("epoch", -1)) if res.metrics else None,
-                               "loss": _loss_history(res), "ended_at": time.time()}
+                               "loss": _loss_history(res), "ended_at": time.time(), "resumed": _resumed_in_logs()}
     except Exception as e:  # noqa: BLE001 - recorded for the test to judge
         result["node_loss"] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
     t.join(timeout=5)
@@ -74,6 +77,18 @@ def multinode(argv: list[str]) -> None:
         json.dump(result, f)
     ray.shutdown()
     cluster.shutdown()
+
+
+def _resumed_in_logs() -> bool:
+    """Whether a worker of this script's Ray cluster logged a resume from a checkpoint: read from the
+    workers' own log files, which every line reaches before the run ends (the copies log_to_driver
+    forwards may arrive after the script has shut Ray down). Only the node-loss run can resume here."""
+    import glob
+
+    import ray
+
+    logs = glob.glob(f"{ray._private.worker._global_node.get_session_dir_path()}/logs/*.out")
+    return any("sslray: resumed at epoch" in open(f, errors="replace").read() for f in logs)
 
 
 def _loss_history(res) -> list[float]:

@@ -212,9 +212,9 @@ def test_multinode_cluster_matches_single_node_and_survives_node_loss(cifar_smal
     assert r["node_loss"]["ok"], r["node_loss"]
     assert r["node_loss"]["final_epoch"] == 3
     # The node went while the run was going, and the run went on from a checkpoint (the only resume in
-    # the script; the restarted rank 0's line reaches the script's stdout through log_to_driver).
+    # the script: the restarted rank 0's line, read from the workers' log files).
     assert r.get("node_removed_at", float("inf")) < r["node_loss"]["ended_at"], r
-    assert "sslray: resumed at epoch" in proc.stdout + proc.stderr, proc.stdout[-3000:]
+    assert r["node_loss"]["resumed"], proc.stdout[-3000:]
 
 
 def test_unwritable_storage_fails_before_training(tmp_path):
