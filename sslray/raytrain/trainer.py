@@ -312,10 +312,11 @@ def _open_run(cfg: Config, tracker: Optional[Tracker], name: str, run_dir: str) 
     uri = resolve_uri(cfg.tracking.tracking_uri or None)
     previous = _read_run_file(run_dir)
     before = previous.get("tracking_uri") if previous and tracker is None else None
+    store = local_store(before) if before is not None else None
+    gone = store is not None and not os.path.exists(store)  # e.g. a job's temporary working dir
     if before is not None and same_store(before, uri):
         uri = before  # the run's own spelling of the same store: resume into it
-    elif before is not None and local_store(before) is not None and not os.path.exists(local_store(before)):
-        # e.g. a job's temporary working dir, gone with the job: there is no run left to resume into
+    elif gone:  # there is no run left to resume into
         print(f"sslray: WARNING: run {name} logged to {before}, which no longer exists; its resumed training "
               f"logs to a new MLflow run in {uri}")
     elif before is not None:
