@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check every image and exit 2 listing the unreadable ones, instead of skipping them")
     c.add_argument("--force", action="store_true",
                    help="convert even when the manifest says it is up to date, or replace an OUT made from "
-                        "another source, split or subset")
+                        "another source, split or subset, or a .beton without a manifest")
     c.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("pretrain", help="self-supervised pretraining with Ray Train, then probe, logged to MLflow")

@@ -158,3 +158,46 @@ def test_a_moved_source_folder_converts_again_without_force(tmp_path):
     other = _split_tree(tmp_path / "c" / "img")  # the old source is there: another folder is another dataset
     with pytest.raises(ConversionError, match="--force"):
         convert(other, out, split="train", params=p, workers=1, verbose=False)
+
+
+def test_an_existing_beton_without_manifest_or_a_folder_is_not_replaced_without_force(tmp_path, capsys):
+    """A .beton written by ffcv itself, or one whose manifest was removed, says nothing of what it holds:
+    converting onto it needs --force, and the file is untouched without it."""
+    from sslray.cli import main
+
+    src = _split_tree(tmp_path / "img")
+    out = tmp_path / "other.beton"
+    out.write_bytes(b"written by another tool")
+    p = WriteParams(write_mode="raw", max_resolution=8)
+    with pytest.raises(ConversionError, match=r"other\.beton exists and has no manifest.*--force"):
+        convert(src, out, split="train", params=p, workers=1, verbose=False)
+    rc = main(["convert", str(src), str(out), "--split", "train", "--write-mode", "raw", "--max-res", "8"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "has no manifest" in err, err
+    assert out.read_bytes() == b"written by another tool" and not manifest_path(out).exists()
+    m = convert(src, out, split="train", params=p, workers=1, verbose=False, force=True)
+    assert m["num_images"] == 4 and out.stat().st_size == m["beton_bytes"]
+
+    folder = tmp_path / "dir.beton"
+    folder.mkdir()
+    with pytest.raises(ConversionError, match=r"dir\.beton is a folder"):
+        convert(src, folder, split="train", params=p, workers=1, force=True, verbose=False)
+
+
+def test_a_dying_image_check_process_is_a_named_error(tmp_path, monkeypatch):
+    """A checking process killed from outside (the OOM killer) broke the pool with a bare
+    BrokenProcessPool traceback; it is a ConversionError that says what to try."""
+    import importlib
+    import os
+
+    conv = importlib.import_module("sslray.datasets.convert")  # the package's `convert` is the function
+
+    root = tmp_path / "img" / "a"
+    root.mkdir(parents=True)
+    for i in range(260):  # over the 256 images below which the check runs in this process
+        Image.new("RGB", (4, 4), (i % 256, 0, 0)).save(root / f"{i}.png")
+    monkeypatch.setattr(conv, "load_record", lambda rec, max_res: os._exit(9))  # seen by the forked workers
+    out = tmp_path / "t.beton"
+    with pytest.raises(ConversionError, match=r"process checking the images died.*--workers 1"):
+        convert(tmp_path / "img", out, params=WriteParams(max_resolution=8), workers=2, verbose=False)
+    assert not out.exists() and not list(tmp_path.glob(".t.beton*"))

@@ -14,6 +14,7 @@ import tempfile
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -307,9 +308,17 @@ def validate(records: Sequence[Record], max_res: int, workers: int, desc: str = 
     jobs = [(i, r, max_res) for i, r in enumerate(records)]
     picklable = all(r.loader is None or getattr(r.loader, "picklable", False) for r in records)
     if workers > 1 and len(records) > 256 and picklable:
-        with ProcessPoolExecutor(workers) as ex:
-            for i, shape, reason in tqdm(ex.map(_check, jobs, chunksize=256), total=len(jobs), desc=desc, unit="img"):
-                results[i] = (shape, reason)
+        try:
+            with ProcessPoolExecutor(workers) as ex:
+                for i, shape, reason in tqdm(ex.map(_check, jobs, chunksize=256), total=len(jobs), desc=desc,
+                                             unit="img"):
+                    results[i] = (shape, reason)
+        except BrokenProcessPool:
+            # A checking process killed from outside (the kernel's OOM killer on a huge image, a signal):
+            # the pool gives no reason of its own, so name what was running and what to try.
+            raise ConversionError("a process checking the images died (out of memory on a very large image?); "
+                                  "nothing was written. Run again with --workers 1 to check them in this "
+                                  "process") from None
     else:
         for job in tqdm(jobs, desc=desc, unit="img", disable=len(jobs) < 1000):
             i, shape, reason = _check(job)
@@ -362,7 +371,15 @@ def convert(
     settings = {"source_type": listing.source_type, "split": split, **params.as_dict(),
                 **_jsonable({**subset, **source_kwargs})}
 
+    if out.is_dir():
+        raise ConversionError(f"output {out} is a folder; OUT names the .beton file to write")
     old = read_manifest(out) if out.exists() else None
+    if out.exists() and old is None and not force:
+        # Not written by `sslray convert`, or its manifest is gone: nothing says what it holds or
+        # whether its source still exists, so it is kept unless the user says otherwise.
+        raise ConversionError(f"{out} exists and has no manifest ({manifest_path(out).name}): it was not "
+                              f"written by sslray convert, or its manifest was removed; pass --force to "
+                              f"replace it, or choose another OUT")
     if old and not force:
         check_same_origin(out, old, str(listing.root), split, settings)
     if old and not force and old.get("source_hash") == fingerprint and old.get("settings") == settings \
