@@ -115,3 +115,33 @@ def test_restore_rng_gives_each_rank_its_own_saved_state():
             assert _same(_draws(), after[r]), r
     finally:
         set_rng_state(outer)
+
+
+def test_the_gpu_stream_is_this_rank_s_own_device_and_an_old_list_does_not_break_a_resume(monkeypatch):
+    """Ray shows a worker every GPU of its group on the node: saving all of them and restoring them by
+    index raised IndexError on every rank of a resume with fewer GPUs per node. One state, this device's
+    generator, is saved and restored; an earlier checkpoint's list gives this device's entry if it has one."""
+    from sslray.raytrain.loop import restore_rng, rng_state, set_rng_state
+
+    saved_by = {}
+    set_calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda d: saved_by.setdefault("dev", d) and torch.tensor([7]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda st, d: set_calls.append((st.tolist(), d)))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("every visible device was saved"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("restored by list index"))
+    dev = torch.device("cuda", 3)
+    outer = rng_state()
+    try:
+        s = rng_state(dev)
+        assert saved_by["dev"] == dev and s["cuda"].tolist() == [7]
+        restore_rng({"rng_ranks": [s, s], "rng": s, "step": 1}, rank=1, seed=0, device=torch.device("cuda", 0))
+        assert set_calls == [([7], torch.device("cuda", 0))]  # on another layout: this rank's own device
+        set_calls.clear()
+        old = {**s, "cuda": [torch.tensor([i]) for i in range(8)]}  # an earlier version: 8 visible GPUs
+        set_rng_state(old, torch.device("cuda", 2))
+        set_rng_state(old, torch.device("cuda", 9))  # more GPUs now than were saved: the seeded stream stays
+        assert set_calls == [([2], torch.device("cuda", 2))]
+        set_rng_state(s, torch.device("cpu"))  # a CPU worker never touches CUDA
+        assert len(set_calls) == 1
+    finally:
+        set_rng_state(outer)

@@ -114,19 +114,30 @@ def build_data(cfg: Config, session) -> Data:
     return Data(train, bank, val, len(classes), steps)
 
 
-def rng_state() -> dict:
+def rng_state(device: Optional[torch.device] = None) -> dict:
+    """This process's random streams; on a GPU, the generator of ``device`` only (the one it trains on).
+    Ray shows each worker every GPU its group holds on the node, so the state of all visible devices
+    would not fit a resume on another layout (fewer GPUs per node, another node type)."""
     s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        s["cuda"] = torch.cuda.get_rng_state(device)
     return s
 
 
-def set_rng_state(s: dict) -> None:
+def set_rng_state(s: dict, device: Optional[torch.device] = None) -> None:
     torch.set_rng_state(s["torch"].cpu())
     np.random.set_state(s["numpy"])
     random.setstate(s["python"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([t.cpu() for t in s["cuda"]])
+    cuda = s.get("cuda")
+    if cuda is None or device is None or device.type != "cuda":
+        return
+    if isinstance(cuda, (list, tuple)):
+        # Checkpoints of earlier versions hold every visible device's state: this device's index, where
+        # the saved list has one (the layout matches), else the stream seeded at the start is kept.
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda.cpu(), device)
 
 
 def region(name: str):
@@ -146,15 +157,16 @@ def rank_seed(seed: int, rank: int, step: int = 0) -> int:
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
 
 
-def restore_rng(state: dict, rank: int, seed: int) -> None:
+def restore_rng(state: dict, rank: int, seed: int, device: Optional[torch.device] = None) -> None:
     """Put this rank's random streams back as the checkpoint left them: its own saved state when the
     checkpoint holds one per rank, else rank 0's (a one-process checkpoint), else a stream derived from
-    the seed, the rank and the step (a run resumed on more workers than it saved)."""
+    the seed, the rank and the step (a run resumed on more workers than it saved). ``device``: the GPU
+    this rank trains on, whose generator gets the saved GPU stream."""
     per_rank = state.get("rng_ranks") or []
     if rank < len(per_rank):
-        set_rng_state(per_rank[rank])
+        set_rng_state(per_rank[rank], device)
     elif rank == 0:
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], device)
     else:
         seed_everything(rank_seed(seed, rank, int(state["step"])))
 
@@ -267,7 +279,7 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
                         f"{data.steps_per_epoch} (global batch {cfg.data.batch_size}): global step {step} -> "
                         f"{rebased}, the same point of the schedules")
             step = rebased
-        restore_rng(state, session.rank, cfg.train.seed)
+        restore_rng(state, session.rank, cfg.train.seed, session.device)
         if probe is not None and state.get("online_probe"):
             probe.load_state_dict(state["online_probe"])
         if scaler.is_enabled() and state.get("grad_scaler"):
@@ -283,13 +295,13 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
         """Everything needed to continue exactly here: model (EMA teachers, queues and prototypes are
         its buffers), optimizer, counters, RNG streams, and the loader epoch (its order is seed + epoch)."""
         # Collectives, so every rank calls snapshot: each rank's RNG streams, the probe's all-rank sums.
-        rng_ranks = D.gather_objects(rng_state()) if session.world_size > 1 else None
+        rng_ranks = D.gather_objects(rng_state(session.device)) if session.world_size > 1 else None
         probe_sums = probe.global_sums() if probe is not None else None
         if session.rank != 0:
             return None
         return {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch_index,
                 "batch_in_epoch": batch_in_epoch, "step": step, "steps_per_epoch": data.steps_per_epoch,
-                "rng": rng_state(), "rng_ranks": rng_ranks,
+                "rng": rng_state(session.device), "rng_ranks": rng_ranks,
                 "partial": part,
                 "loader_seed": cfg.train.seed, "config": cfg.to_dict(), "metrics": metrics,
                 "num_classes": data.num_classes,
