@@ -74,7 +74,12 @@ class OptimConfig:
     momentum: float = 0.9  # SGD and LARS momentum
     warmup_epochs: float = 1.0  # linear lr warm-up from 0 (fractions allowed), then cosine
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak lr
-    clip_grad: float = 0.0  # max global grad norm; 0 disables
+    clip_grad: float = 0.0  # max gradient norm; 0 disables
+    clip_mode: str = "global"  # global (one norm over all parameters) | per_param (each tensor on its own, as DINO)
+    lars_eta: float = 0.001  # LARS trust coefficient: a weight's step is eta*|w|/|g| of the lr (SimCLR/BYOL: 0.001)
+    lars_clip: bool = False  # LARS: cap each weight's adapted lr at the scheduled lr (the CIFAR recipes, eta 0.02)
+    adam_beta1: float = 0.9  # AdamW
+    adam_beta2: float = 0.999  # AdamW (MAE: 0.95)
     no_decay_lr_scale: float = 1.0  # lr of biases and norm parameters / the scheduled lr (Barlow Twins: 0.024)
     weight_decay_end: float = -1.0  # cosine from weight_decay to this over training (DINO 0.04 -> 0.4); < 0: constant
 
@@ -235,7 +240,8 @@ def _check_range(key: str, v: Any, given: Any) -> None:
 # Keys whose value is one of a fixed set (the others are checked where they are looked up by name).
 CHOICES = {"train.precision": ("auto", "bf16", "fp16", "fp32"), "optim.lr_scaling": ("linear", "sqrt", "none"),
            "model.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-           "ray.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")}
+           "ray.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+           "optim.clip_mode": ("global", "per_param")}
 CHOICES_ANY_CASE = {"ray.use_gpu": ("auto", "true", "false", "1", "0", "yes", "no")}  # YAML's true reads "True"
 
 
@@ -246,7 +252,8 @@ POSITIVE = {"data.batch_size": "global batch", "method.temperature": "softmax te
             "ray.num_workers": "training workers", "ray.cpus_per_worker": "CPUs per worker",
             "ray.num_to_keep": "checkpoints kept", "data.decode_res": "decode resolution in pixels",
             "views.crop_size": "crop size in pixels", "model.proj_hidden_dim": "projector hidden width",
-            "model.proj_out_dim": "projector output width", "train.online_probe_lr": "online probe learning rate", "monitor.check_every": "steps between health checks"}
+            "model.proj_out_dim": "projector output width", "train.online_probe_lr": "online probe learning rate",
+            "optim.lars_eta": "LARS trust coefficient", "monitor.check_every": "steps between health checks"}
 
 # Keys where 0 means "off", "all" or "none" and only a negative value is wrong.
 NON_NEGATIVE = {"optim.base_lr": "learning rate", "optim.weight_decay": "weight decay",
@@ -265,7 +272,9 @@ NON_NEGATIVE = {"optim.base_lr": "learning rate", "optim.weight_decay": "weight 
 # Keys with both ends bounded: (test, what the message says).
 BOUNDED = {"views.min_scale": (lambda v: 0 < v <= 1, "a crop area fraction in (0, 1]"),
            "optim.min_lr_ratio": (lambda v: 0 <= v <= 1, "a fraction of the peak lr in [0, 1]"),
-           "optim.momentum": (lambda v: 0 <= v < 1, "in [0, 1)")}
+           "optim.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+           "optim.adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+           "optim.adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)")}
 
 
 _SECTIONS = {

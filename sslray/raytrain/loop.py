@@ -29,7 +29,8 @@ from .methods import compile_method, create_method
 from .monitors import (COLLAPSE_STATS, TAP_KEYS, EmbeddingTap, NonFiniteLossError, StepHealth, collapse_report,
                        epoch_health)
 from .online_probe import OnlineProbe
-from .optim import build_optimizer, load_optimizer_state, set_lr, set_weight_decay, warmup_cosine, weight_decay_at
+from .optim import (clip_gradients, load_optimizer_state, optimizer_from_config, set_lr, set_weight_decay,
+                    warmup_cosine, weight_decay_at)
 from .pictures import RunPictures
 
 __all__ = ["NonFiniteLossError", "train_loop", "run_local", "train_func"]
@@ -242,8 +243,7 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
     net, sync_grads = D.data_parallel(model, dev)
 
     peak = effective_lr(cfg)
-    opt = build_optimizer(model, cfg.optim.name, peak, cfg.optim.weight_decay, cfg.optim.momentum,
-                          cfg.optim.no_decay_lr_scale)
+    opt = optimizer_from_config(model, cfg, peak)
     probe = OnlineProbe.from_config(cfg, model, data.num_classes, evalT, dev)  # own optimizer, detached features
     scaler = grad_scaler(dev, cfg.train.precision)  # loss scaling for fp16; a pass-through otherwise
     total = cfg.train.epochs * data.steps_per_epoch
@@ -361,7 +361,7 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
                     health.check(cfg.method.name, epoch + 1)
             with region("sslray.optimizer"):
                 if cfg.optim.clip_grad > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+                    clip_gradients(list(model.parameters()), cfg.optim.clip_grad, cfg.optim.clip_mode)
                 scaler.step(opt)  # fp16: skipped when the gradients overflowed at this scale
                 scaler.update()
                 health.restore(ok)
