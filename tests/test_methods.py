@@ -529,3 +529,23 @@ def test_feature_queue_push_wraps_around_and_nearest_is_by_cosine():
     # Euclidean distance 3, 1, 4, 3.
     z = torch.tensor([[10.0, 1.0], [0.1, 5.0], [-1.0, -0.2], [2.0, 1.5]])
     assert torch.equal(q3.nearest(z), torch.stack([bank[0], bank[1], bank[2], bank[3]]))
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_a_training_step_never_reads_a_tensor_on_the_host(name, monkeypatch):
+    """On a GPU, turning a tensor into a Python bool or number waits for the device every step
+    (SwAV's queue check read its device counter); the counters a step needs have host mirrors. Late in
+    training (queues on, schedules advanced), forward, backward and on_step read no tensor value."""
+    m = build(name).train()
+    views = fixed_views(name)
+    on_step = getattr(m, "on_step", lambda step, total: None)  # methods without state to advance have none
+    for s in (0, 10**6, 2 * 10**6):  # past every queue start and warm-up of the tiny builds
+        on_step(s, 10**7)
+
+    def host_read(*args, **kwargs):
+        raise AssertionError(f"{name}: a tensor was read on the host during a training step")
+
+    for attr in ("__bool__", "item", "__float__", "__int__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, attr, host_read)
+    m(views)["loss"].backward()
+    on_step(3 * 10**6, 10**7)

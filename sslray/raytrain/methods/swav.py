@@ -66,7 +66,7 @@ class SwAV(nn.Module):
         use_queue = self.queues is not None and counter(self, "step") >= self.queue_start_step
         for i in range(self.num_global):
             s = scores[i].detach()
-            if use_queue and self.queues[i].count > 0:
+            if use_queue and counter(self.queues[i], "count") > 0:  # the host mirror: no device sync
                 s = torch.cat([s, prototype_scores(self.queues[i].rows(), w.detach())])
             codes.append(sinkhorn(s, self.epsilon, self.iters)[: scores[i].shape[0]])
         loss = swav_loss(scores, codes, self.temperature)
