@@ -143,6 +143,28 @@ def test_a_mid_epoch_resume_reports_the_whole_epochs_grad_norms_and_skipped_step
         assert resumed[k] == pytest.approx(whole[k], rel=1e-6), k
 
 
+def test_a_mid_epoch_resume_on_fewer_workers_counts_the_saved_loss_once(cifar_small, tmp_path):
+    """A mid-epoch checkpoint holds the loss summed over the saving run's ranks; resumed on another
+    number of workers, the epoch's mean loss divided it by the new count (8 -> 4 workers: 1.5x). Here
+    the checkpoint says 2 ranks with the same per-rank sum, resumed on one: the whole epoch's loss."""
+    import shutil
+
+    import torch
+
+    cfg = _cfg(cifar_small, "data.val=", "data.train_subset=192", "train.epochs=1", "train.max_steps_per_epoch=0",
+               "train.checkpoint_every_steps=4", "train.online_probe=false", "model.backbone=resnet10t")
+    whole, _ = run_local(cfg, str(tmp_path / "whole"))
+    mid = next((tmp_path / "whole").glob("epoch_0000.*_step_*"))
+    shutil.copytree(mid, tmp_path / "resumed" / mid.name)
+    state_file = tmp_path / "resumed" / mid.name / "state.pt"
+    state = torch.load(state_file, weights_only=False)
+    assert state["partial"]["world_size"] == 1
+    state["partial"] = {**state["partial"], "world_size": 2, "loss_sum": 2 * state["partial"]["loss_sum"]}
+    torch.save(state, state_file)
+    resumed, _ = run_local(cfg, str(tmp_path / "resumed"))
+    assert resumed["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+
+
 def test_resuming_at_another_batch_rescales_the_step_counter(cifar_small, tmp_path, capsys):
     """A checkpoint's step counter belongs to its steps per epoch: resumed at half the batch (what an
     out-of-memory error advises) it is doubled, so the lr / wd / momentum schedules go on from the same

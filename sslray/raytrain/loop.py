@@ -315,7 +315,10 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
         data.train.next_epoch = epoch  # FFCV draws this epoch's order from seed + epoch
         skip = start_batch if epoch == start_epoch else 0
         resumed = partial if skip and partial else {"loss_sum": 0.0, "n": 0, "seconds": 0.0}
-        loss_sum = torch.tensor(float(resumed["loss_sum"]) if session.rank == 0 else 0.0, device=dev)
+        # The saved sum spans the saving run's ranks; the epoch mean divides by this run's: rank 0 carries
+        # it on, rescaled when the number of workers changed (its rank mean counts once either way).
+        carried = float(resumed["loss_sum"]) * session.world_size / float(resumed.get("world_size", session.world_size))
+        loss_sum = torch.tensor(carried if session.rank == 0 else 0.0, device=dev)
         n_steps, prior_seconds = int(resumed["n"]), float(resumed["seconds"])
         prior_ok = float(resumed.get("n_ok", resumed["n"]))
         health.reset_epoch()
@@ -392,7 +395,7 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
                 # The loss sum of every rank (rank 0 carries it on after a resume, the others restart at 0).
                 part = {"loss_sum": float(D.all_reduce_mean(loss_sum)) * session.world_size, "n": n_steps,
                         "n_ok": prior_ok + float(health.ok_steps), "seconds": prior_seconds + time.perf_counter() - t0,
-                        "health": health.epoch_state()}
+                        "health": health.epoch_state(), "world_size": session.world_size}
                 session.report(m, snapshot(epoch, i + 1, last, part) if ckpt_now else None)
             t_wait = time.perf_counter()
         health.check(cfg.method.name, epoch + 1)
