@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,10 @@ FAMILY_TAG = "sslray.family"
 class MLflowReportCallback(_UserCallback):
     """Logs rank 0's per-epoch metrics to one MLflow run as each ``ray.train.report`` lands.
 
-    It runs in the Train controller (one process), so sqlite sees a single writer.
+    It runs in the Train controller (one process), so sqlite sees a single writer. An exception raised
+    here would end training whatever ``max_failures`` says (Train retries no controller error), so a
+    failed write (a server restart, a locked sqlite file, an S3 error) is one warning: what it could not
+    log is kept, with its steps, and retried at the next report and by the driver after ``fit()``.
     """
 
     def __init__(self, tracking_uri: str, run_id: str, pictures_dir: Optional[str] = None, storage: str = ""):
@@ -37,26 +42,88 @@ class MLflowReportCallback(_UserCallback):
         self._tracker: Optional[Tracker] = None
         self._nodes: Optional[list] = None
         self._pictures: dict[str, int] = {}  # name -> size already logged
+        self._pending: dict = {"metrics": [], "tags": {}}  # not logged yet: [(values, step), ...], tags
+        # The controller is an actor on the driver's node with its own copy of this object: what it could
+        # not log is also kept in this file, for the driver after fit() and for a resumed run (same run id).
+        self.pending_file = str(Path(tempfile.gettempdir()) / f"sslray-mlflow-pending-{run_id}.json")
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
         if not metrics:
             return
         m = metrics[0]
-        if self._tracker is None:
-            self._tracker = Tracker(self.tracking_uri, self.run_id)
-        nodes = sorted({str(x.get("node_id")) for x in metrics if x.get("node_id")})
-        if nodes and nodes != self._nodes:
-            self._nodes = nodes
-            self._tracker.set_tags({"sslray.num_nodes": len(nodes), "sslray.nodes": ",".join(n[:12] for n in nodes)})
-        if m.get("partial"):  # a step-level report inside an epoch: its own curve, keyed by global step
-            self._tracker.log_metrics({"step_loss": m["step_loss"]}, step=int(m["step"]))
-        else:
-            self._tracker.log_metrics(numeric(m), step=int(m.get("epoch", 0)))
-            self._tracker.set_tags(health_tags(m))
-        if checkpoint is not None:
-            self._tracker.set_tags({"sslray.last_checkpoint": checkpoint_uri(checkpoint, self.storage)})
-        if self.pictures_dir:
-            log_pictures(self._tracker, self.pictures_dir, self._pictures)
+        try:
+            if self._tracker is None:
+                self._tracker = Tracker(self.tracking_uri, self.run_id)
+                self._pending = read_pending(self.pending_file)  # what an earlier attempt left unlogged
+            tags: dict[str, Any] = {}
+            nodes = sorted({str(x.get("node_id")) for x in metrics if x.get("node_id")})
+            if nodes and nodes != self._nodes:
+                self._nodes = nodes
+                tags.update({"sslray.num_nodes": len(nodes), "sslray.nodes": ",".join(n[:12] for n in nodes)})
+            if m.get("partial"):  # a step-level report inside an epoch: its own curve, keyed by global step
+                self._pending["metrics"].append(({"step_loss": m["step_loss"]}, int(m["step"])))
+            else:
+                self._pending["metrics"].append((numeric(m), int(m.get("epoch", 0))))
+                tags.update(health_tags(m))
+            if checkpoint is not None:
+                tags["sslray.last_checkpoint"] = checkpoint_uri(checkpoint, self.storage)
+            self._pending["tags"].update(tags)
+            flush_pending(self._tracker, self._pending)
+            if self.pictures_dir:  # one that fails is logged at the next report, or by log_missing_pictures
+                log_pictures(self._tracker, self.pictures_dir, self._pictures)
+        except Exception as e:  # noqa: BLE001 - raised here, it would end a healthy training run
+            where = f"step {m.get('step')}" if m.get("partial") else f"epoch {m.get('epoch', 0)}"
+            print(f"sslray: WARNING: MLflow logging at {where} failed ({type(e).__name__}: "
+                  f"{' '.join(str(e).split())[:300]}); training goes on, {len(self._pending['metrics'])} "
+                  "unlogged report(s) are retried at the next report and after the run")
+        keep_pending(self.pending_file, self._pending)
+
+    def log_pending(self, tracker: Tracker) -> None:
+        """On the driver after ``fit()``: log what the controller's copy of this callback could not."""
+        pending = read_pending(self.pending_file)
+        if not (pending["metrics"] or pending["tags"]):
+            return
+        try:
+            flush_pending(tracker, pending)
+        except Exception as e:  # noqa: BLE001 - training is done; the curves and checkpoint tag still follow
+            print(f"sslray: WARNING: {len(pending['metrics'])} report(s) of metrics could not be logged to MLflow "
+                  f"({type(e).__name__}: {' '.join(str(e).split())[:300]}); they are kept in {self.pending_file}")
+        keep_pending(self.pending_file, pending)
+
+
+def flush_pending(tracker: Tracker, pending: dict) -> None:
+    """Log ``pending`` (``{"metrics": [(values, step), ...], "tags": {...}}``, oldest first), emptying it
+    as it goes: a write that fails leaves only what it did not log, each report with its own step."""
+    metrics, tags = pending["metrics"], pending["tags"]
+    while metrics:
+        values, step = metrics[0]
+        tracker.log_metrics(values, step=step)
+        metrics.pop(0)
+    if tags:
+        tracker.set_tags(tags)
+        tags.clear()
+
+
+def read_pending(path: str) -> dict:
+    try:
+        with open(path) as f:
+            pending = json.load(f)
+        return {"metrics": list(pending["metrics"]), "tags": dict(pending["tags"])}
+    except (OSError, ValueError, KeyError, TypeError):  # none kept (the usual case), or a file cut short
+        return {"metrics": [], "tags": {}}
+
+
+def keep_pending(path: str, pending: dict) -> None:
+    """Write what is still unlogged to ``path``, or remove it once everything is logged."""
+    try:
+        if pending["metrics"] or pending["tags"]:
+            with open(path + ".tmp", "w") as f:
+                json.dump(pending, f)
+            os.replace(path + ".tmp", path)  # never a half-written file for the driver to read
+        elif os.path.exists(path):
+            os.remove(path)
+    except OSError as e:  # the values are still in memory, for the next report
+        print(f"sslray: WARNING: could not keep the unlogged MLflow values in {path} ({e})")
 
 
 COLLAPSE_TAG = "sslray.collapse_warning"
@@ -393,6 +460,7 @@ def pretrain(cfg: Config, tracker: Optional[Tracker] = None, restart: bool = Fal
         if made_here:  # Ray or MLflow could not start: no empty run folder is left behind
             _remove_if_empty(run_dir)
         raise
+    report = MLflowReportCallback(uri, tracker.run_id, f"{run_dir}/{PICTURES_DIR}", storage)
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"cfg": cfg.to_dict(), "pictures_dir": f"{run_dir}/{PICTURES_DIR}"},
@@ -405,7 +473,7 @@ def pretrain(cfg: Config, tracker: Optional[Tracker] = None, restart: bool = Fal
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-            callbacks=[MLflowReportCallback(uri, tracker.run_id, f"{run_dir}/{PICTURES_DIR}", storage)],
+            callbacks=[report],
         ),
     )
     t0 = time.time()
@@ -421,6 +489,7 @@ def pretrain(cfg: Config, tracker: Optional[Tracker] = None, restart: bool = Fal
               f"{run_dir}; run the same command again to resume from the latest one")
         raise
     wall = time.time() - t0
+    report.log_pending(tracker)  # what the callback could not log (before the curves are drawn from the run)
     tracker.log_metrics({"train_wall_seconds": wall})
     series = {k: tracker.history(k) for k in ("loss", "knn_top1", "images_per_sec")}
     fig = plots.curves(series, title=name)
