@@ -293,3 +293,17 @@ def test_a_searched_batch_is_checked_against_the_data_at_its_smallest_value(tiny
     assert spec.space["data.batch_size"][1] == [16, 32]
     with pytest.raises(ValueError, match="data.batch_size 512 is larger than the 64 training images"):
         sweep_config(cfg, ["lr=loguniform(0.1,1)"], name="s", storage=str(tmp_path), gpus_per_worker=0)
+
+
+def test_fractional_gpus_with_several_workers_per_trial_are_refused():
+    """Ray packs a trial's fractional GPUs onto one device, where NCCL refuses two ranks: every trial
+    would fail. One worker per trial may share a GPU; whole GPUs may have any number of workers."""
+    cfg = load_config("smoke", DATA + ["ray.num_workers=2"])
+    space = {"optim.base_lr": Dist("choice", (0.1, 0.2))}
+    with pytest.raises(ConfigError, match=r"--gpus-per-worker 0.5 with 2 workers per trial.*--workers-per-trial 1"):
+        make_spec(cfg, space, name="s", storage="/tmp/s", gpus_per_worker=0.5)
+    with pytest.raises(ConfigError, match="--gpus-per-worker must be at least 0"):
+        make_spec(cfg, space, name="s", storage="/tmp/s", gpus_per_worker=-1)
+    assert make_spec(cfg, space, name="s", storage="/tmp/s", gpus_per_worker=1.0).gpus_per_worker == 1.0
+    one = load_config("smoke", DATA + ["ray.num_workers=1"])
+    assert make_spec(one, space, name="s", storage="/tmp/s", gpus_per_worker=0.5).gpus_per_worker == 0.5

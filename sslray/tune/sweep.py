@@ -84,6 +84,15 @@ def make_spec(base: Config, space: Mapping[str, Dist], **kw) -> SweepSpec:
         v = kw.get(key)
         if v is not None and (v <= low if strict else v < low):
             raise ConfigError(f"{flag} must be {'above' if strict else 'at least'} {low}, got {v}")
+    gpus = float(kw.get("gpus_per_worker") or 0.0)
+    if gpus < 0:
+        raise ConfigError(f"--gpus-per-worker must be at least 0, got {gpus:g}")
+    if 0 < gpus < 1 and base.ray.num_workers > 1:
+        # Ray packs the fractions of one trial onto one GPU, where its ranks' NCCL group refuses to start
+        # ("Duplicate GPU detected"): every trial would fail.
+        raise ConfigError(f"--gpus-per-worker {gpus:g} with {base.ray.num_workers} workers per trial would put "
+                          f"several ranks of a trial on one GPU, which NCCL refuses; share GPUs between trials "
+                          f"with --workers-per-trial 1, or give each worker whole GPUs")
     if kw.get("scheduler", "asha") not in SCHEDULERS:
         raise ConfigError(f"--scheduler must be one of {', '.join(SCHEDULERS)}")
     if kw.get("scheduler") == "pbt":
