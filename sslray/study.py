@@ -446,12 +446,9 @@ def cmd_study(a) -> int:
         check_method_config(cfg)
     gpus = a.gpus_per_worker
     if gpus is None:
-        import ray
+        from .tune.sweep import default_gpus_per_worker
 
-        from .raytrain.trainer import ensure_ray
-
-        ensure_ray()
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        gpus = default_gpus_per_worker("sslray study")
     gpu = f"ray.use_gpu={'true' if gpus > 0 else 'false'}"  # before the overrides: a ray.use_gpu there wins
     cfgs = {m: method_config(m, a.recipe, fixed + [gpu] + list(a.overrides)) for m in methods}
     spec = make_study_spec(cfgs, policies, name=a.name, storage=a.storage, gpus_per_worker=gpus,

@@ -114,6 +114,32 @@ def test_max_concurrent_from_cluster_and_trial_size():
         max_concurrent_trials({"CPU": 8}, workers=1, cpus_per_worker=1, gpus_per_worker=1)
 
 
+def test_a_cluster_that_can_grow_is_not_refused_for_what_it_has_now(capsys, monkeypatch):
+    """The cluster/*.yaml heads have CPU 0 and GPU worker groups from zero: a sweep sent there found 0 CPU
+    and was refused, though the autoscaler starts nodes for waiting trials; and without --gpus-per-worker
+    it trained on CPU without a word. A cluster this process joined may grow; its own instance cannot."""
+    import ray
+
+    import sslray.raytrain.trainer as T
+    from sslray.tune.sweep import default_gpus_per_worker
+
+    assert max_concurrent_trials({"CPU": 0}, workers=2, cpus_per_worker=4, gpus_per_worker=1, total_trials=6,
+                                 can_grow=True) == 6
+    assert "the cluster has 0 now; up to 6 trial(s) start and wait" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="the cluster has 0"):
+        max_concurrent_trials({"CPU": 0}, workers=2, cpus_per_worker=4, gpus_per_worker=1, total_trials=6)
+
+    monkeypatch.setattr(T, "ensure_ray", lambda *a, **k: None)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8})
+    monkeypatch.setattr(T, "_OWN_INSTANCE", [False])
+    assert default_gpus_per_worker("sslray tune") == 0.0
+    assert "sslray tune: WARNING: the cluster has no GPU now" in capsys.readouterr().out
+    monkeypatch.setattr(T, "_OWN_INSTANCE", [True])  # this machine: no GPU is simply none
+    assert default_gpus_per_worker("sslray tune") == 0.0 and "WARNING" not in capsys.readouterr().out
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8, "GPU": 2})
+    assert default_gpus_per_worker("sslray study") == 1.0
+
+
 def test_failure_reason_names_nan_and_oom():
     nan = ("Traceback (most recent call last):\n  File x\nray.train.TrainingFailedError: Training failed\n"
            "  File loop.py\nsslray.raytrain.loop.NonFiniteLossError: simclr: non-finite loss nan at step 0\n")

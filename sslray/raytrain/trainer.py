@@ -184,7 +184,7 @@ def resolve_use_gpu(cfg: Config) -> bool:
         return False
     if ray.cluster_resources().get("GPU", 0) >= 1:
         return True
-    if not _OWN_INSTANCE[0]:
+    if not own_instance():
         # An autoscaling cluster (cluster/*.yaml) starts its GPU nodes for the workers that ask for GPUs:
         # when the job starts there may be none yet, and "auto" would then train on CPU.
         print("sslray: WARNING: ray.use_gpu=auto found no GPU in the cluster: training on CPU workers. On an "
@@ -321,6 +321,12 @@ def check_data(cfg: Config):
 # line into every run's log. Train's controller reads this from the driver's environment.
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 _OWN_INSTANCE = [False]  # whether ensure_ray started this process's Ray itself (one machine, nothing to scale)
+
+
+def own_instance() -> bool:
+    """Whether this process started its Ray itself (one machine: what it has now is all there is); a
+    cluster it joined may start nodes on demand."""
+    return _OWN_INSTANCE[0]
 
 
 def ensure_ray(address: Optional[str] = None) -> None:

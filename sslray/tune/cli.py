@@ -69,7 +69,7 @@ def sweep_config(cfg, space=None, *, name: str, storage: str = "./runs", num_sam
     from ..raytrain.methods import check_method_config
     from ..raytrain.trainer import check_data
     from .space import canonical_key, check_space, default_space, parse_dist, parse_space
-    from .sweep import make_spec, run_sweep
+    from .sweep import default_gpus_per_worker, make_spec, run_sweep
 
     if not cfg.data.train:
         raise ConfigError("give the training data: --data TRAIN.beton (config key 'data.train')")
@@ -92,12 +92,7 @@ def sweep_config(cfg, space=None, *, name: str, storage: str = "./runs", num_sam
               reduction_factor=reduction_factor, grid_points=grid_points, max_concurrent=max_concurrent, seed=seed)
     make_spec(cfg, space, gpus_per_worker=gpus_per_worker or 0.0, **kw)
     if gpus_per_worker is None:
-        import ray
-
-        from ..raytrain.trainer import ensure_ray
-
-        ensure_ray()
-        gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        gpus_per_worker = default_gpus_per_worker("sslray tune")
     cfg = cfg.replace(**{"ray.use_gpu": "true" if gpus_per_worker > 0 else "false"})
     spec = make_spec(cfg, space, gpus_per_worker=gpus_per_worker, **kw)
     return run_sweep(spec, tracking_uri=tracking_uri, experiment=experiment, verbose=verbose)

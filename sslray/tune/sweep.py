@@ -138,15 +138,38 @@ def check_metric(metric: str, base: Config) -> None:
         raise ConfigError(f"--metric {metric} is measured on the val split: give --val")
 
 
+def default_gpus_per_worker(who: str) -> float:
+    """``--gpus-per-worker`` left out: 1 where the cluster has a GPU, else 0, said aloud on a cluster this
+    process joined (an autoscaler's GPU nodes may not be up yet, and the trials would train on CPU)."""
+    import ray
+
+    from ..raytrain.trainer import ensure_ray, own_instance
+
+    ensure_ray()
+    gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    if not gpus and not own_instance():
+        print(f"{who}: WARNING: the cluster has no GPU now: the trials train on CPU workers. On an autoscaling "
+              f"cluster whose GPU nodes start at zero, pass --gpus-per-worker 1 (the trials then wait for them)")
+    return gpus
+
+
 def max_concurrent_trials(resources: Mapping[str, float], workers: int, cpus_per_worker: float,
-                          gpus_per_worker: float, total_trials: int | None = None) -> int:
+                          gpus_per_worker: float, total_trials: int | None = None, can_grow: bool = False) -> int:
     """How many trials fit the cluster at once: each needs ``workers`` x (CPUs, GPUs). More would
-    only start trial drivers that wait for workers (and hold their memory)."""
+    only start trial drivers that wait for workers (and hold their memory). ``can_grow``: a cluster
+    that may start nodes for waiting trials (an autoscaler whose worker groups start at zero): one
+    that cannot hold a trial now is not refused; every trial may start and wait for its nodes."""
     fits = []
     for key, per in (("CPU", cpus_per_worker), ("GPU", gpus_per_worker)):
         if per > 0:
             need = workers * per
             have = float(resources.get(key, 0))
+            if have < need and can_grow:
+                n = total_trials or 1
+                print(f"sslray tune: one trial needs {need:g} {key} ({workers} worker(s) x {per:g}) and the cluster "
+                      f"has {have:g} now; up to {n} trial(s) start and wait for the autoscaler's nodes "
+                      f"(--max-concurrent sets how many)")
+                return n
             if have < need:
                 raise ConfigError(f"one trial needs {need:g} {key} ({workers} worker(s) x {per:g}); "
                                   f"the cluster has {have:g}")
@@ -266,8 +289,11 @@ def run_sweep(spec: SweepSpec, tracking_uri: str | None = None, experiment: str 
         uri = resolve_uri(tracking_uri)
         total = spec.total_trials()
         base = from_dict(spec.base)
+        from ..raytrain.trainer import own_instance
+
         limit = spec.max_concurrent or max_concurrent_trials(
-            ray.cluster_resources(), base.ray.num_workers, base.ray.cpus_per_worker, spec.gpus_per_worker, total)
+            ray.cluster_resources(), base.ray.num_workers, base.ray.cpus_per_worker, spec.gpus_per_worker, total,
+            can_grow=not own_instance())
         spec = dataclasses.replace(spec, max_concurrent=limit)
         parent = Tracker.start(uri, experiment, spec.name, tags={
             SWEEP_TAG: spec.name, SWEEP_PARENT_TAG: "true", "sslray.method": base.method.name,
