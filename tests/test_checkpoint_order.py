@@ -64,3 +64,18 @@ def test_an_earlier_versions_mid_epoch_name_sorts_before_this_versions(tmp_path)
     assert session.restore()["marker"] == "epoch_0002.250000_step_0000100"
     assert find_state(tmp_path).parent.name == "epoch_0002.250000_step_0000100"
     assert newest_file(str(tmp_path), STATE_FILE).endswith("epoch_0002.250000_step_0000100/state.pt")
+
+
+def test_a_newest_checkpoint_cut_short_is_passed_over_for_the_newest_whole_one(tmp_path, capsys):
+    """A node lost while copying epoch 2's state.pt to shared storage leaves it cut short, and Ray never
+    removes it: probe/eval/export of the run took it and failed. The newest whole checkpoint is used."""
+    run = tmp_path / "run"
+    for name in ("epoch_0001", "epoch_0002"):
+        (run / name).mkdir(parents=True)
+        torch.save({"epoch": int(name[-1])}, run / name / STATE_FILE)
+    whole = (run / "epoch_0002" / STATE_FILE).read_bytes()
+    (run / "epoch_0002" / STATE_FILE).write_bytes(whole[: len(whole) // 2])
+    assert find_state(run) == run / "epoch_0001" / STATE_FILE
+    assert "epoch_0002/state.pt is cut short" in capsys.readouterr().out
+    (run / "epoch_0001" / STATE_FILE).write_bytes(b"")  # none whole: the newest, whose read names the file
+    assert find_state(run) == run / "epoch_0002" / STATE_FILE

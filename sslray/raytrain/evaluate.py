@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -36,7 +37,15 @@ def find_state(checkpoint: str | os.PathLike) -> Path:
     if not found:
         raise FileNotFoundError(f"no checkpoint ({STATE_FILE}) under {p}")
     check_one_run([f.relative_to(p).as_posix() for f in found], str(p))
-    return found[-1]
+    # A node lost while its checkpoint was being copied leaves the newest file cut short (Ray resumes
+    # from the last one it registered and never removes it): a torch file is a zip archive, whose
+    # directory is written last, so a cut one is passed over for the newest whole one.
+    for f in reversed(found):
+        if zipfile.is_zipfile(f):
+            if f != found[-1]:
+                print(f"sslray: {found[-1]} is cut short (a copy that never finished); using {f}")
+            return f
+    return found[-1]  # none is whole: reading it names the file and the reason
 
 
 CHECKPOINT = f"an sslray checkpoint, a {STATE_FILE} written by sslray pretrain"
