@@ -7,7 +7,9 @@ probes, exports and then resumes from the S3 checkpoint in a second invocation."
 from __future__ import annotations
 
 import json
+import os
 import re
+import types
 from pathlib import Path
 
 import pytest
@@ -638,3 +640,43 @@ def test_a_resume_with_another_tracking_uri_is_refused_and_keeps_the_link(tmp_pa
         main(["pretrain", "--recipe", "smoke", "--data", tiny_betons["train"], "--name", "r1", "--storage",
               str(tmp_path / "runs")])
     assert f"sqlite:///{team_db}, which no longer exists" in capsys.readouterr().out
+
+
+def test_a_local_storage_other_nodes_cannot_see_is_refused_before_training(tmp_path, monkeypatch):
+    """`pretrain` from a cluster's head with a folder of the head as storage: the pre-Ray check wrote
+    only there, and the run failed at its first checkpoint, an epoch later, on a worker node."""
+    import ray
+
+    import sslray.raytrain.trainer as T
+
+    nodes = [{"NodeID": "a" * 56, "Alive": True, "NodeManagerAddress": "10.0.0.1"},
+             {"NodeID": "b" * 56, "Alive": True, "NodeManagerAddress": "10.0.0.2"},
+             {"NodeID": "c" * 56, "Alive": False, "NodeManagerAddress": "10.0.0.3"}]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: types.SimpleNamespace(get_node_id=lambda: "a" * 56))
+    asked = []
+
+    def blind(path, others, timeout):
+        asked.append((os.path.exists(path), [n["NodeManagerAddress"] for n in others]))
+        return ["10.0.0.2"]
+
+    monkeypatch.setattr(T, "nodes_without", blind)
+    with pytest.raises(T.StorageError, match=r"node\(s\) 10\.0\.0\.2 cannot see.*s3://"):
+        T.check_storage_on_nodes(str(tmp_path))
+    assert asked == [(True, ["10.0.0.2"])]  # only the other live node is asked, while the file exists
+    assert not list(tmp_path.iterdir())  # the probe file is removed
+    monkeypatch.setattr(T, "nodes_without", lambda *a: [])
+    T.check_storage_on_nodes(str(tmp_path))  # a shared mount passes
+    T.check_storage_on_nodes("s3://bucket/runs/x")  # a URI is every node's
+
+
+@pytest.mark.ray
+def test_nodes_without_asks_each_node_for_the_file(ray_cluster, tmp_path):
+    import ray
+
+    from sslray.raytrain.trainer import nodes_without
+
+    me = [n for n in ray.nodes() if n["Alive"]]
+    (tmp_path / "here").write_text("ok")
+    assert nodes_without(str(tmp_path / "here"), me, 60) == []
+    assert nodes_without(str(tmp_path / "gone"), me, 60) == [me[0]["NodeManagerAddress"]]

@@ -236,6 +236,47 @@ def check_storage(storage: str, name: str) -> str:
     return target
 
 
+def check_storage_on_nodes(run_dir: str, timeout: float = 60.0) -> None:
+    """A local storage path must be one folder for every node (a shared mount): ``check_storage`` wrote
+    only on this machine, and Ray's own check comes with the first checkpoint, a whole epoch later. A
+    file written here must be visible from each other node of the cluster."""
+    if is_remote(run_dir):
+        return
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    others = [n for n in ray.nodes() if n.get("Alive") and n.get("NodeID") != here]
+    if not others:
+        return
+    marker = Path(run_dir) / f".sslray-node-probe-{os.getpid()}-{time.time_ns()}"
+    marker.write_text("ok")
+    try:
+        blind = nodes_without(str(marker), others, timeout)
+    finally:
+        marker.unlink(missing_ok=True)
+    if blind:
+        raise StorageError(f"checkpoint storage {run_dir} is a folder of this machine that node(s) "
+                           f"{', '.join(blind)} cannot see: the first checkpoint would fail there. Give --storage "
+                           f"a folder mounted on every node at the same path, or s3://bucket/prefix")
+
+
+def nodes_without(path: str, nodes: list[dict], timeout: float) -> list[str]:
+    """The addresses of ``nodes`` (``ray.nodes()`` entries) where ``path`` does not exist; a node that
+    does not answer within ``timeout`` (busy, starting) is not counted."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def sees(p: str) -> bool:
+        return os.path.exists(p)
+
+    refs = {n.get("NodeManagerAddress", n["NodeID"][:12]): sees.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(path) for n in nodes}
+    ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
+    done = set(ready)
+    return sorted(addr for addr, ref in refs.items() if ref in done and not ray.get(ref))
+
+
 def _read_run_file(run_dir: str) -> Optional[dict]:
     import json
 
@@ -400,6 +441,7 @@ def _open_run(cfg: Config, tracker: Optional[Tracker], name: str, run_dir: str) 
                            f"--tracking-uri {previous['tracking_uri']} to resume it there, or --restart to start "
                            f"over (or delete {join(run_dir, RUN_FILE)} to log the resumed run to a new MLflow run)")
     ensure_ray()
+    check_storage_on_nodes(run_dir)
     use_gpu = resolve_use_gpu(cfg)
     family = getattr(METHODS.get(cfg.method.name), "family", None)
     if tracker is None and previous and previous.get("tracking_uri") == uri:
