@@ -159,3 +159,118 @@ def test_auto_batch_clears_the_peak_its_trial_steps_left(monkeypatch):
     events.clear()
     M.auto_batch(tiny_cfg("data.batch_size=8"), 1, torch.device("cpu"), lambda *a: None)
     assert events == [("try", 8)]  # no CUDA call on a CPU run
+
+
+@pytest.fixture
+def two_ranks_without_collectives(monkeypatch):
+    """This process looks like rank 0 of 2, and every torch.distributed collective fails the test."""
+    import torch.distributed as dist
+
+    from sslray.raytrain import distributed as D
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    for name in ("all_gather", "all_reduce", "broadcast", "barrier", "all_gather_object", "reduce_scatter",
+                 "all_to_all", "all_to_all_single", "all_gather_into_tensor", "reduce_scatter_tensor", "send",
+                 "recv", "isend", "irecv", "reduce", "gather", "scatter", "broadcast_object_list"):
+        monkeypatch.setattr(dist, name, lambda *a, _n=name, **k: pytest.fail(f"the trial step called dist.{_n}"))
+    assert D.world_size() == 2
+
+
+def _method_names():
+    from sslray.raytrain.methods import METHODS
+
+    return sorted(METHODS.names())
+
+
+@pytest.mark.parametrize("name", _method_names())
+def test_trial_step_of_every_method_calls_no_collective(name, two_ranks_without_collectives):
+    """Gathers, statistics all-reduces, MoCo's shuffle broadcast, queue pushes: the trial step reaches
+    no collective on any method, and the process is distributed again afterwards."""
+    from conftest_runs import tiny_overrides
+
+    from sslray.raytrain import distributed as D
+
+    cfg = load_config(f"{name}_cifar10", [*tiny_overrides(name), "data.batch_size=8"])
+    assert M.try_step(cfg, 4, torch.device("cpu")) is True
+    assert D.world_size() == 2 and D.is_dist()
+
+
+def test_trial_step_keeps_the_global_batch_shapes(two_ranks_without_collectives, oom_above):
+    """Gathered embeddings have the global batch's rows (copies of the local ones), as in the real step."""
+    from sslray.raytrain import distributed as D
+
+    seen = oom_above(8)  # SimCLR's loss sees the gathered batch: 2 ranks x 4 images, then 2 x 8 > 8
+    cfg = tiny_cfg("data.batch_size=16")
+    assert M.try_step(cfg, 4, torch.device("cpu")) is True
+    assert M.try_step(cfg, 8, torch.device("cpu")) is False
+    assert seen == [8, 16]
+    assert D.world_size() == 2 and D.is_dist()  # an out-of-memory step leaves the process distributed too
+
+
+def _uneven_oom_rank(rank: int, world: int, init: str, out: str, cfg: dict, oom_above: int):
+    """One rank of ``auto_batch`` where only rank 0 runs out of memory, in the backbone, before SimCLR's
+    gather (as a smaller GPU would); each rank writes the batch it settled on, or its error."""
+    import datetime
+    import json
+
+    import torch.distributed as dist
+
+    from sslray.config import from_dict
+    from sslray.raytrain import methods
+
+    # A short timeout: ranks whose collectives no longer match fail in seconds instead of 30 minutes.
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=20))
+    torch.set_num_threads(1)
+    real, tried = methods.create_method, []
+
+    def create(c):
+        model = real(c)
+
+        def hook(module, args):
+            per = args[0].shape[0] // 2  # both views in one backbone pass
+            tried.append(per)
+            if rank == 0 and per > oom_above:
+                raise torch.OutOfMemoryError(f"CUDA out of memory (rank 0, {per} images)")
+
+        model.backbone.register_forward_pre_hook(hook)
+        return model
+
+    methods.create_method = create
+    res: dict = {"tried": tried}
+    try:
+        res["batch"] = M.auto_batch(from_dict(cfg), world, torch.device("cpu"), lambda *a: None).data.batch_size
+    except Exception as e:  # noqa: BLE001 - reported to the test, which names it
+        res["error"] = f"{type(e).__name__}: {e}"
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(res, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes
+def test_auto_batch_halves_on_every_rank_when_only_one_runs_out_of_memory(tmp_path):
+    """The trial step talks to no other rank, so a rank out of memory before a method collective cannot
+    leave the others waiting in it: both ranks halve the batch together."""
+    import json
+    import multiprocessing
+
+    cfg = tiny_cfg("model.backbone=resnet10t", "data.batch_size=32").to_dict()  # 16 per worker
+    out, ctx = str(tmp_path / "fit"), multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_uneven_oom_rank, args=(r, 2, f"file://{tmp_path / 'rdv'}", out, cfg, 8))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert not hung, f"rank(s) {hung} still running after 120 s"
+    res = [json.loads(open(f"{out}.{r}").read()) for r in range(2)]
+    assert [r.get("error") for r in res] == [None, None], res
+    assert res[0]["batch"] == res[1]["batch"] == 16, res  # 8 per worker on both ranks
+    assert res[0]["tried"] == [16, 8] and res[1]["tried"] == [16, 8], res

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 
+_local_world = 0  # the real world size inside local_collectives(), else 0
+
 
 def is_dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    return dist.is_available() and dist.is_initialized() and not _local_world
 
 
 def world_size() -> int:
@@ -42,13 +46,40 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[r * ctx.n : (r + 1) * ctx.n]
 
 
+@contextmanager
+def local_collectives():
+    """Run code on this rank alone: every helper here acts as if it were the only process, except
+    that the gathers return ``world`` copies of the local tensor, so a training step keeps the
+    shapes and memory of the real one.
+
+    For the auto-batch trial step: a rank that runs out of memory leaves the step at its own point,
+    and with real collectives the others would wait in a gather it never joins (a hang until the
+    process-group timeout, or mismatched data). Run all of the step (backward too) inside.
+    """
+    global _local_world
+    outer = _local_world
+    _local_world = outer or world_size()
+    try:
+        yield
+    finally:
+        _local_world = outer
+
+
+def _local_copies(x: torch.Tensor) -> torch.Tensor:
+    return x.repeat(_local_world, *[1] * (x.dim() - 1))
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from every rank along dim 0 (rank order), differentiable."""
+    if _local_world > 1:
+        return _local_copies(x)
     return _GatherWithGrad.apply(x) if world_size() > 1 else x
 
 
 @torch.no_grad()
 def gather_nograd(x: torch.Tensor) -> torch.Tensor:
+    if _local_world > 1:
+        return _local_copies(x)
     if world_size() == 1:
         return x
     out = [torch.empty_like(x) for _ in range(world_size())]

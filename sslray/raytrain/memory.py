@@ -72,27 +72,32 @@ def _free(device: torch.device) -> None:
 
 def try_step(cfg: Config, per_worker: int, device: torch.device) -> bool:
     """One training step of a fresh copy of the run's model on a random uint8 batch of
-    ``per_worker`` images: True when it fits, False on OutOfMemoryError (memory freed again)."""
+    ``per_worker`` images: True when it fits, False on OutOfMemoryError (memory freed again).
+
+    The step talks to no other worker (gathers are local copies of the global batch's shape): a
+    worker that runs out of memory must not leave the others waiting in a collective it never
+    reaches. The workers agree on the outcome afterwards (``all_workers_ok``)."""
     from ..datasets.views import build_views
     from .methods import create_method
-    from .optim import build_optimizer
+    from .optim import optimizer_from_config
 
     model = views = opt = out = None
     try:
-        model = create_method(cfg).to(device)
-        if cfg.train.channels_last and device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-        views = build_views(cfg.views).to(device)
-        opt = build_optimizer(model, cfg.optim.name, effective_lr(cfg), cfg.optim.weight_decay, cfg.optim.momentum)
-        res = cfg.data.decode_res or cfg.views.crop_size
-        x = torch.randint(0, 256, (per_worker, 3, res, res), dtype=torch.uint8, device=device)
-        scaler = grad_scaler(device, cfg.train.precision)
-        with autocast_for(device, cfg.train.precision):
-            out = model(views(x))
-        scaler.scale(out["loss"]).backward()
-        scaler.step(opt)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        with D.local_collectives():
+            model = create_method(cfg).to(device)
+            if cfg.train.channels_last and device.type == "cuda":
+                model = model.to(memory_format=torch.channels_last)
+            views = build_views(cfg.views).to(device)
+            opt = optimizer_from_config(model, cfg, effective_lr(cfg))
+            res = cfg.data.decode_res or cfg.views.crop_size
+            x = torch.randint(0, 256, (per_worker, 3, res, res), dtype=torch.uint8, device=device)
+            scaler = grad_scaler(device, cfg.train.precision)
+            with autocast_for(device, cfg.train.precision):
+                out = model(views(x))
+            scaler.scale(out["loss"]).backward()
+            scaler.step(opt)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
         return True
     except torch.OutOfMemoryError:
         return False
