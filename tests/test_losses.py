@@ -395,3 +395,31 @@ def test_swav_loss_equals_swapped_prediction_formula_and_depends_on_temperature(
         assert len(terms) == 6
         torch.testing.assert_close(swav_loss(scores, codes, t), torch.stack(terms).mean())
     assert not torch.isclose(swav_loss(scores, codes, 0.1), swav_loss(scores, codes, 0.5))
+
+
+def test_vicregl_local_terms_are_per_position_batch_statistics_and_covariance_is_averaged_over_views():
+    """VICRegL's code: on matched maps (B, k, D), each of the k positions has its own variance and
+    covariance over the batch (a pooled (B*k, D) statistic mixes the positions of one image), the
+    covariance of the two sides is averaged, not summed as in VICReg; its global term averages too."""
+    from sslray.raytrain.losses import local_vicreg_loss
+
+    g = _g(71)
+    a = torch.randn(6, 3, 5, generator=g) * torch.linspace(0.3, 1.5, 5) + torch.randn(1, 3, 5, generator=g)
+    b = a + 0.4 * torch.randn(6, 3, 5, generator=g)
+    inv = ((a - b) ** 2).mean().item()
+    var, cov = [], []
+    for x in (a, b):  # one position at a time, written out with the VICReg terms of that position's rows
+        per = [_vicreg_reference(x[:, j], x[:, j]) for j in range(x.shape[1])]
+        var.append(sum(p["var1"] for p in per) / len(per))
+        cov.append(sum(p["cov1"] for p in per) / len(per))
+    expected = 25 * inv + 25 * (var[0] + var[1]) / 2 + 1 * (cov[0] + cov[1]) / 2
+    assert local_vicreg_loss(a, b).item() == pytest.approx(expected, rel=1e-5)
+    pooled = vicreg_loss(a.reshape(-1, 5), b.reshape(-1, 5), cov_views="mean").item()
+    assert abs(pooled - expected) > 1e-3 * expected  # the pooled statistics are another number
+
+    z1, z2 = a[:, 0], b[:, 0]
+    ref = _vicreg_reference(z1, z2)
+    mean_cov = 25 * ref["inv"] + 25 * (ref["var1"] + ref["var2"]) / 2 + (ref["cov1"] + ref["cov2"]) / 2
+    assert vicreg_loss(z1, z2, cov_views="mean").item() == pytest.approx(mean_cov, rel=1e-5)
+    with pytest.raises(ValueError, match="local_vicreg_loss"):
+        local_vicreg_loss(a[:1], b[:1])

@@ -70,15 +70,41 @@ def covariance_loss(z: torch.Tensor) -> torch.Tensor:
 
 
 def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0, std_coeff: float = 25.0,
-                cov_coeff: float = 1.0) -> torch.Tensor:
+                cov_coeff: float = 1.0, cov_views: str = "sum") -> torch.Tensor:
     """VICReg (Bardes et al., ICLR 2022, eq. 6) with the paper's coefficients lambda=mu=25, nu=1.
 
-    Variance and covariance are batch statistics: under DDP pass gathered embeddings.
+    Variance and covariance are batch statistics: under DDP pass gathered embeddings. The covariance
+    terms of the two views are summed (VICReg, eq. 6); ``cov_views="mean"`` averages them, as
+    VICRegL's code does for its global and local terms.
     """
     _check_pair(z1, z2, "vicreg_loss", min_n=2)
+    cov = covariance_loss(z1) + covariance_loss(z2)
     return (sim_coeff * invariance_loss(z1, z2)
             + std_coeff * (variance_loss(z1) + variance_loss(z2)) / 2
-            + cov_coeff * (covariance_loss(z1) + covariance_loss(z2)))
+            + cov_coeff * (cov / 2 if cov_views == "mean" else cov))
+
+
+@full_precision
+def local_vicreg_loss(a: torch.Tensor, b: torch.Tensor, sim_coeff: float = 25.0, std_coeff: float = 25.0,
+                      cov_coeff: float = 1.0) -> torch.Tensor:
+    """VICRegL's loss on matched local features ``a``, ``b`` (B, k, D): the k-th match of every image is
+    one position; variance and covariance are statistics over the batch at each position, averaged
+    over the positions and the two sides (the paper's code, ``_vicreg_loss`` on maps). Under DDP pass
+    gathered maps: the statistics span the global batch."""
+    if a.ndim != 3 or a.shape != b.shape or a.shape[0] < 2:
+        raise ValueError(f"local_vicreg_loss: expected two (B, k, D) maps with B >= 2, got {tuple(a.shape)}, "
+                         f"{tuple(b.shape)}")
+
+    def var_cov(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, _, d = x.shape
+        x = x.float() - x.float().mean(0)
+        std = torch.sqrt(x.var(0) + 1e-4)  # (k, D)
+        cov = torch.einsum("nkc,nke->kce", x, x) / (n - 1)  # (k, D, D)
+        off = cov.pow(2).sum((1, 2)) - torch.diagonal(cov, dim1=1, dim2=2).pow(2).sum(1)
+        return F.relu(1.0 - std).mean(), (off / d).mean()
+
+    (va, ca), (vb, cb) = var_cov(a), var_cov(b)
+    return sim_coeff * F.mse_loss(a.float(), b.float()) + std_coeff * (va + vb) / 2 + cov_coeff * (ca + cb) / 2
 
 
 def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from ...datasets.views import AugParams, FusedViewAugment, replace
 from ..backbones import trunk_modules
 from ..distributed import gather_with_grad
 from ..heads import MLPHead
-from ..losses import nearest_by_feature, nearest_by_location, vicreg_loss
+from ..losses import local_vicreg_loss, nearest_by_feature, nearest_by_location, vicreg_loss
 from . import register_method
 
 
@@ -123,16 +123,19 @@ class VICRegL(nn.Module):
         pooled, cells, (gh, gw) = feature_map(self.backbone, x)
         z = self.projector(pooled)
         loc = self.local_projector(cells.reshape(-1, cells.shape[-1])).reshape(2 * n, gh * gw, -1)
-        # Global term over the global batch (gathered with gradients, as VICReg); local terms are
-        # per-image matchings and stay on each rank.
-        global_loss = vicreg_loss(gather_with_grad(z[:n]), gather_with_grad(z[n:]), **self.coeffs)
+        # Global term over the global batch (gathered with gradients, as VICReg), the two views'
+        # covariance terms averaged as the paper's code does. The matchings are per image, on each rank;
+        # the local variance and covariance are statistics of the global batch at each match position.
+        global_loss = vicreg_loss(gather_with_grad(z[:n]), gather_with_grad(z[n:]), **self.coeffs, cov_views="mean")
         l1, l2 = loc[:n], loc[n:]
         p1, p2 = (cell_locations(b, f, gh, gw) for b, f in zip(boxes, flips))
         k12, k21 = self.num_matches  # counts above gh*gw are clamped to it by the matchers
         f12, f21 = (gh * gw, gh * gw) if self.l2_all_matches else self.num_matches
         pairs = [nearest_by_location(l1, l2, p1, p2, k12), nearest_by_location(l2, l1, p2, p1, k21),
                  nearest_by_feature(l1, l2, f12), nearest_by_feature(l2, l1, f21)]
-        local_loss = sum(vicreg_loss(a, b, **self.coeffs) for a, b in pairs) / len(pairs)
+        local_loss = sum(local_vicreg_loss(gather_with_grad(a.reshape(n, -1, a.shape[-1])),
+                                           gather_with_grad(b.reshape(n, -1, b.shape[-1])), **self.coeffs)
+                         for a, b in pairs) / len(pairs)
         return {"loss": self.alpha * global_loss + (1 - self.alpha) * local_loss}
 
 
