@@ -549,3 +549,35 @@ def test_a_training_step_never_reads_a_tensor_on_the_host(name, monkeypatch):
         monkeypatch.setattr(torch.Tensor, attr, host_read)
     m(views)["loss"].backward()
     on_step(3 * 10**6, 10**7)
+
+
+def test_dino_norm_last_layer_false_learns_each_outputs_norm_and_freezes_it_with_the_layer():
+    """The paper's norm_last_layer=False (weight norm with a trainable g): the last layer's rows are
+    normalised then scaled by a learned per-output norm starting at 1; frozen in epoch 1 with the layer."""
+    from sslray.config import load_config
+    from sslray.raytrain.methods.dino import DINOHead
+
+    torch.manual_seed(0)
+    fixed, free = DINOHead(8, 5, 16, 4), DINOHead(8, 5, 16, 4, norm_last_layer=False)
+    free.load_state_dict(fixed.state_dict(), strict=False)
+    assert fixed.last_scale is None and free.last_scale.shape == (5, 1)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(free(x), fixed(x))  # g starts at 1: the same function
+    with torch.no_grad():
+        free.last_scale.mul_(torch.arange(1.0, 6.0).unsqueeze(1))
+    torch.testing.assert_close(free(x), fixed(x) * torch.arange(1.0, 6.0))
+    free(x).sum().backward()
+    assert free.last_scale.grad is not None and free.last_scale.grad.abs().sum() > 0
+
+    cfg = load_config("dino_imagenet", {"model.backbone": "resnet10t", "model.cifar_stem": True,
+                                        "method.params.out_dim": 32, "method.params.hidden_dim": 16,
+                                        "method.params.bottleneck_dim": 8})
+    assert cfg.method.params["norm_last_layer"] is False
+    m = create_method(cfg)
+    frozen = {id(p) for p in m.frozen_parameters()}
+    assert frozen == {id(m.head.last_layer.weight), id(m.head.last_scale)}
+    with torch.no_grad():
+        m.head.last_scale.fill_(3.0)
+    m.on_step(0, 100)  # the teacher's head follows the learned norms by EMA too
+    teacher_scale = m.teacher.module[1].last_scale
+    assert 1.0 < float(teacher_scale.mean()) < 3.0 and not teacher_scale.requires_grad

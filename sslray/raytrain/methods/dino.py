@@ -18,9 +18,11 @@ from ._multicrop import allow_any_size, encode_crops
 
 class DINOHead(nn.Module):
     """3-layer MLP with GELU (no BN, as for ViTs) -> bottleneck -> L2-normalise -> weight-normalised
-    linear layer to K outputs with its norm fixed to 1 (the paper's ``norm_last_layer=True``)."""
+    linear layer to K outputs with its norm fixed to 1 (the paper's ``norm_last_layer=True``), or
+    learned per output from 1 (``norm_last_layer=False``)."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, layers: int = 3):
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, layers: int = 3,
+                 norm_last_layer: bool = True):
         super().__init__()
         blocks: list[nn.Module] = []
         d = in_dim
@@ -30,6 +32,9 @@ class DINOHead(nn.Module):
         blocks.append(nn.Linear(d, bottleneck_dim))
         self.mlp = nn.Sequential(*blocks)
         self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
+        # norm_last_layer=False: each output's norm is learned, starting at 1 (weight norm's g; the
+        # paper's README setting for ViT-S/16 at 300 epochs)
+        self.last_scale = None if norm_last_layer else nn.Parameter(torch.ones(out_dim, 1))
         self.frozen = False  # set by the method; not state (derived from the step buffer)
         for m in self.mlp:
             if isinstance(m, nn.Linear):
@@ -39,6 +44,8 @@ class DINOHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.normalize(self.mlp(x), dim=-1)
         w = F.normalize(self.last_layer.weight, dim=1)
+        if self.last_scale is not None:
+            w = self.last_scale * w
         if self.frozen:
             w = w.detach() + 0 * w  # exactly-zero gradient; DDP still sees the parameter used
         return F.linear(x, w)
@@ -50,7 +57,7 @@ class DINO(nn.Module):
     def __init__(self, backbone: nn.Module, head: DINOHead, out_dim: int, epochs: int, student_temp: float = 0.1,
                  teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04, warmup_teacher_temp_epochs: int = 30,
                  center_momentum: float = 0.9, momentum: float = 0.996, freeze_last_layer_epochs: float = 1.0,
-                 num_global: int = 2):
+                 num_global: int = 2, norm_last_layer: bool = True):
         super().__init__()
         self.backbone, self.head = allow_any_size(backbone), head
         self.teacher = EMATeacher(self.backbone, head)
@@ -74,7 +81,8 @@ class DINO(nn.Module):
 
     def frozen_parameters(self) -> list[nn.Parameter]:
         """The last layer during the first ``freeze_last_layer_epochs`` (the optimizer skips it then)."""
-        return [self.head.last_layer.weight] if self.epoch() < self.freeze_last_layer_epochs else []
+        last = [p for p in (self.head.last_layer.weight, self.head.last_scale) if p is not None]
+        return last if self.epoch() < self.freeze_last_layer_epochs else []
 
     def forward(self, views):
         if len(views) < self.num_global or self.num_global < 1 or len(views) < 2:
@@ -101,11 +109,11 @@ class DINO(nn.Module):
 def build_dino(cfg, backbone, feat_dim, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
                teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04, warmup_teacher_temp_epochs: int = 30,
                center_momentum: float = 0.9, momentum: float = 0.996, freeze_last_layer_epochs: float = 1.0,
-               num_global: int = 2):
+               num_global: int = 2, norm_last_layer: bool = True):
     """Paper defaults (ViT-S/16): K=65536, head 2048/256, student T=0.1 (``method.temperature``),
     teacher T 0.04 (warm-up from 0.04 over 30 epochs), centre momentum 0.9, teacher momentum 0.996
     to 1 (cosine), last layer frozen for 1 epoch."""
-    head = DINOHead(feat_dim, out_dim, hidden_dim, bottleneck_dim)
+    head = DINOHead(feat_dim, out_dim, hidden_dim, bottleneck_dim, norm_last_layer=norm_last_layer)
     return DINO(backbone, head, out_dim, cfg.train.epochs, cfg.method.temperature, teacher_temp, warmup_teacher_temp,
                 warmup_teacher_temp_epochs, center_momentum, momentum, freeze_last_layer_epochs, num_global)
 
