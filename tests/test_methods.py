@@ -581,3 +581,24 @@ def test_dino_norm_last_layer_false_learns_each_outputs_norm_and_freezes_it_with
     m.on_step(0, 100)  # the teacher's head follows the learned norms by EMA too
     teacher_scale = m.teacher.module[1].last_scale
     assert 1.0 < float(teacher_scale.mean()) < 3.0 and not teacher_scale.requires_grad
+
+
+def test_mocov3_can_freeze_a_vits_random_patch_projection():
+    """MoCo v3's stability fix for ViTs (sec. 4.2): the patch projection keeps its random init, and
+    the optimizer leaves it out; a ResNet has none to freeze and says so."""
+    from sslray.config import load_config
+    from sslray.raytrain.optim import build_optimizer
+
+    over = {"model.backbone": "vit_tiny_patch16_224", "views.crop_size": 32, "model.proj_hidden_dim": 32,
+            "model.proj_out_dim": 16, "method.params.pred_hidden_dim": 32}
+    cfg = load_config("mocov3_imagenet", over)
+    assert cfg.method.params["freeze_patch_embed"] is True
+    m = create_method(cfg)
+    proj = m.backbone.patch_embed.proj
+    assert not any(p.requires_grad for p in proj.parameters())
+    opt = build_optimizer(m, "adamw", 1e-3, 0.1)
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not {id(p) for p in proj.parameters()} & in_opt and id(m.backbone.blocks[0].attn.qkv.weight) in in_opt
+    with pytest.raises(ValueError, match="freeze_patch_embed.*resnet10t"):
+        create_method(load_config("mocov3_cifar10", {"model.backbone": "resnet10t",
+                                                      "method.params.freeze_patch_embed": True}))

@@ -121,10 +121,18 @@ def build_mocov2(cfg, backbone, feat_dim, queue_size: int = 65536, momentum: flo
 
 @register_method("mocov3")
 def build_mocov3(cfg, backbone, feat_dim, momentum: float = 0.99, pred_hidden_dim: int = 4096,
-                 proj_layers: int = 3, pred_last_bn: bool = True):
+                 proj_layers: int = 3, pred_last_bn: bool = True, freeze_patch_embed: bool = False):
     """Projector ending in BN, 2-layer predictor. The defaults are the paper code's ViT layout
     (``MoCo_ViT``: 3-layer projector, predictor ending in BN); its ResNet layout (``MoCo_ResNet``) is
-    ``proj_layers=2, pred_last_bn=False``. No Linear has a bias, as in the paper code's ``_build_mlp``."""
+    ``proj_layers=2, pred_last_bn=False``. No Linear has a bias, as in the paper code's ``_build_mlp``.
+    ``freeze_patch_embed``: a ViT's patch projection stays at its random init (the paper's fix for
+    training instability, sec. 4.2, ``--stop-grad-conv1``); the optimizer then leaves it out."""
+    if freeze_patch_embed:
+        proj = getattr(getattr(backbone, "patch_embed", None), "proj", None)
+        if proj is None:
+            raise ValueError(f"method.params.freeze_patch_embed: backbone {cfg.model.backbone!r} has no ViT patch "
+                             f"projection (patch_embed.proj) to freeze")
+        proj.requires_grad_(False)
     h, d = cfg.model.proj_hidden_dim, cfg.model.proj_out_dim
     projector = MLPHead(feat_dim, h, d, layers=proj_layers, last_bn=True)
     predictor = MLPHead(d, pred_hidden_dim, d, layers=2, last_bn=pred_last_bn, last_bias=False)
