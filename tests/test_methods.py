@@ -602,3 +602,29 @@ def test_mocov3_can_freeze_a_vits_random_patch_projection():
     with pytest.raises(ValueError, match="freeze_patch_embed.*resnet10t"):
         create_method(load_config("mocov3_cifar10", {"model.backbone": "resnet10t",
                                                       "method.params.freeze_patch_embed": True}))
+
+
+def test_mae_starts_from_the_papers_init_with_a_fixed_sincos_encoder_position_embedding():
+    """MAE's code: the encoder's position embedding is the fixed 2-D sin-cos one (not learned), Linear
+    layers and the flattened patch projection xavier-uniform with zero biases; paper_init=false keeps
+    timm's learned, truncated-normal embedding."""
+    import math
+
+    from sslray.raytrain.methods.mae import sincos_pos_embed
+
+    m = build("mae")
+    bb = m.backbone
+    grid = bb.patch_embed.grid_size[0]
+    assert not bb.pos_embed.requires_grad
+    torch.testing.assert_close(bb.pos_embed[0, 1:], sincos_pos_embed(bb.embed_dim, grid))
+    assert bb.pos_embed[0, 0].abs().sum() == 0
+    for lin in (bb.blocks[0].attn.qkv, bb.blocks[-1].mlp.fc2, m.decoder[0].mlp.fc1, m.decoder_pred):
+        bound = math.sqrt(6 / (lin.in_features + lin.out_features))
+        assert 0.9 * bound < lin.weight.abs().max() <= bound and lin.bias.abs().sum() == 0
+    w = bb.patch_embed.proj.weight
+    bound = math.sqrt(6 / (w[0].numel() + w.shape[0]))
+    assert 0.9 * bound < w.abs().max() <= bound
+    assert id(bb.pos_embed) not in {id(p) for p in m.parameters() if p.requires_grad}
+
+    timm_init = create_method(tiny_cfg("mae").replace(**{"method.params.paper_init": False}))
+    assert timm_init.backbone.pos_embed.requires_grad

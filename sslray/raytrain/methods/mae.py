@@ -30,7 +30,7 @@ class MAE(nn.Module):
     family = "MIM"
 
     def __init__(self, backbone: nn.Module, mask_ratio: float = 0.75, norm_pix: bool = True, decoder_dim: int = 512,
-                 decoder_depth: int = 8, decoder_heads: int = 16):
+                 decoder_depth: int = 8, decoder_heads: int = 16, paper_init: bool = True):
         super().__init__()
         from timm.models.vision_transformer import Block
 
@@ -55,6 +55,31 @@ class MAE(nn.Module):
         self.decoder_norm = nn.LayerNorm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, self.patch**2 * 3)
         nn.init.normal_(self.mask_token, std=0.02)
+        if paper_init:
+            self._paper_init(gh)
+
+    def _paper_init(self, grid: int) -> None:
+        """The paper code's initialisation (App. A.1): the encoder's position embedding is the fixed 2-D
+        sin-cos one (zero for the class token), not learned; every Linear xavier-uniform with zero bias,
+        the patch projection xavier-uniform as a Linear on its flattened weight, LayerNorms at (1, 0),
+        the class token N(0, 0.02). timm's ViT otherwise starts from a learned, truncated-normal one."""
+        bb = self.backbone
+        prefix = 0 if getattr(bb, "no_embed_class", False) else bb.num_prefix_tokens
+        with torch.no_grad():
+            bb.pos_embed.zero_()
+            bb.pos_embed[0, prefix:].copy_(sincos_pos_embed(bb.embed_dim, grid))
+        bb.pos_embed.requires_grad_(False)
+        for m in (*bb.blocks.modules(), *self.decoder.modules(), self.decoder_embed, self.decoder_pred):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = bb.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(bb.cls_token, std=0.02)
 
     def encode_visible(self, imgs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """The ViT on visible patches only: patch embed + position, gather ``keep``, prepend the class token."""
@@ -122,15 +147,16 @@ class MAE(nn.Module):
 
 @register_method("mae")
 def build_mae(cfg, backbone, feat_dim, mask_ratio: float = 0.75, norm_pix: bool = True, patch_size: int = 0,
-              decoder_dim: int = 512, decoder_depth: int = 8, decoder_heads: int = 16):
-    """Paper defaults: mask 75%, norm_pix_loss, decoder 512 wide, 8 blocks, 16 heads. ``patch_size`` > 0
+              decoder_dim: int = 512, decoder_depth: int = 8, decoder_heads: int = 16, paper_init: bool = True):
+    """Paper defaults: mask 75%, norm_pix_loss, decoder 512 wide, 8 blocks, 16 heads, fixed sin-cos
+    position embeddings and xavier init (``paper_init``; false: timm's learned ones). ``patch_size`` > 0
     rebuilds the timm ViT with that patch size (e.g. 4 for 32-px CIFAR: 8x8 patches)."""
     current = getattr(getattr(backbone, "patch_embed", None), "patch_size", (None,))[0]
     if patch_size and current != patch_size:
         if cfg.views.crop_size % patch_size:
             raise ValueError(f"method.params.patch_size {patch_size} must divide views.crop_size {cfg.views.crop_size}")
         backbone = create_backbone(cfg.model.backbone, img_size=cfg.views.crop_size, patch_size=patch_size)
-    return MAE(backbone, mask_ratio, norm_pix, decoder_dim, decoder_depth, decoder_heads)
+    return MAE(backbone, mask_ratio, norm_pix, decoder_dim, decoder_depth, decoder_heads, paper_init)
 
 
 build_mae.family = MAE.family
