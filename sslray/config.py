@@ -70,7 +70,8 @@ class OptimConfig:
     name: str = "sgd"  # sgd | lars | adamw
     base_lr: float = 0.06  # lr per 256 images; effective lr = base_lr * global_batch / 256
     lr_scaling: str = "linear"  # linear | sqrt | none
-    weight_decay: float = 5e-4  # on weights; biases and norm parameters get none
+    weight_decay: float = 5e-4  # on weights; biases and norm parameters get none unless decay_bias_norm
+    decay_bias_norm: bool = False  # decay biases and norm parameters too (SimSiam's, MoCo's code)
     momentum: float = 0.9  # SGD and LARS momentum
     warmup_epochs: float = 1.0  # linear lr warm-up from 0 (fractions allowed), then cosine
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak lr

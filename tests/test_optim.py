@@ -314,3 +314,16 @@ def test_gradient_clipping_modes(mode):
     with pytest.raises(Exception, match="optim.clip_mode"):
         from sslray.config import load_config
         load_config("smoke", ["optim.clip_mode=layer"])
+
+
+def test_decay_bias_norm_decays_every_parameter_and_still_adapts_only_weights():
+    """SimSiam's and MoCo's code put weight decay on every parameter: optim.decay_bias_norm does,
+    while LARS adaptation and the no-decay lr scale stay with the weights / biases and norms."""
+    groups = param_groups(_model(), 0.05, decay_bias_norm=True, no_decay_lr_scale=0.5)
+    assert [(g["weight_decay"], g["lars"], g["lr_scale"]) for g in groups] == [(0.05, True, 1.0), (0.05, False, 0.5)]
+    assert [(g["weight_decay"], g["lars"]) for g in param_groups(_model(), 0.05)] == [(0.05, True), (0.0, False)]
+    from sslray.config import load_config
+
+    for recipe, want in (("simsiam_cifar10", True), ("mocov2_imagenet", True), ("mocov3_imagenet", True),
+                         ("byol_cifar10", False), ("simclr_cifar10", False)):
+        assert load_config(recipe).optim.decay_bias_norm is want, recipe

@@ -8,11 +8,13 @@ import torch
 from torch import nn
 
 
-def param_groups(model: nn.Module, weight_decay: float, lr: float = 0.0, no_decay_lr_scale: float = 1.0) -> list[dict]:
-    """Biases and norm parameters get no weight decay and no LARS adaptation (as in BYOL/Barlow Twins).
-    Parameters a method names in ``fixed_lr_parameters()`` (SimSiam's predictor) go to groups marked
-    ``fixed_lr`` = ``lr``, which ``set_lr`` leaves at that value. Biases and norm parameters run at
-    ``no_decay_lr_scale`` x the scheduled lr (Barlow Twins: 0.0048 / 0.2 = 0.024)."""
+def param_groups(model: nn.Module, weight_decay: float, lr: float = 0.0, no_decay_lr_scale: float = 1.0,
+                 decay_bias_norm: bool = False) -> list[dict]:
+    """Biases and norm parameters get no weight decay and no LARS adaptation (as in BYOL/Barlow Twins);
+    ``decay_bias_norm`` decays them too (SimSiam's, MoCo's and SwAV's code decay every parameter), still
+    without LARS adaptation. Parameters a method names in ``fixed_lr_parameters()`` (SimSiam's
+    predictor) go to groups marked ``fixed_lr`` = ``lr``, which ``set_lr`` leaves at that value. Biases
+    and norm parameters run at ``no_decay_lr_scale`` x the scheduled lr (Barlow Twins: 0.0048 / 0.2 = 0.024)."""
     fixed = {id(p) for p in getattr(model, "fixed_lr_parameters", lambda: [])()}
     buckets: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
@@ -21,9 +23,10 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float = 0.0, no_deca
         key = (not (p.ndim <= 1 or name.endswith(".bias")), id(p) in fixed)
         buckets.setdefault(key, []).append(p)
     groups = []
-    for (decay, is_fixed), params in sorted(buckets.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
-        g = {"params": params, "weight_decay": weight_decay if decay else 0.0, "lars": decay,
-             "wd_scale": 1.0 if decay else 0.0, "lr_scale": 1.0 if decay else float(no_decay_lr_scale)}
+    for (weight, is_fixed), params in sorted(buckets.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
+        decay = weight or decay_bias_norm
+        g = {"params": params, "weight_decay": weight_decay if decay else 0.0, "lars": weight,
+             "wd_scale": 1.0 if decay else 0.0, "lr_scale": 1.0 if weight else float(no_decay_lr_scale)}
         if is_fixed:
             g["fixed_lr"] = lr * g["lr_scale"]
         groups.append(g)
@@ -92,7 +95,7 @@ def optimizer_from_config(model: nn.Module, cfg, lr: float):
     """The optimizer ``cfg.optim`` describes, at peak lr ``lr``."""
     o = cfg.optim
     return build_optimizer(model, o.name, lr, o.weight_decay, o.momentum, o.no_decay_lr_scale, o.lars_eta,
-                           o.lars_clip, (o.adam_beta1, o.adam_beta2))
+                           o.lars_clip, (o.adam_beta1, o.adam_beta2), o.decay_bias_norm)
 
 
 def clip_gradients(parameters, max_norm: float, mode: str = "global") -> None:
@@ -111,8 +114,8 @@ def clip_gradients(parameters, max_norm: float, mode: str = "global") -> None:
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9,
                     no_decay_lr_scale: float = 1.0, lars_eta: float = 0.001, lars_clip: bool = False,
-                    betas: tuple[float, float] = (0.9, 0.999)):
-    groups = param_groups(model, weight_decay, lr, no_decay_lr_scale)
+                    betas: tuple[float, float] = (0.9, 0.999), decay_bias_norm: bool = False):
+    groups = param_groups(model, weight_decay, lr, no_decay_lr_scale, decay_bias_norm)
     name = name.lower()
     if name == "sgd":
         opt = torch.optim.SGD([{k: v for k, v in g.items() if k != "lars"} for g in groups], lr=lr, momentum=momentum)
