@@ -201,3 +201,28 @@ def test_a_dying_image_check_process_is_a_named_error(tmp_path, monkeypatch):
     with pytest.raises(ConversionError, match=r"process checking the images died.*--workers 1"):
         convert(tmp_path / "img", out, params=WriteParams(max_resolution=8), workers=2, verbose=False)
     assert not out.exists() and not list(tmp_path.glob(".t.beton*"))
+
+
+def test_outputs_kept_beside_the_splits_are_not_splits_and_new_classes_need_force(tmp_path, capsys):
+    """Working in the folder that holds train/ and test/: sslray's own outputs (runs/<name>/...,
+    mlartifacts/<id>/<run>/...) became "splits" whose sub-folders were classes, and the same convert
+    command that had said "up to date" re-converted train.beton with 27 classes and renumbered labels.
+    Only folders whose class folders hold images are splits; a changed class list needs --force."""
+    src = _split_tree(tmp_path / "img")
+    out = tmp_path / "t.beton"
+    p = WriteParams(write_mode="raw", max_resolution=8)
+    first = convert(src, out, split="train", params=p, workers=1, verbose=False)
+    assert first["classes"] == ["a", "b"]
+    for junk in ("runs/c10-local/epoch_0001", "runs/c10-local/pictures", "mlartifacts/1/abc/artifacts"):
+        (src / junk).mkdir(parents=True)
+    Image.new("RGB", (8, 6)).save(src / "runs" / "c10-local" / "pictures" / "views.png")  # 3 levels down
+    (src / "runs" / "c10-local" / "sslray_run.json").write_text("{}")
+    convert(src, out, split="train", params=p, workers=1)
+    assert "up to date" in capsys.readouterr().out
+
+    (src / "train" / "c").mkdir()  # a new class folder: every label after it would move
+    Image.new("RGB", (8, 6), (1, 2, 3)).save(src / "train" / "c" / "0.png")
+    with pytest.raises(ConversionError, match=r"2 classes \(now 3: added c; the labels would be renumbered\).*--force"):
+        convert(src, out, split="train", params=p, workers=1, verbose=False)
+    assert read_manifest(out)["classes"] == ["a", "b"]
+    assert convert(src, out, split="train", params=p, workers=1, verbose=False, force=True)["classes"] == ["a", "b", "c"]

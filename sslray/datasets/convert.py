@@ -274,7 +274,8 @@ def check_writable(out: Path) -> None:
         raise ConversionError(f"output folder {parent} is not writable: {e.strerror}") from None
 
 
-def check_same_origin(out: Path, old: dict, source: str, split: Optional[str], settings: dict) -> None:
+def check_same_origin(out: Path, old: dict, source: str, split: Optional[str], settings: dict,
+                      classes: Optional[Sequence[str]] = None) -> None:
     """``out`` converted from another source, source type or split, or with another subset
     (``--classes``/``--fraction``/``--seed``, source options), holds a different dataset: it is only
     replaced with ``--force``, since a mistyped OUT must not destroy a conversion whose source may be
@@ -289,6 +290,15 @@ def check_same_origin(out: Path, old: dict, source: str, split: Optional[str], s
         diffs.append(f"source {was} (now {source})")
     if "split" in old and old["split"] != split:
         diffs.append(f"split {old['split']!r} (now {split!r})")
+    if classes is not None and old.get("classes") is not None and list(old["classes"]) != list(classes):
+        # New or removed class folders renumber the labels every checkpoint of the old data was
+        # trained and probed with.
+        added = sorted(set(classes) - set(old["classes"]))
+        gone = sorted(set(old["classes"]) - set(classes))
+        what = "; ".join(x for x in (f"added {', '.join(added[:8])}{' ...' if len(added) > 8 else ''}" if added else "",
+                                     f"removed {', '.join(gone[:8])}{' ...' if len(gone) > 8 else ''}" if gone else "")
+                         if x) or "in another order"
+        diffs.append(f"{len(old['classes'])} classes (now {len(classes)}: {what}; the labels would be renumbered)")
     before = old.get("settings")
     if isinstance(before, dict):
         encoding = set(WriteParams.__dataclass_fields__) | {"split"}  # split: reported above
@@ -381,7 +391,7 @@ def convert(
                               f"written by sslray convert, or its manifest was removed; pass --force to "
                               f"replace it, or choose another OUT")
     if old and not force:
-        check_same_origin(out, old, str(listing.root), split, settings)
+        check_same_origin(out, old, str(listing.root), split, settings, listing.classes)
     if old and not force and old.get("source_hash") == fingerprint and old.get("settings") == settings \
             and old.get("beton_bytes") == out.stat().st_size:
         if verbose:

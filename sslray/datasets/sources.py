@@ -115,6 +115,16 @@ def split_root(src: str | os.PathLike, split: str | None) -> Path:
     return root
 
 
+def _holds_class_images(folder: Path) -> bool:
+    """Whether some ``folder/<class>/`` holds an image file (stops at the first one found)."""
+    for sub in os.scandir(folder):
+        if sub.is_dir():
+            with os.scandir(sub.path) as entries:
+                if any(e.is_file() and is_image_name(e.name) for e in entries):
+                    return True
+    return False
+
+
 @register_source("imagefolder")
 def imagefolder(src: str | os.PathLike, split: str | None = None, **_: object) -> SourceListing:
     """``SRC/<class>/<image>``, or ``SRC/<split>/<class>/<image>`` with ``split`` given. With a split,
@@ -127,7 +137,9 @@ def imagefolder(src: str | os.PathLike, split: str | None = None, **_: object) -
     classes = [d.name for d in class_dirs]
     notes: list[str] = []
     if split:
-        siblings = sorted(p for p in Path(src).iterdir() if p.is_dir())
+        # Only a folder whose class folders hold images is a split: outputs kept beside the data
+        # (runs/, mlartifacts/, a compare/ folder) would otherwise add their sub-folders as classes.
+        siblings = [p for p in sorted(Path(src).iterdir()) if p.is_dir() and (p == root or _holds_class_images(p))]
         classes = sorted({c.name for s in siblings for c in s.iterdir() if c.is_dir()})
         absent = [c for c in classes if not (root / c).is_dir()]
         if absent:
