@@ -159,3 +159,25 @@ def test_a_studys_use_gpu_override_wins_over_the_counted_gpus(tiny_betons, tmp_p
               tiny_betons["val"], "--epochs", "1", "--name", "st", "--storage", str(tmp_path), "--batch-size", "32",
               "--gpus-per-worker", "0", "ray.use_gpu=true"])
     assert seen["simclr"].ray.use_gpu == "true"
+
+
+def test_a_sigint_taken_by_another_handler_is_still_seen_and_the_handler_put_back():
+    """Ctrl-C during fit(): Ray Train's own SIGINT handler takes it and aborts the run, so fit() raised
+    an abort or worker error and the run was called failed (exit 1, MLflow FAILED). The signal is seen
+    whatever handler took it, and the handler from before is back afterwards (Ray leaves its own)."""
+    import os
+    import signal
+
+    from sslray.raytrain.trainer import sigint_seen
+
+    before = signal.getsignal(signal.SIGINT)
+    took = []
+    with sigint_seen() as interrupted:
+        assert not interrupted()
+        signal.signal(signal.SIGINT, lambda signum, frame: took.append(signum))  # as Ray's fit() does
+        os.kill(os.getpid(), signal.SIGINT)
+        assert took == [signal.SIGINT] and interrupted()
+    assert interrupted() and signal.getsignal(signal.SIGINT) is before
+    with sigint_seen() as quiet:
+        pass
+    assert not quiet()

@@ -7,6 +7,7 @@ import os
 import re
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -364,6 +365,46 @@ PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 _OWN_INSTANCE = [False]  # whether ensure_ray started this process's Ray itself (one machine, nothing to scale)
 
 
+@contextmanager
+def sigint_seen():
+    """Yields a function telling whether SIGINT reached this process inside the block, whatever handler
+    took it (Ray Train installs its own during ``fit()`` and leaves it behind; the previous handler is
+    put back). Uses the interpreter's wakeup fd, written for every signal a Python handler catches."""
+    import signal
+    import socket
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # a Tune trial: no signals here
+        yield lambda: False
+        return
+    seen: list[int] = []
+    r, w = socket.socketpair()
+    r.setblocking(False)
+    w.setblocking(False)
+    handler = signal.getsignal(signal.SIGINT)
+    old_fd = signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+
+    def drain() -> bool:
+        try:
+            while True:
+                data = r.recv(512)
+                if not data:
+                    break
+                seen.extend(data)
+        except (BlockingIOError, OSError):
+            pass
+        return signal.SIGINT in seen
+
+    try:
+        yield drain
+    finally:
+        drain()
+        signal.set_wakeup_fd(old_fd)
+        signal.signal(signal.SIGINT, handler)
+        r.close()
+        w.close()
+
+
 def own_instance() -> bool:
     """Whether this process started its Ray itself (one machine: what it has now is all there is); a
     cluster it joined may start nodes on demand."""
@@ -526,12 +567,16 @@ def pretrain(cfg: Config, tracker: Optional[Tracker] = None, restart: bool = Fal
     )
     t0 = time.time()
     try:
-        result = trainer.fit()
-    except KeyboardInterrupt:
-        tracker.end("KILLED")
-        print(f"sslray: interrupted; run the same command again (same --name {name}) to resume")
-        raise
-    except BaseException:
+        with sigint_seen() as interrupted:
+            result = trainer.fit()
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt) or interrupted():
+            # Ctrl-C: Ray's own SIGINT handler aborts the run (its workers may die of the same signal
+            # first), so fit() raises an abort or worker error, or exits; it is an interrupt all the same.
+            tracker.end("KILLED")
+            print(f"sslray: interrupted; its checkpoints are kept in {run_dir}; run the same command again "
+                  f"(same --name {name}) to resume")
+            raise KeyboardInterrupt from None
         tracker.end("FAILED")
         print(f"sslray: run {name} failed (max_failures={cfg.ray.max_failures}); its checkpoints are kept in "
               f"{run_dir}; run the same command again to resume from the latest one")
