@@ -94,9 +94,19 @@ def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val
     """Pretrain, export, probe and evaluate as ``sslray pretrain`` does; returns an ``sslray.api.Run``."""
     from .api import Run
     from .raytrain.evaluate import format_table, log_probe, probe_checkpoint
-    from .raytrain.trainer import pretrain, resumes
+    from .raytrain.trainer import completed_epochs, pretrain, resumes, run_location
     from .tracking import Tracker
 
+    if resumes(cfg, restart):
+        # The same command again after the run ended (a notebook cell re-run, a "new" lr): Ray would
+        # start, train nothing and say "finished".
+        name, _, run_dir = run_location(cfg)
+        done = completed_epochs(run_dir)
+        if done is not None and done >= cfg.train.epochs:
+            raise ConfigError(f"run {name} is already complete ({done}/{cfg.train.epochs} epochs in {run_dir}): "
+                              f"nothing to train. Pass --restart to train it again from scratch, --name for a new "
+                              f"run, or --epochs above {done} to train it further; `sslray probe {run_dir}` or "
+                              f"`sslray eval --checkpoint {run_dir}` score it")
     # A file that does not fit this backbone fails here, not in every worker. A run that resumes
     # takes its weights from its checkpoint, so it needs the file no more.
     if cfg.model.init_weights and not resumes(cfg, restart):

@@ -181,3 +181,36 @@ def test_a_sigint_taken_by_another_handler_is_still_seen_and_the_handler_put_bac
     with sigint_seen() as quiet:
         pass
     assert not quiet()
+
+
+def test_the_command_of_a_finished_run_says_it_is_complete_before_ray(tiny_betons, tmp_path, no_ray, capsys,
+                                                                       monkeypatch):
+    """The same command again after the run ended (a notebook cell re-run, a changed lr) started Ray,
+    trained nothing, stamped the changed lr on the run and said "finished": it is refused before Ray,
+    with the ways on; a run with epochs left (or --restart) goes on to training."""
+    import json
+
+    from sslray.raytrain import trainer
+
+    run = tmp_path / "runs" / "done"
+    for ck in ("epoch_0001", "epoch_0002.500000_step_0000005", "epoch_0002"):
+        (run / ck).mkdir(parents=True)
+        (run / ck / "state.pt").write_bytes(b"x")
+    (run / "sslray_run.json").write_text(json.dumps({"run_id": "r1", "tracking_uri": "sqlite:///x.db",
+                                                      "name": "done"}))
+    base = ["pretrain", "--recipe", "smoke", "--data", tiny_betons["train"], "--val", tiny_betons["val"],
+            "--name", "done", "--storage", str(tmp_path / "runs"), "--no-probe"]
+    assert main(base + ["--epochs", "2", "data.batch_size=8", "optim.base_lr=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "run done is already complete (2/2 epochs" in err and "--restart" in err and "--epochs above 2" in err, err
+
+    started = []
+    monkeypatch.setattr(trainer, "pretrain", lambda cfg, **k: started.append(cfg.train.epochs) or pytest.skip("ok"))
+    import sslray.raytrain.trainer as T
+
+    assert T.completed_epochs(str(run)) == 2
+    (run / "epoch_0002" / "state.pt").unlink()  # the newest is then mid-epoch 3: 2 epochs done
+    assert T.completed_epochs(str(run)) == 2 and T.completed_epochs(str(tmp_path / "none")) is None
+    with pytest.raises(pytest.skip.Exception):
+        main(base + ["--epochs", "3", "data.batch_size=8"])
+    assert started == [3]

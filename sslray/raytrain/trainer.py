@@ -438,6 +438,19 @@ def run_location(cfg: Config) -> tuple[str, str, str]:
     return name, storage, f"{storage.rstrip('/')}/{name}"
 
 
+def completed_epochs(run_dir: str) -> Optional[int]:
+    """The epochs the newest checkpoint in ``run_dir`` has completed (``epoch_0003`` and the mid-epoch
+    ``epoch_0003.250000_step_...`` both: 3), or None when it holds no checkpoint."""
+    from ..storage import checkpoint_order, newest_file
+
+    try:
+        newest = newest_file(run_dir, "state.pt")
+    except (FileNotFoundError, OSError):
+        return None
+    key = checkpoint_order(newest.rstrip("/").split("/")[-2])
+    return key[2] if key[0] == 1 else None
+
+
 def resumes(cfg: Config, restart: bool = False) -> bool:
     """Whether ``pretrain(cfg)`` continues an earlier run of the same name and storage."""
     return not restart and bool(cfg.ray.name) and _read_run_file(run_location(cfg)[2]) is not None
