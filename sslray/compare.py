@@ -157,12 +157,30 @@ def build_rows(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
     return rows
 
 
+def _id_prefix(rid: str, others: Sequence[str]) -> str:
+    """``rid``'s first 6 characters, more where another of ``others`` starts the same way."""
+    n = 6
+    while n < len(rid) and any(o != rid and o[:n] == rid[:n] for o in others):
+        n += 2
+    return rid[:n]
+
+
 def labels(rows: Sequence[dict]) -> list[str]:
-    """Short plot labels: the method, plus its temperature / mask ratio, plus the run id where still ambiguous."""
-    out = [r["method"] for r in rows]
-    for extra in (lambda r: r["temperature_or_mask"], lambda r: r["run_id"][:6]):
-        dup = {x for x in out if out.count(x) > 1}
-        out = [f"{o} ({extra(r)})" if o in dup else o for o, r in zip(out, rows)]
+    """Plot labels: each run's name, as the table's ``run`` column shows it. Where runs share a name, the
+    method, then the temperature / mask ratio, is added where it tells them apart, then the run id prefix
+    where still ambiguous. A run without a name is its method and run id prefix."""
+    ids = [r["run_id"] for r in rows]
+    out = [r["run"] or (f"{r['method']} ({_id_prefix(r['run_id'], ids)})" if r["method"]
+                        else _id_prefix(r["run_id"], ids)) for r in rows]
+    for extra, always in ((lambda r: r["method"], False), (lambda r: r["temperature_or_mask"], False),
+                          (lambda r: _id_prefix(r["run_id"], ids), True)):
+        groups: dict[str, list[int]] = {}
+        for i, o in enumerate(out):
+            groups.setdefault(o, []).append(i)
+        for o, idx in groups.items():
+            if len(idx) > 1 and (always or len({extra(rows[i]) for i in idx}) > 1):
+                for i in idx:
+                    out[i] = f"{o} ({extra(rows[i])})"
     return out
 
 
@@ -202,7 +220,7 @@ def figures(rows: Sequence[dict], uri: str) -> dict[str, Any]:
     hist = {r["run_id"]: metric_histories(uri, r["run_id"], ("loss", "knn_top1")) for r in rows}
     figs = {
         "loss_curves.png": plots.panels({lab: hist[r["run_id"]]["loss"] for lab, r in zip(labs, rows)},
-                                        "training loss per method", "loss"),
+                                        "training loss per run", "loss"),
         "knn_curves.png": plots.overlay({lab: hist[r["run_id"]]["knn_top1"] for lab, r in zip(labs, rows)},
                                         "kNN top-1 (val) against epoch", "kNN top-1"),
         "probe_by_family.png": plots.bars_by_group(

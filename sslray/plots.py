@@ -95,6 +95,12 @@ def close(fig) -> None:
     plt.close(fig)
 
 
+def _integer_ticks(axis) -> None:
+    """Whole-number ticks only (epochs). ``min_n_ticks=1``: by default MaxNLocator gives up on integers
+    when fewer than two lie in view, so a one-epoch run got ticks 0.945 ... 1.05."""
+    axis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, min_n_ticks=1))
+
+
 def overlay(series: Mapping[str, Sequence[tuple[float, float]]], title: str, ylabel: str, xlabel: str = "epoch"):
     """Several runs on one axes, one line per label (e.g. the loss of each method against epoch)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
@@ -105,7 +111,7 @@ def overlay(series: Mapping[str, Sequence[tuple[float, float]]], title: str, yla
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    _integer_ticks(ax.xaxis)
     ax.grid(alpha=0.3)
     if any(len(pts) for pts in series.values()):
         ax.legend(fontsize=8, loc="best")
@@ -134,7 +140,7 @@ def panels(series: Mapping[str, Sequence[tuple[float, float]]], title: str, ylab
         ax.set_title(keys[i], fontsize=10)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylabel(ylabel, fontsize=8)
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        _integer_ticks(ax.xaxis)
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()

@@ -68,12 +68,103 @@ def test_rows_are_ordered_by_family_and_labels_are_unambiguous():
     rows = build_rows(runs)
     assert [r["family"] for r in rows] == ["contrastive"] * 3 + ["non-contrastive"]
     assert rows[0]["knn_top1"] == 0.3 and math.isnan(rows[1]["knn_top1"])
-    labs = labels(rows)
-    assert len(set(labs)) == 4 and labs[-1] == "byol"
-    assert labs[0] == "simclr (T=0.2)" and labs[1].startswith("simclr (T=0.5) (")
+    labs = labels(rows)  # the three SimCLR runs share a name: temperature, then run id, tell them apart
+    name = "simclr-resnet18-train-20260101-000000"
+    assert len(set(labs)) == 4 and labs[-1] == "byol-resnet18-train-20260101-000000"
+    assert labs[0] == f"{name} (T=0.2)" and labs[1:3] == [f"{name} (T=0.5) (cccccc)", f"{name} (T=0.5) (dddddd)"]
     md = markdown_table(rows).splitlines()
     assert len(md) == 2 + 4 and md[0].count("|") == len(COLUMNS) + 1
     assert "30.0%" in md[2]
+
+
+def _named(rid, name, method="simclr", params=None):
+    r = _rec(rid, method, params)
+    r.name = name
+    return r
+
+
+def test_labels_are_run_names_with_details_only_where_names_are_shared():
+    rows = build_rows([_named("46a790" + "0" * 26, "walk1", params={"method.temperature": "0.2"}),
+                       _named("b" * 32, "walk2", params={"method.temperature": "0.2"})])
+    assert labels(rows) == ["walk1", "walk2"]  # no method, temperature or id where the names differ
+    rows = build_rows([_named("a" * 32, "walk", params={"method.temperature": "0.2"}),
+                       _named("b" * 32, "walk", params={"method.temperature": "0.5"}),
+                       _named("c" * 32, "walk", "byol"),
+                       _named("d" * 32, "walk", params={"method.temperature": "0.5"}),
+                       _named("e" * 32, "", params={"method.temperature": "0.5"}),
+                       _named("abcdef12" + "0" * 24, "same"), _named("abcdef34" + "0" * 24, "same")])
+    got = dict(zip((r["run_id"][:8] for r in rows), labels(rows)))
+    assert got == {"a" * 8: "walk (simclr) (T=0.2)", "b" * 8: "walk (simclr) (T=0.5) (bbbbbb)",
+                   "d" * 8: "walk (simclr) (T=0.5) (dddddd)", "c" * 8: "walk (byol)",
+                   "e" * 8: "simclr (eeeeee)",  # no name: the method and the id
+                   "abcdef12": "same (abcdef12)", "abcdef34": "same (abcdef34)"}  # id long enough to differ
+
+
+def _texts(fig) -> list[str]:
+    from matplotlib.text import Text
+
+    return [t.get_text() for t in fig.findobj(Text) if t.get_text()]
+
+
+def _visible_xticks(ax) -> list[float]:
+    lo, hi = sorted(ax.get_xlim())
+    return [t for t in ax.get_xticks() if lo - 1e-9 <= t <= hi + 1e-9]
+
+
+def test_figures_label_runs_by_name_and_epochs_by_whole_numbers(tmp_path, monkeypatch):
+    """The walk-through: two one-epoch SimCLR runs named walk1 / walk2. Every figure compare saves names
+    them as the table does (not "simclr (T=0.2) (46a790)"), and the epoch axes have integer ticks only."""
+    import sslray.compare as cmp
+    from sslray.tracking import Tracker
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    ids = {}
+    for name, knn in (("walk1", 0.21), ("walk2", 0.24)):
+        t = Tracker.start(uri, "walk", name, tags={"sslray.method": "simclr"})
+        t.log_params({"method.name": "simclr", "model.backbone": "resnet18", "train.epochs": 1,
+                      "data.batch_size": 32, "optim.base_lr": 0.06, "method.temperature": 0.2})
+        t.log_metrics({"loss": 5.1 + knn, "knn_top1": knn}, step=1)
+        t.log_metrics({"probe_knn_top1": knn, "probe_linear_top1": knn + 0.01, "probe_linear_macro_f1": knn})
+        t.end()
+        ids[name] = t.run_id
+    made = {}
+    real = cmp.figures
+    monkeypatch.setattr(cmp, "figures", lambda rows, uri: made.update(real(rows, uri)) or made)
+    res = cmp.compare("walk", tracking_uri=uri, out=str(tmp_path / "out"), log=False, print_table=False)
+    assert [r["run"] for r in res.rows] == ["walk1", "walk2"]  # the table's names
+    assert [p.name for p in res.files] == ["compare.csv", "compare.md", "loss_curves.png", "knn_curves.png",
+                                           "probe_by_family.png"]
+    assert set(made) == {"loss_curves.png", "knn_curves.png", "probe_by_family.png"}
+
+    loss = [ax for ax in made["loss_curves.png"].axes if ax.axison]
+    assert sorted(ax.get_title() for ax in loss) == ["walk1", "walk2"]
+    (knn,) = made["knn_curves.png"].axes
+    assert sorted(t.get_text() for t in knn.get_legend().get_texts()) == ["walk1", "walk2"]
+    for ax in made["probe_by_family.png"].axes:
+        assert sorted(t.get_text() for t in ax.get_xticklabels()) == ["walk1", "walk2"]
+    for name, fig in made.items():  # no method / temperature / id prefix in any label where the names differ
+        assert not [t for t in _texts(fig) if "T=0.2" in t or any(i[:6] in t for i in ids.values())], name
+
+    for ax in loss + [knn]:  # one epoch: ticks 1 only, not 0.945 ... 1.05
+        ticks = _visible_xticks(ax)
+        assert ticks and all(float(t).is_integer() for t in ticks), (ax.get_title(), list(ax.get_xticks()))
+        assert all(re.fullmatch(r"-?\d+", t.get_text()) for t in ax.get_xticklabels() if t.get_text())
+
+
+def test_epoch_axes_have_integer_ticks_for_any_number_of_epochs():
+    from sslray import plots
+
+    for n in (1, 2, 3, 7, 40):
+        pts = [(e, 1.0 / e) for e in range(1, n + 1)]
+        for fig in (plots.overlay({"walk1": pts}, "kNN", "top-1"), plots.panels({"walk1": pts, "walk2": pts[:1]},
+                                                                                   "loss", "loss")):
+            fig.canvas.draw()
+            for ax in fig.axes:
+                if ax.axison:
+                    ticks = _visible_xticks(ax)
+                    assert ticks and all(float(t).is_integer() for t in ticks), (n, list(ax.get_xticks()))
+            plots.close(fig)
 
 
 def test_eval_metrics_fill_the_probe_columns_and_study_parents_are_skipped():
