@@ -22,10 +22,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch loads inside the functions that use it: `sslray --help` must not wait for it
+    import torch
+    from torch import nn
 
 WEIGHTS = "backbone.safetensors"
 META = "backbone.json"
@@ -75,6 +76,7 @@ def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike, which
                     force: bool = False) -> Path:
     """Write ``<out>/backbone.safetensors`` and ``<out>/backbone.json`` from a checkpoint (a ``state.pt``,
     a checkpoint folder, or a run folder: its newest checkpoint). Returns ``out``."""
+    import torch
     from safetensors.torch import load_file, save_file
 
     from . import __version__
@@ -129,6 +131,8 @@ def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike, which
 
 def _verify(path: Path, meta: dict, weights: dict, load_file) -> None:
     """Rebuild from the metadata alone, load the file strictly, and compare every tensor."""
+    import torch
+
     rebuilt = build_from_meta(meta)
     loaded = load_file(str(path))
     rebuilt.load_state_dict(loaded, strict=True)
@@ -234,6 +238,8 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Path
     """A backbone ``state_dict`` from an export folder, a ``.safetensors`` file, or a ``.pt``/``.pth``
     file holding a state_dict (timm's names; a ``state_dict``/``model`` entry or a ``backbone.``
     prefix, as other tools save them, is unwrapped)."""
+    import torch
+
     from .storage import fetch
 
     try:

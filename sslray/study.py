@@ -23,10 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .config import CONFIG_DIR, Config, ConfigError, absolute_paths, dump_yaml, from_dict, load_config
-from .raytrain.session import RaySession
 from .storage import absolute as _abs
 
 TRAIN_FN = "sslray.study:study_train_func"
@@ -146,15 +143,36 @@ def make_study_spec(cfgs: dict[str, Config], policies: Sequence[str], *, name: s
 
 # ------------------------------------------------------------------------------- inside the workers
 
-class PeakMemorySession(RaySession):
-    """The Ray Train session of a study cell: every report also carries the worker's peak memory,
-    ``peak_gpu_mem_mb`` (``torch.cuda.max_memory_allocated``, on GPU only) and ``peak_rss_mb``."""
+def _peak_memory_session() -> type:
+    """``PeakMemorySession``, defined on first use (``from sslray.study import PeakMemorySession`` works
+    as before): it subclasses ``RaySession``, which loads torch, and ``sslray --help`` imports this
+    module to register ``sslray study``."""
+    cls = globals().get("PeakMemorySession")
+    if cls is not None:
+        return cls
+    import torch
 
-    def report(self, metrics: dict[str, Any], state: dict | None = None) -> None:
-        extra = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
-        if self.device.type == "cuda":
-            extra["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
-        super().report({**metrics, **extra}, state)
+    from .raytrain.session import RaySession
+
+    class PeakMemorySession(RaySession):
+        """The Ray Train session of a study cell: every report also carries the worker's peak memory,
+        ``peak_gpu_mem_mb`` (``torch.cuda.max_memory_allocated``, on GPU only) and ``peak_rss_mb``."""
+
+        def report(self, metrics: dict[str, Any], state: dict | None = None) -> None:
+            extra = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
+            if self.device.type == "cuda":
+                extra["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+            super().report({**metrics, **extra}, state)
+
+    PeakMemorySession.__qualname__ = "PeakMemorySession"  # pickled by name: sslray.study.PeakMemorySession
+    globals()["PeakMemorySession"] = PeakMemorySession
+    return PeakMemorySession
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PeakMemorySession":
+        return _peak_memory_session()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def study_train_func(config: dict) -> None:
@@ -162,7 +180,7 @@ def study_train_func(config: dict) -> None:
     from .raytrain.loop import train_loop
 
     cfg = from_dict(config["cfg"])
-    train_loop(cfg, PeakMemorySession(cfg.ray.use_gpu))
+    train_loop(cfg, _peak_memory_session()(cfg.ray.use_gpu))
 
 
 def probe_cells_task(jobs: list[dict]) -> list[dict]:
@@ -466,4 +484,5 @@ def cmd_study(a) -> int:
     return 0 if not any(c["status"] == "failed" or c.get("reason") for c in res.cells) else 1
 
 
-__all__ = ["PeakMemorySession", "StudyResult", "make_study_spec", "method_config", "run_study", "study_train_func"]
+__all__ = ["PeakMemorySession",  # noqa: F822 (made on first use by the module's __getattr__)
+           "StudyResult", "make_study_spec", "method_config", "run_study", "study_train_func"]
