@@ -96,11 +96,11 @@ def sweep(cfg: "Config", space: Optional[Mapping[str, Any] | Sequence[str]] = No
 
 def train_local(cfg: "Config", checkpoint_dir: Optional[str | os.PathLike] = None) -> dict:
     """The same training loop in this process: no Ray, no MLflow (a bare GPU machine, a notebook, a
-    debugger). Checkpoints go to ``checkpoint_dir`` (resumed from when it holds some). Returns the
-    last epoch's metrics."""
+    debugger). Checkpoints go to ``checkpoint_dir`` (resumed from when it holds some; the
+    ``ray.num_to_keep`` newest are kept, as under Ray). Returns the last epoch's metrics."""
     from .raytrain.loop import run_local
 
-    last, _ = run_local(cfg, None if checkpoint_dir is None else str(checkpoint_dir))
+    last, _ = run_local(cfg, None if checkpoint_dir is None else str(checkpoint_dir), keep=cfg.ray.num_to_keep)
     return last
 
 

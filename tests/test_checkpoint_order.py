@@ -79,3 +79,18 @@ def test_a_newest_checkpoint_cut_short_is_passed_over_for_the_newest_whole_one(t
     assert "epoch_0002/state.pt is cut short" in capsys.readouterr().out
     (run / "epoch_0001" / STATE_FILE).write_bytes(b"")  # none whole: the newest, whose read names the file
     assert find_state(run) == run / "epoch_0002" / STATE_FILE
+
+
+def test_a_local_session_keeps_the_newest_checkpoints_as_ray_does(tmp_path):
+    """sslray.train_local kept every checkpoint (six 88 MB copies for two epochs with step checkpoints)
+    where the same settings under Ray kept ray.num_to_keep; keep=0 (run_local's default) keeps all."""
+    kept = LocalSession(str(tmp_path / "two"), "false", keep=2)
+    every = LocalSession(str(tmp_path / "all"), "false")
+    reports = [_mid(0, 2, 4), {"epoch": 1}, _mid(1, 2, 4), {"epoch": 2}]
+    for s in (kept, every):
+        for m in reports:
+            s.report(m, {"step": m.get("step", 0)})
+    names = sorted(p.name for p in (tmp_path / "two").glob("epoch_*"))
+    assert names == [checkpoint_name(_mid(1, 2, 4)), "epoch_0002"]
+    assert len(list((tmp_path / "all").glob("epoch_*"))) == 4
+    assert kept.restore()["step"] == 0 and torch.load(tmp_path / "two" / "epoch_0002" / STATE_FILE)["step"] == 0

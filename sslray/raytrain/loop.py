@@ -478,10 +478,11 @@ def train_func(config: dict) -> None:
     train_loop(cfg, RaySession(cfg.ray.use_gpu, config.get("pictures_dir")))
 
 
-def run_local(cfg: Config, ckpt_dir: Optional[str] = None):
-    """Same loop, one process, no Ray (bare GPU machines, tests, benchmarks)."""
+def run_local(cfg: Config, ckpt_dir: Optional[str] = None, keep: int = 0):
+    """Same loop, one process, no Ray (bare GPU machines, tests, benchmarks); ``keep`` > 0 keeps only
+    that many newest checkpoints (``sslray.train_local`` passes ``ray.num_to_keep``)."""
     from .session import LocalSession
 
-    session = LocalSession(ckpt_dir, cfg.ray.use_gpu)
+    session = LocalSession(ckpt_dir, cfg.ray.use_gpu, keep=keep)
     last = train_loop(cfg, session)
     return last, session

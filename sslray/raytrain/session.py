@@ -61,7 +61,7 @@ class LocalSession:
     """
 
     def __init__(self, ckpt_dir: Optional[str] = None, use_gpu: str = "auto", printer=print,
-                 pictures_dir: Optional[str] = None):
+                 pictures_dir: Optional[str] = None, keep: int = 0):
         self.rank = D.rank()
         self.world_size = D.world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -71,6 +71,7 @@ class LocalSession:
         self.printer = printer
         self.pictures_dir = pictures_dir or (str(self.ckpt_dir / PICTURES_DIR) if self.ckpt_dir else None)
         self.pictures: dict[str, bytes] = {}  # name -> PNG, also kept in memory (tests, notebooks)
+        self.keep = keep  # newest checkpoints kept (ray.num_to_keep, as Ray keeps them); 0 = all
 
     def restore(self) -> Optional[dict]:
         if not self.ckpt_dir or not self.ckpt_dir.exists():
@@ -89,8 +90,21 @@ class LocalSession:
             d = self.ckpt_dir / checkpoint_name(metrics)
             d.mkdir(parents=True, exist_ok=True)
             save_state(state, d)
+            if self.keep:
+                self._prune()
         if self.world_size > 1:  # a barrier, as ray.train.report is: no rank restores before rank 0 has saved
             D.barrier()
+
+    def _prune(self) -> None:
+        """Remove all but the ``keep`` newest checkpoints (after the newest is written whole)."""
+        import shutil
+
+        from ..storage import checkpoint_order
+
+        done = sorted((p for p in self.ckpt_dir.glob("epoch_*") if (p / STATE_FILE).exists()),
+                      key=lambda p: checkpoint_order(p.name))
+        for old in done[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def log(self, msg: str) -> None:
         if self.rank == 0:
