@@ -214,3 +214,14 @@ def test_the_command_of_a_finished_run_says_it_is_complete_before_ray(tiny_beton
     with pytest.raises(pytest.skip.Exception):
         main(base + ["--epochs", "3", "data.batch_size=8"])
     assert started == [3]
+
+
+def test_train_wall_seconds_adds_up_the_segments_of_a_resumed_run(tmp_path):
+    """A run interrupted after 50 s and resumed for 34 s showed 34 s in `sslray compare`: each fit()
+    logged its own time. The metric is the sum of every segment, the interrupted one included."""
+    from sslray.raytrain.trainer import log_wall_seconds
+
+    t = Tracker.start(f"sqlite:///{tmp_path / 'm.db'}", "e", "r")
+    log_wall_seconds(t, 50.0)
+    log_wall_seconds(t, 34.0)
+    assert t.client.get_run(t.run_id).data.metrics["train_wall_seconds"] == pytest.approx(84.0)

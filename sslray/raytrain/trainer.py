@@ -365,6 +365,17 @@ PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 _OWN_INSTANCE = [False]  # whether ensure_ray started this process's Ray itself (one machine, nothing to scale)
 
 
+def log_wall_seconds(tracker: Tracker, seconds: float) -> None:
+    """``train_wall_seconds``: the training time of every ``fit()`` of the run so far, interrupted and
+    failed ones included (a resumed run logged only its last one and looked faster than it was). Best
+    effort when training failed: the failure is what the user must see."""
+    try:
+        before = max((v for _, v in tracker.history("train_wall_seconds")), default=0.0)
+        tracker.log_metrics({"train_wall_seconds": before + seconds})
+    except Exception as e:  # noqa: BLE001 - an MLflow outage must not hide why training ended
+        print(f"sslray: WARNING: train_wall_seconds could not be logged ({type(e).__name__}: {e})")
+
+
 @contextmanager
 def sigint_seen():
     """Yields a function telling whether SIGINT reached this process inside the block, whatever handler
@@ -583,6 +594,7 @@ def pretrain(cfg: Config, tracker: Optional[Tracker] = None, restart: bool = Fal
         with sigint_seen() as interrupted:
             result = trainer.fit()
     except BaseException as e:
+        log_wall_seconds(tracker, time.time() - t0)  # an interrupted or failed segment trained too
         if isinstance(e, KeyboardInterrupt) or interrupted():
             # Ctrl-C: Ray's own SIGINT handler aborts the run (its workers may die of the same signal
             # first), so fit() raises an abort or worker error, or exits; it is an interrupt all the same.
@@ -596,7 +608,7 @@ def pretrain(cfg: Config, tracker: Optional[Tracker] = None, restart: bool = Fal
         raise
     wall = time.time() - t0
     report.log_pending(tracker)  # what the callback could not log (before the curves are drawn from the run)
-    tracker.log_metrics({"train_wall_seconds": wall})
+    log_wall_seconds(tracker, wall)
     series = {k: tracker.history(k) for k in ("loss", "knn_top1", "images_per_sec")}
     fig = plots.curves(series, title=name)
     tracker.log_figure(fig, "curves.png")
