@@ -36,7 +36,8 @@ def bad(tmp_path) -> dict:
     return {"png": png, "trunc": trunc, "sd": sd, "real": real}
 
 
-NOT_CKPT = r"is not an sslray checkpoint, a state\.pt written by sslray pretrain \((UnpicklingError|RuntimeError)"
+NOT_CKPT = (r"is not an sslray checkpoint, a state\.pt written by sslray pretrain \((UnpicklingError|RuntimeError"
+            r"|its bytes are neither a torch file nor a safetensors one)")
 
 
 @pytest.mark.parametrize("which", ["png", "trunc"])
@@ -163,3 +164,13 @@ def _file(tmp_path, text: str):
     f.parent.mkdir(parents=True, exist_ok=True)
     f.write_bytes(text.encode())
     return f
+
+
+def test_other_bytes_given_as_weights_are_named_as_such(tmp_path):
+    """Any non-torch bytes in a .pt file came back as "(KeyError: 174812789)": torch's old-format reader
+    takes the first bytes as a magic number. The message says what the file is not."""
+    junk = tmp_path / "bad.pt"
+    junk.write_bytes(b"\x80\x02J\x15\xc2k\x0b" + bytes(range(256)) * 4)  # a pickled int, then noise
+    with pytest.raises(ValueError, match=r"model\.init_weights: .*bad\.pt is not a weights file sslray can read "
+                                         r"\(its bytes are neither a torch file nor a safetensors one\)"):
+        read_weights(junk)

@@ -51,6 +51,21 @@ def find_state(checkpoint: str | os.PathLike) -> Path:
 CHECKPOINT = f"an sslray checkpoint, a {STATE_FILE} written by sslray pretrain"
 
 
+# torch.save's old (pre-zip) format starts with its magic number, pickled
+_LEGACY_TORCH = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
+
+
+def _torch_bytes(path: Path) -> bool:
+    """Whether ``path`` looks like a torch file (a zip archive, or the old pickle format) or safetensors."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return True  # unreadable: the reader's own error says why
+    return (head.startswith(b"PK\x03\x04") or head.startswith(_LEGACY_TORCH)  # a zip, maybe cut short
+            or (path.suffix == ".safetensors" and len(head) >= 8))
+
+
 def read_file(path: Path, load: Callable[[Path], Any], expected: str, where: str = "") -> Any:
     """``load(path)``; whatever the reader finds wrong in the file (an image, a truncated torch zip,
     another tool's pickle) becomes a ValueError naming the file and what it should have been. Serves
@@ -62,8 +77,12 @@ def read_file(path: Path, load: Callable[[Path], Any], expected: str, where: str
     except OSError as e:  # a folder, no permission...: the file may be fine, it could not be read
         raise ValueError(f"{where}cannot read {path} ({type(e).__name__}: {e.strerror or e})") from None
     except Exception as e:  # noqa: BLE001 - name the file, whatever the reader found wrong in it
-        said = " ".join(str(e).split())  # one line: torch's messages run over several
-        raise ValueError(f"{where}{path} is not {expected} ({type(e).__name__}: {said})") from None
+        said = f"{type(e).__name__}: " + " ".join(str(e).split())  # one line: torch's messages run over several
+        if not _torch_bytes(path):
+            # torch reads other bytes as its old pickle format and says "KeyError: <a number>" or
+            # "Weights only load failed ... set weights_only=False", which would be the wrong advice
+            said = "its bytes are neither a torch file nor a safetensors one"
+        raise ValueError(f"{where}{path} is not {expected} ({said})") from None
 
 
 def read_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[Config, dict]:
