@@ -129,7 +129,8 @@ def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val
         except DataError as e:
             raise DataError(f"{e} (or pretrain without the probe: --no-probe, and no --eval)") from None
     res = pretrain(cfg, restart=restart)
-    print(f"sslray: run {res.name} finished; MLflow run {res.run_id} in {res.tracking_uri}; checkpoint {res.checkpoint}")
+    print(f"sslray: run {res.name} finished; MLflow run {res.run_id} (experiment {cfg.tracking.experiment}) in "
+          f"{res.tracking_uri}; checkpoint {res.checkpoint}")
     backbone = ev = report = None
     tracker = Tracker(res.tracking_uri, res.run_id)
     try:
