@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from typing import Optional
 
 from .tracking import artifact_root, experiment_id, resolve_uri
@@ -33,7 +37,137 @@ def ui_url(host: str, port: int) -> str:
     return f"http://{shown}:{port}"
 
 
+def check_port(host: str, port: int) -> None:
+    """Raise ``ValueError`` (one line, naming the port and ``--port``) when ``host:port`` cannot be listened
+    on, found by binding it as the server will (``SO_REUSEADDR``, so closed connections lingering in
+    TIME_WAIT do not count). Without this check ``mlflow ui`` started, the URL was printed, and the
+    server's "address already in use" was buried in its log. A host that does not resolve is left to
+    the server to report."""
+    try:
+        addrs = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError):
+        return
+    for family, kind, proto, _, addr in dict.fromkeys(addrs):
+        with socket.socket(family, kind, proto) as s:
+            if os.name != "nt":  # on Windows SO_REUSEADDR would let the probe share a listening port
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(addr)
+            except OSError as e:
+                if e.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", errno.EADDRINUSE)):
+                    raise ValueError(f"port {port} on {host} is already in use (another `sslray ui` or server "
+                                     f"still running?): stop it, or pick another port with --port") from None
+                raise ValueError(f"cannot listen on {host} port {port}: {e.strerror or e} "
+                                 "(check --host and --port)") from None
+
+
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+KILL = getattr(signal, "SIGKILL", signal.SIGTERM)
+
+
+class _Stop(Exception):
+    """Raised by the signal handler to leave a blocking wait on the server."""
+
+
+def _signal_server(proc: subprocess.Popen, signum: int) -> None:
+    """``signum`` to the server's process group: ``mlflow ui`` and its uvicorn/gunicorn processes."""
+    try:
+        if hasattr(os, "killpg"):
+            os.killpg(proc.pid, signum)  # its group id is its pid (started in a session of its own)
+        else:  # pragma: no cover - Windows: no process groups to signal
+            proc.send_signal(signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    if not hasattr(os, "killpg"):  # pragma: no cover
+        return False
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _exit_status(rc: int) -> int:
+    return 128 - rc if rc < 0 else rc  # killed by signal N: 128 + N, as a shell reports it
+
+
+def run_server(cmd: list[str], env: dict, grace: float = 5.0) -> int:
+    """Run ``cmd`` (the ``mlflow ui`` server) in a session and process group of its own until it exits or
+    this process is asked to stop. SIGINT, SIGTERM and SIGHUP received here are forwarded to the whole
+    group, so its uvicorn/gunicorn children stop too and free the port; what still runs ``grace`` seconds
+    later is killed (SIGKILL). A terminal's Ctrl-C reaches this process and is forwarded like the others;
+    a notebook's or IDE's stop (``Popen.terminate()``, a SIGINT or SIGTERM to this process alone) used to
+    leave the server running. A signal this process ignores (``nohup``, a background job) is left so.
+
+    Returns 0 when the server was stopped on request, else the server's exit status (128 + N when a
+    signal N ended it)."""
+    proc: subprocess.Popen | None = None
+    asked: list[int] = []
+    waiting = [False]  # in the untimed wait, which only an exception from the handler can leave
+
+    def forward(signum, _frame):
+        asked.append(signum)
+        if proc is not None:
+            _signal_server(proc, signum)
+        if waiting[0]:
+            raise _Stop
+
+    old = {}
+    for s in STOP_SIGNALS:
+        try:
+            if signal.getsignal(s) is not signal.SIG_IGN:
+                old[s] = signal.signal(s, forward)
+        except ValueError:  # not the main thread: no handlers (the finally clause still stops the server)
+            break
+    try:
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        if asked:  # a request that came while the server was being started
+            _signal_server(proc, asked[0])
+        deadline, killed = None, False
+        while True:
+            try:
+                if not asked:
+                    waiting[0] = True
+                    try:
+                        if not asked:  # none came since the check above
+                            rc = proc.wait()
+                            break
+                    finally:
+                        waiting[0] = False
+                    continue
+                if deadline is None:
+                    deadline = time.monotonic() + grace
+                rc = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                break
+            except _Stop:
+                continue
+            except subprocess.TimeoutExpired:  # the server did not stop in time
+                _signal_server(proc, KILL)
+                rc, killed = proc.wait(), True
+                break
+        # mlflow waits for its uvicorn before it exits; any member of its group still there (one it could
+        # not wait for) would keep the port: give it the rest of the grace period, then kill it.
+        end = time.monotonic() + (1.0 if killed else max(1.0, (deadline or time.monotonic()) - time.monotonic()))
+        while _group_alive(proc.pid) and time.monotonic() < end:
+            time.sleep(0.05)
+        if _group_alive(proc.pid):  # still there, or exited and not yet reaped (a zombie holds no port)
+            _signal_server(proc, KILL)
+        return 0 if asked else _exit_status(rc)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if proc is not None and proc.poll() is None:  # an unexpected error above: leave no server behind
+            _signal_server(proc, KILL)
+            proc.wait()
+
+
 def cmd_ui(a) -> int:
+    check_port(a.host, a.port)  # before anything is printed or started
     cmd = ui_command(a.tracking_uri, a.host, a.port, a.workers)
     url = ui_url(a.host, a.port)
     if a.experiment:  # MLflow 3 opens an experiment on its GenAI overview: link its runs table instead
@@ -43,10 +177,7 @@ def cmd_ui(a) -> int:
     # never use it, and on a small machine it slows the UI's start a lot. Set the variable to override.
     env = {**os.environ}
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-    try:
-        return subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:
-        return 0
+    return run_server(cmd, env)
 
 
 def register(sub) -> None:
