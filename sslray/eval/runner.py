@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -74,12 +76,76 @@ def run_eval(checkpoint: str, train: Optional[str], val: Optional[str], protocol
     return EvalReport(str(store.state_path), results, feats)
 
 
+SUMMARY_JSON, SUMMARY_MD, PROTOCOLS_TAG = "eval/summary.json", "eval/summary.md", "sslray.eval_protocols"
+
+
+def _logged_summary(tracker) -> tuple[dict, list[str]]:
+    """The ``eval/summary.json`` and the protocols tag an earlier ``log_eval`` left on the run
+    (``({}, [])`` when there are none). A summary that cannot be read is reported and not merged."""
+    from mlflow.exceptions import MlflowException
+
+    c = tracker.client
+    try:
+        tag = c.get_run(tracker.run_id).data.tags.get(PROTOCOLS_TAG, "")
+    except MlflowException:
+        tag = ""
+    tagged = [t for t in (x.strip() for x in tag.split(",")) if t]
+    try:
+        if SUMMARY_JSON not in {f.path for f in c.list_artifacts(tracker.run_id, "eval")}:
+            return {}, tagged
+        with tempfile.TemporaryDirectory() as d:
+            summary = json.loads(Path(c.download_artifacts(tracker.run_id, SUMMARY_JSON, d)).read_text())
+        if not isinstance(summary, dict) or not isinstance(summary.get("protocols", {}), dict):
+            raise TypeError("not an sslray eval summary")
+        return summary, tagged
+    except (MlflowException, OSError, TypeError, ValueError) as e:
+        print(f"sslray: warning: the run's {SUMMARY_JSON} could not be read ({e}); it is replaced by this "
+              "call's protocols", file=sys.stderr)
+        return {}, tagged
+
+
+def merged_summary(earlier: dict, report: EvalReport) -> dict:
+    """``report``'s summary merged into the one an earlier call logged to the same run: the protocols this
+    call ran replace theirs, the others are kept (each entry names the checkpoint it scored), in name order;
+    ``checkpoint`` and ``features`` are this call's."""
+    now = report.summary()
+    protocols = dict(earlier.get("protocols") or {})
+    for name, entry in now["protocols"].items():
+        protocols[name] = {"checkpoint": report.checkpoint, **entry}
+    return {**now, "protocols": {k: protocols[k] for k in sorted(protocols)}}
+
+
+def _numbers_of(side) -> dict[str, float]:
+    """A summary entry's metrics read back from JSON (a number written as text by ``default=str`` too)."""
+    out = {}
+    for k, v in (side.items() if isinstance(side, dict) else ()):
+        try:
+            out[k] = v if isinstance(v, (int, float)) and not isinstance(v, bool) else float(v)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def _summary_report(summary: dict) -> EvalReport:
+    """An ``EvalReport`` holding a (merged) summary's numbers: for its Markdown table."""
+    results = [ProtocolResult(name, _numbers_of(e.get("pretrained")), _numbers_of(e.get("random_init")))
+               for name, e in summary["protocols"].items() if isinstance(e, dict)]
+    return EvalReport(summary.get("checkpoint", ""), results, summary.get("features") or {})
+
+
 def log_eval(tracker, report: EvalReport) -> None:
-    """Metrics on the run, plus ``eval/summary.json``, the table, and each protocol's texts and PNGs."""
+    """Metrics on the run, plus ``eval/summary.json``, the table, and each protocol's texts and PNGs.
+
+    A later call on the same run merges into what is there: the summary, its table and the
+    ``sslray.eval_protocols`` tag hold every protocol logged to the run so far (a protocol run again
+    replaces its earlier entry), as the run's metrics do."""
     tracker.log_metrics(report.metrics())
-    tracker.set_tags({"sslray.eval_protocols": ",".join(r.name for r in report.results)})
-    tracker.log_text(json.dumps(report.summary(), indent=2, default=str), "eval/summary.json")
-    tracker.log_text(format_eval_table(report, markdown=True), "eval/summary.md")
+    earlier, tagged = _logged_summary(tracker)
+    summary = merged_summary(earlier, report)
+    names = sorted(set(tagged) | set(summary["protocols"]))
+    tracker.set_tags({PROTOCOLS_TAG: ",".join(names)})
+    tracker.log_text(json.dumps(summary, indent=2, default=str), SUMMARY_JSON)
+    tracker.log_text(format_eval_table(_summary_report(summary), markdown=True), SUMMARY_MD)
     for r in report.results:
         for name, text in r.texts.items():
             tracker.log_text(text, f"eval/{name}")
