@@ -355,10 +355,19 @@ def test_finetune_loop_runs_in_one_process(tiny_ckpt, cifar_small):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_finetune_against_scratch_on_ray(ray_cluster, tiny_ckpt, cifar_small, tmp_path, monkeypatch):
+    from sslray.raytrain import finetune
     from sslray.raytrain.finetune import FinetuneSettings
 
-    s = FinetuneSettings(max_steps=2, batch_size=32, num_workers=2, use_gpu="false", train_subset=128,
-                         storage=str(tmp_path / "ray"))
+    # No storage given: each fit gets a folder of its own, removed after it (2 were left per call).
+    made = []
+
+    def mkdtemp(prefix=""):
+        made.append(tmp_path / f"{prefix}{len(made)}")
+        made[-1].mkdir()
+        return str(made[-1])
+
+    monkeypatch.setattr(finetune.tempfile, "mkdtemp", mkdtemp)
+    s = FinetuneSettings(max_steps=2, batch_size=32, num_workers=2, use_gpu="false", train_subset=128)
     # the checkpoint as a user names it, relative to the shell's folder (the workers run elsewhere)
     monkeypatch.chdir(tiny_ckpt["run_dir"].parent)
     report = run_eval(tiny_ckpt["run_dir"].name, cifar_small["train"], cifar_small["test"], "finetune",
@@ -371,6 +380,7 @@ def test_finetune_against_scratch_on_ray(ray_cluster, tiny_ckpt, cifar_small, tm
         assert r.info[init]["step"] == 2 and r.info[init]["val_images"] == 300
     assert r.gain()["finetune_top1"] == pytest.approx(r.pretrained["finetune_top1"] - r.random_init["finetune_top1"])
     assert report.metrics()["eval_gain_finetune_macro_f1"] == r.gain()["finetune_macro_f1"]
+    assert len(made) == 2 and not any(p.exists() for p in made)
 
 
 @pytest.mark.ray

@@ -13,6 +13,7 @@ scored in disjoint per-rank slices, gathered, then top-1, top-5 and macro F1 (sc
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -263,7 +264,11 @@ def run_finetune(state_path: str, train: str, val: str, init: str, s: FinetuneSe
         run_config=RunConfig(name=f"finetune-{init}-{time.strftime('%Y%m%d-%H%M%S')}",
                              storage_path=str(Path(storage).resolve())),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        if not s.storage:  # a folder made for this fit: its checkpoints are not kept
+            shutil.rmtree(storage, ignore_errors=True)
     metrics = dict(result.metrics or {})
     if "top1" not in metrics:
         raise RuntimeError(f"finetune ({init}): the Ray Train run in {storage} reported no final scores")
