@@ -225,3 +225,19 @@ def test_train_wall_seconds_adds_up_the_segments_of_a_resumed_run(tmp_path):
     log_wall_seconds(t, 50.0)
     log_wall_seconds(t, 34.0)
     assert t.client.get_run(t.run_id).data.metrics["train_wall_seconds"] == pytest.approx(84.0)
+
+
+def test_subsets_larger_than_the_data_are_said_once(tiny_betons):
+    """The CPU demo recipe asks for 8,000 training images: on a 1,500-image .beton all were used without
+    a word while MLflow recorded 8000. The plan says so (the loop logs it on rank 0)."""
+    from sslray.raytrain.loop import plan_data
+
+    cfg = load_config("smoke", [f"data.train={tiny_betons['train']}", f"data.val={tiny_betons['val']}",
+                                "data.batch_size=8", "data.train_subset=100", "data.val_subset=5", "data.knn_bank=500"])
+    assert plan_data(cfg, 1).notes(cfg.data) == [
+        "data.train_subset 100 is more than the 64 images there: all 64 are used",
+        "data.knn_bank 500 is more than the 64 images there: all 64 are used"]  # val_subset 5 of 8 fits
+    more_val = cfg.replace(**{"data.val_subset": 9})
+    assert "data.val_subset 9 is more than the 8 images there: all 8 are used" in plan_data(more_val, 1).notes(more_val.data)
+    fits = cfg.replace(**{"data.train_subset": 32, "data.val_subset": 4, "data.knn_bank": 0})
+    assert plan_data(fits, 1).notes(fits.data) == []

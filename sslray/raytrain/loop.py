@@ -56,6 +56,18 @@ class DataPlan:
     per_worker: int
     classes: list
 
+    def notes(self, d) -> list[str]:
+        """Subsets asked for beyond what the splits hold (``d``: the data config): all is used then,
+        said once (the run's params keep the number asked for)."""
+        out = []
+        val_n = self.val_info.num_images if self.val_info is not None else None
+        for key, asked, have in (("data.train_subset", d.train_subset, self.train_info.num_images),
+                                 ("data.val_subset", d.val_subset, val_n),
+                                 ("data.knn_bank", d.knn_bank, self.n_train if val_n is not None else None)):
+            if have is not None and asked > have:
+                out.append(f"{key} {asked} is more than the {have} images there: all {have} are used")
+        return out
+
 
 def plan_data(cfg: Config, world: int, check_batch: bool = True) -> DataPlan:
     """The checks the workers would otherwise make after Ray started: readable splits with the same
@@ -88,6 +100,8 @@ def plan_data(cfg: Config, world: int, check_batch: bool = True) -> DataPlan:
 def build_data(cfg: Config, session) -> Data:
     d, world = cfg.data, session.world_size
     plan = plan_data(cfg, world)
+    for note in plan.notes(d):
+        session.log(f"sslray: note: {note}")
     train_info, val_info, train_idx, n_train, per_worker = (plan.train_info, plan.val_info, plan.train_idx,
                                                             plan.n_train, plan.per_worker)
     common = dict(res=d.decode_res, device=session.device, num_workers=d.loader_workers, distributed=world > 1,
