@@ -181,3 +181,35 @@ def test_resuming_at_another_batch_rescales_the_step_counter(cifar_small, tmp_pa
     assert [m["epoch"] for m in s.history] == [2] and last["step"] == 16  # 8 (epoch 1 at batch 16) + 8
     # The last step is step 15 of 16: the cosine is at its end (~2% of the peak), not at a third of it.
     assert last["lr"] < 0.05 * effective_lr(half), "the cosine did not reach its end"
+
+
+def test_a_checkpoint_from_before_the_new_keys_resumes_as_it_was_trained(cifar_small, tmp_path, capsys):
+    """MAE's paper init freezes the encoder's position embedding (one tensor less for the optimizer),
+    and the CIFAR LARS recipes changed LARS: a checkpoint written before those keys existed failed to
+    load its optimizer state ("parameter group that doesn't match"), or would have resumed with ~20x
+    larger steps. Its run goes on with the behaviour it was trained with, said once."""
+    from sslray.raytrain.loop import as_started
+
+    cfg = _cfg(cifar_small, "method.name=mae", "model.backbone=vit_tiny_patch16_224", "views.preset=mae",
+               "method.params.patch_size=8", "method.params.decoder_dim=32", "method.params.decoder_depth=1",
+               "method.params.decoder_heads=2", "train.epochs=1", "train.max_steps_per_epoch=2",
+               "train.online_probe=false", "data.val=", "optim.name=adamw")
+    old = cfg.replace(**{"method.params.paper_init": False, "optim.adam_beta2": 0.95})
+    run_local(old, str(tmp_path / "ckpt"))
+    state_file = next((tmp_path / "ckpt").glob("epoch_0001/state.pt"))
+    state = torch.load(state_file, weights_only=False)
+    del state["config"]["method"]["params"]["paper_init"]  # as the previous version wrote it
+    for key in ("lars_eta", "lars_clip", "adam_beta1", "adam_beta2", "clip_mode", "decay_bias_norm"):
+        del state["config"]["optim"][key]
+    torch.save(state, state_file)
+
+    last, _ = run_local(cfg.replace(**{"train.epochs": 2}), str(tmp_path / "ckpt"))  # today's defaults
+    assert last["epoch"] == 2
+    out = capsys.readouterr().out
+    assert "the checkpoint predates optim.lars_eta" in out and "method.params.paper_init=False" in out
+    assert "optim.lars_eta=0.001" in out and "optim.adam_beta2=0.95" in out
+
+    lars = load_config("byol_cifar10")
+    kept = as_started(lars, {"optim": {"name": "lars"}, "method": {"params": {}}}, log=lambda m: None)
+    assert (kept.optim.lars_eta, kept.optim.lars_clip, kept.method.params.get("paper_init")) == (0.001, False, None)
+    assert as_started(lars, lars.to_dict(), log=pytest.fail) == lars  # a checkpoint of this version: as it is

@@ -207,6 +207,39 @@ def compile_warnings(cfg: Config, world_size: int, device_type: str) -> list[str
     return out
 
 
+# Keys added after a checkpoint may have been written, whose new default or recipe value changes how
+# its run trains: a checkpoint whose config lacks one resumes with the behaviour it was trained with
+# (value before the key existed), so neither its optimizer state nor its weights stop fitting, and its
+# steps do not change size midway. Key -> (the method it belongs to, or None for every method; value).
+AS_STARTED = {
+    "optim.lars_eta": (None, 0.001), "optim.lars_clip": (None, False), "optim.adam_beta2": (None, 0.95),
+    "optim.clip_mode": (None, "global"), "optim.decay_bias_norm": (None, False),
+    "method.params.paper_init": ("mae", False), "method.params.freeze_patch_embed": ("mocov3", False),
+    "method.params.norm_last_layer": ("dino", True),
+}
+
+
+def as_started(cfg: Config, saved: Optional[dict], log=print) -> Config:
+    """``cfg`` with the ``AS_STARTED`` keys the checkpoint's config ``saved`` does not have set to the
+    value its run was trained with; said once when any is."""
+    if not isinstance(saved, dict):
+        return cfg
+    kept = {}
+    for key, (method, before) in AS_STARTED.items():
+        if method is not None and cfg.method.name != method:
+            continue
+        node = saved
+        for part in key.split("."):
+            node = node.get(part, AS_STARTED) if isinstance(node, dict) else AS_STARTED
+        if node is AS_STARTED:  # not in the checkpoint's config
+            kept[key] = before
+    if not kept:
+        return cfg
+    log("sslray: the checkpoint predates " + ", ".join(kept) + ": its run goes on as it was trained ("
+        + ", ".join(f"{k}={v}" for k, v in kept.items()) + ")")
+    return cfg.replace(**kept)
+
+
 def train_loop(cfg: Config, session) -> dict:
     """Run ``cfg.train.epochs`` epochs (resuming from the session's latest checkpoint) and return
     the last epoch's metrics. An out-of-memory error comes out as ``SSLOutOfMemoryError``, naming
@@ -214,6 +247,8 @@ def train_loop(cfg: Config, session) -> dict:
     until a step fits (a resumed run keeps its checkpoint's batch)."""
     dev = session.device
     state = session.restore()
+    if state is not None:
+        cfg = as_started(cfg, state.get("config"), session.log)
     if state is not None:
         saved = int(state.get("config", {}).get("data", {}).get("batch_size", cfg.data.batch_size))
         if saved != cfg.data.batch_size and cfg.data.auto_batch:
