@@ -126,12 +126,10 @@ def build_mocov3(cfg, backbone, feat_dim, momentum: float = 0.99, pred_hidden_di
     (``MoCo_ViT``: 3-layer projector, predictor ending in BN); its ResNet layout (``MoCo_ResNet``) is
     ``proj_layers=2, pred_last_bn=False``. No Linear has a bias, as in the paper code's ``_build_mlp``.
     ``freeze_patch_embed``: a ViT's patch projection stays at its random init (the paper's fix for
-    training instability, sec. 4.2, ``--stop-grad-conv1``); the optimizer then leaves it out."""
-    if freeze_patch_embed:
-        proj = getattr(getattr(backbone, "patch_embed", None), "proj", None)
-        if proj is None:
-            raise ValueError(f"method.params.freeze_patch_embed: backbone {cfg.model.backbone!r} has no ViT patch "
-                             f"projection (patch_embed.proj) to freeze")
+    training instability, sec. 4.2, ``--stop-grad-conv1``); the optimizer then leaves it out. A backbone
+    without one (a ResNet given to the ViT recipe) has nothing to freeze, as the paper's ResNet runs."""
+    proj = getattr(getattr(backbone, "patch_embed", None), "proj", None)
+    if freeze_patch_embed and proj is not None:
         proj.requires_grad_(False)
     h, d = cfg.model.proj_hidden_dim, cfg.model.proj_out_dim
     projector = MLPHead(feat_dim, h, d, layers=proj_layers, last_bn=True)
