@@ -52,13 +52,19 @@ def _lars_reference(params_and_groups, state, eta=0.001, clip=False):
         for p in g["params"]:
             if p.grad is None:
                 continue
-            d = p.grad + g["weight_decay"] * p if g["weight_decay"] else p.grad
-            if g["lars"] and clip:
+            if g["lars"] and clip:  # solo-learn's LARS step (clip_lr, exclude_bias_n_norm), line by line
+                d = p.grad
                 pn, gn = p.norm(), p.grad.norm()
-                if pn > 0 and gn > 0:
-                    adapted = eta * pn / (gn + g["weight_decay"] * pn)
-                    d = d * (min(float(adapted / g["lr"]), 1.0) if g["lr"] > 0 else 1.0)
-            elif g["lars"]:
+                if pn != 0 and gn != 0:
+                    lars_lr = eta * pn / (gn + pn * g["weight_decay"] + 1e-8)
+                    lars_lr = min(float(lars_lr / g["lr"]), 1.0) if g["lr"] > 0 else 1.0
+                    d = (d + g["weight_decay"] * p) * lars_lr
+                buf = state.get(p)
+                state[p] = d.clone() if buf is None else buf * g["momentum"] + d
+                p.sub_(g["lr"] * state[p])
+                continue
+            d = p.grad + g["weight_decay"] * p if g["weight_decay"] else p.grad
+            if g["lars"]:
                 pn, dn = p.norm(), d.norm()
                 d = d * (eta * pn / dn if pn > 0 and dn > 0 else 1.0)
             buf = state.get(p)
@@ -88,6 +94,8 @@ def test_lars_matches_a_per_tensor_reference_over_steps(eta, clip):
         for g in ref_groups:
             g["lr"] = lr
         grads = [torch.randn_like(p) for p in a.parameters()]
+        if step == 3:
+            grads[0].zero_()  # a zero gradient (not a missing one): the capped variant neither adapts nor decays
         for pa, pb, gr in zip(a.parameters(), b.parameters(), grads):
             skip = step == 2 and pa is a[1].bias
             pa.grad = None if skip else gr.clone()

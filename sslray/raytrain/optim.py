@@ -11,7 +11,7 @@ from torch import nn
 def param_groups(model: nn.Module, weight_decay: float, lr: float = 0.0, no_decay_lr_scale: float = 1.0,
                  decay_bias_norm: bool = False) -> list[dict]:
     """Biases and norm parameters get no weight decay and no LARS adaptation (as in BYOL/Barlow Twins);
-    ``decay_bias_norm`` decays them too (SimSiam's, MoCo's and SwAV's code decay every parameter), still
+    ``decay_bias_norm`` decays them too (SimSiam's and MoCo's code decay every parameter), still
     without LARS adaptation. Parameters a method names in ``fixed_lr_parameters()`` (SimSiam's
     predictor) go to groups marked ``fixed_lr`` = ``lr``, which ``set_lr`` leaves at that value. Biases
     and norm parameters run at ``no_decay_lr_scale`` x the scheduled lr (Barlow Twins: 0.0048 / 0.2 = 0.024)."""
@@ -39,8 +39,8 @@ class LARS(torch.optim.Optimizer):
 
     ``clip=True`` is the variant most CIFAR reproductions tune their learning rates for (eta 0.02):
     the adapted lr ``eta * ||w|| / (||g|| + wd * ||w||)`` is capped at the scheduled lr, so a weight
-    steps by ``min(adapted, lr) * (g + wd * w)``. Without the cap their lr and weight decay train the
-    weights ~20x slower than they were tuned for.
+    steps by ``min(adapted, lr) * (g + wd * w)`` (by ``lr * g`` where ``w`` or ``g`` is zero). Without
+    the cap their lr and weight decay train the weights ~20x slower than they were tuned for.
     Hand-written because torch ships no LARS and the trust-ratio exclusions are method-specific."""
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001,
@@ -59,20 +59,23 @@ class LARS(torch.optim.Optimizer):
                 continue
             d = [p.grad for p in ps]
             wd = g["weight_decay"]
-            if g.get("lars", True):
+            if g.get("lars", True) and g.get("clip", False):
+                pn, gn = torch.stack(torch._foreach_norm(ps)), torch.stack(torch._foreach_norm(d))
+                ok = (pn > 0) & (gn > 0)
+                adapted = g["eta"] * pn / (gn + wd * pn + 1e-8)
+                # the cap as a fraction of the lr the final update multiplies by (1 while lr is 0)
+                trust = torch.clamp(adapted / g["lr"], max=1.0) if g["lr"] > 0 else torch.ones_like(pn)
+                # A zero weight or gradient: the plain gradient, not decayed (as the variant's reference)
+                scaled = torch._foreach_mul(torch._foreach_add(d, ps, alpha=wd) if wd else d,
+                                            list(torch.where(ok, trust, 0.0).unbind(0)))
+                torch._foreach_add_(scaled, torch._foreach_mul(d, list((~ok).to(pn.dtype).unbind(0))))
+                d = scaled
+            elif g.get("lars", True):
                 pn = torch.stack(torch._foreach_norm(ps))
-                if g.get("clip", False):
-                    gn = torch.stack(torch._foreach_norm(d))
-                    adapted = g["eta"] * pn / (gn + wd * pn)
-                    # the cap as a fraction of the lr the final update multiplies by (1 while lr is 0)
-                    trust = torch.clamp(adapted / g["lr"], max=1.0) if g["lr"] > 0 else torch.ones_like(pn)
-                    ok = (pn > 0) & (gn > 0)
                 if wd:
                     d = torch._foreach_add(d, ps, alpha=wd)
-                if not g.get("clip", False):
-                    dn = torch.stack(torch._foreach_norm(d))
-                    trust, ok = g["eta"] * pn / dn, (pn > 0) & (dn > 0)
-                trust = torch.where(ok, trust, torch.ones_like(pn))
+                dn = torch.stack(torch._foreach_norm(d))
+                trust = torch.where((pn > 0) & (dn > 0), g["eta"] * pn / dn, torch.ones_like(pn))
                 d = torch._foreach_mul(d, list(trust.unbind(0)))
             elif wd:
                 d = torch._foreach_add(d, ps, alpha=wd)
