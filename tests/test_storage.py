@@ -649,9 +649,12 @@ def test_a_local_storage_other_nodes_cannot_see_is_refused_before_training(tmp_p
 
     import sslray.raytrain.trainer as T
 
-    nodes = [{"NodeID": "a" * 56, "Alive": True, "NodeManagerAddress": "10.0.0.1"},
-             {"NodeID": "b" * 56, "Alive": True, "NodeManagerAddress": "10.0.0.2"},
-             {"NodeID": "c" * 56, "Alive": False, "NodeManagerAddress": "10.0.0.3"}]
+    cpu = {"CPU": 8.0}
+    nodes = [{"NodeID": "a" * 56, "Alive": True, "NodeManagerAddress": "10.0.0.1", "Resources": cpu},
+             {"NodeID": "b" * 56, "Alive": True, "NodeManagerAddress": "10.0.0.2", "Resources": cpu},
+             {"NodeID": "c" * 56, "Alive": False, "NodeManagerAddress": "10.0.0.3", "Resources": cpu},
+             {"NodeID": "d" * 56, "Alive": True, "NodeManagerAddress": "10.0.0.4", "Resources": {}},  # a 0-CPU head
+             {"NodeID": "e" * 56, "Alive": True, "NodeManagerAddress": "10.0.0.5", "Resources": cpu}]  # no GPU
     monkeypatch.setattr(ray, "nodes", lambda: nodes)
     monkeypatch.setattr(ray, "get_runtime_context", lambda: types.SimpleNamespace(get_node_id=lambda: "a" * 56))
     asked = []
@@ -662,8 +665,13 @@ def test_a_local_storage_other_nodes_cannot_see_is_refused_before_training(tmp_p
 
     monkeypatch.setattr(T, "nodes_without", blind)
     with pytest.raises(T.StorageError, match=r"node\(s\) 10\.0\.0\.2 cannot see.*s3://"):
-        T.check_storage_on_nodes(str(tmp_path))
-    assert asked == [(True, ["10.0.0.2"])]  # only the other live node is asked, while the file exists
+        T.check_storage_on_nodes(str(tmp_path), cpus_per_worker=2)
+    assert asked == [(True, ["10.0.0.2", "10.0.0.5"])]  # the other live nodes that can hold a worker
+    nodes[1]["Resources"] = {"CPU": 8.0, "GPU": 1.0}
+    asked.clear()
+    with pytest.raises(T.StorageError):
+        T.check_storage_on_nodes(str(tmp_path), cpus_per_worker=2, use_gpu=True)
+    assert asked == [(True, ["10.0.0.2"])]  # a GPU job's workers never land on the CPU-only node
     assert not list(tmp_path.iterdir())  # the probe file is removed
     monkeypatch.setattr(T, "nodes_without", lambda *a: [])
     T.check_storage_on_nodes(str(tmp_path))  # a shared mount passes

@@ -26,6 +26,9 @@ except ImportError:  # pragma: no cover - older Ray
 FAMILY_TAG = "sslray.family"
 
 
+MAX_PENDING_STEP_REPORTS = 1000  # step_loss points kept while MLflow cannot be written
+
+
 class MLflowReportCallback(_UserCallback):
     """Logs rank 0's per-epoch metrics to one MLflow run as each ``ray.train.report`` lands.
 
@@ -44,6 +47,7 @@ class MLflowReportCallback(_UserCallback):
         self._nodes: Optional[list] = None
         self._pictures: dict[str, int] = {}  # name -> size already logged
         self._pending: dict = {"metrics": [], "tags": {}}  # not logged yet: [(values, step), ...], tags
+        self._failing = False  # in an MLflow outage (warned once)
         # The controller is an actor on the driver's node with its own copy of this object: what it could
         # not log is also kept in this file, for the driver after fit() and for a resumed run (same run id).
         self.pending_file = str(Path(tempfile.gettempdir()) / f"sslray-mlflow-pending-{run_id}.json")
@@ -72,11 +76,21 @@ class MLflowReportCallback(_UserCallback):
             flush_pending(self._tracker, self._pending)
             if self.pictures_dir:  # one that fails is logged at the next report, or by log_missing_pictures
                 log_pictures(self._tracker, self.pictures_dir, self._pictures)
+            if self._failing:
+                print("sslray: MLflow logging works again; the reports it missed are logged")
+                self._failing = False
         except Exception as e:  # noqa: BLE001 - raised here, it would end a healthy training run
             where = f"step {m.get('step')}" if m.get("partial") else f"epoch {m.get('epoch', 0)}"
-            print(f"sslray: WARNING: MLflow logging at {where} failed ({type(e).__name__}: "
-                  f"{' '.join(str(e).split())[:300]}); training goes on, {len(self._pending['metrics'])} "
-                  "unlogged report(s) are retried at the next report and after the run")
+            if not self._failing:  # once per outage, not at every report
+                print(f"sslray: WARNING: MLflow logging at {where} failed ({type(e).__name__}: "
+                      f"{' '.join(str(e).split())[:300]}); training goes on, and the reports it misses are "
+                      "retried at the next report and after the run")
+            self._failing = True
+            # A long outage with step-level reports: their curve keeps its newest points (epoch metrics
+            # are all kept), so what waits in memory and in the pending file stays bounded.
+            steps = [i for i, (values, _) in enumerate(self._pending["metrics"]) if set(values) == {"step_loss"}]
+            for i in reversed(steps[:-MAX_PENDING_STEP_REPORTS]):
+                del self._pending["metrics"][i]
         keep_pending(self.pending_file, self._pending)
 
     def log_pending(self, tracker: Tracker) -> None:
@@ -237,16 +251,21 @@ def check_storage(storage: str, name: str) -> str:
     return target
 
 
-def check_storage_on_nodes(run_dir: str, timeout: float = 60.0) -> None:
-    """A local storage path must be one folder for every node (a shared mount): ``check_storage`` wrote
-    only on this machine, and Ray's own check comes with the first checkpoint, a whole epoch later. A
-    file written here must be visible from each other node of the cluster."""
+def check_storage_on_nodes(run_dir: str, cpus_per_worker: float = 1.0, use_gpu: bool = False,
+                           timeout: float = 60.0) -> None:
+    """A local storage path must be one folder for every node a worker may run on (a shared mount):
+    ``check_storage`` wrote only on this machine, and Ray's own check comes with the first checkpoint,
+    a whole epoch later. A file written here must be visible from each other node that can hold a
+    worker (its CPUs, and a GPU when the workers take one); a CPU-less head or a CPU-only node of a
+    GPU job is not asked."""
     if is_remote(run_dir):
         return
     import ray
 
     here = ray.get_runtime_context().get_node_id()
-    others = [n for n in ray.nodes() if n.get("Alive") and n.get("NodeID") != here]
+    others = [n for n in ray.nodes() if n.get("Alive") and n.get("NodeID") != here
+              and n.get("Resources", {}).get("CPU", 0) >= cpus_per_worker
+              and (not use_gpu or n.get("Resources", {}).get("GPU", 0) >= 1)]
     if not others:
         return
     marker = Path(run_dir) / f".sslray-node-probe-{os.getpid()}-{time.time_ns()}"
@@ -455,8 +474,13 @@ def completed_epochs(run_dir: str) -> Optional[int]:
     from ..storage import checkpoint_order, newest_file
 
     try:
-        newest = newest_file(run_dir, "state.pt")
-    except (FileNotFoundError, OSError):
+        if is_remote(run_dir):
+            newest = newest_file(run_dir, "state.pt")
+        else:  # a newest file cut short (a node lost mid-copy) is passed over, as probe/eval/export do
+            from .evaluate import find_state
+
+            newest = str(find_state(run_dir))
+    except (FileNotFoundError, OSError, ValueError):
         return None
     key = checkpoint_order(newest.rstrip("/").split("/")[-2])
     return key[2] if key[0] == 1 else None
@@ -506,8 +530,8 @@ def _open_run(cfg: Config, tracker: Optional[Tracker], name: str, run_dir: str) 
                            f"--tracking-uri {previous['tracking_uri']} to resume it there, or --restart to start "
                            f"over (or delete {join(run_dir, RUN_FILE)} to log the resumed run to a new MLflow run)")
     ensure_ray()
-    check_storage_on_nodes(run_dir)
     use_gpu = resolve_use_gpu(cfg)
+    check_storage_on_nodes(run_dir, cfg.ray.cpus_per_worker, use_gpu)
     family = getattr(METHODS.get(cfg.method.name), "family", None)
     if tracker is None and previous and previous.get("tracking_uri") == uri:
         tracker = Tracker(uri, previous["run_id"])
@@ -594,15 +618,17 @@ def pretrain(cfg: Config, tracker: Optional[Tracker] = None, restart: bool = Fal
         with sigint_seen() as interrupted:
             result = trainer.fit()
     except BaseException as e:
-        log_wall_seconds(tracker, time.time() - t0)  # an interrupted or failed segment trained too
-        if isinstance(e, KeyboardInterrupt) or interrupted():
-            # Ctrl-C: Ray's own SIGINT handler aborts the run (its workers may die of the same signal
-            # first), so fit() raises an abort or worker error, or exits; it is an interrupt all the same.
-            tracker.end("KILLED")
+        seconds = time.time() - t0
+        # Ctrl-C: Ray's own SIGINT handler aborts the run (its workers may die of the same signal first),
+        # so fit() raises an abort or worker error, or exits; it is an interrupt all the same. The run is
+        # ended first: a second Ctrl-C during the logging below must not leave it RUNNING.
+        stopped = isinstance(e, KeyboardInterrupt) or interrupted()
+        tracker.end("KILLED" if stopped else "FAILED")
+        log_wall_seconds(tracker, seconds)  # an interrupted or failed segment trained too
+        if stopped:
             print(f"sslray: interrupted; its checkpoints are kept in {run_dir}; run the same command again "
                   f"(same --name {name}) to resume")
             raise KeyboardInterrupt from None
-        tracker.end("FAILED")
         print(f"sslray: run {name} failed (max_failures={cfg.ray.max_failures}); its checkpoints are kept in "
               f"{run_dir}; run the same command again to resume from the latest one")
         raise
