@@ -54,11 +54,11 @@ def check_port(host: str, port: int) -> None:
             try:
                 s.bind(addr)
             except OSError as e:
+                # Only a port in use is refused: another bind error (``localhost`` listing ``::1`` where
+                # IPv6 is off) may not concern the address the server binds; it reports its own.
                 if e.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", errno.EADDRINUSE)):
                     raise ValueError(f"port {port} on {host} is already in use (another `sslray ui` or server "
                                      f"still running?): stop it, or pick another port with --port") from None
-                raise ValueError(f"cannot listen on {host} port {port}: {e.strerror or e} "
-                                 "(check --host and --port)") from None
 
 
 STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
@@ -78,6 +78,25 @@ def _signal_server(proc: subprocess.Popen, signum: int) -> None:
             proc.send_signal(signum)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _die_with_parent():
+    """On Linux, a ``preexec_fn`` asking the kernel to send the server SIGTERM when this process dies
+    (``prctl(PR_SET_PDEATHSIG)``): in a session of its own, the server would outlive a SIGKILL of
+    ``sslray ui`` (an IDE's force stop, a kernel restart) and keep the port. None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+    def arm() -> None:
+        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+    return arm
 
 
 def _group_alive(pgid: int) -> bool:
@@ -125,7 +144,7 @@ def run_server(cmd: list[str], env: dict, grace: float = 5.0) -> int:
         except ValueError:  # not the main thread: no handlers (the finally clause still stops the server)
             break
     try:
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent())
         if asked:  # a request that came while the server was being started
             _signal_server(proc, asked[0])
         deadline, killed = None, False
