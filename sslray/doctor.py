@@ -519,5 +519,6 @@ def register(sub) -> None:
     d.add_argument("--need", help=f"comma list of what the job needs, from {','.join(NEEDS)} "
                                   "(default ffcv,mlflow,storage, plus ray with an address)")
     d.add_argument("--skip", help="comma list of checks not to run: ffcv,gpu,ray,mlflow,storage,data")
-    d.add_argument("--timeout", type=float, default=10.0, help="seconds per network check (ffcv gets 12x, joining a Ray cluster 3x)")
+    d.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds per network check (ffcv gets 12x, joining a Ray cluster 3x)")
     d.set_defaults(func=cmd_doctor)

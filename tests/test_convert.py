@@ -225,4 +225,5 @@ def test_outputs_kept_beside_the_splits_are_not_splits_and_new_classes_need_forc
     with pytest.raises(ConversionError, match=r"2 classes \(now 3: added c; the labels would be renumbered\).*--force"):
         convert(src, out, split="train", params=p, workers=1, verbose=False)
     assert read_manifest(out)["classes"] == ["a", "b"]
-    assert convert(src, out, split="train", params=p, workers=1, verbose=False, force=True)["classes"] == ["a", "b", "c"]
+    again = convert(src, out, split="train", params=p, workers=1, verbose=False, force=True)
+    assert again["classes"] == ["a", "b", "c"]

@@ -238,6 +238,7 @@ def test_subsets_larger_than_the_data_are_said_once(tiny_betons):
         "data.train_subset 100 is more than the 64 images there: all 64 are used",
         "data.knn_bank 500 is more than the 64 images there: all 64 are used"]  # val_subset 5 of 8 fits
     more_val = cfg.replace(**{"data.val_subset": 9})
-    assert "data.val_subset 9 is more than the 8 images there: all 8 are used" in plan_data(more_val, 1).notes(more_val.data)
+    notes = plan_data(more_val, 1).notes(more_val.data)
+    assert "data.val_subset 9 is more than the 8 images there: all 8 are used" in notes
     fits = cfg.replace(**{"data.train_subset": 32, "data.val_subset": 4, "data.knn_bank": 0})
     assert plan_data(fits, 1).notes(fits.data) == []

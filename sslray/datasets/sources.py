@@ -116,12 +116,17 @@ def split_root(src: str | os.PathLike, split: str | None) -> Path:
 
 
 def _holds_class_images(folder: Path) -> bool:
-    """Whether some ``folder/<class>/`` holds an image file (stops at the first one found)."""
-    for sub in os.scandir(folder):
-        if sub.is_dir():
-            with os.scandir(sub.path) as entries:
-                if any(e.is_file() and is_image_name(e.name) for e in entries):
-                    return True
+    """Whether some ``folder/<class>/`` holds an image file (stops at the first one found); a folder
+    this user cannot read (``lost+found``, another user's run) is no split."""
+    try:
+        with os.scandir(folder) as subs:
+            for sub in subs:
+                if sub.is_dir():
+                    with os.scandir(sub.path) as entries:
+                        if any(e.is_file() and is_image_name(e.name) for e in entries):
+                            return True
+    except PermissionError:
+        pass
     return False
 
 

@@ -264,14 +264,12 @@ def run_finetune(state_path: str, train: str, val: str, init: str, s: FinetuneSe
         run_config=RunConfig(name=f"finetune-{init}-{time.strftime('%Y%m%d-%H%M%S')}",
                              storage_path=str(Path(storage).resolve())),
     )
-    try:
-        result = trainer.fit()
-    finally:
-        if not s.storage:  # a folder made for this fit: its checkpoints are not kept
-            shutil.rmtree(storage, ignore_errors=True)
+    result = trainer.fit()  # a failed fit keeps its folder: Ray's error and worker logs are there
     metrics = dict(result.metrics or {})
     if "top1" not in metrics:
         raise RuntimeError(f"finetune ({init}): the Ray Train run in {storage} reported no final scores")
+    if not s.storage:  # a folder made for this fit: its checkpoints are not kept
+        shutil.rmtree(storage, ignore_errors=True)
     return metrics
 
 

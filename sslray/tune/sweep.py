@@ -167,8 +167,9 @@ def max_concurrent_trials(resources: Mapping[str, float], workers: int, cpus_per
             if have < need and can_grow:
                 n = total_trials or 1
                 print(f"sslray tune: one trial needs {need:g} {key} ({workers} worker(s) x {per:g}) and the cluster "
-                      f"has {have:g} now; up to {n} trial(s) start and wait for the autoscaler's nodes "
-                      f"(--max-concurrent sets how many)")
+                      f"has {have:g} now; up to {n} trial(s) start and wait for an autoscaler's nodes "
+                      f"(--max-concurrent sets how many). A cluster that does not autoscale never gets them: "
+                      f"stop with Ctrl-C and give the trials fewer workers or CPUs")
                 return n
             if have < need:
                 raise ConfigError(f"one trial needs {need:g} {key} ({workers} worker(s) x {per:g}); "

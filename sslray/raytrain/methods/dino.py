@@ -57,7 +57,7 @@ class DINO(nn.Module):
     def __init__(self, backbone: nn.Module, head: DINOHead, out_dim: int, epochs: int, student_temp: float = 0.1,
                  teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04, warmup_teacher_temp_epochs: int = 30,
                  center_momentum: float = 0.9, momentum: float = 0.996, freeze_last_layer_epochs: float = 1.0,
-                 num_global: int = 2, norm_last_layer: bool = True):
+                 num_global: int = 2):
         super().__init__()
         self.backbone, self.head = allow_any_size(backbone), head
         self.teacher = EMATeacher(self.backbone, head)
