@@ -38,9 +38,9 @@ def ui_url(host: str, port: int) -> str:
 
 
 def check_port(host: str, port: int) -> None:
-    """Raise ``ValueError`` (one line, naming the port and ``--port``) when ``host:port`` cannot be listened
-    on, found by binding it as the server will (``SO_REUSEADDR``, so closed connections lingering in
-    TIME_WAIT do not count). Without this check ``mlflow ui`` started, the URL was printed, and the
+    """Raise ``ValueError`` (one line, naming the port and ``--port``) when ``host:port`` is in use, found by
+    binding it as the server will (``SO_REUSEADDR``, so closed connections lingering in TIME_WAIT do not
+    count). Without this check ``mlflow ui`` started, the URL was printed, and the
     server's "address already in use" was buried in its log. A host that does not resolve is left to
     the server to report."""
     try:

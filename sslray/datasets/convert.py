@@ -293,11 +293,10 @@ def check_same_origin(out: Path, old: dict, source: str, split: Optional[str], s
     if classes is not None and old.get("classes") is not None and list(old["classes"]) != list(classes):
         # New or removed class folders renumber the labels every checkpoint of the old data was
         # trained and probed with.
-        added = sorted(set(classes) - set(old["classes"]))
-        gone = sorted(set(old["classes"]) - set(classes))
-        what = "; ".join(x for x in (f"added {', '.join(added[:8])}{' ...' if len(added) > 8 else ''}" if added else "",
-                                     f"removed {', '.join(gone[:8])}{' ...' if len(gone) > 8 else ''}" if gone else "")
-                         if x) or "in another order"
+        changes = (("added", sorted(set(classes) - set(old["classes"]))),
+                   ("removed", sorted(set(old["classes"]) - set(classes))))
+        what = "; ".join(f"{verb} {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
+                         for verb, names in changes if names) or "in another order"
         diffs.append(f"{len(old['classes'])} classes (now {len(classes)}: {what}; the labels would be renumbered)")
     before = old.get("settings")
     if isinstance(before, dict):

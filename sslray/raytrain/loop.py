@@ -219,6 +219,9 @@ AS_STARTED = {
 }
 
 
+_MISSING = object()
+
+
 def as_started(cfg: Config, saved: Optional[dict], log=print) -> Config:
     """``cfg`` with the ``AS_STARTED`` keys the checkpoint's config ``saved`` does not have set to the
     value its run was trained with; said once when any is."""
@@ -230,8 +233,8 @@ def as_started(cfg: Config, saved: Optional[dict], log=print) -> Config:
             continue
         node = saved
         for part in key.split("."):
-            node = node.get(part, AS_STARTED) if isinstance(node, dict) else AS_STARTED
-        if node is AS_STARTED:  # not in the checkpoint's config
+            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        if node is _MISSING:  # not in the checkpoint's config
             kept[key] = before
     if not kept:
         return cfg
@@ -249,7 +252,6 @@ def train_loop(cfg: Config, session) -> dict:
     state = session.restore()
     if state is not None:
         cfg = as_started(cfg, state.get("config"), session.log)
-    if state is not None:
         saved = int(state.get("config", {}).get("data", {}).get("batch_size", cfg.data.batch_size))
         if saved != cfg.data.batch_size and cfg.data.auto_batch:
             session.log(f"sslray: auto batch: resuming with the checkpoint's global batch {saved}")
