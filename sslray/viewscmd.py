@@ -1,6 +1,6 @@
 """`sslray views`: what a method's augmentations do to your images, before you train on them.
 
-The first images of a .beton beside the views the method's recipe makes of them, drawn by the same
+Images spread over a .beton beside the views the method's recipe makes of them, drawn by the same
 device-side code as training (``sslray.datasets.views.build_views``). Every run logs the same
 picture (``pictures/views.png``) from its first training batch.
 """
@@ -9,6 +9,18 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+
+def spread_indices(total: int, n: int, seed: int = 0) -> list[int]:
+    """``min(n, total)`` sorted indices into ``range(total)``, one drawn (seeded) from each of as many equal
+    stretches. Converted datasets are sorted by class, so the first ``n`` images would all share one; a
+    stretch per image keeps the sample spread over the classes, and the seed shows other images."""
+    import numpy as np
+
+    n = min(n, total)
+    rng = np.random.default_rng(seed)
+    edges = [i * total // n for i in range(n + 1)]
+    return [int(rng.integers(lo, hi)) for lo, hi in zip(edges, edges[1:])]
 
 
 def method_config(method: str, recipe: str | None = None, overrides=()):
@@ -37,8 +49,14 @@ def draw_views(data: str, method: str, out: str, recipe: str | None = None, n: i
         raise FileNotFoundError(f"--data {data}: no such .beton")
     cfg = method_config(method, recipe, overrides)
     dev = torch.device(device)
-    dataset_info(data)  # a clear error for a file that is not a .beton
-    x = first_images(make_loader(data, n, res=cfg.data.decode_res, device=dev, train=False, num_workers=1), n)
+    if n < 1:
+        raise ValueError(f"-n {n}: draw at least one image")
+    total = dataset_info(data).num_images  # also a clear error for a file that is not a .beton
+    if total < 1:
+        raise ValueError(f"--data {data}: no images to draw")
+    idx = spread_indices(total, n, seed)
+    x = first_images(make_loader(data, len(idx), res=cfg.data.decode_res, device=dev, train=False, indices=idx,
+                                 num_workers=1), len(idx))
     torch.manual_seed(seed)
     mv = build_views(cfg.views).to(dev)
     fig = views_figure(x, mv(x), mv, n, f"{method}: {Path(data).name} and its views ({cfg.views.preset} preset)")
@@ -56,11 +74,12 @@ def cmd_views(a) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser("views", help="a grid of source images beside a method's augmented views (PNG)")
-    v.add_argument("--data", required=True, help=".beton to take the first images from")
+    v.add_argument("--data", required=True, help=".beton to draw images from (spread over the whole file, "
+                                                         "so a class-sorted dataset shows several classes)")
     v.add_argument("--method", required=True, help="SSL method whose views to draw (see `sslray methods`)")
     v.add_argument("--recipe", help="recipe for the views (default: the method's <method>_cifar10 recipe)")
     v.add_argument("--out", help="output PNG (default views-<method>.png)")
     v.add_argument("-n", "--num", type=int, default=8, help="source images (rows)")
-    v.add_argument("--seed", type=int, default=0, help="seed for the augmentation parameters")
+    v.add_argument("--seed", type=int, default=0, help="seed for the sample of images and the augmentation parameters")
     v.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. views.min_scale=0.2")
     v.set_defaults(func=cmd_views)
