@@ -215,7 +215,8 @@ AS_STARTED = {
     "optim.lars_eta": (None, 0.001), "optim.lars_clip": (None, False), "optim.adam_beta2": (None, 0.95),
     "optim.clip_mode": (None, "global"), "optim.decay_bias_norm": (None, False),
     "method.params.paper_init": ("mae", False), "method.params.freeze_patch_embed": ("mocov3", False),
-    "method.params.norm_last_layer": ("dino", True),
+    "method.params.norm_last_layer": ("dino", True), "method.params.fixed_pos_embed": ("mocov3", False),
+    "method.params.scale_loss": ("barlowtwins", 1.0),
 }
 
 

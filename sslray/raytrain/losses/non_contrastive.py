@@ -28,19 +28,22 @@ def _standardise(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 
 
 @full_precision
-def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambda_: float = 5e-3) -> torch.Tensor:
+def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambda_: float = 5e-3,
+                      scale_loss: float = 1.0) -> torch.Tensor:
     """Barlow Twins (Zbontar et al., ICML 2021, eq. 1): ``sum_i (1 - C_ii)^2 + lambda * sum_{i!=j} C_ij^2``
-    with ``C`` the cross-correlation of the batch-standardised embeddings (N, D).
+    with ``C`` the cross-correlation of the batch-standardised embeddings (N, D), times ``scale_loss``.
 
     Batch statistics make this a global-batch loss: under DDP pass gathered embeddings.
-    ``lambda_`` 5e-3 is the paper's value (1/D-ish for D=8192).
+    ``lambda_`` 5e-3 is the paper's value (1/D-ish for D=8192). ``scale_loss`` 1.0 is the paper's
+    (ImageNet); CIFAR recipes tuned with a smaller one (0.1) need it, because the parameters LARS does
+    not adapt (biases, BN) step by ``lr * grad`` and so by ``scale_loss`` too.
     """
     _check_pair(z1, z2, "barlow_twins_loss", min_n=2)
     n = z1.shape[0]
     c = _standardise(z1.float()).t() @ _standardise(z2.float()) / n
     on_diag = (torch.diagonal(c) - 1).pow(2).sum()
     off_diag = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
-    return on_diag + lambda_ * off_diag
+    return scale_loss * (on_diag + lambda_ * off_diag)
 
 
 def invariance_loss(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from ...config import ConfigError
+from ...config import ConfigError, _coerce
 from ...registry import Registry
 from ..backbones import check_shapes, create_backbone
 
@@ -34,17 +34,21 @@ def build_backbone(cfg) -> tuple[nn.Module, int]:
 
 
 def _builder_and_params(cfg) -> tuple[Callable[..., nn.Module], dict]:
-    """The method's builder and ``cfg.method.params``, which must match its keyword args."""
+    """The method's builder and ``cfg.method.params``, which must match its keyword args, each value
+    read as its annotated type (bool, int, float, str) the way other config keys are: a ``"no"`` for
+    a bool switch is false, not a true-looking string; a value that cannot be read as its type is
+    refused with an error naming the key."""
     builder = METHODS.get(cfg.method.name)
     params = dict(cfg.method.params)
-    allowed = set(inspect.signature(builder).parameters) - {"cfg", "backbone", "feat_dim"}
+    signature = inspect.signature(builder).parameters
+    allowed = set(signature) - {"cfg", "backbone", "feat_dim"}
     unknown = sorted(set(params) - allowed)
     if unknown:
         raise ValueError(
             f"unknown key(s) {', '.join('method.params.' + k for k in unknown)} for method "
             f"{cfg.method.name!r}; it accepts: {', '.join(sorted(allowed)) or 'none'}"
         )
-    return builder, params
+    return builder, {k: _coerce(v, signature[k].annotation, f"method.params.{k}") for k, v in params.items()}
 
 
 def check_method_config(cfg) -> None:

@@ -15,7 +15,9 @@ class EMATeacher(nn.Module):
     updated as ``t <- m t + (1 - m) s`` (MoCo eq. 2, BYOL sec. 3.1).
 
     A registered submodule, so ``state_dict()`` saves and restores it with the student. Buffers
-    (BN running statistics) are copied from the student rather than averaged.
+    (BN running statistics) are copied from the student rather than averaged, and so are the
+    student's frozen parameters (``requires_grad`` False: MoCo v3's fixed position embedding and
+    random patch projection): ``m t + (1 - m) t`` drifts from ``t`` by rounding, step after step.
     """
 
     def __init__(self, *students: nn.Module):
@@ -30,13 +32,19 @@ class EMATeacher(nn.Module):
     @torch.no_grad()
     def update(self, *students: nn.Module, momentum: float) -> None:
         student = nn.ModuleList(students)
-        t_params, s_params = list(self.module.parameters()), list(student.parameters())
-        if len(t_params) != len(s_params):
+        t_all, s_all = list(self.module.parameters()), list(student.parameters())
+        if len(t_all) != len(s_all):
             raise RuntimeError("EMATeacher: student and teacher no longer have the same parameters")
-        # foreach: one launch per few tensors instead of one per tensor (the step is launch-bound at
-        # small batch); under no_grad the student parameters need no detach.
-        torch._foreach_mul_(t_params, momentum)
-        torch._foreach_add_(t_params, s_params, alpha=1 - momentum)
+        trained = [(t, s) for t, s in zip(t_all, s_all) if s.requires_grad]
+        frozen = [(t, s) for t, s in zip(t_all, s_all) if not s.requires_grad]
+        if frozen:
+            torch._foreach_copy_([t for t, _ in frozen], [s for _, s in frozen])
+        if trained:
+            # foreach: one launch per few tensors instead of one per tensor (the step is launch-bound
+            # at small batch); under no_grad the student parameters need no detach.
+            t_params, s_params = [t for t, _ in trained], [s for _, s in trained]
+            torch._foreach_mul_(t_params, momentum)
+            torch._foreach_add_(t_params, s_params, alpha=1 - momentum)
         t_bufs, s_bufs = list(self.module.buffers()), list(student.buffers())
         if t_bufs:
             torch._foreach_copy_(t_bufs, s_bufs)

@@ -10,20 +10,7 @@ from torch import nn
 from ..backbones import create_backbone, trunk_modules
 from ..losses import mae_loss, patchify, random_masking
 from . import register_method
-
-
-def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position embedding (MAE's decoder), (grid*grid, dim)."""
-    if dim % 4:
-        raise ValueError(f"sin-cos position embedding needs a dim divisible by 4, got {dim}")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                            indexing="ij")
-    parts = []
-    for pos in (ys.reshape(-1), xs.reshape(-1)):
-        out = pos[:, None] * omega[None]
-        parts += [out.sin(), out.cos()]
-    return torch.cat(parts, 1).float()
+from ._posembed import fix_sincos_pos_embed, sincos_pos_embed
 
 
 class MAE(nn.Module):
@@ -56,19 +43,15 @@ class MAE(nn.Module):
         self.decoder_pred = nn.Linear(decoder_dim, self.patch**2 * 3)
         nn.init.normal_(self.mask_token, std=0.02)
         if paper_init:
-            self._paper_init(gh)
+            self._paper_init()
 
-    def _paper_init(self, grid: int) -> None:
+    def _paper_init(self) -> None:
         """The paper code's initialisation (App. A.1): the encoder's position embedding is the fixed 2-D
         sin-cos one (zero for the class token), not learned; every Linear xavier-uniform with zero bias,
         the patch projection xavier-uniform as a Linear on its flattened weight, LayerNorms at (1, 0),
         the class token N(0, 0.02). timm's ViT otherwise starts from a learned, truncated-normal one."""
         bb = self.backbone
-        prefix = 0 if getattr(bb, "no_embed_class", False) else bb.num_prefix_tokens
-        with torch.no_grad():
-            bb.pos_embed.zero_()
-            bb.pos_embed[0, prefix:].copy_(sincos_pos_embed(bb.embed_dim, grid))
-        bb.pos_embed.requires_grad_(False)
+        fix_sincos_pos_embed(bb)
         for m in (*bb.blocks.modules(), *self.decoder.modules(), self.decoder_embed, self.decoder_pred):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)

@@ -15,6 +15,7 @@ from ..heads import MLPHead
 from ..losses import infonce_loss
 from . import register_method
 from ._ema import EMATeacher, ema_momentum
+from ._posembed import fix_sincos_pos_embed
 from ._queue import FeatureQueue
 
 
@@ -121,16 +122,23 @@ def build_mocov2(cfg, backbone, feat_dim, queue_size: int = 65536, momentum: flo
 
 @register_method("mocov3")
 def build_mocov3(cfg, backbone, feat_dim, momentum: float = 0.99, pred_hidden_dim: int = 4096,
-                 proj_layers: int = 3, pred_last_bn: bool = True, freeze_patch_embed: bool = False):
+                 proj_layers: int = 3, pred_last_bn: bool = True, freeze_patch_embed: bool = False,
+                 fixed_pos_embed: bool = False):
     """Projector ending in BN, 2-layer predictor. The defaults are the paper code's ViT layout
     (``MoCo_ViT``: 3-layer projector, predictor ending in BN); its ResNet layout (``MoCo_ResNet``) is
     ``proj_layers=2, pred_last_bn=False``. No Linear has a bias, as in the paper code's ``_build_mlp``.
     ``freeze_patch_embed``: a ViT's patch projection stays at its random init (the paper's fix for
     training instability, sec. 4.2, ``--stop-grad-conv1``); the optimizer then leaves it out. A backbone
-    without one (a ResNet given to the ViT recipe) has nothing to freeze, as the paper's ResNet runs."""
+    without one (a ResNet given to the ViT recipe) has nothing to freeze, as the paper's ResNet runs.
+    ``fixed_pos_embed``: a ViT's position embedding is the paper code's fixed 2-D sin-cos one, zero for
+    the class token, not timm's learned one (``vits.py``, ``build_2d_sincos_position_embedding``); it is
+    frozen, and the momentum encoder, copied from the backbone below, holds the same. A backbone without
+    one (a ResNet) is left as it is."""
     proj = getattr(getattr(backbone, "patch_embed", None), "proj", None)
     if freeze_patch_embed and proj is not None:
         proj.requires_grad_(False)
+    if fixed_pos_embed:
+        fix_sincos_pos_embed(backbone)
     h, d = cfg.model.proj_hidden_dim, cfg.model.proj_out_dim
     projector = MLPHead(feat_dim, h, d, layers=proj_layers, last_bn=True)
     predictor = MLPHead(d, pred_hidden_dim, d, layers=2, last_bn=pred_last_bn, last_bias=False)

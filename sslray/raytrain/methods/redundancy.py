@@ -3,12 +3,14 @@ ICLR 2022). Backbone + expander + a loss on batch statistics, computed over the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 
 import torch
 from torch import nn
 
+from ...config import ConfigError
 from ..distributed import gather_with_grad
 from ..heads import MLPHead
 from ..losses import barlow_twins_loss, vicreg_loss
@@ -34,11 +36,18 @@ class BatchStatTwins(nn.Module):
 
 
 @register_method("barlowtwins")
-def build_barlowtwins(cfg, backbone, feat_dim, lambda_: float = 5e-3, proj_layers: int = 3):
-    """Projector: 3 linear layers, BN+ReLU between (8192 wide in the paper); lambda 5e-3."""
+def build_barlowtwins(cfg, backbone, feat_dim, lambda_: float = 5e-3, proj_layers: int = 3,
+                      scale_loss: float = 1.0):
+    """Projector: 3 linear layers, BN+ReLU between (8192 wide in the paper); lambda 5e-3.
+    ``scale_loss`` multiplies the loss: 1.0 is the paper's (ImageNet); solo-learn's CIFAR lr and LARS
+    settings were tuned with 0.1. The logged ``loss`` is the scaled one, the value that is
+    backpropagated (as solo-learn logs it), so runs with different scales differ in it by that factor."""
+    if not (isinstance(scale_loss, (int, float)) and math.isfinite(scale_loss) and scale_loss > 0):
+        raise ConfigError(f"config key 'method.params.scale_loss': must be a finite number above 0, "
+                          f"got {scale_loss!r}")
     h, d = cfg.model.proj_hidden_dim, cfg.model.proj_out_dim
     return BatchStatTwins(backbone, MLPHead(feat_dim, h, d, layers=proj_layers),
-                          partial(barlow_twins_loss, lambda_=lambda_), "Barlow Twins")
+                          partial(barlow_twins_loss, lambda_=lambda_, scale_loss=scale_loss), "Barlow Twins")
 
 
 @register_method("vicreg")
