@@ -43,6 +43,15 @@ class ViewConfig:
     local_crops: int = -1  # multi-crop presets (dino, swav, simclr): local crops; -1 = the preset's (6; simclr 0)
     local_size: int = 0  # multi-crop local crop size, px; 0 = the preset's (96/224 of crop_size)
     backend: str = "fused"  # fused (sslray's batched kernels) | kornia (kornia.augmentation); same parameters
+    mean: tuple[float, ...] = ()  # R, G, B mean of pixels in [0, 1]; empty = CIFAR's (crop_size <= 64) else ImageNet's
+    std: tuple[float, ...] = ()  # R, G, B std, set with views.mean; training views, probes, kNN and export use both
+    aug: Mapping = field(default_factory=dict)  # op overrides for every view, after preset and policy: {grey_p: 0}
+
+    def __post_init__(self):
+        from .augconfig import check_views  # mean, std, aug: checked by key, kept as tuples and floats
+
+        for name, value in check_views(self).items():
+            object.__setattr__(self, name, value)
 
 
 @dataclass(frozen=True)

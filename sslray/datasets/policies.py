@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..augconfig import WHOLE_IMAGE_PRESETS
 from ..registry import Registry
 
 POLICIES: Registry[Callable[[torch.Tensor], torch.Tensor]] = Registry("augmentation policy op")
@@ -220,9 +221,9 @@ def mae_policy(spec: Spec, cfg=None) -> Spec:
     return _each(spec, crop_flip)
 
 
-# Presets whose views keep the whole image: the method draws the crops and flips itself, to know where
-# every feature-map cell lies in the image, and then blurs and solarizes the crops (VICRegL).
-WHOLE_IMAGE_PRESETS = ("vicregl",)
+# WHOLE_IMAGE_PRESETS: presets whose views keep the whole image: the method draws the crops and flips
+# itself, to know where every feature-map cell lies in the image, and then blurs and solarizes the crops
+# (VICRegL). Defined beside the views.aug checks, which keep the same steps away from them.
 
 
 def check_policy(preset: str | None, policy: str | None) -> None:

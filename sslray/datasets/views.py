@@ -426,18 +426,27 @@ def build_views(cfg) -> MultiView:
     spec = PRESETS.get(cfg.preset)(
         size=cfg.crop_size, min_scale=cfg.min_scale, jitter_strength=cfg.jitter_strength, blur=cfg.blur, **extra
     )
+    from ..augconfig import apply_settings
     from .policies import apply_policy  # here: policies.py imports this module
 
     spec = apply_policy(spec, getattr(cfg, "policy", "default"), cfg)
-    return MultiView(spec, getattr(cfg, "backend", "fused"))
+    return MultiView(apply_settings(spec, cfg), getattr(cfg, "backend", "fused"))
+
+
+def normalisation(cfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``views.mean`` / ``views.std`` when set, else CIFAR's for crops up to 64 px and ImageNet's above."""
+    if getattr(cfg, "mean", ()):
+        return tuple(cfg.mean), tuple(cfg.std)
+    return (CIFAR_MEAN, CIFAR_STD) if cfg.crop_size <= 64 else (IMAGENET_MEAN, IMAGENET_STD)
 
 
 def eval_transform(cfg) -> EvalTransform:
-    small = cfg.crop_size <= 64
-    return EvalTransform(cfg.crop_size, CIFAR_MEAN if small else IMAGENET_MEAN, CIFAR_STD if small else IMAGENET_STD)
+    """Probes, kNN, export: the training views' normalisation, so features see the same statistics."""
+    return EvalTransform(cfg.crop_size, *normalisation(cfg))
 
 
 __all__ = ["AugParams", "ViewAugment", "FusedViewAugment", "BACKENDS", "PROB_FIELDS", "batch_groups", "EvalTransform",
-           "MultiView", "PRESETS", "build_views", "eval_transform", "local_crop_size", "replace", "simclr_views"]
+           "MultiView", "PRESETS", "build_views", "eval_transform", "local_crop_size", "normalisation", "replace",
+           "simclr_views"]
 
 from . import presets as _presets  # noqa: E402,F401  (registers the other presets)
