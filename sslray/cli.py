@@ -138,9 +138,18 @@ def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val
             from .export import export_after_training
 
             backbone = export_after_training(res.checkpoint, tracker)
+        store = None
+        if probe and eval_protocols and cfg.data.val and res.checkpoint:
+            from .eval.runner import shared_store
+
+            # The probe and the protocols score the same checkpoint, data, subsets and device: one store
+            # extracts the frozen features and fits the linear probes once for both.
+            store = shared_store(res.checkpoint, cfg.data.train, cfg.data.val, eval_protocols,
+                                 train_subset=probe_train_subset, val_subset=probe_val_subset, use_gpu=cfg.ray.use_gpu)
         if probe and cfg.data.val and res.checkpoint:
             report = probe_checkpoint(res.checkpoint, cfg.data.train, cfg.data.val, train_subset=probe_train_subset,
-                                      val_subset=probe_val_subset, knn_k=cfg.train.knn_k, use_gpu=cfg.ray.use_gpu)
+                                      val_subset=probe_val_subset, knn_k=cfg.train.knn_k, use_gpu=cfg.ray.use_gpu,
+                                      store=store)
             log_probe(tracker, report)
             print(format_table(report))
         if eval_protocols and res.checkpoint:  # `--eval linear,knn,...`: the protocols of `sslray eval`, same run
@@ -152,7 +161,7 @@ def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val
                                   use_gpu=cfg.ray.use_gpu, seed=cfg.train.seed)  # the training run's workers
             ev = run_eval(res.checkpoint, cfg.data.train, cfg.data.val or None, eval_protocols,
                           train_subset=probe_train_subset, val_subset=probe_val_subset, use_gpu=cfg.ray.use_gpu,
-                          finetune=ft)
+                          finetune=ft, store=store)
             log_eval(tracker, ev)
             close_figures(ev)
             print(format_eval_table(ev))
@@ -203,10 +212,9 @@ def cmd_demo(a) -> int:
 
 
 def cmd_methods(a) -> int:
-    from .raytrain.methods import METHODS
+    from .methodinfo import method_lines  # not the registry: that imports torch and timm (~4 s)
 
-    for name in METHODS.names():
-        print(f"{name:14s} {getattr(METHODS.get(name), 'family', '')}")
+    print("\n".join(method_lines()))
     return 0
 
 
@@ -282,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", metavar="section.key=value")
     d.set_defaults(func=cmd_demo)
 
-    m = sub.add_parser("methods", help="list the registered SSL methods")
+    m = sub.add_parser("methods", help="list the registered SSL methods: family and built-in recipes")
     m.set_defaults(func=cmd_methods)
     for mod in COMMAND_MODULES:  # each owns its sub-commands: register(subparsers)
         import importlib

@@ -32,3 +32,22 @@ def test_help_and_usage_errors_import_no_heavy_library(argv):
             f"    try:\n        main({argv!r})\n    except SystemExit:\n        pass")
     assert heavy_modules_after(code) == "[]"
 
+
+def test_methods_command_imports_no_heavy_library_and_lists_the_registry():
+    code = "from sslray.cli import main\nmain(['methods'])"
+    out = subprocess.run([sys.executable, "-c", f"import sys\n{code}\n{REPORT}"], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    *printed, heavy = out.stdout.strip().splitlines()
+    assert heavy == "[]"
+    from sslray.raytrain.methods import METHODS
+
+    assert [line.split()[:2] for line in printed] == [[name, METHODS.get(name).family] for name in METHODS.names()]
+
+
+def test_torch_free_method_families_match_the_registry():
+    from sslray.methodinfo import FAMILIES, recipes_by_method
+    from sslray.raytrain.methods import METHODS
+
+    assert FAMILIES == {name: METHODS.get(name).family for name in METHODS.names()}
+    assert set(recipes_by_method()) <= set(METHODS.names())  # every recipe names a registered method

@@ -94,6 +94,7 @@ class FeatureStore:
     def __init__(self, checkpoint: str, train: str, val: str, *, train_subset: int = 0, val_subset: int = 0,
                  use_gpu: str = "auto", batch_size: int = 512, cache_dir: Optional[str] = None, cache: bool = True,
                  progress: bool = True, log: Callable[[str], None] = print):
+        self.checkpoint = str(checkpoint)
         self.state_path = find_state(checkpoint)  # FileNotFoundError naming the path
         self.train, self.val = str(train), str(val)
         self.train_info = labelled_info(self.train, "train")
@@ -108,6 +109,7 @@ class FeatureStore:
         self.train_idx = subset_indices(self.train_info.num_images, train_subset, self.cfg.train.seed)
         self.val_idx = subset_indices(self.val_info.num_images, val_subset, self.cfg.train.seed)
         self._mem: dict[str, Features] = {}
+        self._fits: dict = {}  # init -> sslray.raytrain.probe.ProbeResult
 
     @property
     def classes(self) -> list[str]:
@@ -149,6 +151,37 @@ class FeatureStore:
             f.path = self._write(path, f, self.key(init)[1])
         self._mem[init] = f
         return f
+
+    def serves(self, checkpoint: str, train: str, val: str, *, train_subset: int = 0, val_subset: int = 0,
+               use_gpu: str = "auto") -> None:
+        """A ValueError naming what differs unless this store holds the features a new store for these
+        arguments would extract: a caller handed a store must never score another checkpoint's features."""
+        if str(checkpoint) != self.checkpoint and find_state(checkpoint).resolve() != self.state_path.resolve():
+            raise ValueError(f"the feature store is of checkpoint {self.state_path}, not {checkpoint}")
+        for role, given, held in (("train", train, self.train), ("val", val, self.val)):
+            if Path(given).resolve() != Path(held).resolve():
+                raise ValueError(f"the feature store's {role} split is {held}, not {given}")
+        seed = self.cfg.train.seed
+        for role, n, held in (("train", train_subset, self.train_idx), ("val", val_subset, self.val_idx)):
+            info = self.train_info if role == "train" else self.val_info
+            if _indices_id(subset_indices(info.num_images, n, seed)) != _indices_id(held):
+                raise ValueError(f"the feature store holds another {role} subset than {role}_subset={n}")
+        if pick_device(0, use_gpu) != self.device:
+            raise ValueError(f"the feature store's features are computed on {self.device}, not for use_gpu={use_gpu}")
+
+    def fitted(self, init: str) -> bool:
+        return init in self._fits
+
+    def linear(self, init: str = "pretrained"):
+        """The linear probe on ``get(init)`` (seeded by the checkpoint's train.seed), fitted once per store.
+        The end-of-run probe of ``sslray pretrain --eval linear`` and the ``linear`` protocol read this one
+        fit: the same model on the same features, logged once as ``probe_linear_*`` and once as ``eval_linear_*``."""
+        if init not in self._fits:
+            from ..raytrain.probe import linear_probe  # scikit-learn: only where a probe is fitted
+
+            f = self.get(init)
+            self._fits[init] = linear_probe(f.train_x, f.train_y, f.val_x, f.val_y, f.classes, seed=self.cfg.train.seed)
+        return self._fits[init]
 
     def backbone(self, init: str):
         if init == "pretrained":

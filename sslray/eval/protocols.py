@@ -94,8 +94,11 @@ def linear(ctx: EvalContext) -> ProtocolResult:
 
     for init in INITS:
         f = ctx.store.get(init)
-        ctx.log(f"eval linear: fitting the {LABELS[init]} probe on {len(f.train_y)} images ...")
-        res = linear_probe(f.train_x, f.train_y, f.val_x, f.val_y, f.classes, seed=ctx.store.cfg.train.seed)
+        if ctx.store.fitted(init):  # `sslray pretrain --eval linear`: the end-of-run probe fitted it
+            ctx.log(f"eval linear: the {LABELS[init]} probe is the one fitted on these features after training")
+        else:
+            ctx.log(f"eval linear: fitting the {LABELS[init]} probe on {len(f.train_y)} images ...")
+        res = ctx.store.linear(init)
         out[init] = {f"linear_{k}": v for k, v in res.metrics.items()}
         texts[f"linear/classification_report_{init}.txt"] = res.report
         figs[f"linear/confusion_{init}.png"] = plots.confusion(res.confusion, f.classes, f"linear probe ({LABELS[init]})")
@@ -198,3 +201,11 @@ def finetune(ctx: EvalContext) -> ProtocolResult:
     res = finetune_compare(state, storage.absolute(st.train), storage.absolute(st.val), s, log=ctx.log)
     info = {"settings": s.__dict__, **res["info"]}
     return ProtocolResult("finetune", res["pretrained"], res["random_init"], info=info)
+
+
+finetune.reads_features = False  # it trains the backbone itself: a feature store would go unused
+
+
+def reads_features(name: str) -> bool:
+    """Whether protocol ``name`` scores the frozen features of ``ctx.store`` (every one but ``finetune``)."""
+    return getattr(PROTOCOLS.get(name), "reads_features", True)

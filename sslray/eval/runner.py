@@ -12,7 +12,7 @@ from typing import Callable, Optional, Sequence
 from ..raytrain.evaluate import find_state, read_checkpoint
 from ..storage import RUN_FILE
 from .features import FeatureStore
-from .protocols import PROTOCOLS, EvalContext, ProtocolResult, check_settings, parse_protocols
+from .protocols import PROTOCOLS, EvalContext, ProtocolResult, check_settings, parse_protocols, reads_features
 
 
 @dataclass
@@ -53,11 +53,19 @@ def find_run(checkpoint: str) -> Optional[dict]:
 def run_eval(checkpoint: str, train: Optional[str], val: Optional[str], protocols: str | Sequence[str], *,
              train_subset: int = 0, val_subset: int = 0, use_gpu: str = "auto", batch_size: int = 512,
              cache_dir: Optional[str] = None, cache: bool = True, progress: bool = True,
-             log: Callable[[str], None] = print, **ctx_kw) -> EvalReport:
+             log: Callable[[str], None] = print, store: Optional[FeatureStore] = None, **ctx_kw) -> EvalReport:
     """Run ``protocols`` (names or ``"linear,knn"``) on ``checkpoint``. ``train``/``val`` default to the
-    checkpoint's own ``data.train``/``data.val``; ``ctx_kw`` sets ``EvalContext`` fields (knn_ks, ...)."""
+    checkpoint's own ``data.train``/``data.val``; ``ctx_kw`` sets ``EvalContext`` fields (knn_ks, ...).
+
+    ``store``: a ``FeatureStore`` of this checkpoint, data, subsets and device (``shared_store``) whose
+    features and linear fits the protocols take as they are; ``batch_size`` and the cache settings are
+    then the store's."""
     names = parse_protocols(protocols)  # unknown names fail before any work
     check_settings(names, **ctx_kw)
+    if store is not None:
+        store.serves(checkpoint, train or store.train, val or store.val, train_subset=train_subset,
+                     val_subset=val_subset, use_gpu=use_gpu)
+        return _run(store, names, log, ctx_kw)
     if not train or not val:
         cfg, _ = read_checkpoint(find_state(checkpoint), "cpu")
         for role, given, key in (("train", train, cfg.data.train), ("val", val, cfg.data.val)):
@@ -66,6 +74,10 @@ def run_eval(checkpoint: str, train: Optional[str], val: Optional[str], protocol
         train, val = train or cfg.data.train, val or cfg.data.val
     store = FeatureStore(checkpoint, train, val, train_subset=train_subset, val_subset=val_subset, use_gpu=use_gpu,
                          batch_size=batch_size, cache_dir=cache_dir, cache=cache, progress=progress, log=log)
+    return _run(store, names, log, ctx_kw)
+
+
+def _run(store: FeatureStore, names: Sequence[str], log: Callable[[str], None], ctx_kw: dict) -> EvalReport:
     ctx = EvalContext(store, log=log, **ctx_kw)
     results = []
     for name in names:
@@ -74,6 +86,17 @@ def run_eval(checkpoint: str, train: Optional[str], val: Optional[str], protocol
     feats = {init: {"path": str(f.path) if f.path else None, "from_cache": f.from_cache}
              for init, f in store._mem.items()}
     return EvalReport(str(store.state_path), results, feats)
+
+
+def shared_store(checkpoint: str, train: str, val: str, protocols: str | Sequence[str], *, train_subset: int = 0,
+                 val_subset: int = 0, use_gpu: str = "auto") -> Optional[FeatureStore]:
+    """The store ``run_eval`` would build for these arguments, for ``sslray pretrain --eval`` to hand to its
+    end-of-run probe first and then to ``run_eval``: the probe's frozen features and linear fits are the
+    protocols' (extracted and fitted once, one figure per metric). None when no protocol reads features
+    (``finetune`` alone), so that no feature cache is written for nothing."""
+    if not any(reads_features(n) for n in parse_protocols(protocols)):
+        return None
+    return FeatureStore(checkpoint, train, val, train_subset=train_subset, val_subset=val_subset, use_gpu=use_gpu)
 
 
 SUMMARY_JSON, SUMMARY_MD, PROTOCOLS_TAG = "eval/summary.json", "eval/summary.md", "sslray.eval_protocols"

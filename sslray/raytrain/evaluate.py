@@ -11,13 +11,13 @@ from typing import Any, Callable
 import torch
 
 from ..config import Config, ConfigError, from_dict
-from ..datasets.loader import check_same_classes, dataset_info, make_loader, subset_indices
+from ..datasets.loader import check_same_classes, dataset_info, make_loader
 from ..datasets.views import eval_transform
 from ..storage import check_one_run, checkpoint_order, fetch_checkpoint, is_remote
-from .knn import extract_features, knn_accuracy
+from .knn import knn_accuracy
 from .loop import seed_everything
 from .methods import create_method
-from .probe import ProbeResult, linear_probe
+from .probe import ProbeResult
 from .session import STATE_FILE, pick_device
 
 
@@ -137,13 +137,6 @@ class ProbeReport:
         return [(k, self.random_init[k], self.pretrained[k], self.pretrained[k] - self.random_init[k]) for k in keys]
 
 
-def _features(backbone, path, indices, cfg: Config, device, batch_size):
-    loader = make_loader(path, batch_size, res=cfg.data.decode_res, device=device, train=False, indices=indices,
-                         num_workers=cfg.data.loader_workers)
-    f, y = extract_features(backbone, loader, eval_transform(cfg.views).to(device), device, cfg.train.precision)
-    return f, y
-
-
 def _retrieval(backbone, train, val, tr_idx, va_idx, cfg: Config, device, batch_size, log) -> dict:
     """kNN retrieval grid after probing: fixed val queries (the first 8) and their top-8 train neighbours."""
     from .. import plots
@@ -165,31 +158,39 @@ def _retrieval(backbone, train, val, tr_idx, va_idx, cfg: Config, device, batch_
 
 def probe_checkpoint(checkpoint: str, train: str, val: str, *, train_subset: int = 0, val_subset: int = 0,
                      knn_k: int = 200, use_gpu: str = "auto", batch_size: int = 512,
-                     random_baseline: bool = True, log=print) -> ProbeReport:
+                     random_baseline: bool = True, log=print, store=None) -> ProbeReport:
+    """kNN and linear probe of the pretrained backbone and of its random-init baseline on frozen features.
+
+    The features and linear fits are an ``sslray.eval.FeatureStore``'s, the same the eval protocols read.
+    ``store``: one of this checkpoint, data, subsets and device, kept for the protocols that follow
+    (``sslray pretrain --eval``; ``batch_size`` is then the store's); without one, a store that caches
+    nothing serves this probe alone."""
+    from ..eval.features import FeatureStore  # sslray.eval imports this module
+
     train_info, info = dataset_info(train), dataset_info(val)
     classes = check_same_classes(train_info, info)  # before any model is loaded or feature extracted
     device = pick_device(0, use_gpu)
-    cfg, model, _ = load_checkpoint(checkpoint, device)
-    tr_idx = subset_indices(train_info.num_images, train_subset, cfg.train.seed)
-    va_idx = subset_indices(info.num_images, val_subset, cfg.train.seed)
+    if store is None:
+        store = FeatureStore(checkpoint, train, val, train_subset=train_subset, val_subset=val_subset,
+                             use_gpu=use_gpu, batch_size=batch_size, cache=False, log=log)
+    else:
+        store.serves(checkpoint, train, val, train_subset=train_subset, val_subset=val_subset, use_gpu=use_gpu)
+    cfg, tr_idx, va_idx = store.cfg, store.train_idx, store.val_idx
 
-    def evaluate(backbone, label):
-        log(f"probe: extracting {label} features ...")
-        ftr, ytr = _features(backbone, train, tr_idx, cfg, device, batch_size)
-        fva, yva = _features(backbone, val, va_idx, cfg, device, batch_size)
+    def evaluate(init, label):
+        f = store.get(init)  # float32/int64 copies of the extracted tensors: the kNN scores what it would on them
+        ftr, ytr, fva, yva = (torch.from_numpy(a).to(device) for a in (f.train_x, f.train_y, f.val_x, f.val_y))
         knn = knn_accuracy(fva, yva, ftr, ytr, len(classes), knn_k, cfg.train.knn_temperature)
         log(f"probe: fitting the {label} linear probe on {len(ytr)} images ...")
-        res = linear_probe(ftr.cpu().numpy(), ytr.cpu().numpy(), fva.cpu().numpy(), yva.cpu().numpy(), classes,
-                           seed=cfg.train.seed)
+        res = store.linear(init)
         flat = {"knn_top1": knn["knn_top1"], "knn_top5": knn["knn_top5"],
                 **{f"linear_{k}": v for k, v in res.metrics.items()}}
         return flat, res
 
-    pre, pre_res = evaluate(model.backbone, "pretrained")
-    pictures = _retrieval(model.backbone, train, val, tr_idx, va_idx, cfg, device, batch_size, log)
+    pre, pre_res = evaluate("pretrained", "pretrained")
+    pictures = _retrieval(store.backbone("pretrained"), train, val, tr_idx, va_idx, cfg, device, store.batch_size, log)
     if random_baseline:
-        rand_model = random_init_model(cfg).to(device)
-        rnd, rnd_res = evaluate(rand_model.backbone, "random-init")
+        rnd, rnd_res = evaluate("random_init", "random-init")
     else:
         rnd, rnd_res = {k: float("nan") for k in pre}, pre_res
     return ProbeReport(pre, rnd, pre_res, rnd_res, classes,

@@ -1,0 +1,41 @@
+"""What `sslray methods` prints, read without importing torch or timm (the method registry takes ~4 s to import).
+
+``FAMILIES`` mirrors the ``.family`` of every builder in ``sslray.raytrain.methods.METHODS``;
+tests/test_cli_startup.py fails the moment the two differ. The recipes come from the YAML files
+themselves, so they cannot drift.
+"""
+
+from __future__ import annotations
+
+from .config import CONFIG_DIR, MethodConfig, load_yaml
+
+FAMILIES: dict[str, str] = {
+    "barlowtwins": "non-contrastive",
+    "byol": "non-contrastive",
+    "dino": "distillation",
+    "mae": "MIM",
+    "mocov2": "contrastive",
+    "mocov3": "contrastive",
+    "nnclr": "contrastive",
+    "simclr": "contrastive",
+    "simsiam": "non-contrastive",
+    "swav": "clustering",
+    "vicreg": "non-contrastive",
+    "vicregl": "non-contrastive",
+}
+
+
+def recipes_by_method() -> dict[str, list[str]]:
+    """Built-in recipe names (sslray/configs/*.yaml) per ``method.name`` they train, sorted."""
+    out: dict[str, list[str]] = {}
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        method = (load_yaml(path).get("method") or {}).get("name", MethodConfig().name)
+        out.setdefault(str(method).lower(), []).append(path.stem)
+    return out
+
+
+def method_lines() -> list[str]:
+    """One line per method: name, family, and the recipes that train it."""
+    recipes = recipes_by_method()
+    return [f"{name:14s} {family:16s} {', '.join(recipes.get(name, [])) or '-'}".rstrip()
+            for name, family in sorted(FAMILIES.items())]
