@@ -51,9 +51,17 @@ class FinetuneSettings:
 
 
 class Classifier(nn.Module):
+    """The backbone, every parameter of it trained, and a linear head.
+
+    Pretraining keeps some backbone tensors frozen on purpose (MoCo v3's random patch projection and
+    fixed sin-cos position embedding, MAE's fixed position embedding); the method builder that loads
+    the checkpoint freezes them again. Fine-tuning trains them all from their pretrained values, as
+    MAE's and MoCo v3's fine-tuning recipes do (the position embedding included), so the freezing is
+    undone here, for the pretrained and the random-init backbone alike."""
+
     def __init__(self, backbone: nn.Module, feat_dim: int, num_classes: int):
         super().__init__()
-        self.backbone = backbone
+        self.backbone = backbone.requires_grad_(True)
         self.head = nn.Linear(feat_dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.01)  # small head init, as MAE's fine-tuning
         nn.init.zeros_(self.head.bias)

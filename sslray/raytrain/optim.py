@@ -173,9 +173,12 @@ def warmup_cosine(step: int, total: int, warmup: int, peak: float, floor: float 
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def cosine_momentum(step: int, total: int, base: float) -> float:
-    """EMA momentum from ``base`` to 1 along a cosine (BYOL, eq. in sec. 3.2)."""
-    return 1 - (1 - base) * (math.cos(math.pi * step / max(1, total)) + 1) / 2
+def cosine_momentum(step: int, total: int, base: float, end: float = 1.0) -> float:
+    """EMA momentum from ``base`` at step 0 to ``end`` at step ``total`` along a cosine: BYOL's
+    ``1 - (1 - base) (cos(pi k / K) + 1) / 2`` (sec. 3.2) with 1 replaced by ``end`` (1 in BYOL, MoCo v3
+    and DINO; below 1 the teacher still follows the student in a short run's last steps). The loop
+    applies steps 0 .. total - 1, so the last update uses a value just short of ``end``."""
+    return end - (end - base) * (math.cos(math.pi * step / max(1, total)) + 1) / 2
 
 
 def weight_decay_at(step: int, total: int, start: float, end: float) -> float:

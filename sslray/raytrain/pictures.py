@@ -52,8 +52,8 @@ def schedule_series(cfg, model, total: int, warmup: int, peak: float, points: in
                                for s in steps]}
     base = getattr(model, "base_momentum", None)
     if isinstance(base, float):
-        sched = getattr(model, "momentum_schedule", "cosine")
-        series["ema_momentum"] = [ema_momentum(int(s), total, base, sched) for s in steps]
+        sched, end = getattr(model, "momentum_schedule", "cosine"), getattr(model, "momentum_end", 1.0)
+        series["ema_momentum"] = [ema_momentum(int(s), total, base, sched, end) for s in steps]
     return steps, series
 
 

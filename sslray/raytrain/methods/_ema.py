@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
 
+from ...config import ConfigError
 from ..optim import cosine_momentum
 
 
@@ -50,10 +52,24 @@ class EMATeacher(nn.Module):
             torch._foreach_copy_(t_bufs, s_bufs)
 
 
-def ema_momentum(step: int, total: int, base: float, schedule: str = "cosine") -> float:
-    """``cosine``: base -> 1 over training (BYOL, MoCo v3, DINO); ``constant``: base (MoCo v2)."""
+def ema_momentum(step: int, total: int, base: float, schedule: str = "cosine", end: float = 1.0) -> float:
+    """``cosine``: base -> ``end`` over training (1 in BYOL, MoCo v3, DINO); ``constant``: base (MoCo v2).
+    One curve, ``optim.cosine_momentum``, for the teachers' updates and the schedule picture."""
     if schedule == "cosine":
-        return cosine_momentum(step, total, base)
+        return cosine_momentum(step, total, base, end)
     if schedule == "constant":
         return base
     raise ValueError(f"momentum schedule must be 'cosine' or 'constant', got {schedule!r}")
+
+
+def check_momentum_end(base: float, end: float, schedule: str = "cosine") -> float:
+    """``method.params.momentum_end``, the value the cosine schedule reaches at the end of training:
+    finite, from the base ``method.params.momentum`` up to 1 (the schedule never lowers the momentum).
+    A constant schedule has no end to set, so only the default 1 is taken there. Returns ``end``."""
+    key = "config key 'method.params.momentum_end'"
+    if not (math.isfinite(base) and math.isfinite(end) and base <= end <= 1):
+        raise ConfigError(f"{key}: must be a finite number from method.params.momentum ({base!r}) to 1, got {end!r}")
+    if schedule == "constant" and end != 1.0:
+        raise ConfigError(f"{key}: the constant momentum schedule keeps method.params.momentum ({base!r}) "
+                          f"throughout; set method.params.momentum_schedule=cosine to end at {end!r}")
+    return end

@@ -12,7 +12,7 @@ from ..distributed import all_reduce_mean, gather_nograd, gather_with_grad
 from ..losses import dino_loss, update_center
 from . import register_method
 from ._counters import add_counters, counter, set_counter
-from ._ema import EMATeacher, ema_momentum
+from ._ema import EMATeacher, check_momentum_end, ema_momentum
 from ._multicrop import allow_any_size, encode_crops
 
 
@@ -57,7 +57,7 @@ class DINO(nn.Module):
     def __init__(self, backbone: nn.Module, head: DINOHead, out_dim: int, epochs: int, student_temp: float = 0.1,
                  teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04, warmup_teacher_temp_epochs: int = 30,
                  center_momentum: float = 0.9, momentum: float = 0.996, freeze_last_layer_epochs: float = 1.0,
-                 num_global: int = 2):
+                 num_global: int = 2, momentum_end: float = 1.0):
         super().__init__()
         self.backbone, self.head = allow_any_size(backbone), head
         self.teacher = EMATeacher(self.backbone, head)
@@ -65,7 +65,7 @@ class DINO(nn.Module):
         add_counters(self, "step", "total")
         self.epochs, self.student_temp, self.teacher_temp = max(1, epochs), student_temp, teacher_temp
         self.warmup_teacher_temp, self.warmup_epochs = warmup_teacher_temp, warmup_teacher_temp_epochs
-        self.center_momentum, self.base_momentum = center_momentum, momentum
+        self.center_momentum, self.base_momentum, self.momentum_end = center_momentum, momentum, momentum_end
         self.freeze_last_layer_epochs, self.num_global = freeze_last_layer_epochs, num_global
 
     def epoch(self) -> float:
@@ -100,7 +100,8 @@ class DINO(nn.Module):
         return {"loss": loss}
 
     def on_step(self, step: int, total: int) -> None:
-        self.teacher.update(self.backbone, self.head, momentum=ema_momentum(step, total, self.base_momentum, "cosine"))
+        self.teacher.update(self.backbone, self.head,
+                            momentum=ema_momentum(step, total, self.base_momentum, "cosine", self.momentum_end))
         set_counter(self, "step", step + 1)
         set_counter(self, "total", total)
 
@@ -109,13 +110,16 @@ class DINO(nn.Module):
 def build_dino(cfg, backbone, feat_dim, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
                teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04, warmup_teacher_temp_epochs: int = 30,
                center_momentum: float = 0.9, momentum: float = 0.996, freeze_last_layer_epochs: float = 1.0,
-               num_global: int = 2, norm_last_layer: bool = True):
+               num_global: int = 2, norm_last_layer: bool = True, momentum_end: float = 1.0):
     """Paper defaults (ViT-S/16): K=65536, head 2048/256, student T=0.1 (``method.temperature``),
     teacher T 0.04 (warm-up from 0.04 over 30 epochs), centre momentum 0.9, teacher momentum 0.996
-    to 1 (cosine), last layer frozen for 1 epoch."""
+    to 1 (cosine, as the paper code's teacher schedule; ``momentum_end`` sets another end), last
+    layer frozen for 1 epoch."""
+    check_momentum_end(momentum, momentum_end)
     head = DINOHead(feat_dim, out_dim, hidden_dim, bottleneck_dim, norm_last_layer=norm_last_layer)
     return DINO(backbone, head, out_dim, cfg.train.epochs, cfg.method.temperature, teacher_temp, warmup_teacher_temp,
-                warmup_teacher_temp_epochs, center_momentum, momentum, freeze_last_layer_epochs, num_global)
+                warmup_teacher_temp_epochs, center_momentum, momentum, freeze_last_layer_epochs, num_global,
+                momentum_end)
 
 
 build_dino.family = DINO.family

@@ -14,7 +14,7 @@ from ..distributed import gather_nograd, gather_with_grad, rank, world_size
 from ..heads import MLPHead
 from ..losses import infonce_loss
 from . import register_method
-from ._ema import EMATeacher, ema_momentum
+from ._ema import EMATeacher, check_momentum_end, ema_momentum
 from ._posembed import fix_sincos_pos_embed
 from ._queue import FeatureQueue
 
@@ -54,12 +54,13 @@ class MoCoV2(nn.Module):
 
     def __init__(self, backbone: nn.Module, projector: nn.Module, out_dim: int, temperature: float = 0.2,
                  queue_size: int = 65536, momentum: float = 0.999, momentum_schedule: str = "constant",
-                 shuffle_bn_groups: int = 8):
+                 shuffle_bn_groups: int = 8, momentum_end: float = 1.0):
         super().__init__()
         self.backbone, self.projector = backbone, projector
         self.key_encoder = EMATeacher(backbone, projector)
         self.queue = FeatureQueue(queue_size, out_dim)
         self.temperature, self.base_momentum, self.momentum_schedule = temperature, momentum, momentum_schedule
+        self.momentum_end = momentum_end
         self.shuffle_bn_groups = shuffle_bn_groups
 
     def forward(self, views):
@@ -77,18 +78,19 @@ class MoCoV2(nn.Module):
 
     def on_step(self, step: int, total: int) -> None:
         self.key_encoder.update(self.backbone, self.projector,
-                                momentum=ema_momentum(step, total, self.base_momentum, self.momentum_schedule))
+                                momentum=ema_momentum(step, total, self.base_momentum, self.momentum_schedule,
+                                                      self.momentum_end))
 
 
 class MoCoV3(nn.Module):
     family = "contrastive"
 
     def __init__(self, backbone: nn.Module, projector: nn.Module, predictor: nn.Module, temperature: float = 0.2,
-                 momentum: float = 0.99):
+                 momentum: float = 0.99, momentum_end: float = 1.0):
         super().__init__()
         self.backbone, self.projector, self.predictor = backbone, projector, predictor
         self.momentum_encoder = EMATeacher(backbone, projector)
-        self.temperature, self.base_momentum = temperature, momentum
+        self.temperature, self.base_momentum, self.momentum_end = temperature, momentum, momentum_end
 
     def _ctr(self, q, k):
         # Queries and keys of the whole global batch (keys carry no gradient): every rank computes
@@ -105,25 +107,28 @@ class MoCoV3(nn.Module):
         return {"loss": loss}
 
     def on_step(self, step: int, total: int) -> None:
-        self.momentum_encoder.update(self.backbone, self.projector,
-                                     momentum=ema_momentum(step, total, self.base_momentum, "cosine"))
+        m = ema_momentum(step, total, self.base_momentum, "cosine", self.momentum_end)
+        self.momentum_encoder.update(self.backbone, self.projector, momentum=m)
 
 
 @register_method("mocov2")
 def build_mocov2(cfg, backbone, feat_dim, queue_size: int = 65536, momentum: float = 0.999,
-                 momentum_schedule: str = "constant", shuffle_bn_groups: int = 8):
+                 momentum_schedule: str = "constant", shuffle_bn_groups: int = 8, momentum_end: float = 1.0):
     """Projector fc-ReLU-fc without BN, as in the MoCo v2 code; T from ``method.temperature``; keys
-    through shuffling BN in 8 groups over the global batch (the paper's 8 GPUs; 0 turns it off)."""
+    through shuffling BN in 8 groups over the global batch (the paper's 8 GPUs; 0 turns it off).
+    ``momentum_end``: where ``momentum_schedule=cosine`` ends (1 by default; the paper's constant
+    schedule has no end to set)."""
+    check_momentum_end(momentum, momentum_end, momentum_schedule)
     projector = nn.Sequential(nn.Linear(feat_dim, cfg.model.proj_hidden_dim), nn.ReLU(inplace=True),
                               nn.Linear(cfg.model.proj_hidden_dim, cfg.model.proj_out_dim))
     return MoCoV2(backbone, projector, cfg.model.proj_out_dim, cfg.method.temperature, queue_size, momentum,
-                  momentum_schedule, shuffle_bn_groups)
+                  momentum_schedule, shuffle_bn_groups, momentum_end)
 
 
 @register_method("mocov3")
 def build_mocov3(cfg, backbone, feat_dim, momentum: float = 0.99, pred_hidden_dim: int = 4096,
                  proj_layers: int = 3, pred_last_bn: bool = True, freeze_patch_embed: bool = False,
-                 fixed_pos_embed: bool = False):
+                 fixed_pos_embed: bool = False, momentum_end: float = 1.0):
     """Projector ending in BN, 2-layer predictor. The defaults are the paper code's ViT layout
     (``MoCo_ViT``: 3-layer projector, predictor ending in BN); its ResNet layout (``MoCo_ResNet``) is
     ``proj_layers=2, pred_last_bn=False``. No Linear has a bias, as in the paper code's ``_build_mlp``.
@@ -133,7 +138,9 @@ def build_mocov3(cfg, backbone, feat_dim, momentum: float = 0.99, pred_hidden_di
     ``fixed_pos_embed``: a ViT's position embedding is the paper code's fixed 2-D sin-cos one, zero for
     the class token, not timm's learned one (``vits.py``, ``build_2d_sincos_position_embedding``); it is
     frozen, and the momentum encoder, copied from the backbone below, holds the same. A backbone without
-    one (a ResNet) is left as it is."""
+    one (a ResNet) is left as it is. ``momentum_end``: the momentum encoder's cosine schedule goes from
+    ``momentum`` to it (the paper: 0.99 -> 1)."""
+    check_momentum_end(momentum, momentum_end)
     proj = getattr(getattr(backbone, "patch_embed", None), "proj", None)
     if freeze_patch_embed and proj is not None:
         proj.requires_grad_(False)
@@ -142,7 +149,7 @@ def build_mocov3(cfg, backbone, feat_dim, momentum: float = 0.99, pred_hidden_di
     h, d = cfg.model.proj_hidden_dim, cfg.model.proj_out_dim
     projector = MLPHead(feat_dim, h, d, layers=proj_layers, last_bn=True)
     predictor = MLPHead(d, pred_hidden_dim, d, layers=2, last_bn=pred_last_bn, last_bias=False)
-    return MoCoV3(backbone, projector, predictor, cfg.method.temperature, momentum)
+    return MoCoV3(backbone, projector, predictor, cfg.method.temperature, momentum, momentum_end)
 
 
 build_mocov2.family = MoCoV2.family

@@ -13,17 +13,18 @@ from torch import nn
 from ..heads import MLPHead
 from ..losses import negative_cosine_similarity
 from . import register_method
-from ._ema import EMATeacher, ema_momentum
+from ._ema import EMATeacher, check_momentum_end, ema_momentum
 
 
 class PredictorSiamese(nn.Module):
     family = "non-contrastive"
 
-    def __init__(self, backbone: nn.Module, projector: nn.Module, predictor: nn.Module, ema_momentum: float | None):
+    def __init__(self, backbone: nn.Module, projector: nn.Module, predictor: nn.Module, ema_momentum: float | None,
+                 momentum_end: float = 1.0):
         super().__init__()
         self.backbone, self.projector, self.predictor = backbone, projector, predictor
         self.target = EMATeacher(backbone, projector) if ema_momentum is not None else None
-        self.base_momentum = ema_momentum
+        self.base_momentum, self.momentum_end = ema_momentum, momentum_end
 
     def forward(self, views):
         if len(views) != 2:
@@ -43,7 +44,7 @@ class PredictorSiamese(nn.Module):
     def on_step(self, step: int, total: int) -> None:
         if self.target is not None:
             self.target.update(self.backbone, self.projector,
-                               momentum=ema_momentum(step, total, self.base_momentum, "cosine"))
+                               momentum=ema_momentum(step, total, self.base_momentum, "cosine", self.momentum_end))
 
 
 class BYOL(PredictorSiamese):
@@ -60,10 +61,14 @@ class SimSiam(PredictorSiamese):
 
 
 @register_method("byol")
-def build_byol(cfg, backbone, feat_dim, momentum: float = 0.996, pred_hidden_dim: int = 4096):
-    """Projector and predictor: Linear-BN-ReLU-Linear, 4096 hidden, 256 out (sec. 3.3)."""
+def build_byol(cfg, backbone, feat_dim, momentum: float = 0.996, pred_hidden_dim: int = 4096,
+               momentum_end: float = 1.0):
+    """Projector and predictor: Linear-BN-ReLU-Linear, 4096 hidden, 256 out (sec. 3.3). Target momentum
+    ``momentum`` -> ``momentum_end`` along a cosine (sec. 3.2: 0.996 -> 1)."""
+    check_momentum_end(momentum, momentum_end)
     h, d = cfg.model.proj_hidden_dim, cfg.model.proj_out_dim
-    return BYOL(backbone, MLPHead(feat_dim, h, d, layers=2), MLPHead(d, pred_hidden_dim, d, layers=2), momentum)
+    return BYOL(backbone, MLPHead(feat_dim, h, d, layers=2), MLPHead(d, pred_hidden_dim, d, layers=2), momentum,
+                momentum_end)
 
 
 @register_method("simsiam")
