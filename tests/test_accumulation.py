@@ -195,3 +195,58 @@ def test_auto_batch_can_keep_the_effective_batch(monkeypatch):
     assert effective_lr(new) == effective_lr(cfg) and "train.accum_steps 1 -> 4" in lines[-1]
     plain = memory.auto_batch(cfg.replace(**{"data.auto_batch_accum": False}), 2, torch.device("cpu"), lines.append)
     assert (plain.data.batch_size, plain.train.accum_steps) == (16, 1)
+
+
+def _rank_main(rank: int, world: int, init: str, cfg_dict: dict, ckpt: str):
+    import torch.distributed as dist
+
+    from sslray.config import from_dict
+    from sslray.raytrain.loop import train_loop
+    from sslray.raytrain.session import LocalSession
+
+    for obj, name, value in fixed_views_and_masks():
+        setattr(obj, name, value)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        train_loop(from_dict(cfg_dict), LocalSession(ckpt, "cpu", printer=lambda *a, **k: None))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_accumulating_train_what_one_process_does(cifar_small, fixed, tmp_path):
+    """2 ranks x 2 micro-batches of 16 images = one process's step of 64: the gradients are summed over
+    the micro-batches, then averaged over the ranks once. 64 images: every step covers them all, so
+    the two runs see the same images per step whichever rank's shard they are in."""
+    import torch.multiprocessing as mp
+
+    base = ["data.train_subset=64", "train.epochs=2"]
+    ddp = _mae(cifar_small, *base, "data.batch_size=32", "train.accum_steps=2", "ray.num_workers=2")
+    mp.spawn(_rank_main, args=(2, f"file://{tmp_path / 'rdv'}", ddp.to_dict(), str(tmp_path / "ddp")), nprocs=2,
+             join=True)
+    one = _mae(cifar_small, *base, "data.batch_size=64")
+    last, _ = run(one, tmp_path / "one")
+    assert last["step"] == 2
+    got = torch.load(tmp_path / "ddp" / "epoch_0002" / "state.pt", weights_only=False)
+    assert got["step"] == 2
+    _assert_same(torch.load(tmp_path / "one" / "epoch_0002" / "state.pt", weights_only=False)["model"],
+                 got["model"])
+
+
+def test_a_non_finite_micro_batch_skips_or_stops_its_whole_step(cifar_small, poison_loss):
+    """The health check runs once per optimizer step on the step's loss and summed gradients: a NaN in
+    the second step's first micro-batch makes that step (not a micro-batch) skipped, or stops the run
+    naming optimizer step 1."""
+    from sslray.raytrain.loop import NonFiniteLossError, run_local
+
+    cfg = load_config("smoke", [f"data.train={cifar_small['train']}", "data.val=", "data.train_subset=128",
+                                "data.batch_size=16", "train.accum_steps=2", "model.backbone=resnet10t",
+                                "train.max_steps_per_epoch=0", "train.epochs=1", "ray.num_workers=1",
+                                "train.online_probe=false", "monitor.pictures=false"])
+    poison_loss(3)
+    with pytest.raises(NonFiniteLossError, match=r"simclr: non-finite loss .* at step 1 "):
+        run_local(cfg)
+    poison_loss(3)
+    last, _ = run_local(cfg.replace(**{"monitor.max_nonfinite_skips": 1}))
+    assert last["step"] == 4 and last["nonfinite_skipped_frac"] == pytest.approx(1 / 4)
+    assert torch.isfinite(torch.tensor(last["loss"]))
