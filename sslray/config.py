@@ -20,7 +20,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 class DataConfig:
     train: str = ""  # .beton written by `sslray convert`
     val: str = ""  # labelled .beton for the kNN monitor and probes
-    batch_size: int = 256  # global batch (all workers together), images per step
+    batch_size: int = 256  # global batch (all workers together), images per step (per micro-batch: train.accum_steps)
     decode_res: int = 32  # each image is decoded once at this square size, views are cut from it
     loader_workers: int = 2  # FFCV decode threads per training worker
     train_subset: int = 0  # use only the first N training images (0 = all)
@@ -30,6 +30,7 @@ class DataConfig:
     batches_ahead: int = 2  # batches FFCV prepares ahead of the training step
     resident: bool = False  # keep every decoded uint8 image on the device (small data such as CIFAR); FFCV otherwise
     auto_batch: bool = False  # before training, halve the global batch until a step fits in device memory (lr follows)
+    auto_batch_accum: bool = False  # auto_batch: raise train.accum_steps as the batch halves (effective batch, lr kept)
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class MethodConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     name: str = "sgd"  # sgd | lars | adamw
-    base_lr: float = 0.06  # lr per 256 images; effective lr = base_lr * global_batch / 256
+    base_lr: float = 0.06  # lr per 256 images; effective lr = base_lr * global_batch * train.accum_steps / 256
     lr_scaling: str = "linear"  # linear | sqrt | none
     weight_decay: float = 5e-4  # on weights; biases and norm parameters get none unless decay_bias_norm
     decay_bias_norm: bool = False  # decay biases and norm parameters too (SimSiam's, MoCo's code)
@@ -108,6 +109,12 @@ class TrainConfig:
     online_probe_batch: int = 128  # no projector tap (MAE): images per worker and step it encodes again (0 = all)
     log_every: int = 20  # steps between progress lines
     max_steps_per_epoch: int = 0  # cap for smoke tests; 0 = full epochs
+    # Gradient accumulation: each optimizer step sums the gradients of this many micro-batches of data.batch_size
+    # images, so the effective batch is batch_size * accum_steps; the lr scaling, the lr/wd/momentum schedules and
+    # the step counters all count optimizer steps. It keeps a recipe's lr and schedule on a smaller device, not its
+    # batch-coupled terms: negatives, BatchNorm and Barlow/VICReg statistics, Sinkhorn and DINO's centre see one
+    # micro-batch. Batches left over at an epoch's end (fewer than accum_steps) are not trained on.
+    accum_steps: int = 1  # micro-batches per optimizer step (1 = none); effective batch = batch_size * accum_steps
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always checkpoints)
     checkpoint_every_steps: int = 0  # also checkpoint inside long epochs every N steps; 0 = off
     report_every_steps: int = 0  # report step-level loss (MLflow `step_loss`) every N steps; 0 = off
@@ -263,7 +270,8 @@ POSITIVE = {"data.batch_size": "global batch", "method.temperature": "softmax te
             "ray.num_to_keep": "checkpoints kept", "data.decode_res": "decode resolution in pixels",
             "views.crop_size": "crop size in pixels", "model.proj_hidden_dim": "projector hidden width",
             "model.proj_out_dim": "projector output width", "train.online_probe_lr": "online probe learning rate",
-            "optim.lars_eta": "LARS trust coefficient", "monitor.check_every": "steps between health checks"}
+            "optim.lars_eta": "LARS trust coefficient", "monitor.check_every": "steps between health checks",
+            "train.accum_steps": "micro-batches per optimizer step"}
 
 # Keys where 0 means "off", "all" or "none" and only a negative value is wrong.
 NON_NEGATIVE = {"optim.base_lr": "learning rate", "optim.weight_decay": "weight decay",
@@ -426,9 +434,15 @@ def absolute_paths(cfg: Config) -> Config:
                           "model.init_weights": absolute(cfg.model.init_weights) or ""})
 
 
+def effective_batch(cfg: Config) -> int:
+    """Images per optimizer step, over all workers and accumulated micro-batches."""
+    return cfg.data.batch_size * cfg.train.accum_steps
+
+
 def effective_lr(cfg: Config) -> float:
-    """``base_lr * global_batch / 256`` (linear) or ``* sqrt(global_batch / 256)`` (sqrt)."""
-    ratio = cfg.data.batch_size / 256.0
+    """``base_lr * batch / 256`` (linear) or ``* sqrt(batch / 256)`` (sqrt), where batch is the effective
+    batch of one optimizer step: the global batch times ``train.accum_steps``."""
+    ratio = effective_batch(cfg) / 256.0
     rule = cfg.optim.lr_scaling
     if rule == "linear":
         return cfg.optim.base_lr * ratio
@@ -442,5 +456,5 @@ def effective_lr(cfg: Config) -> float:
 __all__ = [
     "Config", "ConfigError", "DataConfig", "ViewConfig", "ModelConfig", "MethodConfig", "OptimConfig",
     "TrainConfig", "MonitorConfig", "RayConfig", "TrackingConfig", "load_config", "from_dict", "dump_yaml", "flatten",
-    "effective_lr", "absolute_paths", "flag_overrides", "parse_override", "field_type",
+    "effective_batch", "effective_lr", "absolute_paths", "flag_overrides", "parse_override", "field_type",
 ]

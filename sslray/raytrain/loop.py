@@ -17,11 +17,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..config import Config, effective_lr, from_dict
+from ..config import Config, effective_batch, effective_lr, from_dict
 from ..datasets.loader import DataError, check_same_classes, dataset_info, eval_slice, make_loader, subset_indices
 from ..datasets.resident import make_resident_loader
 from ..datasets.views import build_views, eval_transform
 from . import distributed as D
+from .accum import Accumulator, coupling_note, plan_steps
 from .amp import autocast_for, grad_scaler, resolve_precision
 from .knn import extract_features, knn_accuracy
 from .memory import SSLOutOfMemoryError, auto_batch, explain_oom
@@ -42,7 +43,7 @@ class Data:
     bank: object
     val: object
     num_classes: int
-    steps_per_epoch: int
+    steps_per_epoch: int  # optimizer steps; each takes train.accum_steps loader batches
 
 
 @dataclass
@@ -94,6 +95,10 @@ def plan_data(cfg: Config, world: int, check_batch: bool = True) -> DataPlan:
         raise ValueError(
             f"data.batch_size {d.batch_size} is larger than the {n_train} training images allow over {world} workers"
         )
+    k = cfg.train.accum_steps
+    if check_batch and k > 1 and n_train // world < per_worker * k:
+        raise ValueError(f"config key 'train.accum_steps' ({k}) times data.batch_size {d.batch_size} is more than the "
+                         f"{n_train} training images allow over {world} workers: no optimizer step would be taken")
     return DataPlan(train_info, val_info, train_idx, n_train, per_worker, classes)
 
 
@@ -123,9 +128,9 @@ def build_data(cfg: Config, session) -> Data:
         r = (session.rank, world)
         bank = load(d.train, eval_bs, train=False, indices=eval_slice(bank_idx, train_info.num_images, *r), **ev)
         val = load(d.val, eval_bs, train=False, indices=eval_slice(val_idx, val_info.num_images, *r), **ev)
-    steps = len(train)
-    if cfg.train.max_steps_per_epoch:
-        steps = min(steps, cfg.train.max_steps_per_epoch)
+    steps, note = plan_steps(len(train), cfg.train.accum_steps, cfg.train.max_steps_per_epoch)
+    if note:
+        session.log(f"sslray: note: {note}")
     return Data(train, bank, val, len(classes), steps)
 
 
@@ -253,10 +258,13 @@ def train_loop(cfg: Config, session) -> dict:
     state = session.restore()
     if state is not None:
         cfg = as_started(cfg, state.get("config"), session.log)
-        saved = int(state.get("config", {}).get("data", {}).get("batch_size", cfg.data.batch_size))
-        if saved != cfg.data.batch_size and cfg.data.auto_batch:
-            session.log(f"sslray: auto batch: resuming with the checkpoint's global batch {saved}")
-            cfg = cfg.replace(**{"data.batch_size": saved})
+        saved_cfg = state.get("config", {})
+        saved = int(saved_cfg.get("data", {}).get("batch_size", cfg.data.batch_size))
+        saved_k = int(saved_cfg.get("train", {}).get("accum_steps", 1))
+        if (saved, saved_k) != (cfg.data.batch_size, cfg.train.accum_steps) and cfg.data.auto_batch:
+            session.log(f"sslray: auto batch: resuming with the checkpoint's global batch {saved} "
+                        f"(train.accum_steps={saved_k})")
+            cfg = cfg.replace(**{"data.batch_size": saved, "train.accum_steps": saved_k})
     elif cfg.data.auto_batch:
         cfg = auto_batch(cfg, session.world_size, dev, session.log)
     phase = ["setup (model, data, optimizer)"]
@@ -300,11 +308,16 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
     scaler = grad_scaler(dev, cfg.train.precision)  # loss scaling for fp16; a pass-through otherwise
     total = cfg.train.epochs * data.steps_per_epoch
     warmup = int(round(cfg.optim.warmup_epochs * data.steps_per_epoch))
+    acc = Accumulator(cfg.train.accum_steps, cfg.train.online_probe_batch)
+    accum = (f" x {acc.k} accumulated micro-batches = {effective_batch(cfg)} per optimizer step" if acc.k > 1 else "")
     session.log(f"sslray: {cfg.method.name} on {cfg.model.backbone}, {session.world_size} worker(s) on {dev.type}, "
-                f"global batch {cfg.data.batch_size}, {data.steps_per_epoch} steps/epoch, precision "
+                f"global batch {cfg.data.batch_size}{accum}, {data.steps_per_epoch} steps/epoch, precision "
                 f"{resolve_precision(cfg.train.precision, dev)}{' with loss scaling' if scaler.is_enabled() else ''}; "
                 "effective lr = "
-                f"{cfg.optim.base_lr} x {cfg.data.batch_size}/256 ({cfg.optim.lr_scaling}) = {peak:.4g}")
+                f"{cfg.optim.base_lr} x {effective_batch(cfg)}/256 ({cfg.optim.lr_scaling}) = {peak:.4g}")
+    coupled = coupling_note(model, cfg.method.name, acc.k)
+    if coupled:
+        session.log(f"sslray: {coupled}")
     # Health: grad norms and non-finite steps on the device (the host looks every check_every steps on
     # GPU, every step on CPU), collapse statistics of the epoch's last step, pictures on rank 0.
     health = StepHealth(model, dev, cfg.monitor.max_nonfinite_skips,
@@ -331,6 +344,13 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
                         f"{data.steps_per_epoch} (global batch {cfg.data.batch_size}): global step {step} -> "
                         f"{rebased}, the same point of the schedules")
             step = rebased
+        saved_k = int(state.get("config", {}).get("train", {}).get("accum_steps", 1))
+        if saved_k != acc.k:
+            # Allowed, as a change of batch is: the step counter is rescaled above when the steps per
+            # epoch changed, and half the batch at twice the accumulation keeps the run's effective batch.
+            saved_bs = int(state.get("config", {}).get("data", {}).get("batch_size", cfg.data.batch_size))
+            session.log(f"sslray: note: the checkpoint was trained with train.accum_steps={saved_k} (effective batch "
+                        f"{saved_bs * saved_k}), this run uses {acc.k} (effective batch {effective_batch(cfg)})")
         restore_rng(state, session.rank, cfg.train.seed, session.device)
         if probe is not None and state.get("online_probe"):
             probe.load_state_dict(state["online_probe"])
@@ -378,17 +398,21 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
             health.resume_epoch(resumed.get("health"))
         t0 = t_wait = time.perf_counter()
         wait_s = 0.0
+        n_batches = data.steps_per_epoch * acc.k  # loader batches trained on; a last partial window is not
         for i, (x, y) in enumerate(data.train):
             wait_s += time.perf_counter() - t_wait  # host time blocked on the loader's next batch
-            if i >= data.steps_per_epoch:
+            if i >= n_batches:
                 break
-            if i < skip:  # already trained before the checkpoint; same order, so skip it
+            if i < skip * acc.k:  # already trained before the checkpoint; same order, so skip it
                 t_wait = time.perf_counter()
                 continue
-            lr = warmup_cosine(step, total, warmup, peak, peak * cfg.optim.min_lr_ratio)
-            set_lr(opt, lr)
-            if cfg.optim.weight_decay_end >= 0:
-                set_weight_decay(opt, weight_decay_at(step, total, cfg.optim.weight_decay, cfg.optim.weight_decay_end))
+            if acc.first(i):  # one optimizer step starts: its schedules, its buffers kept for a skip
+                lr = warmup_cosine(step, total, warmup, peak, peak * cfg.optim.min_lr_ratio)
+                set_lr(opt, lr)
+                if cfg.optim.weight_decay_end >= 0:
+                    set_weight_decay(opt, weight_decay_at(step, total, cfg.optim.weight_decay,
+                                                          cfg.optim.weight_decay_end))
+                health.before_forward()  # with skips allowed: the buffers this step's forwards write, kept
             with region("sslray.views"):
                 v = views(x)
                 if cl:
@@ -396,18 +420,26 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
             if tap is not None:
                 tap.captured = {}
                 # collapse statistics of the epoch's last step; the probe's features every step
-                tap.armed = probe_tap or (cfg.monitor.collapse and i + 1 == data.steps_per_epoch)
-            health.before_forward()  # with skips allowed: the buffers this forward writes, kept
-            with region("sslray.forward"), autocast_for(dev, tc.precision):
-                out = net(v)
-            if tap is not None:
-                tap.armed = False
-            loss = out["loss"]
-            if step == 0 and state is None:
-                pictures.at_start(x, v, total, warmup, peak)
+                tap.armed = probe_tap or (cfg.monitor.collapse and i + 1 == n_batches)
+            with acc.sync_context(net, i):  # gradients are all-reduced once, after the window's last backward
+                with region("sslray.forward"), autocast_for(dev, tc.precision):
+                    out = net(v)
+                if tap is not None:
+                    tap.armed = False
+                if step == 0 and state is None and acc.first(i):
+                    pictures.at_start(x, v, total, warmup, peak)
+                with region("sslray.backward"):
+                    acc.backward(out["loss"], scaler, i, opt)
+            if probe is not None:
+                f = tap.captured.get("feats") if probe_tap else None
+                # views are batched view-major: rows 0..B-1 = view 1
+                acc.keep_probe(f[: y.shape[0]] if f is not None and f.ndim == 2 and f.shape[0] >= y.shape[0]
+                               else None, x, y)
+            if not acc.last(i):
+                t_wait = time.perf_counter()
+                continue
+            loss = acc.step_loss()
             with region("sslray.backward"):
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
                 sync_grads()
                 scaler.unscale_(opt)  # health and clipping see the true gradients
             with region("sslray.health"):
@@ -425,30 +457,31 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
                     model.on_step(step, total)
             if probe is not None:
                 with region("sslray.online_probe"):
-                    f = tap.captured.get("feats") if probe_tap else None
-                    if f is not None and f.ndim == 2 and f.shape[0] >= y.shape[0]:
-                        # views are batched view-major: rows 0..B-1 = view 1
-                        probe.step_features(f[: y.shape[0]], y, ok)
+                    f, px, py = acc.probe_batch()
+                    if f is not None:
+                        probe.step_features(f, py, ok)
                     else:
-                        probe.step(model.backbone, x, y, ok)
-            loss_sum += torch.where(ok, loss.detach().float(), 0.0)
+                        probe.step(model.backbone, px, py, ok)
+            loss_sum += torch.where(ok, loss.float(), 0.0)
             n_steps += 1
             step += 1
-            if tc.log_every and (i + 1) % tc.log_every == 0:
+            j = (i + 1) // acc.k  # optimizer steps of this epoch done
+            if tc.log_every and j % tc.log_every == 0:
                 el = time.perf_counter() - t0
-                session.log(f"epoch {epoch + 1}/{tc.epochs} step {i + 1}/{data.steps_per_epoch} "
-                            f"loss {loss.item():.4f} lr {lr:.4g} {(i + 1 - skip) * cfg.data.batch_size / el:.0f} img/s")
+                session.log(f"epoch {epoch + 1}/{tc.epochs} step {j}/{data.steps_per_epoch} "
+                            f"loss {loss.item():.4f} lr {lr:.4g} {(j - skip) * effective_batch(cfg) / el:.0f} img/s")
             ckpt_now = tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0
             report_now = tc.report_every_steps and step % tc.report_every_steps == 0
-            if i + 1 < data.steps_per_epoch and (ckpt_now or report_now):
+            if j < data.steps_per_epoch and (ckpt_now or report_now):
                 health.check(cfg.method.name, epoch + 1)  # never checkpoint past a bad step
-                m = {"epoch": epoch, "step": step, "step_loss": float(D.all_reduce_mean(loss.detach())), "partial": 1,
-                     "batch_in_epoch": i + 1, "steps_per_epoch": data.steps_per_epoch}
+                # batch_in_epoch counts optimizer steps: a resume skips that many whole windows
+                m = {"epoch": epoch, "step": step, "step_loss": float(D.all_reduce_mean(loss)), "partial": 1,
+                     "batch_in_epoch": j, "steps_per_epoch": data.steps_per_epoch}
                 # The loss sum of every rank (rank 0 carries it on after a resume, the others restart at 0).
                 part = {"loss_sum": float(D.all_reduce_mean(loss_sum)) * session.world_size, "n": n_steps,
                         "n_ok": prior_ok + float(health.ok_steps), "seconds": prior_seconds + time.perf_counter() - t0,
                         "health": health.epoch_state(), "world_size": session.world_size}
-                session.report(m, snapshot(epoch, i + 1, last, part) if ckpt_now else None)
+                session.report(m, snapshot(epoch, j, last, part) if ckpt_now else None)
             t_wait = time.perf_counter()
         health.check(cfg.method.name, epoch + 1)
         if dev.type == "cuda":
@@ -461,7 +494,7 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
             "loss": mean_loss,
             "lr": lr,
             "epoch_seconds": prior_seconds + seconds,
-            "images_per_sec": (n_steps - int(resumed["n"])) * cfg.data.batch_size / max(seconds, 1e-9),
+            "images_per_sec": (n_steps - int(resumed["n"])) * effective_batch(cfg) / max(seconds, 1e-9),
         }
         metrics.update(epoch_health(health, tap if cfg.monitor.collapse else None, n_steps - int(resumed["n"]), wait_s,
                                     metrics["images_per_sec"], session.world_size, epoch_steps=n_steps))

@@ -6,7 +6,8 @@ global batch, image size and precision, the device's memory, and the config keys
 peak. ``fit_batch`` (``data.auto_batch=true``) tries one real training step (views, forward,
 backward, optimizer step) on a throw-away copy of the model at the configured batch and halves the
 per-worker batch until the step fits on every worker; the global batch, and with it the lr
-(``optim.lr_scaling``), follows.
+(``optim.lr_scaling``), follows, unless ``data.auto_batch_accum`` raises ``train.accum_steps`` by the
+same factor, which keeps the effective batch, the lr and the schedule.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..config import Config, effective_lr
+from ..config import Config, effective_batch, effective_lr
 from . import distributed as D
 from .amp import autocast_for, grad_scaler, resolve_precision
 
@@ -47,6 +48,9 @@ def explain_oom(cfg: Config, world: int, device: torch.device, phase: str,
     per = cfg.data.batch_size // max(1, world)
     tips = [f"--batch-size {max(world, cfg.data.batch_size // 2)} (or data.batch_size=...): half the global batch; "
             f"the lr follows by optim.lr_scaling={cfg.optim.lr_scaling}",
+            f"data.batch_size={max(world, cfg.data.batch_size // 2)} train.accum_steps={2 * cfg.train.accum_steps}: "
+            "the same effective batch, lr and schedule in two micro-batches per step (batch-coupled terms, "
+            "such as negatives and BatchNorm statistics, see one micro-batch)",
             "data.auto_batch=true: halve the batch before training until a step fits",
             "model.grad_checkpointing=true: recompute backbone activations in backward (~30% slower, far less memory)"]
     prec = resolve_precision(cfg.train.precision, device)
@@ -134,6 +138,13 @@ def auto_batch(cfg: Config, world: int, device: torch.device, log: Callable[[str
                        lambda ok: all_workers_ok(ok, device), log)
     if device.type == "cuda":  # the run's peak memory (a study's peak_gpu_mem_mb) is training's, not the trials'
         torch.cuda.reset_peak_memory_stats(device)
+    if fitted != per and cfg.data.auto_batch_accum:
+        k = cfg.train.accum_steps * (per // fitted)
+        new = cfg.replace(**{"data.batch_size": fitted * world, "train.accum_steps": k})
+        log(f"sslray: auto batch: global batch {cfg.data.batch_size} -> {new.data.batch_size} "
+            f"({fitted} per worker) with train.accum_steps {cfg.train.accum_steps} -> {k} (data.auto_batch_accum): "
+            f"effective batch {effective_batch(new)} and lr {effective_lr(new):.4g} kept")
+        return new
     if fitted != per:
         new = cfg.replace(**{"data.batch_size": fitted * world})
         log(f"sslray: auto batch: global batch {cfg.data.batch_size} -> {new.data.batch_size} "
