@@ -213,3 +213,20 @@ def test_a_checkpoint_from_before_the_new_keys_resumes_as_it_was_trained(cifar_s
     kept = as_started(lars, {"optim": {"name": "lars"}, "method": {"params": {}}}, log=lambda m: None)
     assert (kept.optim.lars_eta, kept.optim.lars_clip, kept.method.params.get("paper_init")) == (0.001, False, None)
     assert as_started(lars, lars.to_dict(), log=pytest.fail) == lars  # a checkpoint of this version: as it is
+
+
+def test_a_checkpoint_of_this_version_resumes_every_recipe_as_it_is():
+    """Recipes leave most method params to their builders' defaults (MAE's paper_init): their absence
+    from a checkpoint's config must not read as "written before the param existed" (it switched MAE's
+    fixed position embedding off on every resume, and its optimizer state then did not fit)."""
+    from sslray.config import CONFIG_DIR
+    from sslray.raytrain.loop import AS_STARTED, as_started
+
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        cfg = load_config(path.stem)
+        assert as_started(cfg, cfg.to_dict(), log=pytest.fail) == cfg, path.stem
+    mae = load_config("mae_cifar10")
+    older = mae.to_dict()
+    for section, field in {tuple(since.split(".")) for _, _, since in AS_STARTED.values()}:
+        del older[section][field]  # as a checkpoint written before all of them
+    assert as_started(mae, older, log=lambda m: None).method.params["paper_init"] is False

@@ -215,33 +215,41 @@ def compile_warnings(cfg: Config, world_size: int, device_type: str) -> list[str
 # Keys added after a checkpoint may have been written, whose new default or recipe value changes how
 # its run trains: a checkpoint whose config lacks one resumes with the behaviour it was trained with
 # (value before the key existed), so neither its optimizer state nor its weights stop fitting, and its
-# steps do not change size midway. Key -> (the method it belongs to, or None for every method; value).
+# steps do not change size midway. Key -> (the method it belongs to, or None for every method; value;
+# the config field that came with it). A checkpoint's config lists every field of the config sections,
+# so a missing field dates it; ``method.params`` holds only what a recipe or the user set, so a param
+# is dated by a field added with it (MAE's recipes leave paper_init to its default: its absence alone
+# says nothing).
+_V16, _V17 = "optim.lars_eta", "views.mean"  # fields added with the params of each group below
 AS_STARTED = {
-    "optim.lars_eta": (None, 0.001), "optim.lars_clip": (None, False), "optim.adam_beta2": (None, 0.95),
-    "optim.clip_mode": (None, "global"), "optim.decay_bias_norm": (None, False),
-    "method.params.paper_init": ("mae", False), "method.params.freeze_patch_embed": ("mocov3", False),
-    "method.params.norm_last_layer": ("dino", True), "method.params.fixed_pos_embed": ("mocov3", False),
-    "method.params.scale_loss": ("barlowtwins", 1.0),
+    "optim.lars_eta": (None, 0.001, _V16), "optim.lars_clip": (None, False, _V16),
+    "optim.adam_beta2": (None, 0.95, _V16), "optim.clip_mode": (None, "global", _V16),
+    "optim.decay_bias_norm": (None, False, _V16),
+    "method.params.paper_init": ("mae", False, _V16), "method.params.freeze_patch_embed": ("mocov3", False, _V16),
+    "method.params.norm_last_layer": ("dino", True, _V16),
+    "method.params.fixed_pos_embed": ("mocov3", False, _V17), "method.params.scale_loss": ("barlowtwins", 1.0, _V17),
 }
 
 
 _MISSING = object()
 
 
+def _lookup(saved: dict, key: str):
+    node = saved
+    for part in key.split("."):
+        node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+    return node
+
+
 def as_started(cfg: Config, saved: Optional[dict], log=print) -> Config:
-    """``cfg`` with the ``AS_STARTED`` keys the checkpoint's config ``saved`` does not have set to the
-    value its run was trained with; said once when any is."""
+    """``cfg`` with the ``AS_STARTED`` keys of a checkpoint written before they existed (its config
+    ``saved`` lacks the field that came with them) set to the value its run was trained with; said once
+    when any is."""
     if not isinstance(saved, dict):
         return cfg
-    kept = {}
-    for key, (method, before) in AS_STARTED.items():
-        if method is not None and cfg.method.name != method:
-            continue
-        node = saved
-        for part in key.split("."):
-            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
-        if node is _MISSING:  # not in the checkpoint's config
-            kept[key] = before
+    kept = {key: before for key, (method, before, since) in AS_STARTED.items()
+            if (method is None or cfg.method.name == method) and _lookup(saved, since) is _MISSING
+            and _lookup(saved, key) is _MISSING}
     if not kept:
         return cfg
     log("sslray: the checkpoint predates " + ", ".join(kept) + ": its run goes on as it was trained ("
