@@ -208,3 +208,17 @@ def test_empty_settings_give_exactly_the_views_of_before(key):
     torch.manual_seed(0)
     got = [s for v in build_views(vc)(x) for s in (float(v.double().sum()), float(v.double().square().sum()))]
     assert got == pytest.approx([s for pair in BEFORE[key] for s in pair], rel=1e-5, abs=1e-2)
+
+
+def test_fine_tuning_trains_with_the_statistics_its_validation_uses():
+    """Fine-tuning validates through eval_transform (views.mean/std); its training view must normalise alike."""
+    from sslray.raytrain.finetune import FinetuneSettings, finetune_view
+
+    s = FinetuneSettings()
+    custom = load_config("simclr_cifar10", {"views.mean": [0.1, 0.2, 0.3], "views.std": [0.4, 0.5, 0.6]})
+    p = finetune_view(custom, s)
+    t = eval_transform(custom.views)
+    assert p.mean == (0.1, 0.2, 0.3) and p.std == (0.4, 0.5, 0.6)
+    assert torch.allclose(t.mean.flatten(), torch.tensor(p.mean)) and torch.allclose(t.std.flatten(), torch.tensor(p.std))
+    default = load_config("simclr_cifar10")
+    assert finetune_view(default, s) == PRESETS.get(s.views)(size=default.views.crop_size, min_scale=s.min_scale)[0][0]

@@ -118,10 +118,21 @@ def classification_metrics(logits: np.ndarray, y: np.ndarray, num_classes: int) 
             "macro_f1": macro_scores(y, pred)["macro_f1"]}
 
 
+def finetune_view(cfg, s: "FinetuneSettings"):
+    """The training view: the ``s.views`` preset's first, normalised as the checkpoint's run was
+    (``views.mean`` / ``views.std``) so that training and the validation transform agree. The run's
+    ``views.aug`` stays with pretraining: it overrides ops of the pretraining preset."""
+    from ..datasets.views import PRESETS, normalisation
+
+    params = PRESETS.get(s.views)(size=cfg.views.crop_size, min_scale=s.min_scale)[0][0]
+    mean, std = normalisation(cfg.views)
+    return dataclasses.replace(params, mean=tuple(mean), std=tuple(std))
+
+
 def finetune_loop(c: dict, session) -> dict:
     """One worker's fine-tuning run; ``c`` holds plain values (it crosses the Ray boundary)."""
     from ..datasets.loader import check_same_classes, dataset_info, eval_slice, make_loader, subset_indices
-    from ..datasets.views import BACKENDS, PRESETS, eval_transform
+    from ..datasets.views import BACKENDS, eval_transform
     from .evaluate import load_checkpoint, random_init_model
     from .loop import rank_seed, seed_everything
     from .optim import warmup_cosine
@@ -155,9 +166,7 @@ def finetune_loop(c: dict, session) -> dict:
     n_val = val_info.num_images
     va_idx = eval_slice(subset_indices(n_val, s.val_subset, s.seed), n_val, session.rank, world)
     val = make_loader(c["val"], max(per, 256), train=False, indices=va_idx, **common)
-    # The preset's first view, built by the run's view backend (same per-sample mechanism as pretraining).
-    params = PRESETS.get(s.views)(size=cfg.views.crop_size, min_scale=s.min_scale)[0][0]
-    aug = BACKENDS.get(getattr(cfg.views, "backend", "fused"))(params).to(dev)
+    aug = BACKENDS.get(getattr(cfg.views, "backend", "fused"))(finetune_view(cfg, s)).to(dev)
     evalT = eval_transform(cfg.views).to(dev)
 
     steps_per_epoch = len(train)
