@@ -114,13 +114,20 @@ def _metric(r: "RunRecord", key: str) -> float:
     return _num(r.metrics.get(source_metric(r, key)))
 
 
+def _batch(r: "RunRecord") -> float:
+    """Images per optimizer step: the batch data.auto_batch settled on (else the configured one) times the
+    accumulated micro-batches, the batch the run's lr and schedule were set for."""
+    batch = r.metrics.get("global_batch", r.params.get("data.batch_size"))
+    return _num(batch) * _num(r.metrics.get("accum_steps", r.params.get("train.accum_steps", 1)))
+
+
 COLUMNS: tuple[Column, ...] = (
     Column("run", "run", lambda r, f: r.name),
     Column("method", "method", lambda r, f: r.params.get("method.name") or r.tags.get("sslray.method", "")),
     Column("family", "family", lambda r, f: f),
     Column("backbone", "backbone", lambda r, f: r.params.get("model.backbone") or r.tags.get("sslray.backbone", "")),
     Column("epochs", "epochs", lambda r, f: _num(r.params.get("train.epochs")), lambda v: _g(v), True),
-    Column("global_batch", "global batch", lambda r, f: _num(r.params.get("data.batch_size")), _g, True),
+    Column("global_batch", "global batch", lambda r, f: _batch(r), _g, True),
     Column("base_lr", "lr (per 256)", lambda r, f: _num(r.params.get("optim.base_lr")), _g, True),
     Column("temperature_or_mask", "T / mask ratio",
            lambda r, f: knob(r.params.get("method.name", ""), f, r.params)),

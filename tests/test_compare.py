@@ -49,6 +49,15 @@ def test_family_comes_from_the_registry_and_falls_back_to_the_tag():
     assert family_of("not-a-method-here", {}) == "unknown"
 
 
+def test_global_batch_is_the_batch_per_optimizer_step():
+    """The batch the lr was set for: accumulated micro-batches count, and what auto_batch settled on wins."""
+    col = next(c for c in COLUMNS if c.key == "global_batch")
+    assert col.get(_rec("a", "simclr"), "contrastive") == 32
+    assert col.get(_rec("b", "simclr", {"train.accum_steps": "4"}), "contrastive") == 128
+    settled = _rec("c", "simclr", {"train.accum_steps": "1"}, {"global_batch": 16.0, "accum_steps": 2.0})
+    assert col.get(settled, "contrastive") == 32
+
+
 def test_knob_is_temperature_for_softmax_families_mask_ratio_for_mim_and_blank_otherwise():
     assert knob("simclr", "contrastive", {"method.temperature": "0.2"}) == "T=0.2"
     assert knob("swav", "clustering", {"method.temperature": "0.1"}) == "T=0.1"

@@ -521,8 +521,9 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
         if probe is not None:
             phase[0] = "online probe evaluation"
             metrics.update(probe.epoch_metrics(model.backbone, data.val))
-        if cfg.data.auto_batch:
+        if cfg.data.auto_batch:  # what it settled on; with auto_batch_accum the accumulation it raised to keep it
             metrics["global_batch"] = cfg.data.batch_size
+            metrics["accum_steps"] = cfg.train.accum_steps
         if scaler.is_enabled():
             metrics["amp_scale"] = float(scaler.get_scale())
         if not math.isfinite(mean_loss):
@@ -536,13 +537,13 @@ def _train(cfg: Config, session, state: Optional[dict], phase: list) -> dict:
 
 
 # Every per-epoch metric the loop can report (which appear depends on the config: kNN and online-probe
-# val scores need a val split, amp_* fp16, global_batch data.auto_batch). `sslray tune --metric` is
+# val scores need a val split, amp_* fp16, global_batch and accum_steps data.auto_batch). `sslray tune --metric` is
 # checked against it before any trial starts; tests/test_all_methods_ray.py checks every method's real
 # reports against it, so a new metric cannot be left out.
 EPOCH_METRICS = frozenset({
     "epoch", "step", "loss", "lr", "epoch_seconds", "images_per_sec", "images_per_sec_per_worker",
     "data_wait_ms_per_step", "grad_norm_backbone", "grad_norm_heads", "nonfinite_skipped_frac",
-    "amp_overflow_frac", "amp_scale", "global_batch", "knn_top1", "knn_top5", "knn_seconds",
+    "amp_overflow_frac", "amp_scale", "global_batch", "accum_steps", "knn_top1", "knn_top5", "knn_seconds",
     "online_probe_top1", "online_probe_top5", "online_probe_train_top1", "online_probe_train_loss",
     *(f"{k}_{s}" for k in TAP_KEYS for s in COLLAPSE_STATS), *(f"collapse_{k}" for k in TAP_KEYS)})
 VAL_METRICS = ("knn_top1", "knn_top5", "online_probe_top1", "online_probe_top5")  # measured on the val split
