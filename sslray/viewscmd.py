@@ -11,18 +11,6 @@ import argparse
 from pathlib import Path
 
 
-def spread_indices(total: int, n: int, seed: int = 0) -> list[int]:
-    """``min(n, total)`` sorted indices into ``range(total)``, one drawn (seeded) from each of as many equal
-    stretches. Converted datasets are sorted by class, so the first ``n`` images would all share one; a
-    stretch per image keeps the sample spread over the classes, and the seed shows other images."""
-    import numpy as np
-
-    n = min(n, total)
-    rng = np.random.default_rng(seed)
-    edges = [i * total // n for i in range(n + 1)]
-    return [int(rng.integers(lo, hi)) for lo, hi in zip(edges, edges[1:])]
-
-
 def method_config(method: str, recipe: str | None = None, overrides=()):
     """The method's config: ``recipe`` if given, else its built-in ``<method>_cifar10`` recipe, else
     the defaults with the method's own view preset."""
@@ -41,7 +29,7 @@ def draw_views(data: str, method: str, out: str, recipe: str | None = None, n: i
     import torch
 
     from . import plots
-    from .datasets.loader import dataset_info, make_loader
+    from .datasets.loader import dataset_info, make_loader, spread_indices
     from .datasets.views import build_views
     from .raytrain.pictures import first_images, views_figure
 

@@ -53,7 +53,7 @@ def test_views_draws_several_classes_of_a_class_sorted_beton(sorted_beton, tmp_p
     assert sorted(set(classes)) == list(range(CLASSES)), idx  # one image per class-sized stretch here
     assert drawn_indices(sorted_beton, tmp_path, monkeypatch, "-n", "4")[0] == idx  # reproducible
 
-    from sslray.viewscmd import spread_indices
+    from sslray.datasets.loader import spread_indices
 
     assert idx == spread_indices(CLASSES * PER_CLASS, 4, 0)
     assert drawn_indices(sorted_beton, tmp_path, monkeypatch, "-n", "4", "--seed", "3")[0] == spread_indices(
@@ -62,7 +62,7 @@ def test_views_draws_several_classes_of_a_class_sorted_beton(sorted_beton, tmp_p
 
 @pytest.mark.parametrize("total,n", [(24, 4), (10, 3), (5, 5), (3, 8), (50000, 8)])
 def test_spread_indices_one_per_stretch(total, n):
-    from sslray.viewscmd import spread_indices
+    from sslray.datasets.loader import spread_indices
 
     for seed in range(5):
         idx = spread_indices(total, n, seed)

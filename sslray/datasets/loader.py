@@ -144,6 +144,25 @@ def subset_indices(n: int, limit: int, seed: int = 0) -> Optional[np.ndarray]:
     return np.sort(rng.choice(n, size=limit, replace=False))
 
 
+def spread_indices(total: int, n: int, seed: int = 0) -> list[int]:
+    """``min(n, total)`` sorted indices into ``range(total)``, one drawn (seeded) from each of as many equal
+    stretches. Converted datasets are sorted by class, so the first ``n`` images would all share one; a
+    stretch per image keeps the sample spread over the classes, and the seed shows other images."""
+    n = min(n, total)
+    if n < 1:
+        return []
+    edges = np.arange(n + 1, dtype=np.int64) * total // n
+    return np.random.default_rng(seed).integers(edges[:-1], edges[1:]).tolist()
+
+
+def spread_subset(indices: Optional[Sequence[int]], total: int, n: int, seed: int = 0) -> np.ndarray:
+    """``spread_indices`` over a split: dataset indices of ``n`` images spread over ``indices`` (a sorted
+    subset, as ``subset_indices`` gives) or, for ``None``, over all ``total`` images of the file. The
+    pictures draw their images with it, so a class-sorted file shows several classes."""
+    pos = np.asarray(spread_indices(total if indices is None else len(indices), n, seed), dtype=np.int64)
+    return pos if indices is None else np.asarray(indices)[pos]
+
+
 def eval_slice(indices: Optional[np.ndarray], n: int, rank: int, world_size: int) -> Optional[np.ndarray]:
     """Rank ``rank``'s contiguous slice of an evaluation split (``indices``, or all ``n`` images), every
     image in exactly one slice. A distributed loader pads the last shard with repeats instead, which

@@ -44,6 +44,10 @@ class Data:
     val: object
     num_classes: int
     steps_per_epoch: int  # optimizer steps; each takes train.accum_steps loader batches
+    # The whole kNN bank and val split as (path, indices or None for all, images in the file): rank 0's
+    # pictures draw spread samples of them (RunPictures), as its own loaders hold one slice each.
+    bank_split: Optional[tuple] = None
+    val_split: Optional[tuple] = None
 
 
 @dataclass
@@ -113,7 +117,7 @@ def build_data(cfg: Config, session) -> Data:
                   os_cache=d.os_cache, batches_ahead=d.batches_ahead)
     load = make_resident_loader if d.resident else make_loader
     train = load(d.train, per_worker, train=True, seed=cfg.train.seed, indices=train_idx, **common)
-    bank = val = None
+    bank = val = bank_split = val_split = None
     classes = plan.classes
     if val_info is not None:
         bank_n = d.knn_bank or n_train
@@ -128,10 +132,11 @@ def build_data(cfg: Config, session) -> Data:
         r = (session.rank, world)
         bank = load(d.train, eval_bs, train=False, indices=eval_slice(bank_idx, train_info.num_images, *r), **ev)
         val = load(d.val, eval_bs, train=False, indices=eval_slice(val_idx, val_info.num_images, *r), **ev)
+        bank_split, val_split = (d.train, bank_idx, train_info.num_images), (d.val, val_idx, val_info.num_images)
     steps, note = plan_steps(len(train), cfg.train.accum_steps, cfg.train.max_steps_per_epoch)
     if note:
         session.log(f"sslray: note: {note}")
-    return Data(train, bank, val, len(classes), steps)
+    return Data(train, bank, val, len(classes), steps, bank_split, val_split)
 
 
 def rng_state(device: Optional[torch.device] = None) -> dict:

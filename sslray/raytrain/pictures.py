@@ -18,6 +18,7 @@ VIEWS_PNG = "views.png"
 SCHEDULES_PNG = "schedules.png"
 RETRIEVAL_PNG = "retrieval.png"
 THUMB = 64  # px: retrieval keeps the bank's images at most this large
+MAX_BANK = 20000  # images: retrieval's bank, a spread sample of the train split when that holds more
 
 
 def mae_png(epoch: int) -> str:
@@ -90,9 +91,11 @@ def mae_figure(model, imgs: torch.Tensor, evalT, epoch: int, seed: int = 0):
 
 @torch.no_grad()
 def retrieval_figure(backbone, bank, queries: torch.Tensor, evalT, device, precision: str = "auto", k: int = 8,
-                     max_bank: int = 20000, title: str = "kNN retrieval"):
+                     max_bank: int = MAX_BANK, title: str = "kNN retrieval"):
     """For each query (uint8), its top-``k`` cosine neighbours among the first ``max_bank`` images of
-    the ``bank`` loader (sequential train images), features from the frozen ``backbone``."""
+    the ``bank`` loader (sequential train images), features from the frozen ``backbone``. Callers hand
+    it a loader over a spread sample (``spread_subset``): the first images of a class-sorted split
+    would offer neighbours from a few classes only."""
     from .. import plots
     was = backbone.training
     backbone.eval()
@@ -143,12 +146,48 @@ class RunPictures:
         except Exception as e:  # noqa: BLE001 - a picture is never worth a failed run
             self.session.log(f"pictures: {name} skipped ({type(e).__name__}: {e})")
 
+    def _loader(self, path: str, indices: np.ndarray, batch_size: int):
+        """A sequential loader over ``indices`` of ``path``, of the kind the run trains with (a resident
+        run's shares the process's in-memory copy, so nothing is decoded again)."""
+        from ..datasets.loader import make_loader
+        from ..datasets.resident import make_resident_loader
+
+        d = self.cfg.data
+        load = make_resident_loader if d.resident else make_loader
+        return load(path, max(1, batch_size), res=d.decode_res, device=self.session.device, train=False,
+                    indices=indices, num_workers=d.loader_workers, os_cache=d.os_cache, batches_ahead=d.batches_ahead)
+
     def fixed_images(self, fallback: torch.Tensor | None = None) -> torch.Tensor:
-        """Fixed val images (the first ``num_images`` of the val split), else the given batch."""
+        """``num_images`` val images spread over the whole val split, seeded by ``train.seed`` (the same
+        images every epoch and after a resume), else the given batch. Rank 0's val loader holds only its
+        slice of a class-sorted split: its first images would all share one class."""
         if self._fixed is None:
-            src = self.data.val if self.data.val is not None else None
-            self._fixed = first_images(src, self.n) if src is not None else fallback[: self.n].clone()
+            from ..datasets.loader import spread_subset
+
+            split = getattr(self.data, "val_split", None)
+            if split is not None:
+                path, idx, total = split
+                pick = spread_subset(idx, total, self.n, self.cfg.train.seed)
+                self._fixed = first_images(self._loader(path, pick, len(pick)), len(pick))
+            elif self.data.val is not None:  # loaders built without their split (benchmarks): what they hold
+                self._fixed = first_images(self.data.val, self.n)
+            else:
+                self._fixed = fallback[: self.n].clone()
         return self._fixed
+
+    def bank(self):
+        """Retrieval's bank: a spread sample of the whole kNN bank (seeded by ``train.seed``), as many
+        images as rank 0's slice of it holds (at most ``MAX_BANK``), so the grid decodes no more than
+        it did from that slice while its neighbours can come from every class."""
+        from ..datasets.loader import spread_subset
+
+        split = getattr(self.data, "bank_split", None)
+        if split is None:  # loaders built without their split (benchmarks): rank 0's bank as it is
+            return self.data.bank
+        path, idx, total = split
+        shard = -(-(total if idx is None else len(idx)) // max(1, getattr(self.session, "world_size", 1)))
+        pick = spread_subset(idx, total, min(MAX_BANK, shard), self.cfg.train.seed)
+        return self._loader(path, pick, getattr(self.data.bank, "batch_size", 256))
 
     def at_start(self, x: torch.Tensor, views: list[torch.Tensor], total: int, warmup: int, peak: float) -> None:
         """First step of a fresh run: the batch and the very views the model is trained on, and the schedules."""
@@ -177,5 +216,5 @@ class RunPictures:
         if last and self.data.bank is not None:
             dev = self.session.device
             self._save(RETRIEVAL_PNG, lambda: retrieval_figure(
-                self.model.backbone, self.data.bank, self.fixed_images(fallback), self.evalT, dev,
+                self.model.backbone, self.bank(), self.fixed_images(fallback), self.evalT, dev,
                 self.cfg.train.precision, title=f"{self.cfg.method.name} kNN retrieval after epoch {epoch}"))
