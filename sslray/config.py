@@ -23,8 +23,8 @@ class DataConfig:
     batch_size: int = 256  # global batch (all workers together), images per step (per micro-batch: train.accum_steps)
     decode_res: int = 32  # each image is decoded once at this square size, views are cut from it
     loader_workers: int = 2  # FFCV decode threads per training worker
-    train_subset: int = 0  # use only the first N training images (0 = all)
-    val_subset: int = 0  # use only the first N val images (0 = all)
+    train_subset: int = 0  # use only N training images, a seeded random sample of every class (0 = all)
+    val_subset: int = 0  # use only N val images, a seeded random sample of every class (0 = all)
     knn_bank: int = 0  # train images in the kNN memory bank (0 = all of train_subset)
     os_cache: bool = True  # memory-map the .beton (fast when it fits in RAM; see README)
     batches_ahead: int = 2  # batches FFCV prepares ahead of the training step
@@ -73,6 +73,32 @@ class MethodConfig:
     name: str = "simclr"  # the SSL method: `sslray methods` lists them
     temperature: float = 0.5  # softmax temperature of the methods whose loss has one; the others ignore it
     params: Mapping[str, Any] = field(default_factory=dict)  # method-specific, checked by the method
+    # Your own methods without forking: Python modules imported before method.name is looked up, each
+    # registering builders with sslray.raytrain.methods.register_method (docs/methods.md). They are imported
+    # wherever a method is built (the command's process, every Ray worker, probe/eval/export of a checkpoint,
+    # which saves this key), so each must be importable there: installed, on PYTHONPATH or shipped with the job.
+    plugins: tuple[str, ...] = ()  # your own methods: modules to import first, on every node (docs/methods.md)
+
+    def __post_init__(self):
+        object.__setattr__(self, "plugins", _module_names(self.plugins, "method.plugins"))
+
+
+def _module_names(value: Any, key: str) -> tuple[str, ...]:
+    """A list of dotted module names (``"a.b,c"`` from the command line too), checked for shape only:
+    a file path or a typo'd separator is refused here, by key, before anything is imported."""
+    if value is None or (isinstance(value, str) and not value.strip()):  # `method.plugins=` clears the list
+        return ()
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError(f"config key {key!r}: expected a list of module names, got {value!r}")
+    names = []
+    for item in items:
+        name = item.strip() if isinstance(item, str) else item
+        if not isinstance(name, str) or not all(part.isidentifier() for part in name.split(".")):
+            raise ConfigError(f"config key {key!r}: {item!r} is not a module name (dotted, like mypkg.ssl_methods; "
+                              "a folder goes on PYTHONPATH, not here)")
+        names.append(name)
+    return tuple(names)
 
 
 @dataclass(frozen=True)

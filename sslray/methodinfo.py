@@ -7,6 +7,8 @@ themselves, so they cannot drift.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from .config import CONFIG_DIR, MethodConfig, load_yaml
 
 FAMILIES: dict[str, str] = {
@@ -34,8 +36,20 @@ def recipes_by_method() -> dict[str, list[str]]:
     return out
 
 
-def method_lines() -> list[str]:
-    """One line per method: name, family, and the recipes that train it."""
+def method_lines(plugins: Sequence[str] = ()) -> list[str]:
+    """One line per method: name, family, and the recipes that train it. Given ``method.plugins``
+    modules, their methods follow, with the module in place of recipes: listing them means importing
+    the registry (torch, timm), which the built-in table alone never does."""
     recipes = recipes_by_method()
-    return [f"{name:14s} {family:16s} {', '.join(recipes.get(name, [])) or '-'}".rstrip()
-            for name, family in sorted(FAMILIES.items())]
+    lines = [f"{name:14s} {family:16s} {', '.join(recipes.get(name, [])) or '-'}".rstrip()
+             for name, family in sorted(FAMILIES.items())]
+    if plugins:
+        from .raytrain.methods import METHODS, import_plugins
+
+        import_plugins(plugins)
+        for name in METHODS.names():
+            if name not in FAMILIES:
+                builder = METHODS.get(name)
+                family = getattr(builder, "family", "-")
+                lines.append(f"{name:14s} {family:16s} plugin {getattr(builder, '__module__', '?')}")
+    return lines

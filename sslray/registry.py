@@ -18,12 +18,20 @@ class Registry(Generic[T]):
         key = name.lower()
 
         def deco(obj: T) -> T:
-            if key in self._entries and self._entries[key] is not obj:
-                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            old = self._entries.get(key)
+            # The same definition again (its module imported anew, as a reloaded plugin is) replaces itself.
+            if old is not None and old is not obj and (_origin(old) is None or _origin(old) != _origin(obj)):
+                where = f": by {_origin(old)} and {_origin(obj)}" if _origin(old) and _origin(obj) else ""
+                raise ValueError(f"{self.kind} {name!r} is registered twice{where}")
             self._entries[key] = obj
             return obj
 
         return deco
+
+    def unregister(self, name: str) -> T:
+        """Remove and return the entry ``name`` (a plugin's, when it is to be re-imported from scratch)."""
+        self.get(name)  # unknown names raise the usual KeyError, listing the known ones
+        return self._entries.pop(name.lower())
 
     def get(self, name: str) -> T:
         try:
@@ -40,3 +48,12 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def _origin(obj) -> str | None:
+    """Where a function or class entry was defined, ``module.qualname``: what tells a re-import from a
+    second definition. None for other entries (instances), which are only ever the same when identical."""
+    qualname = getattr(obj, "__qualname__", None) if isinstance(obj, type) or callable(obj) else None
+    if not isinstance(qualname, str) or not isinstance(getattr(obj, "__module__", None), str):
+        return None
+    return f"{obj.__module__}.{qualname}"

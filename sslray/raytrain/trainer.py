@@ -461,6 +461,46 @@ def ensure_ray(address: Optional[str] = None) -> None:
     ray.init(address=target, log_to_driver=True, configure_logging=False)
 
 
+def plugin_folders(modules) -> list[str]:
+    """The folders this process imported the ``method.plugins`` modules from (the folder holding each
+    one's top-level package or file), leaving out the interpreter's own and installed ones (the standard
+    library, ``site-packages``): every node's environment has those, or none does."""
+    import sys
+    import sysconfig
+
+    installed = {str(Path(p).absolute()) for k, p in sysconfig.get_paths().items() if "lib" in k}
+    folders: list[str] = []
+    for name in modules:
+        top = sys.modules.get(name.split(".")[0])
+        if top is None:
+            continue
+        if getattr(top, "__file__", None):
+            f = Path(top.__file__).absolute()
+            found = [f.parent.parent if f.name == "__init__.py" else f.parent]
+        else:  # a namespace package: every folder it spans
+            found = [Path(p).absolute().parent for p in getattr(top, "__path__", [])]
+        folders += [str(d) for d in found if d.name not in ("site-packages", "dist-packages")
+                    and str(d) not in installed and str(d) not in folders]
+    return folders
+
+
+def worker_runtime_env(cfg: Config) -> dict:
+    """The Train workers' runtime env: empty unless ``method.plugins`` came from folders outside an
+    installed environment. Those go first on the workers' PYTHONPATH, so a plugin this process found
+    through PYTHONPATH, its cwd or ``sys.path`` is found by workers on this machine (also when they
+    belong to a Ray instance started from another shell) and on nodes that mount the folder at the same
+    path. Nodes without it need the plugin installed or shipped with the job (docs/methods.md)."""
+    folders = plugin_folders(cfg.method.plugins)
+    if not folders:
+        return {}
+    import ray
+
+    # Ray merges env_vars key by key: a PYTHONPATH set here would hide the job's own, so it is repeated;
+    # ${PYTHONPATH} is the node's, expanded where each worker starts.
+    job = ((ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}).get("PYTHONPATH", "")
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join([*folders, *([job] if job else []), "${PYTHONPATH}"])}}
+
+
 def run_location(cfg: Config) -> tuple[str, str, str]:
     """``(name, storage, run_dir)`` of the run ``cfg`` describes (a local storage made absolute)."""
     name = cfg.ray.name or run_name(cfg)
@@ -598,6 +638,7 @@ def pretrain(cfg: Config, tracker: Optional[Tracker] = None, restart: bool = Fal
             _remove_if_empty(run_dir)
         raise
     report = MLflowReportCallback(uri, tracker.run_id, f"{run_dir}/{PICTURES_DIR}", storage)
+    renv = worker_runtime_env(cfg)  # only plugin runs set it: other runs keep the job's runtime env untouched
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"cfg": cfg.to_dict(), "pictures_dir": f"{run_dir}/{PICTURES_DIR}"},
@@ -611,6 +652,7 @@ def pretrain(cfg: Config, tracker: Optional[Tracker] = None, restart: bool = Fal
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             callbacks=[report],
+            **({"worker_runtime_env": renv} if renv else {}),
         ),
     )
     t0 = time.time()

@@ -11,12 +11,17 @@ A method is an ``nn.Module`` with:
 Each registered builder carries ``.family`` and ``.default_views`` (the view preset its recipes name).
 Shared pieces live in small helpers: ``_ema`` (momentum teachers), ``_queue`` (feature queues),
 ``_multicrop`` (multi-resolution crops).
+
+Methods outside this package (plugins) register the same way from their own module, which the config
+names in ``method.plugins``; ``import_plugins`` imports them wherever a method is looked up
+(docs/methods.md has the builder contract and an example).
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from torch import nn
 
@@ -33,12 +38,46 @@ def build_backbone(cfg) -> tuple[nn.Module, int]:
     return bb, check_shapes(bb, cfg.views.crop_size)
 
 
+PLUGIN_HINT = ("a plugin module must be importable wherever methods are built (this process, every Ray worker "
+               "on every node, and later probe/eval/export): install it, put its folder on PYTHONPATH, or ship it "
+               "with the job (docs/methods.md)")
+
+
+def import_plugins(modules: Iterable[str]) -> list[str]:
+    """Import the ``method.plugins`` modules, whose imports register their methods; returns the names
+    of the methods they added. Importing a module already imported does nothing, so every lookup can
+    call this. A module that cannot be found, or fails while importing, is a ConfigError naming the key."""
+    before = set(METHODS.names())
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name and (name == e.name or name.startswith(e.name + ".")):  # the plugin itself, not a dependency
+                raise ConfigError(f"config key 'method.plugins': no module named {e.name!r} (importing {name!r}); "
+                                  f"{PLUGIN_HINT}") from None
+            raise ConfigError(f"config key 'method.plugins': importing {name!r} failed: {e}") from e
+        except Exception as e:  # its own code failed: the chained traceback points into it
+            raise ConfigError(f"config key 'method.plugins': importing {name!r} failed: "
+                              f"{type(e).__name__}: {e}") from e
+    return sorted(set(METHODS.names()) - before)
+
+
+def method_builder(cfg) -> Callable[..., nn.Module]:
+    """The registered builder ``cfg.method.name`` names, after importing ``cfg.method.plugins``."""
+    import_plugins(cfg.method.plugins)
+    try:
+        return METHODS.get(cfg.method.name)
+    except KeyError as e:
+        where = f" (after importing method.plugins {', '.join(cfg.method.plugins)})" if cfg.method.plugins else ""
+        raise KeyError(e.args[0] + where) from None
+
+
 def _builder_and_params(cfg) -> tuple[Callable[..., nn.Module], dict]:
     """The method's builder and ``cfg.method.params``, which must match its keyword args, each value
     read as its annotated type (bool, int, float, str) the way other config keys are: a ``"no"`` for
     a bool switch is false, not a true-looking string; a value that cannot be read as its type is
     refused with an error naming the key."""
-    builder = METHODS.get(cfg.method.name)
+    builder = method_builder(cfg)
     params = dict(cfg.method.params)
     signature = inspect.signature(builder).parameters
     allowed = set(signature) - {"cfg", "backbone", "feat_dim"}
@@ -88,7 +127,9 @@ def check_backbone_name(name: str) -> None:
 
 
 def create_method(cfg) -> nn.Module:
-    """Build the method named by ``cfg.method.name``; ``cfg.method.params`` must match its keyword args."""
+    """Build the method named by ``cfg.method.name`` (imported from ``cfg.method.plugins`` first, so a
+    Ray worker or a reloaded checkpoint finds a plugin's method); ``cfg.method.params`` must match its
+    keyword args."""
     builder, params = _builder_and_params(cfg)
     backbone, feat_dim = build_backbone(cfg)
     model = builder(cfg=cfg, backbone=backbone, feat_dim=feat_dim, **params)
@@ -127,4 +168,5 @@ def compile_method(model: nn.Module, mode: str = "default") -> list[nn.Module]:
 
 from . import dino, mae, moco, nnclr, redundancy, siamese, simclr, swav, vicregl  # noqa: F401  (register)
 
-__all__ = ["COMPILE_MODES", "METHODS", "build_backbone", "compile_method", "create_method", "register_method"]
+__all__ = ["COMPILE_MODES", "METHODS", "build_backbone", "compile_method", "create_method", "import_plugins",
+           "method_builder", "register_method"]
