@@ -73,6 +73,17 @@ def test_config_names_plugin_modules_and_checks_their_methods(plugin):
     assert float(model.temperature) == pytest.approx(0.25)
 
 
+def test_a_tune_space_over_a_plugin_methods_params_is_checked_against_its_builder(plugin):
+    """`sslray tune --space method.params.t_end=...` on a plugin method: the search space is checked
+    before any trial, so the plugin must be imported there too (it was looked up unimported)."""
+    from sslray.tune.space import check_space, parse_space
+
+    forget_plugin()
+    check_space(parse_space(["method.params.t_end=uniform(0.1, 0.5)"]), plugin_cfg())
+    with pytest.raises(ConfigError, match="t_end"):
+        check_space(parse_space(["method.params.nope=uniform(0.1, 0.5)"]), plugin_cfg())
+
+
 def test_plugin_errors_name_the_key_and_module(plugin, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"config key 'method.plugins': no module named 'no_such_lab_xyz'.*"
                                           r"importable .* every Ray worker"):

@@ -260,17 +260,18 @@ def _check_kind(key: str, dist: Dist, cfg: Config) -> None:
 def _int_key(key: str, cfg: Config) -> bool:
     """Whether ``key`` takes integers: an int config field, or an int keyword of the method's builder."""
     if key.startswith("method.params."):
-        param = _builder_params(cfg.method.name).get(key.removeprefix("method.params."))
+        param = _builder_params(cfg).get(key.removeprefix("method.params."))
         return param is not None and param.annotation in (int, "int")
     return field_type(key) is int
 
 
-def _builder_params(method: str) -> dict[str, inspect.Parameter]:
-    """The keyword arguments ``method.params`` may set for ``method`` (what ``create_method`` passes)."""
-    from ..raytrain.methods import METHODS
+def _builder_params(cfg: Config) -> dict[str, inspect.Parameter]:
+    """The keyword arguments ``method.params`` may set for the config's method (what ``create_method``
+    passes), a ``method.plugins`` method's too."""
+    from ..raytrain.methods import method_builder
 
     try:
-        builder = METHODS.get(method)
+        builder = method_builder(cfg)
     except KeyError as e:
         raise ConfigError(f"config key 'method.name': {e.args[0]}") from None
     return {k: p for k, p in inspect.signature(builder).parameters.items() if k not in ("cfg", "backbone", "feat_dim")}
@@ -281,7 +282,7 @@ def _check_method_value(cfg: Config, key: str, value: Any) -> None:
     key its builder does not take, a mask ratio outside [0, 1), a temperature that is not positive."""
     name = key.removeprefix("method.params.")
     if key.startswith("method.params."):
-        allowed = _builder_params(cfg.method.name)
+        allowed = _builder_params(cfg)
         if name not in allowed:
             raise ConfigError(f"method {cfg.method.name!r} takes no {key}; its method.params are: "
                               f"{', '.join(sorted(allowed)) or 'none'}")

@@ -77,6 +77,11 @@ def run_trial(config: Mapping[str, Any], base: dict, sweep_dir: str, gpus_per_wo
 
         module, _, name = train_fn.partition(":")
         train_func = getattr(importlib.import_module(module), name)
+    from ..raytrain.methods import import_plugins
+    from ..raytrain.trainer import worker_runtime_env
+
+    import_plugins(cfg.method.plugins)  # here first: a missing module names the key, and its folder goes to the workers
+    renv = worker_runtime_env(cfg)
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"cfg": cfg.to_dict()},
@@ -89,6 +94,7 @@ def run_trial(config: Mapping[str, Any], base: dict, sweep_dir: str, gpus_per_wo
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
             failure_config=FailureConfig(max_failures=0),  # a NaN or an OOM ends the trial, not the sweep
             callbacks=[epoch_report_callback_class()()],
+            **({"worker_runtime_env": renv} if renv else {}),
         ),
     )
     trainer.fit()
