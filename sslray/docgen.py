@@ -1,7 +1,9 @@
-"""The config and CLI references (docs/config.md, docs/cli.md), made from the code itself.
+"""The config, method-params and CLI references (docs/config.md, docs/params.md, docs/cli.md), made
+from the code itself.
 
-Every config key with its type, default and the comment beside it in ``sslray/config.py``, and every
-command's ``--help``, so no key or flag goes undocumented and none of it can drift from the code:
+Every config key with its type, default and the comment beside it in ``sslray/config.py``, every
+method's ``method.params`` (its builder's keyword arguments and docstring) and every command's
+``--help``, so no key, param or flag goes undocumented and none of it can drift from the code:
 tests/test_docgen.py fails when a file here differs from what ``python -m sslray.docgen`` writes.
 """
 
@@ -64,6 +66,35 @@ def config_reference() -> str:
     return "\n".join(lines)
 
 
+def params_reference() -> str:
+    from .raytrain.methods import METHODS
+
+    lines = ["# Method params reference", "",
+             "Each method's `method.params`: the keyword arguments of its builder, set as "
+             "`method.params.<key>=value` on any command line or under `method: params:` in a recipe. A key "
+             "the method does not take is refused by name; a value is read as the type below. Recipes "
+             "(`sslray/configs/*.yaml`) set some of them; these are the values when nothing does. Made by "
+             "`python -m sslray.docgen` from the builders in `sslray/raytrain/methods/`.", ""]
+    for name in sorted(METHODS.names()):
+        builder = METHODS.get(name)
+        params = [p for k, p in inspect.signature(builder).parameters.items()
+                  if k not in ("cfg", "backbone", "feat_dim")]
+        lines += [f"## {name}", "", f"Family: {builder.family}; view preset: `{builder.default_views}`.", ""]
+        doc = inspect.getdoc(builder)
+        if doc:
+            lines += [doc, ""]
+        if not params:
+            lines += ["No params.", ""]
+            continue
+        lines += ["| key | type | default |", "|---|---|---|"]
+        for p in params:
+            typ = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", p.annotation)
+            default = str(p.default).lower() if isinstance(p.default, bool) else p.default
+            lines.append(f"| `method.params.{p.name}` | {typ} | `{default}` |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def _subcommands(parser: argparse.ArgumentParser) -> list[tuple[str, argparse.ArgumentParser]]:
     for action in parser._actions:  # argparse keeps its subparsers here and nowhere public
         if isinstance(action, argparse._SubParsersAction):
@@ -91,7 +122,7 @@ def cli_reference() -> str:
     return "\n".join(parts)
 
 
-REFERENCES = {"config.md": config_reference, "cli.md": cli_reference}
+REFERENCES = {"config.md": config_reference, "params.md": params_reference, "cli.md": cli_reference}
 
 
 def main(argv: list[str] | None = None) -> int:

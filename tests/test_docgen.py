@@ -1,4 +1,4 @@
-"""docs/config.md and docs/cli.md are what `python -m sslray.docgen` makes from the code: a key or flag
+"""docs/config.md, docs/params.md and docs/cli.md are what `python -m sslray.docgen` makes from the code: a key or flag
 added, renamed or re-described without regenerating them fails here."""
 
 from __future__ import annotations
@@ -20,6 +20,21 @@ def test_the_config_reference_lists_every_key_with_its_default_and_meaning():
     undescribed = [line for line in text.splitlines() if line.startswith("| `") and line.endswith("|  |")]
     assert undescribed == [], "config fields without a comment in sslray/config.py: " + "; ".join(undescribed)
     assert "| `data.batch_size` | int | `256` | global batch" in text
+
+
+def test_the_params_reference_lists_every_methods_params_with_its_default():
+    import inspect
+
+    from sslray.raytrain.methods import METHODS
+
+    text = docgen.params_reference()
+    for name in METHODS.names():
+        assert f"## {name}\n" in text, name
+        for k, p in inspect.signature(METHODS.get(name)).parameters.items():
+            if k not in ("cfg", "backbone", "feat_dim"):
+                default = str(p.default).lower() if isinstance(p.default, bool) else p.default
+                assert f"| `method.params.{k}` | " in text and f"| `{default}` |" in text, (name, k)
+    assert "| `method.params.mask_ratio` | float | `0.75` |" in text
 
 
 def test_the_cli_reference_shows_every_command_and_flag():
