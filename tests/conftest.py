@@ -108,6 +108,38 @@ def tiny_betons(tmp_path_factory) -> dict:
     return out
 
 
+SORTED_CLASSES, SORTED_PER_CLASS = 4, 6  # sorted_beton: image i is of class i // SORTED_PER_CLASS
+
+
+@pytest.fixture(scope="session")
+def sorted_beton(tmp_path_factory) -> str:
+    """A class-sorted .beton (as every converted dataset is) of 24 8-px images, each a solid colour of
+    its own: what a picture drawn from its first images shows (one class) is seen at a glance."""
+    from PIL import Image
+
+    from sslray.datasets import WriteParams, convert
+
+    root = tmp_path_factory.mktemp("sorted_beton")
+    for k in range(SORTED_CLASSES):
+        (root / "src" / f"c{k}").mkdir(parents=True)
+        for i in range(SORTED_PER_CLASS):
+            Image.new("RGB", (8, 8), (60 * k, 40 * i, 200)).save(root / "src" / f"c{k}" / f"{i}.png")
+    out = root / "sorted.beton"
+    convert(root / "src", out, params=WriteParams(max_resolution=8), workers=1, verbose=False)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, above all on a shared 2-core machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def no_ray(monkeypatch):
     """This process as a fresh CLI sees it: no Ray started here and none to connect to (so the workers

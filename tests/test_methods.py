@@ -39,13 +39,7 @@ PARAMS = {
 EXTRA = {"mae": {"model.backbone": "vit_tiny_patch16_224"}, "vicregl": {"model.backbone": "vit_tiny_patch16_224"}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tiny models run faster on one thread, above all on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: faster on one thread
 
 
 def tiny_cfg(name: str):

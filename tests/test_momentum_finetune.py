@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import test_methods as T
+from test_paper_fidelity import VIT  # a 64-px ViT-Ti/16 (4x4 patches, 192 dims) and small heads
 from sslray.config import ConfigError, load_config
 from sslray.raytrain.methods import METHODS, create_method
 from sslray.raytrain.methods._ema import EMATeacher, ema_momentum
@@ -21,17 +22,9 @@ from sslray.raytrain.optim import cosine_momentum
 EMA_METHODS = ("byol", "dino", "mocov2", "mocov3")
 # mocov2's recipe keeps its momentum constant (the paper's); the cosine schedule is the one that ends.
 COSINE = {"mocov2": {"momentum_schedule": "cosine"}}
-# A 64-px ViT-Ti/16 (4x4 patches, 192 dims) and small heads, as in test_paper_fidelity.py.
-VIT = {"model.backbone": "vit_tiny_patch16_224", "views.crop_size": 64, "model.proj_hidden_dim": 32,
-       "model.proj_out_dim": 16, "method.params.pred_hidden_dim": 32}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: faster on one thread
 
 
 def _byol_formula(step: int, total: int, base: float) -> float:

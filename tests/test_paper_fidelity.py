@@ -21,12 +21,7 @@ TINY_RESNET = {"model.backbone": "resnet10t", "model.cifar_stem": False, "model.
                "model.proj_out_dim": 16, "views.crop_size": 32}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: faster on one thread
 
 
 def _mocov3_reference(h: int, w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:

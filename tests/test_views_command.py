@@ -5,24 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-CLASSES, PER_CLASS = 4, 6
+from conftest import SORTED_CLASSES as CLASSES, SORTED_PER_CLASS as PER_CLASS
 
-
-@pytest.fixture(scope="module")
-def sorted_beton(tmp_path_factory) -> str:
-    """A class-sorted .beton of 24 8-px images, each a solid colour of its own."""
-    from PIL import Image
-
-    from sslray.datasets import WriteParams, convert
-
-    root = tmp_path_factory.mktemp("sorted_beton")
-    for k in range(CLASSES):
-        (root / "src" / f"c{k}").mkdir(parents=True)
-        for i in range(PER_CLASS):
-            Image.new("RGB", (8, 8), (60 * k, 40 * i, 200)).save(root / "src" / f"c{k}" / f"{i}.png")
-    out = root / "sorted.beton"
-    convert(root / "src", out, params=WriteParams(max_resolution=8), workers=1, verbose=False)
-    return str(out)
 
 
 def drawn_indices(beton: str, tmp_path, monkeypatch, *args: str) -> tuple[list[int], list[int]]:

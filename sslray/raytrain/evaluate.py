@@ -6,7 +6,7 @@ import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -125,31 +125,42 @@ def random_init_model(cfg: Config):
 @dataclass
 class ProbeReport:
     pretrained: dict
-    random_init: dict
+    random_init: dict  # empty when the baseline was skipped (random_baseline=False)
     probe: ProbeResult
-    random_probe: ProbeResult
+    random_probe: Optional[ProbeResult]
     classes: list[str]
     extra: dict = field(default_factory=dict)
     pictures: dict = field(default_factory=dict)  # name -> PNG bytes, logged under probe/
 
-    def table_rows(self) -> list[tuple[str, float, float, float]]:
+    def table_rows(self) -> list[tuple[str, Optional[float], float, Optional[float]]]:
+        """(metric, random init, pretrained, gain); random init and gain are None without a baseline, and a
+        chosen C (``linear_c``) has no gain."""
         keys = ["knn_top1", "linear_top1", "linear_top5", "linear_macro_f1"]
-        return [(k, self.random_init[k], self.pretrained[k], self.pretrained[k] - self.random_init[k]) for k in keys]
+        keys += ["linear_c"] if "linear_c" in self.pretrained else []
+        rows = []
+        for k in keys:
+            r, p = self.random_init.get(k), self.pretrained[k]
+            rows.append((k, r, p, None if r is None or k == "linear_c" else p - r))
+        return rows
 
 
 def _retrieval(backbone, train, val, tr_idx, va_idx, cfg: Config, device, batch_size, log) -> dict:
-    """kNN retrieval grid after probing: fixed val queries (the first 8) and their top-8 train neighbours."""
+    """kNN retrieval grid after probing: ``monitor.num_images`` val queries and their top-8 neighbours among
+    at most ``MAX_BANK`` train images, each a sample spread over its (class-sorted) split and seeded by
+    ``train.seed``, so every class can show and a checkpoint's grid shows the same images each time."""
     from .. import plots
-    from .pictures import RETRIEVAL_PNG, first_images, retrieval_figure
+    from ..datasets.loader import spread_subset
+    from .pictures import MAX_BANK, RETRIEVAL_PNG, first_images, retrieval_figure
 
-    def loader(path, idx):
-        return make_loader(path, batch_size, res=cfg.data.decode_res, device=device, train=False, indices=idx,
-                           num_workers=cfg.data.loader_workers)
+    def loader(path, idx, n):
+        pick = spread_subset(idx, dataset_info(path).num_images, n, cfg.train.seed)
+        return make_loader(path, max(1, min(batch_size, len(pick))), res=cfg.data.decode_res, device=device,
+                           train=False, indices=pick, num_workers=cfg.data.loader_workers)
 
     try:
-        queries = first_images(loader(val, va_idx), cfg.monitor.num_images)
-        fig = retrieval_figure(backbone, loader(train, tr_idx), queries, eval_transform(cfg.views).to(device), device,
-                               cfg.train.precision, title=f"{cfg.method.name} kNN retrieval (probe)")
+        queries = first_images(loader(val, va_idx, cfg.monitor.num_images), cfg.monitor.num_images)
+        fig = retrieval_figure(backbone, loader(train, tr_idx, MAX_BANK), queries, eval_transform(cfg.views).to(device),
+                               device, cfg.train.precision, title=f"{cfg.method.name} kNN retrieval (probe)")
         return {RETRIEVAL_PNG: plots.png_bytes(fig)}
     except Exception as e:  # noqa: BLE001 - a picture is never worth a failed probe
         log(f"probe: retrieval grid skipped ({type(e).__name__}: {e})")
@@ -158,15 +169,19 @@ def _retrieval(backbone, train, val, tr_idx, va_idx, cfg: Config, device, batch_
 
 def probe_checkpoint(checkpoint: str, train: str, val: str, *, train_subset: int = 0, val_subset: int = 0,
                      knn_k: int = 200, use_gpu: str = "auto", batch_size: int = 512,
-                     random_baseline: bool = True, log=print, store=None) -> ProbeReport:
+                     random_baseline: bool = True, linear_c=(1.0,), log=print, store=None) -> ProbeReport:
     """kNN and linear probe of the pretrained backbone and of its random-init baseline on frozen features.
+    ``random_baseline=False`` extracts and fits nothing for the baseline (``report.random_init`` is empty).
+    ``linear_c``: the probe's C, or several to choose from on held-out train features (``fit_linear_probe``).
 
     The features and linear fits are an ``sslray.eval.FeatureStore``'s, the same the eval protocols read.
     ``store``: one of this checkpoint, data, subsets and device, kept for the protocols that follow
     (``sslray pretrain --eval``; ``batch_size`` is then the store's); without one, a store that caches
     nothing serves this probe alone."""
     from ..eval.features import FeatureStore  # sslray.eval imports this module
+    from .probe import linear_cs
 
+    cs = linear_cs(linear_c)  # a bad C fails before any feature is extracted
     train_info, info = dataset_info(train), dataset_info(val)
     classes = check_same_classes(train_info, info)  # before any model is loaded or feature extracted
     device = pick_device(0, use_gpu)
@@ -182,30 +197,33 @@ def probe_checkpoint(checkpoint: str, train: str, val: str, *, train_subset: int
         ftr, ytr, fva, yva = (torch.from_numpy(a).to(device) for a in (f.train_x, f.train_y, f.val_x, f.val_y))
         knn = knn_accuracy(fva, yva, ftr, ytr, len(classes), knn_k, cfg.train.knn_temperature)
         log(f"probe: fitting the {label} linear probe on {len(ytr)} images ...")
-        res = store.linear(init)
+        res = store.linear(init, cs)
         flat = {"knn_top1": knn["knn_top1"], "knn_top5": knn["knn_top5"],
                 **{f"linear_{k}": v for k, v in res.metrics.items()}}
+        if len(cs) > 1:  # a chosen C is a result; one given C is the setting it always was
+            flat["linear_c"] = res.C
         return flat, res
 
     pre, pre_res = evaluate("pretrained", "pretrained")
     pictures = _retrieval(store.backbone("pretrained"), train, val, tr_idx, va_idx, cfg, device, store.batch_size, log)
-    if random_baseline:
-        rnd, rnd_res = evaluate("random_init", "random-init")
-    else:
-        rnd, rnd_res = {k: float("nan") for k in pre}, pre_res
-    return ProbeReport(pre, rnd, pre_res, rnd_res, classes,
-                       {"probe_train_images": int(len(tr_idx) if tr_idx is not None else train_info.num_images),
-                        "probe_val_images": int(len(va_idx) if va_idx is not None else info.num_images),
-                        "linear_converged": pre_res.converged}, pictures)
+    rnd, rnd_res = evaluate("random_init", "random-init") if random_baseline else ({}, None)
+    extra = {"probe_train_images": int(len(tr_idx) if tr_idx is not None else train_info.num_images),
+             "probe_val_images": int(len(va_idx) if va_idx is not None else info.num_images),
+             "linear_converged": pre_res.converged}
+    if len(cs) > 1:
+        extra["linear_c_heldout_top1"] = {f"{c:g}": v for c, v in pre_res.c_scores.items()}
+    return ProbeReport(pre, rnd, pre_res, rnd_res, classes, extra, pictures)
 
 
 def log_probe(tracker, report: ProbeReport) -> None:
-    """Probe metrics as ``probe/...`` and ``random_init/...``, the per-class report and the confusion PNG."""
+    """Probe metrics as ``probe_*``, ``random_init_*`` and ``gain_*`` (the last two only with a baseline),
+    the per-class report and the confusion PNG."""
     from .. import plots
 
     metrics = {f"probe_{k}": v for k, v in report.pretrained.items()}
     metrics.update({f"random_init_{k}": v for k, v in report.random_init.items()})
-    metrics.update({f"gain_{k}": report.pretrained[k] - report.random_init[k] for k in report.pretrained})
+    metrics.update({f"gain_{k}": report.pretrained[k] - report.random_init[k] for k in report.pretrained
+                    if k in report.random_init and k != "linear_c"})
     tracker.log_metrics(metrics)
     tracker.set_tags({"sslray.probe_converged": report.probe.converged})
     tracker.log_text(report.probe.report, "probe/classification_report.txt")
@@ -225,11 +243,19 @@ def format_table(report: ProbeReport) -> str:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title="probe on the val split (frozen backbone)")
-    for col in ("metric", "random init", "pretrained", "gain"):
+    def cell(k, v):
+        return f"C={v:g}" if k == "linear_c" else f"{100 * v:.2f}%"
+
+    baseline = bool(report.random_init)
+    t = Table(title="probe on the val split (frozen backbone)",
+              caption=None if baseline else "random-init baseline skipped (--no-baseline)")
+    for col in ("metric", "random init", "pretrained", "gain") if baseline else ("metric", "pretrained"):
         t.add_column(col, justify="right" if col != "metric" else "left")
     for k, r, p, g in report.table_rows():
-        t.add_row(k, f"{100 * r:.2f}%", f"{100 * p:.2f}%", f"{100 * g:+.2f} pts")
+        if not baseline:
+            t.add_row(k, cell(k, p))
+        else:
+            t.add_row(k, cell(k, r), cell(k, p), "" if g is None else f"{100 * g:+.2f} pts")
     console = Console(width=100, record=True)
     with console.capture() as cap:
         console.print(t)
