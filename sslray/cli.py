@@ -90,8 +90,11 @@ AFTER_TRAINING_TAG = "sslray.after_training_error"  # the export, probe or --eva
 
 
 def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val_subset: int = 0,
-                 restart: bool = False, eval_protocols: Optional[str] = None):
-    """Pretrain, export, probe and evaluate as ``sslray pretrain`` does; returns an ``sslray.api.Run``."""
+                 restart: bool = False, eval_protocols: Optional[str] = None, baseline: bool = True,
+                 linear_c: Sequence[float] = (1.0,)):
+    """Pretrain, export, probe and evaluate as ``sslray pretrain`` does; returns an ``sslray.api.Run``.
+    ``baseline=False`` scores no random-init backbone after training; ``linear_c``: the probes' C, or
+    several to choose from on held-out train features (the probe and the linear and lowshot protocols)."""
     from .api import Run
     from .raytrain.evaluate import format_table, log_probe, probe_checkpoint
     from .raytrain.trainer import completed_epochs, pretrain, resumes, run_location
@@ -149,7 +152,7 @@ def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val
         if probe and cfg.data.val and res.checkpoint:
             report = probe_checkpoint(res.checkpoint, cfg.data.train, cfg.data.val, train_subset=probe_train_subset,
                                       val_subset=probe_val_subset, knn_k=cfg.train.knn_k, use_gpu=cfg.ray.use_gpu,
-                                      store=store)
+                                      random_baseline=baseline, linear_c=linear_c, store=store)
             log_probe(tracker, report)
             print(format_table(report))
         if eval_protocols and res.checkpoint:  # `--eval linear,knn,...`: the protocols of `sslray eval`, same run
@@ -161,7 +164,7 @@ def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val
                                   use_gpu=cfg.ray.use_gpu, seed=cfg.train.seed)  # the training run's workers
             ev = run_eval(res.checkpoint, cfg.data.train, cfg.data.val or None, eval_protocols,
                           train_subset=probe_train_subset, val_subset=probe_val_subset, use_gpu=cfg.ray.use_gpu,
-                          finetune=ft, store=store)
+                          finetune=ft, store=store, baseline=baseline, linear_c=linear_c)
             log_eval(tracker, ev)
             close_figures(ev)
             print(format_eval_table(ev))
@@ -178,15 +181,24 @@ def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val
     return Run(res.run_id, res.tracking_uri, res.checkpoint, res.metrics, res.name, res.storage, backbone, report, ev)
 
 
+def _linear_c(text: str) -> tuple[float, ...]:
+    """``--linear-c 0.01,0.1,1``: checked here, before any training or feature extraction."""
+    from .eval.cli import _numbers
+    from .raytrain.probe import linear_cs
+
+    return linear_cs(_numbers(text, float, "--linear-c"))
+
+
 def cmd_pretrain(a) -> int:
     cfg = config_from_args(a)
+    linear_c = _linear_c(a.linear_c)
     if a.eval:  # an unknown protocol fails now, not after hours of training
         from .eval import parse_protocols
 
         parse_protocols(a.eval, option="--eval")
     run_pretrain(cfg, probe=not a.no_probe, probe_train_subset=a.probe_train_subset or cfg.data.train_subset,
                  probe_val_subset=a.probe_val_subset or cfg.data.val_subset, restart=a.restart,
-                 eval_protocols=a.eval)
+                 eval_protocols=a.eval, baseline=not a.no_baseline, linear_c=linear_c)
     return 0
 
 
@@ -194,9 +206,11 @@ def cmd_probe(a) -> int:
     from .raytrain.evaluate import format_table, log_probe, probe_checkpoint
     from .tracking import existing_run
 
+    linear_c = _linear_c(a.linear_c)
     tracker = existing_run(a.tracking_uri, a.run_id) if a.run_id else None  # before the features are extracted
     report = probe_checkpoint(a.checkpoint, _abs(a.train), _abs(a.val), train_subset=a.train_subset,
-                              val_subset=a.val_subset, knn_k=a.k, use_gpu=a.gpu)
+                              val_subset=a.val_subset, knn_k=a.k, use_gpu=a.gpu, random_baseline=not a.no_baseline,
+                              linear_c=linear_c)
     print(format_table(report))
     print(report.probe.report)
     if tracker is not None:
@@ -229,6 +243,15 @@ def count(minimum: int = 0):
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {n}")
         return n
     return parse
+
+
+def add_probe_args(p: argparse.ArgumentParser, what: str) -> None:
+    """``--no-baseline`` and ``--linear-c``, as ``sslray eval`` has them."""
+    p.add_argument("--no-baseline", action="store_true",
+                   help=f"{what}: score the pretrained backbone only (no random-init features, fits or gains)")
+    p.add_argument("--linear-c", default="1.0", metavar="C[,C...]",
+                   help=f"{what}: linear probe C; several (e.g. 0.01,0.1,1,10): the best on a held-out 10%% of the "
+                        "train features, refitted on all of them (logged as *_linear_c)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="val images for the probe (0: as data.val_subset)")
     p.add_argument("--eval", metavar="PROTOCOLS",
                    help="after training, also run these eval protocols (e.g. linear,knn,lowshot; see `sslray eval`)")
+    add_probe_args(p, "the probe and --eval after training")
     p.set_defaults(func=cmd_pretrain)
 
     q = sub.add_parser("probe", help="linear probe + kNN on frozen features, beside a random-init baseline")
@@ -276,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--val-subset", type=count(), default=0, help="seeded subset of val images (0: all)")
     q.add_argument("-k", type=count(1), default=200, help="kNN neighbours")
     q.add_argument("--gpu", default="auto", choices=["auto", "true", "false"])
+    add_probe_args(q, "the probe")
     q.add_argument("--run-id", help="MLflow run to log the probe metrics to")
     q.add_argument("--tracking-uri")
     q.set_defaults(func=cmd_probe)

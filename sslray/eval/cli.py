@@ -25,7 +25,10 @@ def cmd_eval(a) -> int:
                           use_gpu=a.gpu, train_subset=a.train_subset, val_subset=a.val_subset)
     report = run_eval(a.checkpoint, _abs(a.train), _abs(a.val), names, train_subset=a.train_subset,
                       val_subset=a.val_subset, use_gpu=a.gpu, cache_dir=a.cache_dir, cache=not a.no_cache,
-                      knn_ks=_numbers(a.knn_k, int, "--knn-k"),
+                      knn_ks=_numbers(a.knn_k, int, "--knn-k"), baseline=not a.no_baseline,
+                      knn_temperature=_numbers(a.knn_temperature, float, "--knn-temperature")
+                      if a.knn_temperature is not None else None,
+                      linear_c=_numbers(a.linear_c, float, "--linear-c"),
                       lowshot_fractions=_numbers(a.lowshot_fractions, float, "--lowshot-fractions"),
                       lowshot_seeds=_numbers(a.lowshot_seeds, int, "--lowshot-seeds"), finetune=ft)
     print(format_eval_table(report))
@@ -55,7 +58,15 @@ def register(sub) -> None:
     e.add_argument("--no-log", action="store_true", help="print only, log nothing to MLflow")
     e.add_argument("--cache-dir", help="feature cache folder (default: features/ beside the checkpoint)")
     e.add_argument("--no-cache", action="store_true", help="always extract features, write no cache")
+    e.add_argument("--no-baseline", action="store_true",
+                   help="score the pretrained backbone only: no random-init features, fits or fine-tune, no gains")
     e.add_argument("--knn-k", default="10,20,100,200", help="kNN neighbour counts")
+    e.add_argument("--knn-temperature", metavar="T[,T...]",
+                   help="kNN vote temperatures, each scored with every k (default: the checkpoint's "
+                        "train.knn_temperature); several name their metrics eval_knn_k{k}_t{T}_top1")
+    e.add_argument("--linear-c", default="1.0", metavar="C[,C...]",
+                   help="linear and lowshot probes: LogisticRegression C; several (e.g. 0.01,0.1,1,10): the best on "
+                        "a held-out 10%% of the train features, refitted on all of them (logged as eval_linear_c)")
     e.add_argument("--lowshot-fractions", default="0.01,0.1,1.0", help="label fractions per class")
     e.add_argument("--lowshot-seeds", default="0,1,2", help="seeds of the stratified subsets")
     e.add_argument("--ft-epochs", type=int, default=10, help="finetune: epochs (the same for the scratch run)")

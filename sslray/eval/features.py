@@ -109,7 +109,7 @@ class FeatureStore:
         self.train_idx = subset_indices(self.train_info.num_images, train_subset, self.cfg.train.seed)
         self.val_idx = subset_indices(self.val_info.num_images, val_subset, self.cfg.train.seed)
         self._mem: dict[str, Features] = {}
-        self._fits: dict = {}  # init -> sslray.raytrain.probe.ProbeResult
+        self._fits: dict = {}  # (init, Cs) -> sslray.raytrain.probe.ProbeResult
 
     @property
     def classes(self) -> list[str]:
@@ -169,19 +169,24 @@ class FeatureStore:
         if pick_device(0, use_gpu) != self.device:
             raise ValueError(f"the feature store's features are computed on {self.device}, not for use_gpu={use_gpu}")
 
-    def fitted(self, init: str) -> bool:
-        return init in self._fits
+    def fitted(self, init: str, cs=(1.0,)) -> bool:
+        from ..raytrain.probe import linear_cs
 
-    def linear(self, init: str = "pretrained"):
-        """The linear probe on ``get(init)`` (seeded by the checkpoint's train.seed), fitted once per store.
+        return (init, linear_cs(cs)) in self._fits
+
+    def linear(self, init: str = "pretrained", cs=(1.0,)):
+        """The linear probe on ``get(init)`` (seeded by the checkpoint's train.seed), fitted once per store
+        and C setting ``cs`` (``fit_linear_probe``: one C, or the best of several on held-out train features).
         The end-of-run probe of ``sslray pretrain --eval linear`` and the ``linear`` protocol read this one
         fit: the same model on the same features, logged once as ``probe_linear_*`` and once as ``eval_linear_*``."""
-        if init not in self._fits:
-            from ..raytrain.probe import linear_probe  # scikit-learn: only where a probe is fitted
+        from ..raytrain.probe import fit_linear_probe, linear_cs  # scikit-learn: only where a probe is fitted
 
+        key = (init, linear_cs(cs))
+        if key not in self._fits:
             f = self.get(init)
-            self._fits[init] = linear_probe(f.train_x, f.train_y, f.val_x, f.val_y, f.classes, seed=self.cfg.train.seed)
-        return self._fits[init]
+            self._fits[key] = fit_linear_probe(f.train_x, f.train_y, f.val_x, f.val_y, f.classes, cs=key[1],
+                                               seed=self.cfg.train.seed)
+        return self._fits[key]
 
     def backbone(self, init: str):
         if init == "pretrained":

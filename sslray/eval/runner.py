@@ -22,7 +22,8 @@ class EvalReport:
     features: dict = field(default_factory=dict)  # init -> {"path": cache file, "from_cache": bool}
 
     def metrics(self) -> dict[str, float]:
-        """MLflow metrics: ``eval_<m>`` (pretrained), ``eval_random_init_<m>`` and ``eval_gain_<m>``."""
+        """MLflow metrics: ``eval_<m>`` (pretrained), ``eval_random_init_<m>`` and ``eval_gain_<m>`` (none of
+        the last two for a protocol run without its baseline)."""
         out: dict[str, float] = {}
         for r in self.results:
             out.update({f"eval_{k}": v for k, v in r.pretrained.items()})
@@ -32,8 +33,17 @@ class EvalReport:
 
     def summary(self) -> dict:
         return {"checkpoint": self.checkpoint, "features": self.features,
-                "protocols": {r.name: {"pretrained": r.pretrained, "random_init": r.random_init, "gain": r.gain(),
-                                       "info": r.info} for r in self.results}}
+                "protocols": {r.name: _entry(r) for r in self.results}}
+
+
+def _entry(r: ProtocolResult) -> dict:
+    """A protocol's summary entry; without a baseline it says so instead of holding empty or NaN numbers."""
+    if not r.random_init:
+        return {"pretrained": r.pretrained, "baseline": BASELINE_SKIPPED, "info": r.info}
+    return {"pretrained": r.pretrained, "random_init": r.random_init, "gain": r.gain(), "info": r.info}
+
+
+BASELINE_SKIPPED = "random-init baseline skipped (--no-baseline)"
 
 
 def find_run(checkpoint: str) -> Optional[dict]:
@@ -188,34 +198,52 @@ def _pm(mean: float, std: float) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}%"
 
 
-def _rows(report: EvalReport) -> list[tuple[str, str, str, str]]:
+def _cell(k: str, v: float, side: dict) -> str:
+    if k.endswith("_mean"):
+        return _pm(v, side.get(k[: -len("_mean")] + "_std", 0.0))
+    if k.endswith("_c"):  # a chosen C
+        return f"C={v:g}"
+    return f"{v:.3f}" if "silhouette" in k else f"{100 * v:.2f}%"
+
+
+def _gain_cell(k: str, g: float) -> str:
+    return f"{g:+.3f}" if "silhouette" in k else f"{100 * g:+.2f} pts"
+
+
+def _rows(report: EvalReport) -> list[tuple[str, Optional[str], str, Optional[str]]]:
+    """(metric, random init, pretrained, gain); random init and gain are None for a protocol run without
+    its baseline."""
     rows = []
     for r in report.results:
+        gains = r.gain()
         for k, p in r.pretrained.items():
-            if k.endswith(("_std", "_runs")) or k not in r.random_init:
+            if k.endswith(("_std", "_runs")) or (r.random_init and k not in r.random_init):
                 continue
-            rnd = r.random_init[k]
-            if k.endswith("_mean"):
-                sd = k[: -len("_mean")] + "_std"
-                rows.append((k[: -len("_mean")], _pm(rnd, r.random_init.get(sd, 0.0)), _pm(p, r.pretrained.get(sd, 0.0)),
-                             f"{100 * (p - rnd):+.2f} pts"))
-            else:
-                rows.append((k, f"{100 * rnd:.2f}%" if "silhouette" not in k else f"{rnd:.3f}",
-                             f"{100 * p:.2f}%" if "silhouette" not in k else f"{p:.3f}",
-                             f"{100 * (p - rnd):+.2f} pts" if "silhouette" not in k else f"{p - rnd:+.3f}"))
+            name = k[: -len("_mean")] if k.endswith("_mean") else k
+            if not r.random_init:
+                rows.append((name, None, _cell(k, p, r.pretrained), None))
+                continue
+            rows.append((name, _cell(k, r.random_init[k], r.random_init), _cell(k, p, r.pretrained),
+                         _gain_cell(k, gains[k]) if k in gains else ""))
     return rows
 
 
 def format_eval_table(report: EvalReport, markdown: bool = False) -> str:
-    cols = ("metric", "random init", "pretrained", "gain")
+    """The protocols' numbers, one row per metric. Rows without a baseline read "skipped" under random init;
+    when no protocol has one, the random init and gain columns are left out and a note says why."""
     rows = _rows(report)
+    if rows and all(r[1] is None for r in rows):
+        cols, rows, note = ("metric", "pretrained"), [(r[0], r[2]) for r in rows], BASELINE_SKIPPED
+    else:
+        cols, note = ("metric", "random init", "pretrained", "gain"), ""
+        rows = [(m, "skipped" if rnd is None else rnd, p, "" if g is None else g) for m, rnd, p, g in rows]
     if markdown:
         lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows] + ([f"\n{note}"] if note else [])) + "\n"
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"eval protocols on the val split: {Path(report.checkpoint).parent.name}")
+    t = Table(title=f"eval protocols on the val split: {Path(report.checkpoint).parent.name}", caption=note or None)
     for c in cols:
         t.add_column(c, justify="left" if c == "metric" else "right")
     for r in rows:

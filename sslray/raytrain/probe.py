@@ -8,8 +8,8 @@ into a recorded flag instead of being lost in the log.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import Optional, Union
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
@@ -37,6 +37,8 @@ class ProbeResult:
     report: str  # sklearn's per-class report
     confusion: np.ndarray
     converged: bool
+    C: float = 1.0  # the inverse regularisation strength of the fit
+    c_scores: dict[float, float] = field(default_factory=dict)  # candidate C -> held-out top-1 (several Cs only)
 
 
 # Below this many feature values (images x dims) the solver runs on one BLAS thread: each L-BFGS
@@ -78,7 +80,71 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, va
         **macro_scores(val_y, pred),
     }
     report = per_class_report(val_y, pred, class_names)
-    return ProbeResult(metrics, report, confusion_matrix(val_y, pred, labels=labels), converged)
+    return ProbeResult(metrics, report, confusion_matrix(val_y, pred, labels=labels), converged, float(C))
+
+
+# Share of each class's train images held out to choose C among several: the val split scores the
+# chosen probe and so must never choose it.
+HOLDOUT = 0.1
+
+
+class HoldoutError(ValueError):
+    """No class has the 2 images a held-out split needs (one to fit, one to score)."""
+
+
+def linear_cs(cs: Union[float, Sequence[float]], option: str = "--linear-c") -> tuple[float, ...]:
+    """Candidate Cs ascending and without repeats (a fit cache keys on them); a ValueError naming ``option``
+    unless each is a positive number."""
+    raw = [cs] if isinstance(cs, (int, float)) else list(cs)
+    try:
+        vals = sorted({float(c) for c in raw})
+    except (TypeError, ValueError):
+        raise ValueError(f"{option} needs positive numbers, got {raw}") from None
+    if not vals or not all(np.isfinite(c) and c > 0 for c in vals):
+        raise ValueError(f"{option} needs positive numbers, got {raw}")
+    return tuple(vals)
+
+
+def holdout_split(y: np.ndarray, seed: int, fraction: float = HOLDOUT) -> tuple[np.ndarray, np.ndarray]:
+    """``(fit, held)`` indices of ``y``: ``stratified_indices`` draws ``fraction`` (at most 0.5) of every
+    class of 2 images or more, at least one each and never the whole class; a class of one image stays in
+    the fit part, so that the probe still learns it."""
+    from ..eval.lowshot import stratified_indices  # numpy only
+
+    if not 0 < fraction <= 0.5:
+        raise ValueError(f"held-out fraction {fraction} must be in (0, 0.5]")
+    y = np.asarray(y)
+    eligible = np.flatnonzero(np.bincount(y)[y] >= 2)
+    if not len(eligible):
+        raise HoldoutError("no class has 2 train images: nothing can be held out to choose C")
+    held = eligible[stratified_indices(y[eligible], fraction, seed)]
+    return np.setdiff1d(np.arange(len(y)), held), held
+
+
+def choose_c(train_x: np.ndarray, train_y: np.ndarray, class_names: list[str], cs: Sequence[float], seed: int = 0,
+             **kw) -> tuple[float, dict[float, float]]:
+    """The C of ``cs`` whose probe, fitted on the rest of the train features, scores the best top-1 on a
+    held-out stratified, seeded part of them (``holdout_split``), and every candidate's score. A tie goes
+    to the smaller C, the stronger regularisation."""
+    fit, held = holdout_split(train_y, seed)
+    scores = {c: linear_probe(train_x[fit], train_y[fit], train_x[held], train_y[held], class_names, C=c, seed=seed,
+                              **kw).metrics["top1"] for c in linear_cs(cs)}
+    return max(scores, key=lambda c: (scores[c], -c)), scores
+
+
+def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
+                     class_names: list[str], cs: Union[float, Sequence[float]] = (1.0,), seed: int = 0,
+                     **kw) -> ProbeResult:
+    """``linear_probe`` with C from ``cs``: one C is used as it is (the fit ``linear_probe`` makes); among
+    several, ``choose_c`` picks one on held-out train features, and the probe is refitted on all of them
+    with it and scored on val. ``result.C`` is the C used, ``result.c_scores`` the candidates' held-out top-1."""
+    cs = linear_cs(cs)
+    if len(cs) == 1:
+        return linear_probe(train_x, train_y, val_x, val_y, class_names, C=cs[0], seed=seed, **kw)
+    best, scores = choose_c(train_x, train_y, class_names, cs, seed=seed, **kw)
+    res = linear_probe(train_x, train_y, val_x, val_y, class_names, C=best, seed=seed, **kw)
+    res.c_scores = scores
+    return res
 
 
 def per_class_report(y: np.ndarray, pred: np.ndarray, class_names: list[str]) -> str:
