@@ -140,6 +140,49 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def tiny_checkpoint(cifar_small: dict, root: Path, experiment: str) -> dict:
+    """A checkpoint trained for 2 SimCLR steps in one process (no Ray), inside a run folder that names an
+    MLflow run the way `sslray pretrain` does (sslray_run.json), for the probe and eval tests."""
+    import json
+
+    from sslray.config import load_config
+    from sslray.raytrain.loop import run_local
+    from sslray.tracking import Tracker
+
+    cfg = load_config("smoke", [f"data.train={cifar_small['train']}", "data.val=", "train.epochs=1",
+                                "train.max_steps_per_epoch=2", "ray.use_gpu=false"])
+    run_local(cfg, str(root / "run" / "checkpoints"))
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    tracker = Tracker.start(uri, experiment, "tiny")
+    (root / "run" / "sslray_run.json").write_text(json.dumps({"run_id": tracker.run_id, "tracking_uri": uri}))
+    state = next((root / "run" / "checkpoints").glob("epoch_*/state.pt"))
+    return {"state": state, "run_dir": root / "run", "uri": uri, "run_id": tracker.run_id,
+            "train": cifar_small["train"], "val": cifar_small["test"]}
+
+
+def count_work(monkeypatch) -> dict:
+    """Frozen-feature passes (one per split and init) and linear-probe fits, wherever they are made:
+    ``{"extract": n, "fit": n}``, counted from this call on."""
+    from sslray.eval import features, protocols
+    from sslray.raytrain import probe
+
+    calls = {"extract": 0, "fit": 0}
+    real_extract, real_fit = features.extract_features, probe.linear_probe
+
+    def extract(*a, **k):
+        calls["extract"] += 1
+        return real_extract(*a, **k)
+
+    def fit(*a, **k):
+        calls["fit"] += 1
+        return real_fit(*a, **k)
+
+    monkeypatch.setattr(features, "extract_features", extract)
+    for mod in (probe, protocols):
+        monkeypatch.setattr(mod, "linear_probe", fit)
+    return calls
+
+
 @pytest.fixture
 def no_ray(monkeypatch):
     """This process as a fresh CLI sees it: no Ray started here and none to connect to (so the workers

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import count_work, tiny_checkpoint
 from sslray.eval import features as F
 from sslray.eval import run_eval  # before any test patches F.FeatureStore: the runner binds it on import
 from sslray.eval.features import Features
@@ -243,38 +244,7 @@ def test_finetune_without_baseline_fits_the_pretrained_backbone_only(monkeypatch
 
 @pytest.fixture(scope="module")
 def ckpt(cifar_small, tmp_path_factory) -> dict:
-    """A checkpoint trained for 2 SimCLR steps in one process (no Ray), with an MLflow store beside it."""
-    from sslray.config import load_config
-    from sslray.raytrain.loop import run_local
-
-    root = tmp_path_factory.mktemp("evalopt_ckpt")
-    cfg = load_config("smoke", [f"data.train={cifar_small['train']}", "data.val=", "train.epochs=1",
-                                "train.max_steps_per_epoch=2", "ray.use_gpu=false"])
-    run_local(cfg, str(root / "run" / "checkpoints"))
-    state = next((root / "run" / "checkpoints").glob("epoch_*/state.pt"))
-    return {"state": state, "uri": f"sqlite:///{root / 'mlflow.db'}", "train": cifar_small["train"],
-            "val": cifar_small["test"]}
-
-
-def _count(monkeypatch) -> dict:
-    """Frozen-feature passes (one per split and init) and linear-probe fits, wherever they are made."""
-    from sslray.eval import protocols as P
-
-    calls = {"extract": 0, "fit": 0}
-    real_extract, real_fit = F.extract_features, probe_mod.linear_probe
-
-    def extract(*a, **k):
-        calls["extract"] += 1
-        return real_extract(*a, **k)
-
-    def fit(*a, **k):
-        calls["fit"] += 1
-        return real_fit(*a, **k)
-
-    monkeypatch.setattr(F, "extract_features", extract)
-    for mod in (probe_mod, P):
-        monkeypatch.setattr(mod, "linear_probe", fit)
-    return calls
+    return tiny_checkpoint(cifar_small, tmp_path_factory.mktemp("evalopt_ckpt"), "evalopt")
 
 
 def _logged(uri: str, run_id: str, tmp_path: Path) -> tuple[dict, dict, str]:
@@ -298,7 +268,7 @@ def test_cli_eval_no_baseline_extracts_and_logs_the_pretrained_side_only(ckpt, t
     from sslray.tracking import Tracker
 
     run = Tracker.start(ckpt["uri"], "evalopt", "eval-no-baseline")
-    calls = _count(monkeypatch)
+    calls = count_work(monkeypatch)
     assert main(["eval", "--checkpoint", str(ckpt["state"]), "--train", ckpt["train"], "--val", ckpt["val"],
                  "--protocol", "linear,knn", "--knn-k", "10", "--no-baseline", "--no-cache", "--gpu", "false",
                  "--train-subset", "200", "--val-subset", "100", "--run-id", run.run_id,
@@ -320,7 +290,7 @@ def test_cli_probe_no_baseline_logs_no_random_init(ckpt, tmp_path, capsys, monke
     from sslray.tracking import Tracker
 
     run = Tracker.start(ckpt["uri"], "evalopt", "probe-no-baseline")
-    calls = _count(monkeypatch)
+    calls = count_work(monkeypatch)
     assert main(["probe", "--checkpoint", str(ckpt["state"]), "--train", ckpt["train"], "--val", ckpt["val"],
                  "--no-baseline", "--gpu", "false", "--train-subset", "200", "--val-subset", "100", "-k", "10",
                  "--run-id", run.run_id, "--tracking-uri", ckpt["uri"]]) == 0
@@ -346,7 +316,7 @@ def test_pretrain_no_baseline_and_linear_c_share_one_choice(ckpt, tmp_path, monk
     monkeypatch.setattr(trainer, "pretrain", lambda cfg, restart=False: res)
     cfg = load_config("smoke", [f"data.train={ckpt['train']}", f"data.val={ckpt['val']}", "ray.use_gpu=false",
                                 "train.export_backbone=false"])
-    calls = _count(monkeypatch)
+    calls = count_work(monkeypatch)
     out = run_pretrain(cfg, probe=True, probe_train_subset=100, probe_val_subset=50, eval_protocols="linear,lowshot",
                        baseline=False, linear_c=(0.01, 1.0))
     # one store: 2 feature passes; 2 held-out fits + 1 refit, shared by the probe and the linear protocol

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import tiny_checkpoint
 from sslray.eval import features as F
 from sslray.eval import find_run, log_eval, parse_protocols, run_eval, stratified_indices
 from sslray.eval.lowshot import fraction_label, per_class_count
@@ -19,21 +20,7 @@ pytest_plugins = ["conftest_runs"]
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(cifar_small, tmp_path_factory) -> dict:
-    """A checkpoint trained for 2 SimCLR steps in one process (no Ray), inside a run folder that names an
-    MLflow run the way `sslray pretrain` does (sslray_run.json)."""
-    from sslray.config import load_config
-    from sslray.raytrain.loop import run_local
-    from sslray.tracking import Tracker
-
-    root = tmp_path_factory.mktemp("eval_ckpt")
-    cfg = load_config("smoke", [f"data.train={cifar_small['train']}", "data.val=", "train.epochs=1",
-                                "train.max_steps_per_epoch=2", "ray.use_gpu=false"])
-    run_local(cfg, str(root / "run" / "checkpoints"))
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    tracker = Tracker.start(uri, "eval-tests", "tiny")
-    (root / "run" / "sslray_run.json").write_text(json.dumps({"run_id": tracker.run_id, "tracking_uri": uri}))
-    state = next((root / "run" / "checkpoints").glob("epoch_*/state.pt"))
-    return {"state": state, "run_dir": root / "run", "uri": uri, "run_id": tracker.run_id}
+    return tiny_checkpoint(cifar_small, tmp_path_factory.mktemp("eval_ckpt"), "eval-tests")
 
 
 def _quiet(*_a, **_k):

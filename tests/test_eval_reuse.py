@@ -4,14 +4,13 @@ and every figure either of them logs is the one it logs when run alone (`sslray 
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
 
+from conftest import count_work, tiny_checkpoint
 from sslray.eval import features as F
 from sslray.eval import run_eval
-from sslray.raytrain import evaluate as E
 from sslray.raytrain.evaluate import probe_checkpoint
 
 SUBSETS = {"train_subset": 200, "val_subset": 100}  # small fits: the flow is what is under test
@@ -19,46 +18,11 @@ SUBSETS = {"train_subset": 200, "val_subset": 100}  # small fits: the flow is wh
 
 @pytest.fixture(scope="module")
 def ckpt(cifar_small, tmp_path_factory) -> dict:
-    """A checkpoint trained for 2 SimCLR steps in one process (no Ray), in a run folder with its own MLflow run."""
-    from sslray.config import load_config
-    from sslray.raytrain.loop import run_local
-    from sslray.tracking import Tracker
-
-    root = tmp_path_factory.mktemp("reuse_ckpt")
-    cfg = load_config("smoke", [f"data.train={cifar_small['train']}", "data.val=", "train.epochs=1",
-                                "train.max_steps_per_epoch=2", "ray.use_gpu=false"])
-    run_local(cfg, str(root / "run" / "checkpoints"))
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    tracker = Tracker.start(uri, "reuse-tests", "tiny")
-    (root / "run" / "sslray_run.json").write_text(json.dumps({"run_id": tracker.run_id, "tracking_uri": uri}))
-    state = next((root / "run" / "checkpoints").glob("epoch_*/state.pt"))
-    return {"state": state, "uri": uri, "run_id": tracker.run_id}
+    return tiny_checkpoint(cifar_small, tmp_path_factory.mktemp("reuse_ckpt"), "reuse-tests")
 
 
 def _quiet(*_a, **_k):
     pass
-
-
-def _count_work(monkeypatch) -> dict:
-    """Count frozen-feature passes (one per split and init) and linear-probe fits, wherever they are made."""
-    from sslray.eval import protocols as P
-    from sslray.raytrain import probe as probe_mod
-
-    calls = {"extract": 0, "fit": 0}
-    real_extract, real_fit = F.extract_features, probe_mod.linear_probe
-
-    def extract(*a, **k):
-        calls["extract"] += 1
-        return real_extract(*a, **k)
-
-    def fit(*a, **k):
-        calls["fit"] += 1
-        return real_fit(*a, **k)
-
-    monkeypatch.setattr(F, "extract_features", extract)
-    for mod in (probe_mod, P):
-        monkeypatch.setattr(mod, "linear_probe", fit)
-    return calls
 
 
 def _pretrain(ckpt, cifar_small, monkeypatch, eval_protocols):
@@ -89,7 +53,7 @@ def test_pretrain_with_eval_extracts_features_and_fits_the_linear_probes_once(ck
                           **SUBSETS)
     shutil.rmtree(ckpt["state"].parent / "features", ignore_errors=True)  # no cache from another test
 
-    calls = _count_work(monkeypatch)
+    calls = count_work(monkeypatch)
     run = _pretrain(ckpt, cifar_small, monkeypatch, "linear,knn")
     assert calls == {"extract": 4, "fit": 2}  # train + val, pretrained + random init; one fit per init
 
@@ -115,7 +79,7 @@ def test_pretrain_with_eval_extracts_features_and_fits_the_linear_probes_once(ck
 @pytest.mark.slow  # two small linear probes: a few seconds
 def test_pretrain_without_eval_probes_as_sslray_probe_does(ckpt, cifar_small, monkeypatch):
     shutil.rmtree(ckpt["state"].parent / "features", ignore_errors=True)
-    calls = _count_work(monkeypatch)
+    calls = count_work(monkeypatch)
     run = _pretrain(ckpt, cifar_small, monkeypatch, None)
     assert calls == {"extract": 4, "fit": 2} and run.eval is None
     assert not (ckpt["state"].parent / "features").exists()  # no feature cache: the probe keeps nothing
