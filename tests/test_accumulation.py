@@ -195,6 +195,12 @@ def test_auto_batch_can_keep_the_effective_batch(monkeypatch):
     assert effective_lr(new) == effective_lr(cfg) and "train.accum_steps 1 -> 4" in lines[-1]
     plain = memory.auto_batch(cfg.replace(**{"data.auto_batch_accum": False}), 2, torch.device("cpu"), lines.append)
     assert (plain.data.batch_size, plain.train.accum_steps) == (16, 1)
+    # 100 per worker fits at 12 (after 50 and 25): 10 micro-batches of 10 keep all 100, not 8 x 12 = 96
+    monkeypatch.setattr(memory, "try_step", lambda cfg, b, dev: b <= 12)
+    odd = memory.auto_batch(cfg.replace(**{"data.batch_size": 200}), 2, torch.device("cpu"), lines.append)
+    assert (odd.data.batch_size, odd.train.accum_steps) == (20, 10) and "kept" in lines[-1]
+    assert [memory.accum_split(p, f) for p, f in ((64, 16), (100, 12), (7, 3), (6, 4))] == [
+        (16, 4), (10, 10), (3, 2), (3, 2)]  # 7 has no split into 2..3: 3 x 2 = 6, said in the log
 
 
 def _rank_main(rank: int, world: int, init: str, cfg_dict: dict, ckpt: str):

@@ -131,6 +131,16 @@ def all_workers_ok(ok: bool, device: torch.device) -> bool:
     return bool(float(D.all_reduce_mean(flag)) > 0.999)
 
 
+def accum_split(per: int, fitted: int) -> tuple[int, int]:
+    """``(micro, k)``: ``per`` images per worker as ``k`` micro-batches of ``micro`` <= ``fitted`` (the
+    largest that fit), ``micro * k == per`` when any such split has ``micro >= MIN_PER_WORKER`` (100 at
+    12: 10 x 10, not 12 x 8 = 96), else ``fitted`` x ``per // fitted`` (a smaller effective batch)."""
+    for k in range(-(-per // fitted), per // MIN_PER_WORKER + 1):
+        if per % k == 0:
+            return per // k, k
+    return fitted, per // fitted
+
+
 def auto_batch(cfg: Config, world: int, device: torch.device, log: Callable[[str], None]) -> Config:
     """``cfg`` with the largest global batch (configured / 2**k) whose step fits on every worker."""
     per = cfg.data.batch_size // world
@@ -139,11 +149,17 @@ def auto_batch(cfg: Config, world: int, device: torch.device, log: Callable[[str
     if device.type == "cuda":  # the run's peak memory (a study's peak_gpu_mem_mb) is training's, not the trials'
         torch.cuda.reset_peak_memory_stats(device)
     if fitted != per and cfg.data.auto_batch_accum:
-        k = cfg.train.accum_steps * (per // fitted)
-        new = cfg.replace(**{"data.batch_size": fitted * world, "train.accum_steps": k})
+        micro, split = accum_split(per, fitted)
+        k = cfg.train.accum_steps * split
+        new = cfg.replace(**{"data.batch_size": micro * world, "train.accum_steps": k})
+        kept = (f"effective batch {effective_batch(new)} and lr {effective_lr(new):.4g} kept"
+                if effective_batch(new) == effective_batch(cfg) else
+                f"effective batch {effective_batch(cfg)} -> {effective_batch(new)} (no split of {per} per worker "
+                f"into micro-batches of {MIN_PER_WORKER}..{fitted}), "
+                f"lr {effective_lr(cfg):.4g} -> {effective_lr(new):.4g}")
         log(f"sslray: auto batch: global batch {cfg.data.batch_size} -> {new.data.batch_size} "
-            f"({fitted} per worker) with train.accum_steps {cfg.train.accum_steps} -> {k} (data.auto_batch_accum): "
-            f"effective batch {effective_batch(new)} and lr {effective_lr(new):.4g} kept")
+            f"({micro} per worker) with train.accum_steps {cfg.train.accum_steps} -> {k} (data.auto_batch_accum): "
+            f"{kept}")
         return new
     if fitted != per:
         new = cfg.replace(**{"data.batch_size": fitted * world})
@@ -155,4 +171,4 @@ def auto_batch(cfg: Config, world: int, device: torch.device, log: Callable[[str
     return cfg
 
 
-__all__ = ["SSLOutOfMemoryError", "auto_batch", "explain_oom", "fit_batch", "try_step", "MIN_PER_WORKER"]
+__all__ = ["SSLOutOfMemoryError", "accum_split", "auto_batch", "explain_oom", "fit_batch", "try_step", "MIN_PER_WORKER"]
