@@ -217,6 +217,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
+        if isinstance(value, int) and value in (0, 1):  # `key=1` on a command line is read as YAML: an int
+            return bool(value)
         raise ConfigError(f"config key {key!r}: expected true/false, got {value!r}")
     if typ is int:
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):

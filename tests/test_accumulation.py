@@ -256,3 +256,24 @@ def test_a_non_finite_micro_batch_skips_or_stops_its_whole_step(cifar_small, poi
     last, _ = run_local(cfg.replace(**{"monitor.max_nonfinite_skips": 1}))
     assert last["step"] == 4 and last["nonfinite_skipped_frac"] == pytest.approx(1 / 4)
     assert torch.isfinite(torch.tensor(last["loss"]))
+
+
+def test_the_online_probe_encodes_at_most_one_micro_batch_again():
+    """A probe without the method's features encodes its images again after the step: with
+    online_probe_batch 0 ("all") and k micro-batches that is one micro-batch's worth, not k of them in
+    one forward (the peak memory accumulation was set to avoid)."""
+    from sslray.raytrain.accum import Accumulator
+
+    for rows, want in ((0, 8), (5, 5), (12, 12)):
+        acc = Accumulator(3, probe_rows=rows)
+        for i in range(3):
+            x, y = torch.full((8, 3, 2, 2), i, dtype=torch.uint8), torch.full((8,), i)
+            acc.keep_probe(None, x, y)
+        f, px, py = acc.probe_batch()
+        assert f is None and len(px) == len(py) == want, (rows, len(py))
+        assert py.tolist() == sorted(py.tolist())  # the first micro-batches' images, in order
+    acc = Accumulator(2)
+    for i in range(2):
+        acc.keep_probe(torch.full((8, 4), float(i)), torch.zeros(8, 3, 2, 2), torch.full((8,), i))
+    f, px, py = acc.probe_batch()
+    assert px is None and f.shape == (16, 4)  # features from the step's forwards cost nothing more: all kept

@@ -181,3 +181,15 @@ def test_a_bool_switch_written_as_text_is_read_as_a_bool():
 def test_barlow_twins_scale_loss_must_be_a_finite_positive_number(value):
     with pytest.raises(ConfigError, match="method.params.scale_loss"):
         create_method(load_config("barlowtwins_cifar10", {**TINY_RESNET, "method.params.scale_loss": value}))
+
+
+def test_a_switch_given_as_0_or_1_is_read_as_false_or_true():
+    """`method.params.norm_last_layer=0` on a command line reaches the config as the int 0 (values are
+    YAML): a switch takes it, as it takes "0"/"1", and a recipe or checkpoint written with 1 still loads."""
+    from sslray.raytrain.methods import _builder_and_params
+
+    for given, want in ((0, False), (1, True), ("0", False)):
+        _, params = _builder_and_params(load_config("dino_cifar10", {"method.params.norm_last_layer": given}))
+        assert params["norm_last_layer"] is want
+    with pytest.raises(ConfigError, match="expected true/false"):
+        _builder_and_params(load_config("dino_cifar10", {"method.params.norm_last_layer": 2}))

@@ -78,8 +78,10 @@ class Accumulator:
             self._probe.append((feats, x, y))
             return
         if feats is None:
+            # Encoded again after the step: at most probe_rows images, or one micro-batch's worth when
+            # that is 0 (all of k micro-batches in one forward would bring back the peak k was set for).
             have = sum(len(p[2]) for p in self._probe)
-            n = len(y) if not self.probe_rows else max(0, min(len(y), self.probe_rows - have))
+            n = max(0, min(len(y), (self.probe_rows or len(y)) - have))
             x, y = x[:n], y[:n]
         self._probe.append((feats, None if feats is not None else x.clone(), y.clone()))
 
