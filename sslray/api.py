@@ -65,16 +65,20 @@ class Run:
 
 
 def pretrain(cfg: "Config", *, probe: bool = True, restart: bool = False, evaluate: Optional[str] = None,
-             probe_train_subset: Optional[int] = None, probe_val_subset: Optional[int] = None) -> Run:
+             probe_train_subset: Optional[int] = None, probe_val_subset: Optional[int] = None,
+             baseline: bool = True, linear_c: Sequence[float] = (1.0,)) -> Run:
     """``sslray pretrain``: train ``cfg`` with ``cfg.ray.num_workers`` Ray Train workers (a local Ray
     instance unless ``RAY_ADDRESS`` names a cluster), log it to MLflow, export the backbone, probe it
     beside a random-init backbone when ``cfg.data.val`` is set, and run ``evaluate`` protocols
-    (``"linear,knn,lowshot"``...). The same ``cfg.ray.name`` resumes; ``restart=True`` starts over."""
+    (``"linear,knn,lowshot"``...). The same ``cfg.ray.name`` resumes; ``restart=True`` starts over.
+    ``baseline=False``: no random-init baseline; ``linear_c``: the linear probes' C, chosen on held-out
+    train features when several are given (``--no-baseline``, ``--linear-c``)."""
     from .cli import run_pretrain
     from .config import absolute_paths
 
     cfg = absolute_paths(cfg)
-    return run_pretrain(cfg, probe=probe, restart=restart, eval_protocols=evaluate,
+    return run_pretrain(cfg, probe=probe, restart=restart, eval_protocols=evaluate, baseline=baseline,
+                        linear_c=tuple(linear_c),
                         probe_train_subset=cfg.data.train_subset if probe_train_subset is None else probe_train_subset,
                         probe_val_subset=cfg.data.val_subset if probe_val_subset is None else probe_val_subset)
 
@@ -105,14 +109,16 @@ def train_local(cfg: "Config", checkpoint_dir: Optional[str | os.PathLike] = Non
 
 
 def probe(checkpoint: str | os.PathLike, train: str, val: str, *, train_subset: int = 0, val_subset: int = 0,
-          knn_k: int = 200, use_gpu: str = "auto", random_baseline: bool = True) -> "ProbeReport":
+          knn_k: int = 200, use_gpu: str = "auto", random_baseline: bool = True,
+          linear_c: Sequence[float] = (1.0,)) -> "ProbeReport":
     """``sslray probe``: kNN and a linear probe on frozen features of a checkpoint (a ``state.pt``, its
     folder, a run folder, or an ``s3://``/``gs://`` location), beside a random-init backbone.
     ``report.pretrained`` / ``report.random_init`` hold the metrics."""
     from .raytrain.evaluate import probe_checkpoint
 
     return probe_checkpoint(str(checkpoint), str(train), str(val), train_subset=train_subset, val_subset=val_subset,
-                            knn_k=knn_k, use_gpu=use_gpu, random_baseline=random_baseline)
+                            knn_k=knn_k, use_gpu=use_gpu, random_baseline=random_baseline,
+                            linear_c=tuple(linear_c))
 
 
 def evaluate(checkpoint: str | os.PathLike, protocols: str | Sequence[str] = "linear,knn", *,

@@ -111,3 +111,19 @@ def test_the_notebook_flow_on_real_cifar(cifar_small, tmp_path, monkeypatch):
 
     logged = MlflowClient(tracking_uri=uri).get_run(t.run_id)
     assert "probe_linear_top1" in logged.data.metrics and logged.info.status == "FINISHED"
+
+
+def test_pretrain_and_probe_take_the_cli_probe_options(monkeypatch):
+    """`--no-baseline` and `--linear-c` reach the Python API's pretrain and probe as they reach the CLI's."""
+    import sslray
+    from sslray import cli
+    from sslray.config import load_config
+    from sslray.raytrain import evaluate
+
+    seen = {}
+    monkeypatch.setattr(cli, "run_pretrain", lambda cfg, **kw: seen.setdefault("pretrain", kw))
+    monkeypatch.setattr(evaluate, "probe_checkpoint", lambda *a, **kw: seen.setdefault("probe", kw))
+    sslray.pretrain(load_config("smoke"), baseline=False, linear_c=[0.1, 1.0])
+    sslray.probe("ckpt", "train", "val", random_baseline=False, linear_c=[0.1, 1.0])
+    assert (seen["pretrain"]["baseline"], seen["pretrain"]["linear_c"]) == (False, (0.1, 1.0))
+    assert (seen["probe"]["random_baseline"], seen["probe"]["linear_c"]) == (False, (0.1, 1.0))
