@@ -107,3 +107,19 @@ def test_only_protocols_that_read_features_share_a_store(ckpt, cifar_small):
     assert shared_store(*args, "finetune", use_gpu="false") is None  # it would write a cache nobody reads
     store = shared_store(*args, "finetune,knn", use_gpu="false", **SUBSETS)
     assert isinstance(store, F.FeatureStore) and len(store.train_idx) == 200 and len(store.val_idx) == 100
+
+
+def test_a_probe_alone_holds_one_inits_features_at_a_time(ckpt, cifar_small, monkeypatch):
+    """`sslray probe` frees the pretrained features before it extracts the random-init ones, as it did
+    before it read a FeatureStore (on ImageNet each init's train features are ~10 GB of host memory); a
+    store shared with `--eval` keeps them for the protocols."""
+    held, real = [], F.FeatureStore._extract
+
+    def extract(self, init):
+        held.append((init, sorted(self._mem)))
+        return real(self, init)
+
+    monkeypatch.setattr(F.FeatureStore, "_extract", extract)
+    probe_checkpoint(str(ckpt["state"]), cifar_small["train"], cifar_small["test"], use_gpu="false", log=_quiet,
+                     **SUBSETS)
+    assert held == [("pretrained", []), ("random_init", [])]

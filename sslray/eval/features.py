@@ -169,6 +169,11 @@ class FeatureStore:
         if pick_device(0, use_gpu) != self.device:
             raise ValueError(f"the feature store's features are computed on {self.device}, not for use_gpu={use_gpu}")
 
+    def release(self, init: str) -> None:
+        """Forget ``init``'s features (its linear fits stay): a caller done with them frees their memory
+        before the next init's are extracted (ImageNet's train features are ~10 GB per init)."""
+        self._mem.pop(init, None)
+
     def fitted(self, init: str, cs=(1.0,)) -> bool:
         from ..raytrain.probe import linear_cs
 
@@ -208,7 +213,7 @@ class FeatureStore:
                        leave=False)
         x, y = extract_features(backbone, batches, eval_transform(cfg.views).to(self.device), self.device,
                                 cfg.train.precision)
-        return x.cpu().numpy().astype(np.float32), y.cpu().numpy().astype(np.int64)
+        return x.cpu().numpy().astype(np.float32, copy=False), y.cpu().numpy().astype(np.int64, copy=False)
 
     def _extract(self, init: str) -> Features:
         self.log(f"eval: extracting {init} features of {self.state_path} ...")

@@ -185,7 +185,8 @@ def probe_checkpoint(checkpoint: str, train: str, val: str, *, train_subset: int
     train_info, info = dataset_info(train), dataset_info(val)
     classes = check_same_classes(train_info, info)  # before any model is loaded or feature extracted
     device = pick_device(0, use_gpu)
-    if store is None:
+    own = store is None  # a store made here serves this probe alone: each init's features go once scored
+    if own:
         store = FeatureStore(checkpoint, train, val, train_subset=train_subset, val_subset=val_subset,
                              use_gpu=use_gpu, batch_size=batch_size, cache=False, log=log)
     else:
@@ -202,6 +203,9 @@ def probe_checkpoint(checkpoint: str, train: str, val: str, *, train_subset: int
                 **{f"linear_{k}": v for k, v in res.metrics.items()}}
         if len(cs) > 1:  # a chosen C is a result; one given C is the setting it always was
             flat["linear_c"] = res.C
+        if own:
+            del f, ftr, ytr, fva, yva
+            store.release(init)
         return flat, res
 
     pre, pre_res = evaluate("pretrained", "pretrained")
