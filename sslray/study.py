@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import CONFIG_DIR, Config, ConfigError, absolute_paths, dump_yaml, from_dict, load_config
+from .config import Config, ConfigError, absolute_paths, dump_yaml, from_dict, load_config
 from .storage import absolute as _abs
 
 TRAIN_FN = "sslray.study:study_train_func"
@@ -70,17 +70,9 @@ def method_config(method: str, recipe: str | None = None, overrides: Sequence[st
     """One method's config for every cell of its row: its own recipe (``<method>_cifar10``) or the shared
     ``recipe`` with the method's own view preset, then the study's settings (``overrides``, see
     ``scoped_overrides``) on top."""
-    from .raytrain.methods import METHODS
+    from .raytrain.methods import recipe_config
 
-    builder = METHODS.get(method)
-    overrides = scoped_overrides(method, overrides)
-    own = f"{method}_cifar10"
-    over = [f"method.name={method}"]
-    if recipe is None and (CONFIG_DIR / f"{own}.yaml").exists():
-        recipe = own
-    else:
-        over.append(f"views.preset={getattr(builder, 'default_views', 'simclr')}")
-    cfg = load_config(recipe, over + list(overrides))
+    cfg = recipe_config(method, recipe, scoped_overrides(method, overrides), method_views=True)
     return absolute_paths(cfg).replace(**{"tracking.run_name": "", "ray.name": ""})
 
 
@@ -445,10 +437,11 @@ def register(sub) -> None:
 
 
 def cmd_study(a) -> int:
-    from .raytrain.methods import METHODS, check_method_config
+    from .raytrain.methods import METHODS, check_method_config, import_plugins
     from .raytrain.trainer import check_data
 
     methods, policies = _names(a.methods), _names(a.views)
+    import_plugins(load_config(None, [o for o in a.overrides if ":" not in o.split("=")[0]]).method.plugins)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS.names())}")

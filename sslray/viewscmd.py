@@ -11,19 +11,6 @@ import argparse
 from pathlib import Path
 
 
-def method_config(method: str, recipe: str | None = None, overrides=()):
-    """The method's config: ``recipe`` if given, else its built-in ``<method>_cifar10`` recipe, else
-    the defaults with the method's own view preset."""
-    from .config import CONFIG_DIR, load_config
-    from .raytrain.methods import METHODS
-
-    builder = METHODS.get(method)  # unknown names fail here, listing the known ones
-    if recipe is None and (CONFIG_DIR / f"{method}_cifar10.yaml").exists():
-        recipe = f"{method}_cifar10"
-    base = [f"method.name={method}"] + ([] if recipe else [f"views.preset={builder.default_views}"])
-    return load_config(recipe, base + list(overrides))
-
-
 def draw_views(data: str, method: str, out: str, recipe: str | None = None, n: int = 8, seed: int = 0,
                overrides=(), device: str = "cpu") -> Path:
     import torch
@@ -31,11 +18,12 @@ def draw_views(data: str, method: str, out: str, recipe: str | None = None, n: i
     from . import plots
     from .datasets.loader import dataset_info, make_loader, spread_indices
     from .datasets.views import build_views
+    from .raytrain.methods import recipe_config
     from .raytrain.pictures import first_images, views_figure
 
     if not Path(data).exists():
         raise FileNotFoundError(f"--data {data}: no such .beton")
-    cfg = method_config(method, recipe, overrides)
+    cfg = recipe_config(method, recipe, overrides)
     dev = torch.device(device)
     if n < 1:
         raise ValueError(f"-n {n}: draw at least one image")

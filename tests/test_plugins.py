@@ -84,6 +84,22 @@ def test_a_tune_space_over_a_plugin_methods_params_is_checked_against_its_builde
         check_space(parse_space(["method.params.nope=uniform(0.1, 0.5)"]), plugin_cfg())
 
 
+def test_study_and_views_find_a_plugin_method(plugin):
+    """`sslray study --methods annealedclr ... method.plugins=[...]` and `sslray views --method annealedclr`
+    build the method's config through the plugins it names (they looked the registry up unimported)."""
+    from sslray.raytrain.methods import recipe_config
+    from sslray.study import method_config
+
+    forget_plugin()
+    cfg = method_config(NAME, None, [f"method.plugins=[{MODULE}]", *TINY])
+    assert cfg.method.name == NAME and cfg.views.preset == METHODS.get(NAME).default_views
+    assert recipe_config(NAME, "smoke", [f"method.plugins=[{MODULE}]"]).views.preset == "simclr"  # the recipe's
+    assert recipe_config("byol", None, ["views.preset=simclr"]).views.preset == "simclr"  # an override wins
+    forget_plugin()
+    with pytest.raises(KeyError, match=f"unknown method .{NAME}."):
+        recipe_config(NAME)
+
+
 def test_plugin_errors_name_the_key_and_module(plugin, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"config key 'method.plugins': no module named 'no_such_lab_xyz'.*"
                                           r"importable .* every Ray worker"):

@@ -17,7 +17,7 @@ def drawn_indices(beton: str, tmp_path, monkeypatch, *args: str) -> tuple[list[i
     from sslray.cli import main
     from sslray.datasets.loader import make_loader
     from sslray.raytrain import pictures
-    from sslray.viewscmd import method_config
+    from sslray.raytrain.methods import recipe_config as method_config
 
     seen = []
     real = pictures.views_figure

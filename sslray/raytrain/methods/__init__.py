@@ -72,6 +72,24 @@ def method_builder(cfg) -> Callable[..., nn.Module]:
         raise KeyError(e.args[0] + where) from None
 
 
+def recipe_config(method: str, recipe: str | None = None, overrides: Iterable[str] = (), method_views: bool = False):
+    """``method``'s config: ``recipe`` if given, else its built-in ``<method>_cifar10`` recipe, else the
+    defaults with the method's own view preset; ``overrides`` on top. ``method_views``: the method's own
+    preset with any recipe but its own (a recipe shared by a study's methods). Its ``method.plugins`` are
+    imported first, so a plugin's method is found; an unknown method fails here, listing the known."""
+    from ...config import CONFIG_DIR, load_config
+
+    own = (CONFIG_DIR / f"{method}_cifar10.yaml").exists()
+    if recipe is None and own:
+        recipe = f"{method}_cifar10"
+    named = [f"method.name={method}"]
+    cfg = load_config(recipe, named + list(overrides))
+    builder = method_builder(cfg)
+    if recipe == f"{method}_cifar10" and own or recipe is not None and not method_views:
+        return cfg
+    return load_config(recipe, named + [f"views.preset={getattr(builder, 'default_views', 'simclr')}", *overrides])
+
+
 def _builder_and_params(cfg) -> tuple[Callable[..., nn.Module], dict]:
     """The method's builder and ``cfg.method.params``, which must match its keyword args, each value
     read as its annotated type (bool, int, float, str) the way other config keys are: a ``"no"`` for
