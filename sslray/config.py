@@ -32,6 +32,11 @@ class DataConfig:
     auto_batch: bool = False  # before training, halve the global batch until a step fits in device memory (lr follows)
     auto_batch_accum: bool = False  # auto_batch: raise train.accum_steps as the batch halves (effective batch, lr kept)
 
+    def __post_init__(self):
+        if self.auto_batch_accum and not self.auto_batch:  # it would do nothing, and say nothing
+            raise ConfigError("config key 'data.auto_batch_accum' changes what data.auto_batch does: set "
+                              "data.auto_batch=true too (or train.accum_steps for a fixed accumulation)")
+
 
 @dataclass(frozen=True)
 class ViewConfig:
@@ -134,7 +139,7 @@ class TrainConfig:
     online_probe_lr: float = 1e-3  # its own Adam (constant lr, no decay) on per-dimension standardised features
     online_probe_batch: int = 128  # no projector tap (MAE): images per worker and step it encodes again (0 = all)
     log_every: int = 20  # steps between progress lines
-    max_steps_per_epoch: int = 0  # cap for smoke tests; 0 = full epochs
+    max_steps_per_epoch: int = 0  # cap on optimizer steps per epoch (smoke tests); 0 = full epochs
     # Gradient accumulation: each optimizer step sums the gradients of this many micro-batches of data.batch_size
     # images, so the effective batch is batch_size * accum_steps; the lr scaling, the lr/wd/momentum schedules and
     # the step counters all count optimizer steps. It keeps a recipe's lr and schedule on a smaller device, not its

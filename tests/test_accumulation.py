@@ -277,3 +277,8 @@ def test_the_online_probe_encodes_at_most_one_micro_batch_again():
         acc.keep_probe(torch.full((8, 4), float(i)), torch.zeros(8, 3, 2, 2), torch.full((8,), i))
     f, px, py = acc.probe_batch()
     assert px is None and f.shape == (16, 4)  # features from the step's forwards cost nothing more: all kept
+
+
+def test_auto_batch_accum_without_auto_batch_is_refused_by_key():
+    with pytest.raises(ConfigError, match="data.auto_batch_accum.*data.auto_batch=true"):
+        load_config("smoke", ["data.auto_batch_accum=true"])
