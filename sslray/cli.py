@@ -226,9 +226,10 @@ def cmd_demo(a) -> int:
 
 
 def cmd_methods(a) -> int:
+    from .config import _module_names
     from .methodinfo import method_lines  # not the registry: that imports torch and timm (~4 s)
 
-    print("\n".join(method_lines()))
+    print("\n".join(method_lines(_module_names(a.plugins, "--plugins") if a.plugins else ())))
     return 0
 
 
@@ -316,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     m = sub.add_parser("methods", help="list the registered SSL methods: family and built-in recipes")
+    m.add_argument("--plugins", metavar="MODULES", help="also the methods these method.plugins modules register "
+                                                          "(comma-separated, e.g. mylab.ssl_methods)")
     m.set_defaults(func=cmd_methods)
     for mod in COMMAND_MODULES:  # each owns its sub-commands: register(subparsers)
         import importlib

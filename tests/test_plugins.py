@@ -137,7 +137,8 @@ def test_a_re_imported_plugin_registers_again(plugin):
     assert METHODS.get(NAME) is first.build_annealedclr
 
 
-def test_methods_listing_adds_plugins_only_when_asked(plugin):
+def test_methods_listing_adds_plugins_only_when_asked(plugin, capsys):
+    from sslray.cli import main
     from sslray.methodinfo import FAMILIES, method_lines
 
     plain = method_lines()
@@ -145,6 +146,9 @@ def test_methods_listing_adds_plugins_only_when_asked(plugin):
     lines = method_lines([MODULE])
     assert lines[: len(plain)] == plain
     assert lines[len(plain):] == [f"{NAME:14s} {'contrastive':16s} plugin {MODULE}"]
+    forget_plugin()
+    assert main(["methods", "--plugins", MODULE]) == 0  # `sslray methods --plugins mylab.ssl_methods`
+    assert capsys.readouterr().out.splitlines() == lines
 
 
 @pytest.mark.slow
