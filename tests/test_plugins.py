@@ -100,6 +100,38 @@ def test_study_and_views_find_a_plugin_method(plugin):
         recipe_config(NAME)
 
 
+def test_a_fine_tune_of_a_plugin_checkpoint_imports_it_and_passes_its_folder_to_workers(plugin, tmp_path,
+                                                                                       monkeypatch):
+    """`sslray eval --protocol finetune` of a plugin run: the fine-tune's Train workers rebuild the method
+    from the checkpoint, so they get the plugin's folder as pretraining's workers do; the checkpoint's
+    tensors are not read for it (mmap)."""
+    import ray
+    import ray.train.torch
+
+    from sslray.raytrain import finetune, trainer
+
+    state = tmp_path / "state.pt"
+    torch.save({"config": {"method": {"name": NAME, "plugins": [MODULE]}}, "model": {"w": torch.zeros(3)}}, state)
+    assert finetune.saved_plugins(str(state)) == (MODULE,)
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_trainer(*a, run_config=None, **k):
+        seen["env"] = run_config.worker_runtime_env
+        raise Stop
+
+    monkeypatch.setattr(trainer, "ensure_ray", lambda *a, **k: None)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {})
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: type("C", (), {"runtime_env": {}})())
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", fake_trainer)
+    forget_plugin()
+    with pytest.raises(Stop):
+        finetune.run_finetune(str(state), "train", "val", "pretrained", finetune.FinetuneSettings(storage=str(tmp_path)))
+    assert NAME in METHODS and seen["env"]["env_vars"]["PYTHONPATH"].startswith(str(plugin))
+
+
 def test_plugin_errors_name_the_key_and_module(plugin, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"config key 'method.plugins': no module named 'no_such_lab_xyz'.*"
                                           r"importable .* every Ray worker"):

@@ -259,15 +259,28 @@ def finetune_func(config: dict) -> None:
     finetune_loop(config, _Reporter(config["settings"]["use_gpu"]))
 
 
+def saved_plugins(state_path: str) -> tuple[str, ...]:
+    """The ``method.plugins`` a checkpoint's config names, read with its tensors left on disk (mmap)."""
+    state = torch.load(state_path, map_location="cpu", weights_only=False, mmap=True)
+    plugins = ((state.get("config") or {}).get("method") or {}).get("plugins") or ()
+    return tuple(plugins)
+
+
 def run_finetune(state_path: str, train: str, val: str, init: str, s: FinetuneSettings) -> dict:
     """One TorchTrainer fit; returns the last epoch's metrics (rank 0)."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .trainer import ensure_ray
+    from .methods import import_plugins
+    from .trainer import ensure_ray, worker_runtime_env
 
     ensure_ray()
+    # A plugin method's checkpoint: its modules imported here first (a missing one named by key), their
+    # folders on the workers' path, as a pretraining run's.
+    plugins = saved_plugins(state_path)
+    import_plugins(plugins)
+    renv = worker_runtime_env(plugins)
     mode = str(s.use_gpu).lower()
     use_gpu = mode in ("true", "1", "yes") or (mode == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
     storage = s.storage or tempfile.mkdtemp(prefix="sslray-finetune-")
@@ -279,7 +292,8 @@ def run_finetune(state_path: str, train: str, val: str, init: str, s: FinetuneSe
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker}),
         run_config=RunConfig(name=f"finetune-{init}-{time.strftime('%Y%m%d-%H%M%S')}",
-                             storage_path=str(Path(storage).resolve())),
+                             storage_path=str(Path(storage).resolve()),
+                             **({"worker_runtime_env": renv} if renv else {})),
     )
     result = trainer.fit()  # a failed fit keeps its folder: Ray's error and worker logs are there
     metrics = dict(result.metrics or {})

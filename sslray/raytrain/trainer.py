@@ -484,13 +484,14 @@ def plugin_folders(modules) -> list[str]:
     return folders
 
 
-def worker_runtime_env(cfg: Config) -> dict:
-    """The Train workers' runtime env: empty unless ``method.plugins`` came from folders outside an
+def worker_runtime_env(plugins) -> dict:
+    """The Train workers' runtime env: empty unless the ``method.plugins`` modules ``plugins`` (a run's
+    config or its list) came from folders outside an
     installed environment. Those go first on the workers' PYTHONPATH, so a plugin this process found
     through PYTHONPATH, its cwd or ``sys.path`` is found by workers on this machine (also when they
     belong to a Ray instance started from another shell) and on nodes that mount the folder at the same
     path. Nodes without it need the plugin installed or shipped with the job (docs/methods.md)."""
-    folders = plugin_folders(cfg.method.plugins)
+    folders = plugin_folders(plugins.method.plugins if isinstance(plugins, Config) else plugins)
     if not folders:
         return {}
     import ray
