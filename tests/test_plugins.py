@@ -128,7 +128,8 @@ def test_a_fine_tune_of_a_plugin_checkpoint_imports_it_and_passes_its_folder_to_
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", fake_trainer)
     forget_plugin()
     with pytest.raises(Stop):
-        finetune.run_finetune(str(state), "train", "val", "pretrained", finetune.FinetuneSettings(storage=str(tmp_path)))
+        settings = finetune.FinetuneSettings(storage=str(tmp_path))
+        finetune.run_finetune(str(state), "train", "val", "pretrained", settings)
     assert NAME in METHODS and seen["env"]["env_vars"]["PYTHONPATH"].startswith(str(plugin))
 
 
