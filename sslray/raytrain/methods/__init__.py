@@ -79,13 +79,13 @@ def recipe_config(method: str, recipe: str | None = None, overrides: Iterable[st
     imported first, so a plugin's method is found; an unknown method fails here, listing the known."""
     from ...config import CONFIG_DIR, load_config
 
-    own = (CONFIG_DIR / f"{method}_cifar10.yaml").exists()
-    if recipe is None and own:
-        recipe = f"{method}_cifar10"
+    own = f"{method}_cifar10"
+    if recipe is None and (CONFIG_DIR / f"{own}.yaml").exists():
+        recipe = own
     named = [f"method.name={method}"]
     cfg = load_config(recipe, named + list(overrides))
     builder = method_builder(cfg)
-    if recipe == f"{method}_cifar10" and own or recipe is not None and not method_views:
+    if recipe is not None and (recipe == own or not method_views):
         return cfg
     return load_config(recipe, named + [f"views.preset={getattr(builder, 'default_views', 'simclr')}", *overrides])
 
