@@ -179,6 +179,12 @@ class TrackingConfig:
     tracking_uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd
     experiment: str = "sslray"  # MLflow experiment
     run_name: str = ""  # the run's name (MLflow and storage) when ray.name is empty; empty = method-backbone-data-date
+    tensorboard: str = ""  # local/mounted folder: each run's metrics, figures, config also as TensorBoard events
+
+    def __post_init__(self):
+        if "://" in self.tensorboard:  # event files are written by the driver's node, read by `tensorboard --logdir`
+            raise ConfigError(f"config key 'tracking.tensorboard' {self.tensorboard!r}: give a local or mounted "
+                              "folder, not a URI")
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,39 @@ class Tracker:
         self.uri = resolve_uri(uri)
         self.run_id = run_id
         self._c = None
+        self._mirror: Any = None  # the run's TensorBoard mirror (tbmirror), read from its tags on first write
+        self._mirror_read = False
+
+    def mirror(self):
+        """The run's ``tbmirror.Mirror`` when it has one (tag ``sslray.tensorboard``), else None."""
+        if not self._mirror_read:
+            from .tbmirror import mirror_of
+
+            self._mirror = mirror_of(self.client.get_run(self.run_id).data.tags)
+            self._mirror_read = True
+        return self._mirror
+
+    def mirror_to(self, logdir: str) -> None:
+        """Mirror this run's logging to TensorBoard events in ``logdir`` from now on (and tag the run so that
+        every later writer does too)."""
+        from .tbmirror import TB_TAG, Mirror
+
+        self.client.set_tag(self.run_id, TB_TAG, logdir)
+        self._mirror, self._mirror_read = Mirror(logdir), True
+
+    def _mirrored(self, what: str, *args) -> None:
+        """Mirror one write; a mirror that fails (a full disk) is reported once and dropped: MLflow, the
+        record, has what was logged."""
+        m = None
+        try:
+            m = self.mirror()
+            if m is not None:
+                getattr(m, what)(*args)
+        except Exception as e:  # noqa: BLE001 - the MLflow write it mirrors has been made
+            where = f" in {m.logdir}" if m is not None else ""
+            print(f"sslray: WARNING: the TensorBoard mirror{where} failed ({type(e).__name__}: {e}); this "
+                  "process writes no more events for the run (MLflow has everything)")
+            self._mirror, self._mirror_read = None, True
 
     @property
     def client(self):
@@ -104,6 +137,9 @@ class Tracker:
         run = c.create_run(exp_id, run_name=run_name, tags=all_tags)
         t = cls(uri, run.info.run_id)
         t._c = c
+        from .tbmirror import mirror_of
+
+        t._mirror, t._mirror_read = mirror_of(all_tags), True
         return t
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -112,6 +148,7 @@ class Tracker:
         items = [Param(k, param_text(v)) for k, v in params.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
+        self._mirrored("params", {p.key: p.value for p in items})
 
     def log_metrics(self, metrics: Mapping[str, Any], step: Optional[int] = None) -> None:
         from mlflow.entities import Metric
@@ -121,6 +158,8 @@ class Tracker:
                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
         for i in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+        if items:
+            self._mirrored("metrics", {m.key: m.value for m in items}, int(step or 0))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for k, v in tags.items():
@@ -128,9 +167,12 @@ class Tracker:
 
     def log_artifact(self, path: str | os.PathLike, subdir: Optional[str] = None) -> None:
         self.client.log_artifact(self.run_id, str(path), subdir)
+        if str(path).lower().endswith(".png"):  # figures and view grids; other files stay in MLflow only
+            self._mirrored("image", path, f"{subdir}/{Path(path).stem}" if subdir else Path(path).stem)
 
     def log_text(self, text: str, name: str) -> None:
         self.client.log_text(self.run_id, text, name)
+        self._mirrored("text", text, name)
 
     def log_figure(self, fig, name: str) -> None:
         with tempfile.TemporaryDirectory() as d:

@@ -183,6 +183,31 @@ def count_work(monkeypatch) -> dict:
     return calls
 
 
+def tb_events(folder) -> dict:
+    """What TensorBoard would show from the event files under ``folder``: ``{"scalars": {tag: [(step,
+    value), ...]}, "texts": {tag: text}, "images": {tag: (height, width)}}``, read with the protobufs
+    the writer uses (TFRecord framing: length, its crc, the event, its crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict = {"scalars": {}, "texts": {}, "images": {}}
+    for f in sorted(Path(folder).rglob("events.out.tfevents.*")):
+        data, pos = f.read_bytes(), 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 12 + n + 4
+            for v in event.summary.value:
+                if v.HasField("image"):
+                    out["images"][v.tag] = (v.image.height, v.image.width)
+                elif v.metadata.plugin_data.plugin_name == "text":
+                    out["texts"][v.tag.removesuffix("/text_summary")] = v.tensor.string_val[0].decode()
+                else:
+                    out["scalars"].setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
+
+
 @pytest.fixture
 def no_ray(monkeypatch):
     """This process as a fresh CLI sees it: no Ray started here and none to connect to (so the workers

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tb_events
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).with_name("ft_scripts.py")
 SLOW = pytest.mark.slow
@@ -174,7 +176,7 @@ def test_sigint_driver_then_rerun_resumes(cifar_small, tmp_path):
     args = [sys.executable, "-m", "sslray.cli", "pretrain", "--recipe", "smoke", "--data", cifar_small["train"],
             "--val", cifar_small["test"], "--workers", "1", "--name", "intr", "--no-probe", "--storage",
             str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-            "train.epochs=3", "train.max_steps_per_epoch=3", "data.train_subset=0"]
+            "train.epochs=3", "train.max_steps_per_epoch=3", "data.train_subset=0", "tracking.tensorboard=tb"]
     run_dir = tmp_path / "runs" / "intr"
     # Its own session: the SIGINT goes to the whole process group, as a terminal's Ctrl-C does (the
     # local Ray instance's workers get it too, and Ray's own handler aborts the run in the driver).
@@ -198,6 +200,10 @@ def test_sigint_driver_then_rerun_resumes(cifar_small, tmp_path):
     steps = [m.step for m in c.get_metric_history(runs[0].info.run_id, "loss")]
     assert sorted(set(steps)) == [1, 2, 3]
     assert steps.count(1) == 1, "epoch 1 was trained again: the re-run started from scratch"
+    # The TensorBoard mirror has the curve too, across the interrupted process and the one that resumed
+    events = tb_events(tmp_path / "tb" / "intr")
+    assert {s for s, _ in events["scalars"]["loss"]} == {1, 2, 3}
+    assert "params" in events["texts"] and "config.yaml" in events["texts"]
 
 
 @pytest.mark.ray

@@ -16,6 +16,7 @@ from ..config import Config, dump_yaml, flatten
 from ..rayhead import local_head, stale_message
 from ..storage import (RUN_FILE, checkpoint_uri, exists, filesystem, is_remote, join, move_tree, read_text,
                        write_text)
+from ..tbmirror import TB_TAG, run_logdir
 from ..tracking import Tracker, local_store, numeric, param_text, resolve_uri, same_store
 
 try:  # Ray Train V2 driver callbacks run in the train controller, never on the workers.
@@ -577,13 +578,16 @@ def _open_run(cfg: Config, tracker: Optional[Tracker], name: str, run_dir: str) 
     if tracker is None and previous and previous.get("tracking_uri") == uri:
         tracker = Tracker(uri, previous["run_id"])
         tracker.client.update_run(tracker.run_id, status="RUNNING")
+        if cfg.tracking.tensorboard and tracker.mirror() is None:  # mirrored from this resume on
+            tracker.mirror_to(run_logdir(cfg.tracking.tensorboard, name))
         print(f"sslray: resuming run {name} (MLflow run {tracker.run_id}) from its latest checkpoint in {run_dir}")
         log_resumed_config(tracker, cfg)
     else:
         if tracker is None:
             tracker = Tracker.start(uri, cfg.tracking.experiment, name, tags={
                 "sslray.method": cfg.method.name, "sslray.backbone": cfg.model.backbone,
-                "sslray.dataset": Path(cfg.data.train).stem, **({FAMILY_TAG: family} if family else {})})
+                "sslray.dataset": Path(cfg.data.train).stem, **({FAMILY_TAG: family} if family else {}),
+                **({TB_TAG: run_logdir(cfg.tracking.tensorboard, name)} if cfg.tracking.tensorboard else {})})
         tracker.log_params({**flatten(cfg), "derived.use_gpu": use_gpu, "derived.storage_name": name})
         tracker.log_text(dump_yaml(cfg), "config.yaml")
         _write_run_file(run_dir, {"run_id": tracker.run_id, "tracking_uri": uri, "name": name})

@@ -13,6 +13,7 @@ from typing import Any
 from ray.tune import Callback
 
 from ..config import ConfigError, effective_lr, flatten, from_dict
+from ..tbmirror import TB_TAG, run_logdir
 from ..tracking import Tracker, numeric
 from .space import trial_config
 from .trial import failure_reason
@@ -87,6 +88,8 @@ class MLflowSweepCallback(Callback):
             tags["sslray.config_error"], params = str(e)[:5000], sampled
         else:
             tags.update({"sslray.method": cfg.method.name, "sslray.backbone": cfg.model.backbone})
+            if cfg.tracking.tensorboard:  # a sweep's trials side by side: <folder>/<sweep>/<trial>
+                tags[TB_TAG] = run_logdir(cfg.tracking.tensorboard, self.sweep_name, trial.trial_id)
             params = {**flatten(cfg), **sampled, "derived.effective_lr": effective_lr(cfg)}
         t = Tracker.start(self.uri, self.experiment, f"{self.sweep_name}-{trial.trial_id}", tags=tags,
                           parent_run_id=self.parent_run_id)
