@@ -600,7 +600,8 @@ def _backfill_paths(out: Path, old: dict, listing: SourceListing) -> None:
 def source_paths(beton: str | os.PathLike) -> Optional[list[str]]:
     """The source file of each row of ``beton``, in row order, as ``sslray convert`` wrote them to
     ``paths_path(beton)``: relative to the manifest's ``paths_root`` (the source folder, or the CSV's
-    folder), absolute for files outside it; ``name#i`` for image ``i`` of a pickle batch. None when
+    folder; a manifest older than the key: its ``source``, or that CSV's folder), absolute for files
+    outside it; ``name#i`` for image ``i`` of a pickle batch. None when
     there is no such file (converted before it existed, or elsewhere)."""
     p = paths_path(beton)
     if not p.is_file():
