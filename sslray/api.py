@@ -36,15 +36,16 @@ def load_config(recipe: Optional[str] = None, overrides: Sequence[str] | Mapping
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, source: str = "imagefolder",
             split: Optional[str] = None, max_res: int = 256, write_mode: str = "jpg", quality: int = 90,
-            compress_probability: float = 0.5, workers: int = 0, strict: bool = False, force: bool = False,
-            **kw: Any) -> dict:
-    """``sslray convert``: images -> ``out`` (.beton) + ``out``'s manifest; returns the manifest.
-    ``kw``: ``classes``, ``fraction``, ``seed``, and source options."""
+            compress_probability: float = 0.5, square: str = "crop", workers: int = 0, strict: bool = False,
+            force: bool = False, **kw: Any) -> dict:
+    """``sslray convert``: images -> ``out`` (.beton) + ``out``'s manifest and paths list; returns the
+    manifest. ``square``: crop, pad or squash (how non-square images are stored); ``kw``: ``classes``,
+    ``fraction``, ``seed``, and source options."""
     from .datasets import WriteParams
     from .datasets import convert as run
 
     params = WriteParams(write_mode=write_mode, max_resolution=max_res, jpeg_quality=quality,
-                         compress_probability=compress_probability)
+                         compress_probability=compress_probability, square=square)
     return run(src, out, source=source, split=split, params=params, workers=workers, strict=strict, force=force,
                **kw)
 

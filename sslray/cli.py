@@ -81,8 +81,8 @@ def cmd_convert(a) -> int:
     from .api import convert
 
     convert(a.src, a.out, source=a.source, split=a.split, max_res=a.max_res, write_mode=a.write_mode,
-            quality=a.quality, compress_probability=a.compress_probability, workers=a.workers, strict=a.strict,
-            force=a.force, classes=a.classes, fraction=a.fraction, seed=a.seed)
+            quality=a.quality, compress_probability=a.compress_probability, square=a.square, workers=a.workers,
+            strict=a.strict, force=a.force, classes=a.classes, fraction=a.fraction, seed=a.seed)
     return 0
 
 
@@ -261,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("convert", help="image source -> FFCV .beton + manifest")
     c.add_argument("src", help="source folder (ImageFolder: SRC/<class>/<image>), or a CSV file for --source csv")
-    c.add_argument("out", help="output .beton path; OUT.manifest.json is written beside it")
+    c.add_argument("out", help="output .beton path; OUT.manifest.json and OUT.paths.txt (the source file of each "
+                                 "row) are written beside it")
     c.add_argument("--source", default="imagefolder",
                    help="imagefolder (default), imagenet100, cifar10, cifar100, unlabelled, csv (docs/datasets.md)")
     c.add_argument("--split", help="split to convert: an ImageFolder sub-folder (e.g. train); train/val for "
@@ -273,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-res", type=int, default=256, help="longest side kept, px; bounds file size and RAM")
     c.add_argument("--quality", type=int, default=90, help="JPEG quality for write mode jpg/proportion")
     c.add_argument("--compress-probability", type=float, default=0.5, help="share stored as JPEG in proportion mode")
+    c.add_argument("--square", default="crop", choices=["crop", "pad", "squash"],
+                   help="non-square images: crop (stored as they are; the loader sees their centre square), pad "
+                        "(letterboxed whole into a square, grey borders) or squash (resized whole to a square)")
     c.add_argument("--workers", type=int, default=0, help="processes (default: CPU count, at most 8)")
     c.add_argument("--strict", action="store_true",
                    help="check every image and exit 2 listing the unreadable ones, instead of skipping them")

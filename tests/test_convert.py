@@ -196,7 +196,7 @@ def test_a_dying_image_check_process_is_a_named_error(tmp_path, monkeypatch):
     root.mkdir(parents=True)
     for i in range(260):  # over the 256 images below which the check runs in this process
         Image.new("RGB", (4, 4), (i % 256, 0, 0)).save(root / f"{i}.png")
-    monkeypatch.setattr(conv, "load_record", lambda rec, max_res: os._exit(9))  # seen by the forked workers
+    monkeypatch.setattr(conv, "load_record", lambda rec, *a, **k: os._exit(9))  # seen by the forked workers
     out = tmp_path / "t.beton"
     with pytest.raises(ConversionError, match=r"process checking the images died.*--workers 1"):
         convert(tmp_path / "img", out, params=WriteParams(max_resolution=8), workers=2, verbose=False)

@@ -2,8 +2,9 @@
 
 Every record is decoded once up front (in parallel) so that a truncated, empty or mislabelled file
 is listed in ``manifest["skipped"]`` with its reason instead of crashing the FFCV writer half way.
-Only images that decoded become rows of the .beton. Both files are written under temporary names
-and renamed at the end: a crash never leaves a file that looks finished.
+Only images that decoded become rows of the .beton. The .beton, its manifest and its source-paths
+sidecar are written under temporary names and renamed at the end: a crash never leaves a file that
+looks finished, nor a sidecar that describes another .beton.
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error we repor
 
 MANIFEST_VERSION = 1
 WRITE_MODES = ("jpg", "raw", "proportion", "smart")
+# How a non-square image becomes the square the loader decodes (its decoder takes the centre square):
+# crop keeps the image as it is (the loader then drops the sides), pad letterboxes the whole image,
+# squash resizes it to a square. See docs/datasets.md.
+SQUARE_MODES = ("crop", "pad", "squash")
+# pad's border: ImageNet's mean colour, so it normalises to about 0 (what the network's own zero
+# padding looks like) and says nothing about the image. A per-image mean would give two views of one
+# image the same flat patch to match on, a shortcut for contrastive and invariance losses.
+PAD_RGB = (124, 116, 104)
 
 
 class ConversionError(RuntimeError):
@@ -44,6 +53,7 @@ class WriteParams:
     max_resolution: int = 256  # longest side kept, px; bounds RAM at load time (see README)
     jpeg_quality: int = 90
     compress_probability: float = 0.5  # only for write_mode=proportion
+    square: str = "crop"  # non-square images: crop (the loader's centre square), pad or squash
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -53,6 +63,8 @@ class WriteParams:
         resolution <= 0 made every writer process die in cv2.resize while the parent waited for ever."""
         if self.write_mode not in WRITE_MODES:
             raise ConversionError(f"write mode {self.write_mode!r} is not one of {', '.join(WRITE_MODES)}")
+        if self.square not in SQUARE_MODES:
+            raise ConversionError(f"--square {self.square!r} is not one of {', '.join(SQUARE_MODES)}")
         if not self.max_resolution > 0:
             raise ConversionError(f"--max-res must be a positive number of pixels, got {self.max_resolution}")
         if not 0 <= self.jpeg_quality <= 100:
@@ -62,11 +74,25 @@ class WriteParams:
                                   f"got {self.compress_probability}")
 
 
-def manifest_path(beton: str | os.PathLike) -> Path:
-    """``data/train.beton`` -> ``data/train.manifest.json``."""
+def _beside(beton: str | os.PathLike, suffix: str) -> Path:
     p = Path(beton)
     stem = p.name[: -len(".beton")] if p.name.endswith(".beton") else p.name
-    return p.with_name(stem + ".manifest.json")
+    return p.with_name(stem + suffix)
+
+
+def manifest_path(beton: str | os.PathLike) -> Path:
+    """``data/train.beton`` -> ``data/train.manifest.json``."""
+    return _beside(beton, ".manifest.json")
+
+
+def paths_path(beton: str | os.PathLike) -> Path:
+    """``data/train.beton`` -> ``data/train.paths.txt``: row i of the .beton came from line i."""
+    return _beside(beton, ".paths.txt")
+
+
+def square_mode(manifest: dict) -> str:
+    """The ``--square`` a manifest was written with; conversions from before the option cropped."""
+    return (manifest.get("write_params") or {}).get("square", "crop")
 
 
 def read_manifest(beton: str | os.PathLike) -> Optional[dict]:
@@ -79,8 +105,10 @@ def read_manifest(beton: str | os.PathLike) -> Optional[dict]:
         raise ConversionError(f"manifest {mp} is not valid JSON ({e}); delete it and convert again") from None
 
 
-def to_rgb_array(img: Image.Image, max_res: int) -> np.ndarray:
-    """Any PIL mode -> HxWx3 uint8, longest side <= max_res. Alpha is composited over white."""
+def to_rgb_array(img: Image.Image, max_res: int, square: str = "crop") -> np.ndarray:
+    """Any PIL mode -> HxWx3 uint8, longest side <= max_res. Alpha is composited over white.
+    ``square`` pad / squash: a non-square image becomes a square of its (bounded) longest side, so
+    no pixel along that side is lost; crop stores it as it is. A square image is the same in all three."""
     if img.format == "JPEG" and max_res and max(img.size) > 2 * max_res:
         img.draft("RGB", (max_res, max_res))  # let libjpeg decode at 1/2..1/8 scale: fast and small
     img.load()
@@ -103,9 +131,17 @@ def to_rgb_array(img: Image.Image, max_res: int) -> np.ndarray:
         img = Image.alpha_composite(bg, rgba)
     if img.mode != "RGB":
         img = img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
-    if max_res and max(img.size) > max_res:
+    if square == "squash" and img.width != img.height:
+        side = min(max(img.size), max_res) if max_res else max(img.size)
+        img = img.resize((side, side), Image.BILINEAR)  # one resampling for both the bound and the aspect
+    elif max_res and max(img.size) > max_res:
         scale = max_res / max(img.size)
         img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
+    if square == "pad" and img.width != img.height:
+        side = max(img.size)
+        canvas = Image.new("RGB", (side, side), PAD_RGB)
+        canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+        img = canvas
     return np.asarray(img, dtype=np.uint8).copy()
 
 
@@ -117,20 +153,20 @@ def open_record(rec: Record) -> Image.Image:
     return Image.open(rec.path)
 
 
-def load_record(rec: Record, max_res: int) -> np.ndarray:
+def load_record(rec: Record, max_res: int, square: str = "crop") -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL's EXIF/ICC chatter is not a data problem
         img = open_record(rec)
         try:
-            return to_rgb_array(img, max_res)
+            return to_rgb_array(img, max_res, square)
         finally:
             img.close()
 
 
-def _check(args: tuple[int, Record, int]) -> tuple[int, Optional[tuple[int, int]], Optional[str]]:
-    i, rec, max_res = args
+def _check(args: tuple[int, Record, int, str]) -> tuple[int, Optional[tuple[int, int]], Optional[str]]:
+    i, rec, max_res, square = args
     try:
-        arr = load_record(rec, max_res)
+        arr = load_record(rec, max_res, square=square)
         return i, arr.shape[:2], None
     except Exception as e:  # every failure becomes a reason in the manifest
         reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
@@ -142,9 +178,10 @@ def _check(args: tuple[int, Record, int]) -> tuple[int, Optional[tuple[int, int]
 class _ValidDataset:
     """Indexed view of the validated records for FFCV's writer (picklable for its workers)."""
 
-    def __init__(self, records: Sequence[Record], max_res: int):
+    def __init__(self, records: Sequence[Record], max_res: int, square: str = "crop"):
         self.records = list(records)
         self.max_res = max_res
+        self.square = square
 
     def __len__(self) -> int:
         return len(self.records)
@@ -152,7 +189,7 @@ class _ValidDataset:
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
         rec = self.records[i]
         try:
-            return load_record(rec, self.max_res), int(rec.label)
+            return load_record(rec, self.max_res, square=self.square), int(rec.label)
         except Exception as e:  # it decoded during the check: changed or removed since
             raise ConversionError(f"{rec.path} can no longer be read ({type(e).__name__}: {e}); "
                                   "it was readable when the images were checked") from e
@@ -309,12 +346,13 @@ def check_same_origin(out: Path, old: dict, source: str, split: Optional[str], s
                               f"{manifest_path(out)}): pass --force to replace it, or choose another OUT")
 
 
-def validate(records: Sequence[Record], max_res: int, workers: int, desc: str = "checking images"):
+def validate(records: Sequence[Record], max_res: int, workers: int, desc: str = "checking images",
+             square: str = "crop"):
     ok: list[Record] = []
     skipped: list[dict] = []
     shapes: list[tuple[int, int]] = []
     results: list[Any] = [None] * len(records)
-    jobs = [(i, r, max_res) for i, r in enumerate(records)]
+    jobs = [(i, r, max_res, square) for i, r in enumerate(records)]
     picklable = all(r.loader is None or getattr(r.loader, "picklable", False) for r in records)
     if workers > 1 and len(records) > 256 and picklable:
         try:
@@ -391,14 +429,16 @@ def convert(
                               f"replace it, or choose another OUT")
     if old and not force:
         check_same_origin(out, old, str(listing.root), split, settings, listing.classes)
-    if old and not force and old.get("source_hash") == fingerprint and old.get("settings") == settings \
+    if old and not force and old.get("source_hash") == fingerprint and _same_settings(old.get("settings"), settings) \
             and old.get("beton_bytes") == out.stat().st_size:
+        if not paths_path(out).exists():
+            _backfill_paths(out, old, listing)
         if verbose:
             print(f"{out}: up to date ({old['num_images']} images, source unchanged); nothing to do")
         return old
 
     t0 = time.time()
-    ok, skipped, shapes = validate(listing.records, params.max_resolution, workers)
+    ok, skipped, shapes = validate(listing.records, params.max_resolution, workers, square=params.square)
     skipped = listing.skipped + skipped
     if strict and skipped:
         named = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:5])
@@ -410,8 +450,15 @@ def convert(
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
+    paths_root = _paths_root(listing)
+    lines = _path_lines(ok, paths_root)
+    notes = list(listing.notes)
+    if lines is None:
+        notes.append(f"no {paths_path(out).name}: a source path holds a line break")
     tmp_beton = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    mpath = manifest_path(out)
+    mpath, ppath = manifest_path(out), paths_path(out)
+    tmp_manifest = mpath.with_name(f".{mpath.name}.partial-{os.getpid()}")
+    tmp_paths = ppath.with_name(f".{ppath.name}.partial-{os.getpid()}")
     try:
         writer = _supervised(DatasetWriter)(
             str(tmp_beton),
@@ -427,7 +474,7 @@ def convert(
             num_workers=workers,
         )
         try:
-            writer.from_indexed_dataset(_ValidDataset(ok, params.max_resolution), chunksize=100)
+            writer.from_indexed_dataset(_ValidDataset(ok, params.max_resolution, params.square), chunksize=100)
         except WriterDied as e:
             raise ConversionError(f"writing {out} failed: {e}; nothing was written to {out}") from None
         labels = np.array([r.label for r in ok])
@@ -449,21 +496,27 @@ def convert(
             "unlabelled": int((labels < 0).sum()),
             "skipped": skipped,
             "skipped_reasons": reason_counts(skipped),
-            "notes": listing.notes,
+            "notes": notes,
+            "paths_root": str(paths_root) if lines is not None else None,  # what relative lines of paths.txt are under
             "max_height": int(max(s[0] for s in shapes)),
             "max_width": int(max(s[1] for s in shapes)),
             "beton_bytes": tmp_beton.stat().st_size,
             "seconds": round(time.time() - t0, 2),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        tmp_manifest = mpath.with_name(f".{mpath.name}.partial-{os.getpid()}")
+        if lines is not None:
+            _write_lines(tmp_paths, lines)
         tmp_manifest.write_text(json.dumps(manifest, indent=2))
-        # Order matters: an old manifest must never describe the new .beton.
+        # Order matters: an old manifest or paths list must never describe the new .beton.
         mpath.unlink(missing_ok=True)
+        ppath.unlink(missing_ok=True)
         os.replace(tmp_beton, out)
+        if lines is not None:
+            os.replace(tmp_paths, ppath)
         os.replace(tmp_manifest, mpath)
     finally:
-        tmp_beton.unlink(missing_ok=True)
+        for tmp in (tmp_beton, tmp_paths, tmp_manifest):
+            tmp.unlink(missing_ok=True)
     if verbose:
         print(summary(manifest, out))
     return manifest
@@ -481,6 +534,8 @@ def summary(manifest: dict, out: Path) -> str:
         lines.append(f"  skipped {s['path']}: {s['reason']}")
     if manifest["num_skipped"] > 10:
         lines.append(f"  ... and {manifest['num_skipped'] - 10} more (see {manifest_path(out)})")
+    if square_mode(manifest) != "crop":
+        lines.append(f"  square: {square_mode(manifest)} (non-square images stored whole, as squares)")
     for n in manifest["notes"]:
         lines.append(f"  note: {n}")
     return "\n".join(lines)
@@ -495,8 +550,77 @@ def reason_counts(skipped: Sequence[dict]) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
+def _same_settings(before: Any, now: dict) -> bool:
+    """Manifests from before ``--square`` cropped: they are up to date for ``square=crop``."""
+    return isinstance(before, dict) and {"square": "crop", **before} == now
+
+
+# --- source paths: OUT.paths.txt, line i names the file of row i -------------------------------------
+
+def _paths_root(listing: SourceListing) -> Path:
+    root = Path(listing.root)
+    return root.parent if root.is_file() else root  # a CSV source lists paths relative to its folder
+
+
+def _path_lines(records: Sequence[Record], root: Path) -> Optional[list[str]]:
+    """Each record's path relative to ``root`` (as it is when outside it); None when one holds a line
+    break, which a one-path-per-line file cannot say."""
+    lines = []
+    for r in records:
+        p = Path(r.path)
+        line = str(p.relative_to(root)) if p.is_relative_to(root) else r.path
+        if "\n" in line or "\r" in line:
+            return None
+        lines.append(line)
+    return lines
+
+
+def _write_lines(path: Path, lines: Sequence[str]) -> None:
+    # surrogateescape: a file name that is not UTF-8 comes back as the same bytes
+    with open(path, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
+        f.write("".join(line + "\n" for line in lines))
+
+
+def _backfill_paths(out: Path, old: dict, listing: SourceListing) -> None:
+    """An up-to-date .beton converted before the paths list existed gets one without converting again:
+    its rows are the listed records less the skipped ones, in order (the source is unchanged)."""
+    gone = {s["path"] for s in old.get("skipped", [])}
+    lines = _path_lines([r for r in listing.records if r.path not in gone], _paths_root(listing))
+    if lines is None or len(lines) != old.get("num_images"):
+        return
+    ppath = paths_path(out)
+    tmp = ppath.with_name(f".{ppath.name}.partial-{os.getpid()}")
+    try:
+        _write_lines(tmp, lines)
+        os.replace(tmp, ppath)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def source_paths(beton: str | os.PathLike) -> Optional[list[str]]:
+    """The source file of each row of ``beton``, in row order, as ``sslray convert`` wrote them to
+    ``paths_path(beton)``: relative to the manifest's ``paths_root`` (the source folder, or the CSV's
+    folder; a manifest older than the key: its ``source``, or that CSV's folder), absolute for files
+    outside it; ``name#i`` for image ``i`` of a pickle batch. None when
+    there is no such file (converted before it existed, or elsewhere)."""
+    p = paths_path(beton)
+    if not p.is_file():
+        return None
+    with open(p, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        lines = f.read().split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    manifest = read_manifest(beton)
+    if manifest is not None and manifest.get("num_images") != len(lines):
+        raise ConversionError(f"{p} lists {len(lines)} paths but {manifest_path(beton)} counts "
+                              f"{manifest.get('num_images')} images: they are not from one conversion; "
+                              f"convert again with --force")
+    return lines
+
+
 def _jsonable(d: dict) -> dict:
     return {k: (list(v) if isinstance(v, (tuple, set)) else v) for k, v in d.items() if v is not None}
 
 
-__all__ = ["convert", "WriteParams", "ConversionError", "SourceError", "read_manifest", "manifest_path"]
+__all__ = ["convert", "WriteParams", "ConversionError", "SourceError", "read_manifest", "manifest_path", "paths_path",
+           "source_paths", "square_mode", "SQUARE_MODES"]
