@@ -73,6 +73,14 @@ def test_pad_and_squash_keep_both_sides_that_crop_loses(tmp_path):
     assert (pad[:16] == PAD_RGB).all() and (pad[48:] == PAD_RGB).all()  # letterbox borders: the pad colour
     assert squash.shape == (64, 64, 3)
     assert np.array_equal(squash, np.asarray(_bands(64, 64)))  # stretched 2x in height, bands in place
+    # splits made two ways are named before training (the probes would compare two kinds of image)
+    from sslray.datasets.loader import dataset_info, square_note
+
+    infos = {mode: dataset_info(str(tmp_path / f"{mode}.beton")) for mode in ("crop", "pad")}
+    assert [i.square for i in infos.values()] == ["crop", "pad"]
+    note = square_note(infos["pad"], infos["crop"])
+    assert "--square pad" in note and "--square crop" in note and "pad.beton" in note
+    assert square_note(infos["pad"], infos["pad"]) is None and square_note(infos["pad"], None) is None
 
 
 def test_crop_is_the_image_as_before_and_squares_are_the_same_in_every_mode(tmp_path):

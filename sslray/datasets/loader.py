@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .convert import read_manifest
+from .convert import read_manifest, square_mode
 
 
 def _quiet_numba_finalizer(hook=sys.unraisablehook):
@@ -65,6 +65,7 @@ class DatasetInfo:
     path: str
     num_images: int
     classes: list[str]
+    square: str = "crop"  # how `sslray convert --square` stored non-square images (crop: as they were)
 
     @property
     def num_classes(self) -> int:
@@ -85,7 +86,7 @@ def dataset_info(path: str) -> DatasetInfo:
     if manifest is not None:
         if manifest.get("beton_bytes") not in (None, os.path.getsize(path)):
             raise DataError(f"{path} does not match its manifest (size differs): the conversion did not finish")
-        return DatasetInfo(path, int(manifest["num_images"]), list(manifest["classes"]))
+        return DatasetInfo(path, int(manifest["num_images"]), list(manifest["classes"]), square_mode(manifest))
     from ffcv.reader import Reader
 
     try:
@@ -98,6 +99,15 @@ def dataset_info(path: str) -> DatasetInfo:
     n = int(reader.num_samples)
     k = int(np.max(labels)) + 1 if labels is not None and len(labels) else 0
     return DatasetInfo(path, n, [str(i) for i in range(k)])
+
+
+def square_note(train: DatasetInfo, val: Optional[DatasetInfo]) -> Optional[str]:
+    """A note when the two splits were converted with different ``--square`` modes: a probe fitted on
+    whole padded or squashed images and scored on centre crops (or the reverse) sees two kinds of image."""
+    if val is None or train.square == val.square:
+        return None
+    return (f"{train.path} was converted with --square {train.square} and {val.path} with --square {val.square}: "
+            "the probes and the kNN monitor compare images made two ways; convert both splits the same way")
 
 
 def check_same_classes(train: DatasetInfo, val: DatasetInfo) -> list[str]:

@@ -358,7 +358,7 @@ def check_data(cfg: Config):
     batch against workers and images) and its ``DataPlan`` is returned (else None)."""
     import ray
 
-    from ..datasets.loader import DataError
+    from ..datasets.loader import DataError, square_note
     from .loop import plan_data
 
     if not cfg.data.train:
@@ -367,7 +367,11 @@ def check_data(cfg: Config):
     missing = [f"{key}={path}" for key, path in (("data.train", cfg.data.train), ("data.val", cfg.data.val))
                if path and not os.path.exists(path)]
     if not missing:
-        return plan_data(cfg, cfg.ray.num_workers, check_batch=not cfg.data.auto_batch)
+        plan = plan_data(cfg, cfg.ray.num_workers, check_batch=not cfg.data.auto_batch)
+        note = square_note(plan.train_info, plan.val_info)
+        if note:
+            print(f"sslray: note: {note}")
+        return plan
     head = local_head()  # a dead head's file: ensure_ray starts a local instance, so the workers run here too
     here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS") and (head is None or head.dead)
     if here:
