@@ -234,3 +234,41 @@ def test_the_cli_flags_reach_the_settings(tmp_path, monkeypatch):
     assert (ft.weight_decay, ft.label_smoothing, ft.drop_path, ft.save) == (0.01, 0.0, 0.2, str(tmp_path / "o"))
     assert dataclasses.replace(lin, base_lr=0.1) == linear_sgd_settings(ft, epochs=7, max_steps=5, batch_size=64)
     assert lin.base_lr == 0.3 and lin.num_workers == 3 and lin.save == ""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ft_save_on_ray_writes_rank_0s_classifier_before_the_run_folder_goes(ray_cluster, ckpt, cifar_small,
+                                                                             tmp_path, monkeypatch):
+    """Two Ray Train workers: rank 0 puts the classifier in the final checkpoint, the driver copies it to
+    --ft-save before the run's temporary folder is removed; read back, it scores the val split as reported."""
+    from sslray.datasets.loader import make_loader
+    from sslray.datasets.views import eval_transform
+    from sslray.eval import run_eval
+    from sslray.raytrain.evaluate import load_checkpoint
+    from sslray.raytrain.finetune import evaluate_logits
+    from sslray.raytrain.finetuned import load_classifier
+
+    made = []
+
+    def mkdtemp(prefix=""):
+        made.append(tmp_path / f"{prefix}{len(made)}")
+        made[-1].mkdir()
+        return str(made[-1])
+
+    monkeypatch.setattr(finetune.tempfile, "mkdtemp", mkdtemp)
+    out = tmp_path / "clf"
+    s = FinetuneSettings(max_steps=2, batch_size=32, num_workers=2, use_gpu="false", train_subset=128, save=str(out))
+    report = run_eval(str(ckpt["run_dir"]), cifar_small["train"], cifar_small["test"], "finetune", use_gpu="false",
+                      progress=False, log=_quiet, finetune=s, baseline=False)
+    (r,) = report.results
+    assert len(made) == 1 and not made[0].exists() and r.info["saved"] == str(out)
+    net, meta = load_classifier(out)
+    cfg, _, _ = load_checkpoint(ckpt["state"], torch.device("cpu"))
+    val = make_loader(cifar_small["test"], 100, train=False, res=cfg.data.decode_res, device=torch.device("cpu"),
+                      num_workers=1)
+    m = evaluate_logits(net, val, eval_transform(cfg.views), torch.device("cpu"), cfg.train.precision,
+                        len(meta["head"]["classes"]))
+    assert m["val_images"] == 300 and meta["finetune"]["step"] == 2
+    # the ranks scored their slices with the same weights; one image's argmax may tip on summation order
+    assert abs(m["top1"] - r.pretrained["finetune_top1"]) <= 1 / 300 + 1e-9
