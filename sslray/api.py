@@ -124,7 +124,7 @@ def probe(checkpoint: str | os.PathLike, train: str, val: str, *, train_subset: 
 
 def evaluate(checkpoint: str | os.PathLike, protocols: str | Sequence[str] = "linear,knn", *,
              train: Optional[str] = None, val: Optional[str] = None, **kw: Any) -> "EvalReport":
-    """``sslray eval``'s protocols (linear, knn, finetune, lowshot, embed) on a checkpoint;
+    """``sslray eval``'s protocols (linear, knn, finetune, linear_sgd, lowshot, embed) on a checkpoint;
     ``train``/``val`` default to the checkpoint's own splits. ``kw`` as ``sslray.eval.run_eval``.
     Returns the report and logs nothing; ``sslray.eval.runner.log_eval(Tracker(uri, run_id), report)``
     logs it as ``sslray eval`` does."""

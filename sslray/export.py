@@ -77,10 +77,8 @@ def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike, which
     """Write ``<out>/backbone.safetensors`` and ``<out>/backbone.json`` from a checkpoint (a ``state.pt``,
     a checkpoint folder, or a run folder: its newest checkpoint). Returns ``out``."""
     import torch
-    from safetensors.torch import load_file, save_file
 
     from . import __version__
-    from .datasets.views import eval_transform
     from .raytrain.evaluate import find_state, load_checkpoint
     from .storage import remote_source
 
@@ -94,8 +92,26 @@ def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike, which
     if backbone is None:
         raise ValueError(f"export: method {cfg.method.name!r} has no EMA teacher; export the student "
                          f"(the default) instead of --teacher")
-    tf = eval_transform(cfg.views)
     meta = {
+        **rebuild_meta(backbone, cfg),
+        "which": which,
+        "method": cfg.method.name,
+        "epoch": int(state.get("epoch", 0)),
+        "step": int(state.get("step", 0)),
+        "checkpoint": remote_source(state_path) or str(state_path.resolve()),
+        "versions": {"sslray": __version__, "torch": torch.__version__, "timm": _timm_version()},
+    }
+    write_export(out, backbone, meta)
+    return out
+
+
+def rebuild_meta(backbone: nn.Module, cfg) -> dict[str, Any]:
+    """The metadata keys that rebuild ``backbone`` (format, timm name and kwargs, CIFAR stem, width)
+    and feed it (input size, the run's eval normalisation)."""
+    from .datasets.views import eval_transform
+
+    tf = eval_transform(cfg.views)
+    return {
         "format": FORMAT,
         "backbone": cfg.model.backbone,
         "cifar_stem": bool(cfg.model.cifar_stem),
@@ -104,13 +120,14 @@ def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike, which
         "input_size": int(cfg.views.crop_size),
         "mean": [round(float(v), 6) for v in tf.mean.flatten()],
         "std": [round(float(v), 6) for v in tf.std.flatten()],
-        "which": which,
-        "method": cfg.method.name,
-        "epoch": int(state.get("epoch", 0)),
-        "step": int(state.get("step", 0)),
-        "checkpoint": remote_source(state_path) or str(state_path.resolve()),
-        "versions": {"sslray": __version__, "torch": torch.__version__, "timm": _timm_version()},
     }
+
+
+def write_export(out: Path, backbone: nn.Module, meta: dict) -> None:
+    """``backbone``'s weights and ``meta`` into ``out/backbone.safetensors`` and ``out/backbone.json``,
+    read back and compared before they are renamed into place."""
+    from safetensors.torch import load_file, save_file
+
     weights = {k: v.detach().contiguous() for k, v in backbone.state_dict().items()}
     out.mkdir(parents=True, exist_ok=True)
     tmp_w, tmp_m = out / (WEIGHTS + ".tmp"), out / (META + ".tmp")
@@ -126,7 +143,6 @@ def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike, which
     finally:
         for t in (tmp_w, tmp_m):
             t.unlink(missing_ok=True)
-    return out
 
 
 def _verify(path: Path, meta: dict, weights: dict, load_file) -> None:
@@ -336,4 +352,4 @@ def _timm_version() -> str:
 
 
 __all__ = ["META", "WEIGHTS", "export_after_training", "export_backbone", "export_to", "init_backbone", "load_backbone",
-           "read_weights", "teacher_backbone"]
+           "read_weights", "rebuild_meta", "teacher_backbone", "write_export"]

@@ -68,7 +68,8 @@ def test_stratified_subsets_on_unbalanced_classes():
 
 def test_unknown_protocol_names_the_known_ones():
     assert parse_protocols("linear, knn,linear") == ["linear", "knn"]
-    with pytest.raises(ValueError, match=r"unknown eval protocol 'bogus'.*embed, finetune, knn, linear, lowshot"):
+    known = "embed, finetune, knn, linear, linear_sgd, lowshot"
+    with pytest.raises(ValueError, match=rf"unknown eval protocol 'bogus'.*{known}"):
         parse_protocols("linear,bogus")
 
 

@@ -1,4 +1,4 @@
-"""`sslray eval --protocol linear,knn,finetune,lowshot,embed`: evaluation protocols on a checkpoint."""
+"""`sslray eval --protocol linear,knn,finetune,linear_sgd,lowshot,embed`: evaluation protocols on a checkpoint."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ def _numbers(text: str, kind: type, option: str) -> list:
 
 def cmd_eval(a) -> int:
     from ..cli import _abs
-    from ..raytrain.finetune import FinetuneSettings
+    from ..raytrain.finetune import FinetuneSettings, linear_sgd_settings
     from ..tracking import Tracker, existing_run
     from .protocols import parse_protocols
     from .runner import close_figures, find_run, format_eval_table, log_eval, run_eval
@@ -22,7 +22,11 @@ def cmd_eval(a) -> int:
         existing_run(a.tracking_uri, a.run_id)  # a run id or store that is not there, before the protocols run
     ft = FinetuneSettings(epochs=a.ft_epochs, max_steps=a.ft_max_steps, batch_size=a.ft_batch_size,
                           base_lr=a.ft_lr, layer_decay=a.ft_layer_decay, views=a.ft_views, num_workers=a.ft_workers,
-                          use_gpu=a.gpu, train_subset=a.train_subset, val_subset=a.val_subset)
+                          use_gpu=a.gpu, train_subset=a.train_subset, val_subset=a.val_subset,
+                          weight_decay=a.ft_weight_decay, label_smoothing=a.ft_label_smoothing,
+                          drop_path=a.ft_drop_path, save=a.ft_save or "")
+    lin = linear_sgd_settings(ft, epochs=a.lin_epochs, base_lr=a.lin_lr, max_steps=a.lin_max_steps,
+                              batch_size=a.lin_batch_size)
     report = run_eval(a.checkpoint, _abs(a.train), _abs(a.val), names, train_subset=a.train_subset,
                       val_subset=a.val_subset, use_gpu=a.gpu, cache_dir=a.cache_dir, cache=not a.no_cache,
                       knn_ks=_numbers(a.knn_k, int, "--knn-k"), baseline=not a.no_baseline,
@@ -30,7 +34,7 @@ def cmd_eval(a) -> int:
                       if a.knn_temperature is not None else None,
                       linear_c=_numbers(a.linear_c, float, "--linear-c"),
                       lowshot_fractions=_numbers(a.lowshot_fractions, float, "--lowshot-fractions"),
-                      lowshot_seeds=_numbers(a.lowshot_seeds, int, "--lowshot-seeds"), finetune=ft)
+                      lowshot_seeds=_numbers(a.lowshot_seeds, int, "--lowshot-seeds"), finetune=ft, linear_sgd=lin)
     print(format_eval_table(report))
     run = {"run_id": a.run_id, "tracking_uri": a.tracking_uri} if a.run_id else find_run(a.checkpoint)
     if run and not a.no_log:
@@ -45,9 +49,11 @@ def cmd_eval(a) -> int:
 def register(sub) -> None:
     from ..cli import count
 
-    e = sub.add_parser("eval", help="evaluation protocols on a checkpoint: linear, knn, finetune, lowshot, embed")
+    e = sub.add_parser("eval", help="evaluation protocols on a checkpoint: linear, knn, finetune, linear_sgd, lowshot, "
+                                    "embed")
     e.add_argument("--checkpoint", required=True, help="state.pt, a checkpoint folder, or a run folder")
-    e.add_argument("--protocol", required=True, help="one or more of linear,knn,finetune,lowshot,embed (comma list)")
+    e.add_argument("--protocol", required=True,
+                   help="one or more of linear,knn,finetune,linear_sgd,lowshot,embed (comma list)")
     e.add_argument("--train", help="labelled .beton to fit on (default: the checkpoint's data.train)")
     e.add_argument("--val", help="labelled .beton to score on (default: the checkpoint's data.val)")
     e.add_argument("--train-subset", type=count(), default=0, help="seeded random subset of train images (0: all)")
@@ -75,5 +81,18 @@ def register(sub) -> None:
     e.add_argument("--ft-lr", type=float, default=1e-3, help="finetune: AdamW lr per 256 images")
     e.add_argument("--ft-layer-decay", type=float, default=0.75, help="finetune: ViT layer-wise lr decay")
     e.add_argument("--ft-views", default="mae", help="finetune: view preset for the train images")
-    e.add_argument("--ft-workers", type=int, default=2, help="finetune: Ray Train workers")
+    e.add_argument("--ft-workers", type=int, default=2, help="finetune and linear_sgd: Ray Train workers")
+    e.add_argument("--ft-weight-decay", type=float, default=0.05,
+                   help="finetune: AdamW weight decay (none on biases, norms and tokens)")
+    e.add_argument("--ft-label-smoothing", type=float, default=0.1, help="finetune: label smoothing of the loss")
+    e.add_argument("--ft-drop-path", type=float, default=0.0,
+                   help="finetune: stochastic depth rate (timm drop_path_rate; ViTs, ResNets, ConvNeXts)")
+    e.add_argument("--ft-save", metavar="DIR",
+                   help="finetune: write the fine-tuned pretrained-init classifier (backbone + head, the `sslray "
+                        "export` format plus head.safetensors) to DIR, a new or empty folder")
+    e.add_argument("--lin-epochs", type=int, default=100, help="linear_sgd: epochs of the frozen-backbone linear head")
+    e.add_argument("--lin-max-steps", type=int, default=0, help="linear_sgd: cap on optimizer steps (0: none)")
+    e.add_argument("--lin-batch-size", type=int, default=256, help="linear_sgd: global batch")
+    e.add_argument("--lin-lr", type=float, default=0.1,
+                   help="linear_sgd: SGD (momentum 0.9, no weight decay) lr per 256 images, cosine to 0")
     e.set_defaults(func=cmd_eval)

@@ -3,7 +3,8 @@
 Every protocol scores the pretrained backbone and, beside it, the same backbone from a seeded random
 init (left out with ``baseline=False``, ``--no-baseline``). The scikit-learn ones (linear, knn, lowshot,
 embed) read the cached frozen features of ``ctx.store``; ``finetune`` trains the whole backbone with Ray
-Train workers.
+Train workers, and ``linear_sgd`` (the papers' linear evaluation) a linear head on the frozen backbone
+with the same workers and loop.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class EvalContext:
     lowshot_seeds: Sequence[int] = (0, 1, 2)
     embed_points: int = 2000  # t-SNE cost grows with N; a stratified sample of the val split above this
     finetune: Any = None  # sslray.raytrain.finetune.FinetuneSettings
+    # linear_sgd's FinetuneSettings (freeze_backbone); None: linear_sgd_settings(finetune), the paper protocol
+    linear_sgd: Any = None
     log: Callable[[str], None] = print
 
     @property
@@ -71,7 +74,7 @@ class EvalContext:
 def check_settings(names: Sequence[str], knn_ks: Sequence[int] = EvalContext.knn_ks,
                    lowshot_fractions: Sequence[float] = EvalContext.lowshot_fractions,
                    lowshot_seeds: Sequence[int] = EvalContext.lowshot_seeds, knn_temperature=None,
-                   linear_c=EvalContext.linear_c, **_) -> None:
+                   linear_c=EvalContext.linear_c, finetune=None, linear_sgd=None, **_) -> None:
     """The ``EvalContext`` settings of the protocols that will run, checked before any feature is
     extracted (the option each comes from in the message: ``sslray eval`` flag / field)."""
     if "knn" in names and (not knn_ks or any(int(k) < 1 for k in knn_ks)):
@@ -88,6 +91,34 @@ def check_settings(names: Sequence[str], knn_ks: Sequence[int] = EvalContext.knn
                              f"got {list(lowshot_fractions)}")
         if not lowshot_seeds:
             raise ValueError("--lowshot-seeds (lowshot_seeds) needs at least one seed")
+    if finetune is not None and finetune.save:
+        if "finetune" not in names:
+            raise ValueError(f"--ft-save (finetune.save) keeps the finetune protocol's model; --protocol "
+                             f"{','.join(names)} has no finetune")
+        from ..raytrain.finetuned import check_save_dir
+
+        check_save_dir(finetune.save)
+    for name, s in (("finetune", finetune), ("linear_sgd", linear_sgd)):
+        if name in names and s is not None:
+            _check_training(name, s)
+
+
+def _check_training(name: str, s) -> None:
+    """A Ray-trained protocol's ``FinetuneSettings``, checked before its workers start."""
+    from ..raytrain.finetune import OPTIMIZERS
+
+    flag = "--lin" if s.freeze_backbone else "--ft"
+    if s.optimizer not in OPTIMIZERS:
+        raise ValueError(f"{name} optimizer {s.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+    if not s.base_lr > 0:
+        raise ValueError(f"{flag}-lr ({name} base_lr) must be above 0, got {s.base_lr}")
+    if s.epochs < 1 or s.max_steps < 0:
+        raise ValueError(f"{flag}-epochs / {flag}-max-steps ({name} epochs, max_steps) must be >= 1 / >= 0, "
+                         f"got {s.epochs} / {s.max_steps}")
+    if s.weight_decay < 0 or not 0 <= s.label_smoothing < 1 or not 0 <= s.drop_path < 1:
+        raise ValueError(f"--ft-weight-decay >= 0, --ft-label-smoothing and --ft-drop-path in [0, 1) ({name} "
+                         f"weight_decay, label_smoothing, drop_path), got {s.weight_decay}, {s.label_smoothing}, "
+                         f"{s.drop_path}")
 
 
 PROTOCOLS: Registry[Callable[[EvalContext], ProtocolResult]] = Registry("eval protocol")
@@ -241,9 +272,29 @@ def embed(ctx: EvalContext) -> ProtocolResult:
 def finetune(ctx: EvalContext) -> ProtocolResult:
     """Whole-backbone supervised fine-tuning on Ray Train workers, and the same budget from random init
     (without a baseline: the pretrained fit only)."""
-    from ..raytrain.finetune import FinetuneSettings, finetune_compare, run_finetune
+    from ..raytrain.finetune import FinetuneSettings
 
-    s = ctx.finetune or FinetuneSettings()
+    return _ray_trained(ctx, ctx.finetune or FinetuneSettings())
+
+
+@register_protocol("linear_sgd")
+def linear_sgd(ctx: EvalContext) -> ProtocolResult:
+    """Linear evaluation as the papers run it (MoCo v3, MAE): a linear head trained with SGD (momentum
+    0.9, no weight decay, cosine lr) on random-resized crops and flips through the frozen backbone,
+    BatchNorm in eval mode; the fine-tune loop with ``freeze_backbone``. Not the scikit-learn
+    ``linear`` probe, which fits standardised cached features."""
+    from ..raytrain.finetune import FinetuneSettings, linear_sgd_settings
+
+    s = ctx.linear_sgd or linear_sgd_settings(ctx.finetune or FinetuneSettings())
+    if not s.freeze_backbone:
+        raise ValueError("linear_sgd settings must freeze the backbone (freeze_backbone=True; see linear_sgd_settings)")
+    return _ray_trained(ctx, s)
+
+
+def _ray_trained(ctx: EvalContext, s) -> ProtocolResult:
+    """``finetune`` or ``linear_sgd`` (``s.protocol``): one Ray Train fit per init."""
+    from ..raytrain import finetune as ft
+
     st = ctx.store
     # A checkpoint fetched from s3:// or gs:// sits in this machine's cache only: workers on other nodes
     # get its URI and fetch it into their own.
@@ -251,19 +302,22 @@ def finetune(ctx: EvalContext) -> ProtocolResult:
     state = storage.remote_source(st.state_path) or storage.absolute(str(st.state_path))
     train, val = storage.absolute(st.train), storage.absolute(st.val)
     if ctx.baseline:
-        res = finetune_compare(state, train, val, s, log=ctx.log)
+        res = ft.finetune_compare(state, train, val, s, log=ctx.log)
     else:  # the scores and info of finetune_compare's pretrained fit, without its second full fit
-        ctx.log("eval finetune: fitting the pretrained backbone on Ray Train (no random-init baseline) ...")
-        m = run_finetune(state, train, val, "pretrained", s)
-        res = {"pretrained": {f"finetune_{k}": float(m[k]) for k in ("top1", "top5", "macro_f1")}, "random_init": {},
-               "info": {"pretrained": {k: m.get(k) for k in ("epoch", "step", "train_loss", "seconds", "val_images")}}}
+        ctx.log(f"eval {s.protocol}: fitting the pretrained backbone on Ray Train (no random-init baseline) ...")
+        m = ft.run_finetune(state, train, val, "pretrained", s)
+        res = {"pretrained": ft.scores(m, s), "random_init": {}, "info": {"pretrained": ft.run_info(m)}}
     info = {"settings": s.__dict__, **res["info"]}
-    return ProtocolResult("finetune", res["pretrained"], res["random_init"], info=info)
+    if s.save:
+        info["saved"] = storage.absolute(s.save)
+    return ProtocolResult(s.protocol, res["pretrained"], res["random_init"], info=info)
 
 
-finetune.reads_features = False  # it trains the backbone itself: a feature store would go unused
+# They train on the images themselves, through their own views: a feature store would go unused.
+finetune.reads_features = linear_sgd.reads_features = False
 
 
 def reads_features(name: str) -> bool:
-    """Whether protocol ``name`` scores the frozen features of ``ctx.store`` (every one but ``finetune``)."""
+    """Whether protocol ``name`` scores the frozen features of ``ctx.store`` (every one but ``finetune`` and
+    ``linear_sgd``)."""
     return getattr(PROTOCOLS.get(name), "reads_features", True)

@@ -8,6 +8,10 @@ of L gets ``decay ** (L + 1 - (i + 1))`` of the lr, the patch embedding ``decay 
 (``sslray.datasets.views.PRESETS``, cut on the device with per-sample parameters). Gradients are
 averaged the way the pretraining loop does it (``distributed.data_parallel``). The val split is
 scored in disjoint per-rank slices, gathered, then top-1, top-5 and macro F1 (scikit-learn).
+
+The same loop is the ``linear_sgd`` protocol with ``freeze_backbone``: the backbone gets no gradient
+and stays in eval mode (its BatchNorm statistics never move), and only the head trains, with SGD
+(``linear_sgd_settings``: momentum 0.9, no weight decay, cosine lr, no label smoothing).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch import nn
 
 from . import distributed as D
 from .amp import autocast_for, grad_scaler
+from .classifier import OPTIMIZERS, Classifier, is_vit, layer_decay_groups, make_optimizer, vit_layer_id, with_drop_path
 
 
 @dataclass(frozen=True)
@@ -34,11 +39,14 @@ class FinetuneSettings:
     epochs: int = 10  # passes over the (sub)set of train images
     max_steps: int = 0  # cap on optimizer steps in all (smoke tests); 0 = epochs x steps per epoch
     batch_size: int = 256  # global batch over all workers, images per step
-    base_lr: float = 1e-3  # AdamW lr per 256 images (effective lr = base_lr * batch / 256)
-    weight_decay: float = 0.05
+    base_lr: float = 1e-3  # optimizer lr per 256 images (effective lr = base_lr * batch / 256)
+    weight_decay: float = 0.05  # on weights only (biases, norms and tokens get none); AdamW's is decoupled
     layer_decay: float = 0.75  # ViT layer-wise lr decay; 1.0 turns it off; non-ViT backbones ignore it
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
+    drop_path: float = 0.0  # stochastic depth (timm's drop_path_rate), on the pretrained and random init alike
+    optimizer: str = "adamw"  # "adamw" (betas 0.9, 0.999) or "sgd" (momentum 0.9)
+    freeze_backbone: bool = False  # train the head alone; the backbone stays in eval mode (linear_sgd)
     views: str = "mae"  # view preset for the train images (MAE's: random-resized crop + flip)
     min_scale: float = 0.2  # the preset's crop scale lower bound
     num_workers: int = 2  # Ray Train workers
@@ -48,59 +56,23 @@ class FinetuneSettings:
     val_subset: int = 0
     seed: Optional[int] = None  # None: the checkpoint's train.seed (the other protocols draw their subsets with it)
     storage: str = ""  # Ray's run folder; empty = a temporary folder (nothing is checkpointed)
+    save: str = ""  # folder for the pretrained fit's classifier (sslray.raytrain.finetuned); empty = not kept
+
+    @property
+    def protocol(self) -> str:
+        """The eval protocol these settings run, which names its metrics and log lines."""
+        return "linear_sgd" if self.freeze_backbone else "finetune"
 
 
-class Classifier(nn.Module):
-    """The backbone, every parameter of it trained, and a linear head.
-
-    Pretraining keeps some backbone tensors frozen on purpose (MoCo v3's random patch projection and
-    fixed sin-cos position embedding, MAE's fixed position embedding); the method builder that loads
-    the checkpoint freezes them again. Fine-tuning trains them all from their pretrained values, as
-    MAE's and MoCo v3's fine-tuning recipes do (the position embedding included), so the freezing is
-    undone here, for the pretrained and the random-init backbone alike."""
-
-    def __init__(self, backbone: nn.Module, feat_dim: int, num_classes: int):
-        super().__init__()
-        self.backbone = backbone.requires_grad_(True)
-        self.head = nn.Linear(feat_dim, num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=0.01)  # small head init, as MAE's fine-tuning
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
-
-
-def is_vit(backbone: nn.Module) -> bool:
-    return hasattr(backbone, "blocks") and hasattr(backbone, "patch_embed")
-
-
-def vit_layer_id(name: str, num_blocks: int) -> int:
-    """0 for the embeddings, i + 1 for ``blocks.i``, ``num_blocks + 1`` for the final norm (and head)."""
-    if name.startswith(("cls_token", "pos_embed", "patch_embed", "reg_token", "mask_token")):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return num_blocks + 1
-
-
-def layer_decay_groups(model: Classifier, weight_decay: float, layer_decay: float) -> list[dict]:
-    """AdamW param groups with an ``lr_scale`` each: layer-wise decay on ViTs, 1 elsewhere; no weight
-    decay on biases, norms and tokens."""
-    bb = model.backbone
-    vit = is_vit(bb) and layer_decay < 1.0
-    n = len(bb.blocks) if vit else 0
-    groups: dict[tuple[int, bool], dict] = {}
-    for full, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        name = full[len("backbone."):] if full.startswith("backbone.") else None
-        lid = (vit_layer_id(name, n) if vit and name is not None else n + 1)
-        no_wd = p.ndim <= 1 or full.endswith(".bias") or (name or "") in ("cls_token", "pos_embed", "reg_token")
-        g = groups.setdefault((lid, no_wd), {"params": [], "weight_decay": 0.0 if no_wd else weight_decay,
-                                             "lr_scale": layer_decay ** (n + 1 - lid) if vit else 1.0,
-                                             "layer_id": lid})
-        g["params"].append(p)
-    return [groups[k] for k in sorted(groups)]
+def linear_sgd_settings(base: FinetuneSettings, epochs: int = 100, base_lr: float = 0.1, max_steps: int = 0,
+                        batch_size: int = 256) -> FinetuneSettings:
+    """The linear evaluation protocol (MoCo v3, MAE linear probing) on ``base``'s workers, device and
+    subsets: a frozen backbone, SGD with momentum 0.9 at ``base_lr`` per 256 images, cosine to 0 with
+    no warmup, no weight decay or label smoothing, random-resized crops (scale 0.08-1) and flips."""
+    return dataclasses.replace(base, epochs=epochs, max_steps=max_steps, batch_size=batch_size, base_lr=base_lr,
+                               weight_decay=0.0, layer_decay=1.0, warmup_epochs=0.0, label_smoothing=0.0,
+                               drop_path=0.0, optimizer="sgd", freeze_backbone=True, views="mae", min_scale=0.08,
+                               save="")
 
 
 def classification_metrics(logits: np.ndarray, y: np.ndarray, num_classes: int) -> dict:
@@ -134,21 +106,24 @@ def finetune_loop(c: dict, session) -> dict:
     from ..datasets.loader import check_same_classes, dataset_info, eval_slice, make_loader, subset_indices
     from ..datasets.views import BACKENDS, eval_transform
     from .evaluate import load_checkpoint, random_init_model
+    from .finetuned import save_classifier
     from .loop import rank_seed, seed_everything
     from .optim import warmup_cosine
 
     s = FinetuneSettings(**c["settings"])
+    name = s.protocol
     dev, world = session.device, session.world_size
-    cfg, model, _ = load_checkpoint(c["state_path"], torch.device("cpu"))
+    cfg, model, state = load_checkpoint(c["state_path"], torch.device("cpu"))
     if c["init"] == "random_init":
         model = random_init_model(cfg)
+    backbone = with_drop_path(model.backbone, cfg, s.drop_path)  # before the seed: the head init stays the same
     if s.seed is None:
         s = dataclasses.replace(s, seed=cfg.train.seed)
     seed_everything(s.seed)  # the head and the data order are the same for both inits
     info, val_info = dataset_info(c["train"]), dataset_info(c["val"])
     classes = check_same_classes(info, val_info)
-    net = Classifier(model.backbone, int(model.backbone.num_features), len(classes))
-    if world > 1:
+    net = Classifier(backbone, int(backbone.num_features), len(classes), s.freeze_backbone)
+    if world > 1 and not s.freeze_backbone:  # a frozen backbone's BatchNorm uses its running statistics
         net = D.convert_global_bn(net, dev.type)
     net = net.to(dev)
     ddp, sync_grads = D.data_parallel(net, dev)
@@ -174,11 +149,13 @@ def finetune_loop(c: dict, session) -> dict:
     epochs = -(-total // steps_per_epoch)
     peak = s.base_lr * s.batch_size / 256
     warm = int(round(s.warmup_epochs * steps_per_epoch))
-    opt = torch.optim.AdamW(layer_decay_groups(net, s.weight_decay, s.layer_decay), lr=peak, betas=(0.9, 0.999))
+    opt = make_optimizer(net, s, peak)
     scaler = grad_scaler(dev, cfg.train.precision)  # fp16: loss scaling (an overflowing step is skipped)
-    session.log(f"finetune ({c['init']}): {cfg.model.backbone}, {world} worker(s) on {dev.type}, global batch "
-                f"{s.batch_size}, {total} steps; effective lr = {s.base_lr} x {s.batch_size}/256 = {peak:.4g}, "
-                f"layer decay {s.layer_decay if is_vit(net.backbone) else 'off (not a ViT)'}")
+    session.log(f"{name} ({c['init']}): {cfg.model.backbone}{' (frozen)' if s.freeze_backbone else ''}, {world} "
+                f"worker(s) on {dev.type}, global batch {s.batch_size}, {total} steps; {s.optimizer} effective lr = "
+                f"{s.base_lr} x {s.batch_size}/256 = {peak:.4g}, weight decay {s.weight_decay}, label smoothing "
+                f"{s.label_smoothing}, drop path {s.drop_path}, layer decay "
+                f"{s.layer_decay if is_vit(net.backbone) else 'off (not a ViT)'}")
     step, t0, last = 0, time.perf_counter(), {}
     for epoch in range(epochs):
         ddp.train()
@@ -194,7 +171,7 @@ def finetune_loop(c: dict, session) -> dict:
                 logits = ddp(aug(x))
             loss = F.cross_entropy(logits.float(), y.long().view(-1), label_smoothing=s.label_smoothing)
             if not torch.isfinite(loss.detach()):
-                raise FloatingPointError(f"finetune ({c['init']}): non-finite loss at step {step}")
+                raise FloatingPointError(f"{name} ({c['init']}): non-finite loss at step {step}")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             sync_grads()
@@ -206,9 +183,13 @@ def finetune_loop(c: dict, session) -> dict:
         last = {"epoch": epoch + 1, "step": step, "train_loss": float(D.all_reduce_mean(loss_sum / max(1, n))),
                 **evaluate_logits(net, val, evalT, dev, cfg.train.precision, len(classes)),
                 "seconds": time.perf_counter() - t0}
-        session.log(f"finetune ({c['init']}): epoch {epoch + 1}/{epochs} step {step}/{total} "
+        session.log(f"{name} ({c['init']}): epoch {epoch + 1}/{epochs} step {step}/{total} "
                     f"train loss {last['train_loss']:.4f} val top-1 {last['top1']:.4f} ({last['seconds']:.0f} s)")
-        session.report(last, final=epoch + 1 == epochs)
+        final = epoch + 1 == epochs
+        keep = final and c.get("save") and session.rank == 0  # the trained classifier, written where session says
+        session.report(last, final=final, save=(lambda folder: save_classifier(
+            net, cfg, classes, folder, checkpoint=c["state_path"], state=state,
+            info={"settings": asdict(s), **last})) if keep else None)
     return last
 
 
@@ -236,9 +217,11 @@ class _Reporter:
         self._s = RaySession(use_gpu)
         self.rank, self.world_size, self.device = self._s.rank, self._s.world_size, self._s.device
 
-    def report(self, metrics: dict, final: bool = False) -> None:
+    def report(self, metrics: dict, final: bool = False, save: Optional[Callable[[Path], object]] = None) -> None:
         """Ray Train V2 keeps a run's metrics with its checkpoints, so the last report carries a tiny one
-        (``metrics.json``, rank 0) and ``Result.metrics`` returns the final scores to the driver."""
+        (``metrics.json``, rank 0) and ``Result.metrics`` returns the final scores to the driver. ``save``
+        writes the classifier into the checkpoint's ``SAVED`` folder, where the driver copies it from
+        (rank 0 may run on another node than the driver)."""
         import json
 
         import ray.train
@@ -248,10 +231,15 @@ class _Reporter:
             return
         with tempfile.TemporaryDirectory(prefix="sslray-finetune-") as d:
             Path(d, "metrics.json").write_text(json.dumps(metrics))
+            if save is not None:
+                save(Path(d, SAVED))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     def log(self, msg: str) -> None:
         self._s.log(msg)
+
+
+SAVED = "classifier"  # the final checkpoint's folder holding the --ft-save files
 
 
 def finetune_func(config: dict) -> None:
@@ -272,9 +260,13 @@ def run_finetune(state_path: str, train: str, val: str, init: str, s: FinetuneSe
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from .finetuned import check_save_dir
     from .methods import import_plugins
     from .trainer import ensure_ray, worker_runtime_env
 
+    save = bool(s.save) and init == "pretrained"  # --ft-save keeps the pretrained fit only
+    if save:
+        check_save_dir(s.save)  # before the fit, not after it
     ensure_ray()
     # A plugin method's checkpoint: its modules imported here first (a missing one named by key), their
     # folders on the workers' path, as a pretraining run's.
@@ -287,7 +279,7 @@ def run_finetune(state_path: str, train: str, val: str, init: str, s: FinetuneSe
     trainer = TorchTrainer(
         finetune_func,
         train_loop_config={"state_path": str(state_path), "train": train, "val": val, "init": init,
-                           "settings": asdict(s)},
+                           "settings": asdict(s), "save": save},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker}),
@@ -298,41 +290,63 @@ def run_finetune(state_path: str, train: str, val: str, init: str, s: FinetuneSe
     result = trainer.fit()  # a failed fit keeps its folder: Ray's error and worker logs are there
     metrics = dict(result.metrics or {})
     if "top1" not in metrics:
-        raise RuntimeError(f"finetune ({init}): the Ray Train run in {storage} reported no final scores")
+        raise RuntimeError(f"{s.protocol} ({init}): the Ray Train run in {storage} reported no final scores")
+    if save:  # out of the final checkpoint, before a temporary storage folder goes
+        with result.checkpoint.as_directory() as d:
+            shutil.copytree(Path(d, SAVED), check_save_dir(s.save), dirs_exist_ok=True)
     if not s.storage:  # a folder made for this fit: its checkpoints are not kept
         shutil.rmtree(storage, ignore_errors=True)
     return metrics
 
 
+def scores(m: dict, s: FinetuneSettings) -> dict[str, float]:
+    """A fit's metrics under its protocol's names (``finetune_top1``, ``linear_sgd_top1``, ...)."""
+    return {f"{s.protocol}_{k}": float(m[k]) for k in ("top1", "top5", "macro_f1")}
+
+
+def run_info(m: dict) -> dict:
+    return {k: m.get(k) for k in ("epoch", "step", "train_loss", "seconds", "val_images")}
+
+
 def finetune_compare(state_path: str, train: str, val: str, s: FinetuneSettings,
                      log: Callable[[str], None] = print) -> dict:
-    """Fine-tune the pretrained backbone and, with the same settings and steps, a random init."""
+    """Fine-tune (or, frozen, linear-evaluate) the pretrained backbone and, with the same settings and
+    steps, a random init."""
     out, info = {}, {}
     for init in ("pretrained", "random_init"):
-        log(f"eval finetune: fitting the {init.replace('_', ' ')} backbone on Ray Train ...")
+        log(f"eval {s.protocol}: fitting the {init.replace('_', ' ')} backbone on Ray Train ...")
         m = run_finetune(state_path, train, val, init, s)
-        out[init] = {f"finetune_{k}": float(m[k]) for k in ("top1", "top5", "macro_f1")}
-        info[init] = {k: m.get(k) for k in ("epoch", "step", "train_loss", "seconds", "val_images")}
+        out[init], info[init] = scores(m, s), run_info(m)
     return {"pretrained": out["pretrained"], "random_init": out["random_init"], "info": info}
 
 
 def run_local_finetune(state_path: str, train: str, val: str, init: str, s: FinetuneSettings,
                        printer: Optional[Callable] = None) -> dict:
-    """The same loop in this process (world size 1), for tests of the loop itself without Ray."""
-    return finetune_loop({"state_path": state_path, "train": train, "val": val, "init": init, "settings": asdict(s)},
-                         local_session(s.use_gpu, printer))
+    """The same loop in this process (world size 1), for tests of the loop itself without Ray; ``s.save``
+    is written as ``run_finetune`` writes it."""
+    from .finetuned import check_save_dir
+
+    save = bool(s.save) and init == "pretrained"
+    if save:
+        check_save_dir(s.save)
+    return finetune_loop({"state_path": state_path, "train": train, "val": val, "init": init, "settings": asdict(s),
+                          "save": save}, local_session(s.use_gpu, printer, s.save or None))
 
 
-def local_session(use_gpu: str = "auto", printer: Optional[Callable] = None):
-    """A session for ``finetune_loop`` outside Ray: each report lands in its ``history``; no checkpoints."""
+def local_session(use_gpu: str = "auto", printer: Optional[Callable] = None, save_dir: Optional[str] = None):
+    """A session for ``finetune_loop`` outside Ray: each report lands in its ``history``; no checkpoints.
+    The loop's classifier, when it hands one over, is written to ``save_dir``."""
     from .session import LocalSession
 
     class _S(LocalSession):
-        def report(self, metrics, state=None, final=False):
+        def report(self, metrics, state=None, final=False, save=None):
             self.history.append(dict(metrics))
+            if save is not None and save_dir:
+                save(Path(save_dir))
 
     return _S(None, use_gpu, printer or print)
 
 
-__all__ = ["FinetuneSettings", "Classifier", "layer_decay_groups", "vit_layer_id", "finetune_loop",
-           "finetune_compare", "run_finetune", "run_local_finetune", "local_session", "classification_metrics"]
+__all__ = ["FinetuneSettings", "Classifier", "OPTIMIZERS", "layer_decay_groups", "vit_layer_id", "finetune_loop",
+           "finetune_compare", "run_finetune", "run_local_finetune", "local_session", "classification_metrics",
+           "linear_sgd_settings", "make_optimizer", "with_drop_path", "scores", "run_info"]
