@@ -114,7 +114,8 @@ def multicrop_barlow_twins_loss(zs, n_global: int = 2, lambda_: float = 5e-3,
         return barlow_twins_loss(zs[0], zs[1], lambda_=lambda_, scale_loss=scale_loss)
     _check_views(zs, "multicrop_barlow_twins_loss")
     pairs = multicrop_pairs(len(zs), n_global)
-    return _total(barlow_twins_loss(zs[g], zs[v], lambda_=lambda_, scale_loss=scale_loss) for g, v in pairs) / len(pairs)
+    terms = (barlow_twins_loss(zs[g], zs[v], lambda_=lambda_, scale_loss=scale_loss) for g, v in pairs)
+    return _total(terms) / len(pairs)
 
 
 def multicrop_vicreg_loss(zs, n_global: int = 2, sim_coeff: float = 25.0, std_coeff: float = 25.0,
