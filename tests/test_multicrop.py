@@ -197,6 +197,10 @@ def test_local_crops_are_accepted_from_the_recipe(name):
     assert mv.counts[-1] == 3 and sum(mv.counts) == 5
     local = mv.augs[-1].params
     assert (local.size, local.scale, local.solarize_p) == (16, (0.05, 0.14), 0.0)
+    imgs = (torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(5)) * 255).to(torch.uint8)
+    views = mv(imgs)
+    assert [tuple(v.shape) for v in views] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 3
+    assert not torch.equal(views[2], views[3])  # each local crop draws its own crop
     sized = build_views(ViewConfig(preset="byol", crop_size=64, local_crops=2, local_size=24))
     assert [a.params.size for a, c in zip(sized.augs, sized.counts) for _ in range(c)] == [64, 64, 24, 24]
     assert sum(build_views(ViewConfig(preset="byol")).counts) == 2  # two views unless asked
