@@ -211,3 +211,23 @@ def test_methods_without_local_crops_refuse_them_by_key(name):
     cfg = load_config(f"{name}_cifar10", {"views.local_crops": 2})
     with pytest.raises(ConfigError, match=r"views\.local_crops.*" + name):
         check_method_config(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NEW)
+def test_multicrop_runs_the_loop_on_real_cifar_and_its_loss_falls(cifar_small, name):
+    """2 global + 2 local crops through the real loader, views and loop (no Ray): the loss falls over
+    a few steps and the online probe still reads the first global view's features."""
+    from sslray.raytrain.loop import run_local
+
+    params = [f"method.params.{k}={v}" for k, v in T.PARAMS[name].items()]
+    cfg = load_config("smoke", [f"data.train={cifar_small['train']}", f"data.val={cifar_small['test']}",
+                                "ray.num_workers=1", f"method.name={name}", "views.preset=byol", "views.local_crops=2",
+                                *params, "data.train_subset=64", "data.batch_size=64",
+                                "optim.name=adamw", "optim.base_lr=5e-3", "optim.warmup_epochs=0",
+                                "train.epochs=8", "train.max_steps_per_epoch=1"])
+    last, session = run_local(cfg)
+    losses = [m["loss"] for m in session.history]
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < losses[0], losses
+    assert 0.0 <= last["online_probe_top1"] <= 1.0
