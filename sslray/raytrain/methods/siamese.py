@@ -78,8 +78,9 @@ class SimSiam(PredictorSiamese):
 def build_byol(cfg, backbone, feat_dim, momentum: float = 0.996, pred_hidden_dim: int = 4096,
                momentum_end: float = 1.0):
     """Projector and predictor: Linear-BN-ReLU-Linear, 4096 hidden, 256 out (sec. 3.3). Target momentum
-    ``momentum`` -> ``momentum_end`` along a cosine (sec. 3.2: 0.996 -> 1). With ``views.local_crops``
-    > 0, multi-crop (Caron et al. 2020): each crop's prediction against each other global crop's target."""
+    ``momentum`` -> ``momentum_end`` along a cosine (sec. 3.2: 0.996 -> 1). With local crops
+    (``views.local_crops`` above 0), multi-crop (Caron et al. 2020): each crop's prediction against the
+    target of each other global crop."""
     check_momentum_end(momentum, momentum_end)
     if cfg.views.local_crops > 0:  # local crops are smaller than the global ones: a ViT must take any size
         backbone = allow_any_size(backbone)
