@@ -46,7 +46,9 @@ class ViewConfig:
     jitter_strength: float = 0.5  # colour jitter s: (0.8s, 0.8s, 0.8s, 0.2s)
     blur: bool = False  # Gaussian blur (off for 32-px data, as in the SimCLR CIFAR recipe)
     policy: str = "default"  # view policy on top of the preset (sslray.datasets.policies.VIEW_POLICIES)
-    local_crops: int = -1  # multi-crop presets (dino, swav, simclr): local crops; -1 = the preset's (6; simclr 0)
+    # Multi-crop (docs/methods.md): presets dino, swav, simclr and byol make local crops; the other methods refuse
+    # them. Each local crop costs about (local_size / crop_size)^2 of a global view's compute.
+    local_crops: int = -1  # local crops (dino swav simclr byol vicreg barlowtwins); -1 = preset's (6; simclr, byol 0)
     local_size: int = 0  # multi-crop local crop size, px; 0 = the preset's (96/224 of crop_size)
     backend: str = "fused"  # fused (sslray's batched kernels) | kornia (kornia.augmentation); same parameters
     mean: tuple[float, ...] = ()  # R, G, B mean of pixels in [0, 1]; empty = CIFAR's (crop_size <= 64) else ImageNet's

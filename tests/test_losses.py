@@ -16,6 +16,9 @@ from sslray.raytrain.losses import (
     infonce_loss,
     invariance_loss,
     mae_loss,
+    multicrop_barlow_twins_loss,
+    multicrop_cosine_loss,
+    multicrop_vicreg_loss,
     multiview_nt_xent_loss,
     negative_cosine_similarity,
     nt_xent_loss,
@@ -267,6 +270,9 @@ AUTOCAST_LOSSES = {
     "barlow_twins": barlow_twins_loss,
     "vicreg": vicreg_loss,
     "swav_prototype_scores": lambda a, b: prototype_scores(a, b).square().mean(),
+    "multicrop_barlow_twins": lambda a, b: multicrop_barlow_twins_loss([a, b, a.flip(0)]),
+    "multicrop_vicreg": lambda a, b: multicrop_vicreg_loss([a, b, a.flip(0)]),
+    "multicrop_cosine": lambda a, b: multicrop_cosine_loss([a, b, a.flip(0)], [b, a]),
 }
 
 

@@ -139,7 +139,7 @@ def test_multicrop_count_and_size_come_from_the_config():
     assert sum(build_views(dataclasses.replace(cfg, local_crops=0)).counts) == 2
     assert sum(build_views(ViewConfig(preset="swav", crop_size=64)).counts) == 8  # the preset's 6 locals
     with pytest.raises(ValueError, match="views.local_crops"):
-        build_views(ViewConfig(preset="byol", local_crops=4))
+        build_views(ViewConfig(preset="mocov3", local_crops=4))
 
 
 def test_simclr_takes_local_crops_only_when_asked():

@@ -37,10 +37,21 @@ def _byol_pair(size, min_scale, jitter_strength, blur) -> tuple[AugParams, AugPa
 
 
 @PRESETS.register("byol")
-def byol_views(size=32, min_scale=0.08, jitter_strength=0.5, blur=False, **_):
-    """BYOL, also MoCo v3, NNCLR, Barlow Twins and VICReg: two asymmetric views."""
+def byol_views(size=32, min_scale=0.08, jitter_strength=0.5, blur=False, n_local=0, local_size=None,
+               local_scale=(0.05, 0.14), **_):
+    """BYOL, also MoCo v3, NNCLR, Barlow Twins and VICReg: two asymmetric views.
+
+    ``n_local`` > 0 (BYOL, Barlow Twins and VICReg take them) adds that many local crops (multi-crop,
+    Caron et al. 2020, sec. 4) at ``local_size`` (default 96/224 of ``size``), scale ``local_scale``
+    (SwAV's (0.05, 0.14)), with the pair's colour jitter and greyscale, blur p=0.5 with ``blur`` and no
+    solarize: the local crops of DINO, whose augmentations are BYOL's."""
     v1, v2 = _byol_pair(size, min_scale, jitter_strength, blur)
-    return [(v1, 1), (v2, 1)]
+    spec = [(v1, 1), (v2, 1)]
+    if n_local > 0:
+        local = replace(v1, size=local_size or local_crop_size(size), scale=tuple(local_scale),
+                        blur_p=0.5 if blur else 0.0, solarize_p=0.0)
+        spec.append((local, n_local))
+    return spec
 
 
 PRESETS.register("mocov3")(byol_views)  # MoCo v3 uses BYOL's augmentations (Chen et al. 2021, sec. 5)

@@ -410,7 +410,7 @@ def simclr_views(size=32, min_scale=0.08, jitter_strength=0.5, blur=False, n_loc
     return spec
 
 
-MULTICROP_PRESETS = ("dino", "swav", "simclr")
+MULTICROP_PRESETS = ("dino", "swav", "simclr", "byol")  # presets that make local crops (views.local_crops)
 
 
 def build_views(cfg) -> MultiView:

@@ -1,4 +1,5 @@
-"""Non-contrastive losses: SimSiam/BYOL cosine, Barlow Twins, VICReg (and VICRegL's local matching)."""
+"""Non-contrastive losses: SimSiam/BYOL cosine, Barlow Twins, VICReg (each also over multi-crop views)
+and VICRegL's local matching."""
 
 from __future__ import annotations
 
@@ -85,6 +86,79 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0, std
     return (sim_coeff * invariance_loss(z1, z2)
             + std_coeff * (variance_loss(z1) + variance_loss(z2)) / 2
             + cov_coeff * (cov / 2 if cov_views == "mean" else cov))
+
+
+def multicrop_pairs(n_views: int, n_global: int = 2) -> list[tuple[int, int]]:
+    """The compared pairs ``(g, v)`` of a multi-crop batch, global crops first (Caron et al. 2020,
+    sec. 3.2): every global crop with every later view, global or local; local crops are not compared
+    with each other. Two views give the one pair (0, 1); 2 global and k local crops give 1 + 2k."""
+    if not 1 <= n_global <= n_views or n_views < 2:
+        raise ValueError(f"multicrop_pairs: needs at least 2 views of which 1 to all are global, got {n_views} "
+                         f"views, {n_global} global")
+    return [(g, v) for g in range(n_global) for v in range(g + 1, n_views)]
+
+
+def _check_views(zs, name: str) -> None:
+    if len(zs) < 2:
+        raise ValueError(f"{name}: needs at least 2 views, got {len(zs)}")
+    for z in zs[1:]:
+        _check_pair(zs[0], z, name, min_n=2)
+
+
+def multicrop_barlow_twins_loss(zs, n_global: int = 2, lambda_: float = 5e-3,
+                                scale_loss: float = 1.0) -> torch.Tensor:
+    """Barlow Twins over 2 global and any local crops ``zs`` (each (N, D), global first): the mean of
+    :func:`barlow_twins_loss` over :func:`multicrop_pairs`, so its scale does not grow with the number
+    of crops. Two views: exactly ``barlow_twins_loss`` (the same computation)."""
+    if len(zs) == 2:
+        return barlow_twins_loss(zs[0], zs[1], lambda_=lambda_, scale_loss=scale_loss)
+    _check_views(zs, "multicrop_barlow_twins_loss")
+    pairs = multicrop_pairs(len(zs), n_global)
+    terms = (barlow_twins_loss(zs[g], zs[v], lambda_=lambda_, scale_loss=scale_loss) for g, v in pairs)
+    return _total(terms) / len(pairs)
+
+
+def multicrop_vicreg_loss(zs, n_global: int = 2, sim_coeff: float = 25.0, std_coeff: float = 25.0,
+                          cov_coeff: float = 1.0) -> torch.Tensor:
+    """VICReg over 2 global and any local crops ``zs`` (each (N, D), global first): the invariance
+    term averaged over :func:`multicrop_pairs`; variance and covariance are terms of each view alone,
+    averaged over the views. The two-view loss averages the variance of its 2 views and sums their
+    covariance (eq. 6), i.e. twice their mean: kept, so the scale does not change with the number of
+    crops. Two views: exactly ``vicreg_loss`` (the same computation)."""
+    if len(zs) == 2:
+        return vicreg_loss(zs[0], zs[1], sim_coeff=sim_coeff, std_coeff=std_coeff, cov_coeff=cov_coeff)
+    return _multicrop_vicreg(zs, n_global, sim_coeff, std_coeff, cov_coeff)
+
+
+def _multicrop_vicreg(zs, n_global, sim_coeff, std_coeff, cov_coeff):
+    _check_views(zs, "multicrop_vicreg_loss")
+    pairs = multicrop_pairs(len(zs), n_global)
+    inv = _total(invariance_loss(zs[g], zs[v]) for g, v in pairs) / len(pairs)
+    var = _total(variance_loss(z) for z in zs) / len(zs)
+    cov = 2 * _total(covariance_loss(z) for z in zs) / len(zs)
+    return sim_coeff * inv + std_coeff * var + cov_coeff * cov
+
+
+def multicrop_cosine_loss(ps, ts) -> torch.Tensor:
+    """BYOL with multi-crop: the mean of :func:`negative_cosine_similarity` of the online prediction
+    of every view ``ps[i]`` (global crops first, then local) against the target projection of every
+    global crop ``ts[j]`` of another view (``i != j``), as solo-learn's multi-crop BYOL pairs them;
+    the target never sees a local crop. 2 global and k local crops: 2 (1 + k) pairs. Two views:
+    ``(ncs(p1, t2) + ncs(p2, t1)) / 2``."""
+    if len(ts) < 1 or len(ps) < 2 or len(ts) > len(ps):
+        raise ValueError(f"multicrop_cosine_loss: needs at least 2 predictions and 1 to that many targets, got "
+                         f"{len(ps)} and {len(ts)}")
+    terms = [negative_cosine_similarity(ps[i], ts[j]) for i in range(len(ps)) for j in range(len(ts)) if i != j]
+    return _total(terms) / len(terms)
+
+
+def _total(terms) -> torch.Tensor:
+    # Left to right, without sum()'s leading 0: two terms add as a + b, the two-view losses' own sum.
+    it = iter(terms)
+    total = next(it)
+    for t in it:
+        total = total + t
+    return total
 
 
 @full_precision

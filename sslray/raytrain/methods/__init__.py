@@ -8,7 +8,9 @@ A method is an ``nn.Module`` with:
   optional ``compile_targets()`` the modules ``model.compile`` compiles (default: every module of
   the backbone's class, i.e. the student and its EMA teacher copies).
 
-Each registered builder carries ``.family`` and ``.default_views`` (the view preset its recipes name).
+Each registered builder carries ``.family`` and ``.default_views`` (the view preset its recipes name),
+and ``.multicrop = True`` if its method takes local crops (``views.local_crops`` > 0) after the two
+global views.
 Shared pieces live in small helpers: ``_ema`` (momentum teachers), ``_queue`` (feature queues),
 ``_multicrop`` (multi-resolution crops).
 
@@ -105,7 +107,21 @@ def _builder_and_params(cfg) -> tuple[Callable[..., nn.Module], dict]:
             f"unknown key(s) {', '.join('method.params.' + k for k in unknown)} for method "
             f"{cfg.method.name!r}; it accepts: {', '.join(sorted(allowed)) or 'none'}"
         )
+    check_local_crops(cfg, builder)
     return builder, {k: _coerce(v, signature[k].annotation, f"method.params.{k}") for k, v in params.items()}
+
+
+def multicrop_methods() -> list[str]:
+    """The registered methods whose builder says they take local crops (``.multicrop``)."""
+    return [name for name in METHODS.names() if getattr(METHODS.get(name), "multicrop", False)]
+
+
+def check_local_crops(cfg, builder) -> None:
+    """``views.local_crops`` > 0 only for a method that takes local crops: any other would fail at its
+    first step on the extra views (or, a plugin that ignores them, pay for crops it never reads)."""
+    if cfg.views.local_crops > 0 and not getattr(builder, "multicrop", False):
+        raise ConfigError(f"config key 'views.local_crops': method {cfg.method.name!r} takes no local crops "
+                          f"(multi-crop methods: {', '.join(multicrop_methods())}); set views.local_crops=0")
 
 
 def check_method_config(cfg) -> None:
@@ -186,5 +202,5 @@ def compile_method(model: nn.Module, mode: str = "default") -> list[nn.Module]:
 
 from . import dino, mae, moco, nnclr, redundancy, siamese, simclr, swav, vicregl  # noqa: F401  (register)
 
-__all__ = ["COMPILE_MODES", "METHODS", "build_backbone", "compile_method", "create_method", "import_plugins",
-           "method_builder", "register_method"]
+__all__ = ["COMPILE_MODES", "METHODS", "build_backbone", "check_local_crops", "compile_method", "create_method",
+           "import_plugins", "method_builder", "multicrop_methods", "register_method"]

@@ -124,3 +124,4 @@ def build_dino(cfg, backbone, feat_dim, out_dim: int = 65536, hidden_dim: int = 
 
 build_dino.family = DINO.family
 build_dino.default_views = "dino"
+build_dino.multicrop = True

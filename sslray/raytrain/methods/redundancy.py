@@ -1,5 +1,7 @@
 """Redundancy-reduction methods: Barlow Twins (Zbontar et al., ICML 2021) and VICReg (Bardes et al.,
-ICLR 2022). Backbone + expander + a loss on batch statistics, computed over the global batch."""
+ICLR 2022). Backbone + expander + a loss on batch statistics, computed over the global batch. With
+``views.local_crops`` > 0, multi-crop (Caron et al. 2020): each local crop is paired with each global
+crop, and the global crops with each other; VICReg's variance and covariance are per view."""
 
 from __future__ import annotations
 
@@ -13,26 +15,28 @@ from torch import nn
 from ...config import ConfigError
 from ..distributed import gather_with_grad
 from ..heads import MLPHead
-from ..losses import barlow_twins_loss, vicreg_loss
+from ..losses import multicrop_barlow_twins_loss, multicrop_vicreg_loss
 from . import register_method
+from ._multicrop import allow_any_size, encode_crops
 
 
 class BatchStatTwins(nn.Module):
     family = "non-contrastive"
 
     def __init__(self, backbone: nn.Module, projector: nn.Module,
-                 loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], name: str):
+                 loss: Callable[[list[torch.Tensor]], torch.Tensor], name: str):
         super().__init__()
         self.backbone, self.projector, self.loss, self.name = backbone, projector, loss, name
 
     def forward(self, views):
-        if len(views) != 2:
-            raise ValueError(f"{self.name} takes exactly 2 views, got {len(views)}")
-        n = views[0].shape[0]
-        z = self.projector(self.backbone(torch.cat(views, 0)))
-        # Cross-correlation / variance / covariance are statistics of the global batch: gather with
-        # gradients so every rank computes the single-process loss (see distributed.py).
-        return {"loss": self.loss(gather_with_grad(z[:n]), gather_with_grad(z[n:]))}
+        if len(views) < 2:
+            raise ValueError(f"{self.name} takes 2 views (or 2 global crops and local crops), got {len(views)}")
+        # One pass per crop size: the 2 global crops together (BN statistics over 2N images, as in the
+        # papers), any local crops together. Cross-correlation / variance / covariance are statistics
+        # of the global batch: each view is gathered with gradients so every rank computes the
+        # single-process loss (see distributed.py).
+        zs = encode_crops(lambda x: self.projector(self.backbone(x)), views)
+        return {"loss": self.loss([gather_with_grad(z) for z in zs])}
 
 
 @register_method("barlowtwins")
@@ -46,8 +50,8 @@ def build_barlowtwins(cfg, backbone, feat_dim, lambda_: float = 5e-3, proj_layer
         raise ConfigError(f"config key 'method.params.scale_loss': must be a finite number above 0, "
                           f"got {scale_loss!r}")
     h, d = cfg.model.proj_hidden_dim, cfg.model.proj_out_dim
-    return BatchStatTwins(backbone, MLPHead(feat_dim, h, d, layers=proj_layers),
-                          partial(barlow_twins_loss, lambda_=lambda_, scale_loss=scale_loss), "Barlow Twins")
+    return BatchStatTwins(_multicrop_backbone(cfg, backbone), MLPHead(feat_dim, h, d, layers=proj_layers),
+                          partial(multicrop_barlow_twins_loss, lambda_=lambda_, scale_loss=scale_loss), "Barlow Twins")
 
 
 @register_method("vicreg")
@@ -55,10 +59,16 @@ def build_vicreg(cfg, backbone, feat_dim, sim_coeff: float = 25.0, std_coeff: fl
                  proj_layers: int = 3):
     """Expander: 3 linear layers, BN+ReLU between (8192 wide in the paper); lambda=mu=25, nu=1."""
     h, d = cfg.model.proj_hidden_dim, cfg.model.proj_out_dim
-    return BatchStatTwins(backbone, MLPHead(feat_dim, h, d, layers=proj_layers),
-                          partial(vicreg_loss, sim_coeff=sim_coeff, std_coeff=std_coeff,
-                                                  cov_coeff=cov_coeff), "VICReg")
+    return BatchStatTwins(_multicrop_backbone(cfg, backbone), MLPHead(feat_dim, h, d, layers=proj_layers),
+                          partial(multicrop_vicreg_loss, sim_coeff=sim_coeff, std_coeff=std_coeff,
+                                  cov_coeff=cov_coeff), "VICReg")
+
+
+def _multicrop_backbone(cfg, backbone: nn.Module) -> nn.Module:
+    # Local crops are smaller than the global ones: a ViT must take any size.
+    return allow_any_size(backbone) if cfg.views.local_crops > 0 else backbone
 
 
 build_barlowtwins.family = build_vicreg.family = BatchStatTwins.family
 build_barlowtwins.default_views = build_vicreg.default_views = "byol"
+build_barlowtwins.multicrop = build_vicreg.multicrop = True

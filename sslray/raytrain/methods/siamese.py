@@ -2,7 +2,9 @@
 
 Both predict one view's target projection from the other view; they differ only in the target:
 an EMA copy of the online backbone + projector (BYOL) or the online network itself behind a
-stop-gradient (SimSiam). So one class, composed with or without an :class:`EMATeacher`.
+stop-gradient (SimSiam). So one class, composed with or without an :class:`EMATeacher`. BYOL also
+takes local crops (multi-crop): the online network predicts, from every crop, the target of each
+other global crop.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ import torch
 from torch import nn
 
 from ..heads import MLPHead
-from ..losses import negative_cosine_similarity
+from ..losses import multicrop_cosine_loss, negative_cosine_similarity
 from . import register_method
 from ._ema import EMATeacher, check_momentum_end, ema_momentum
+from ._multicrop import allow_any_size, encode_crops
 
 
 class PredictorSiamese(nn.Module):
@@ -27,8 +30,11 @@ class PredictorSiamese(nn.Module):
         self.base_momentum, self.momentum_end = ema_momentum, momentum_end
 
     def forward(self, views):
+        if self.target is not None and len(views) > 2:
+            return self._multicrop(views)
         if len(views) != 2:
-            raise ValueError(f"{type(self).__name__} takes exactly 2 views, got {len(views)}")
+            takes = "2 views (or 2 global crops and local crops)" if self.target is not None else "exactly 2 views"
+            raise ValueError(f"{type(self).__name__} takes {takes}, got {len(views)}")
         n = views[0].shape[0]
         x = torch.cat(views, 0)
         z = self.projector(self.backbone(x))
@@ -40,6 +46,14 @@ class PredictorSiamese(nn.Module):
             # BYOL's symmetrised loss: 2 - 2 cos per direction, summed (eq. 2 plus its mirror).
             loss = 4 + 4 * loss
         return {"loss": loss}
+
+    def _multicrop(self, views):
+        # BYOL with multi-crop: every crop through the online network, one pass per crop size; the
+        # target encodes the 2 global crops only, together (its BN statistics as in the 2-view step).
+        ps = encode_crops(lambda x: self.predictor(self.projector(self.backbone(x))), views)
+        ts = self.target(torch.cat(views[:2], 0)).chunk(2)
+        # Mean over the (view, other global) pairs, times 4 as above: the 2-view loss's scale.
+        return {"loss": 4 + 4 * multicrop_cosine_loss(ps, ts)}
 
     def on_step(self, step: int, total: int) -> None:
         if self.target is not None:
@@ -64,8 +78,12 @@ class SimSiam(PredictorSiamese):
 def build_byol(cfg, backbone, feat_dim, momentum: float = 0.996, pred_hidden_dim: int = 4096,
                momentum_end: float = 1.0):
     """Projector and predictor: Linear-BN-ReLU-Linear, 4096 hidden, 256 out (sec. 3.3). Target momentum
-    ``momentum`` -> ``momentum_end`` along a cosine (sec. 3.2: 0.996 -> 1)."""
+    ``momentum`` -> ``momentum_end`` along a cosine (sec. 3.2: 0.996 -> 1). With local crops
+    (``views.local_crops`` above 0), multi-crop (Caron et al. 2020): each crop's prediction against the
+    target of each other global crop."""
     check_momentum_end(momentum, momentum_end)
+    if cfg.views.local_crops > 0:  # local crops are smaller than the global ones: a ViT must take any size
+        backbone = allow_any_size(backbone)
     h, d = cfg.model.proj_hidden_dim, cfg.model.proj_out_dim
     return BYOL(backbone, MLPHead(feat_dim, h, d, layers=2), MLPHead(d, pred_hidden_dim, d, layers=2), momentum,
                 momentum_end)
@@ -84,5 +102,6 @@ def build_simsiam(cfg, backbone, feat_dim, pred_hidden_dim: int = 512, proj_laye
 
 build_byol.family = BYOL.family
 build_byol.default_views = "byol"
+build_byol.multicrop = True
 build_simsiam.family = SimSiam.family
 build_simsiam.default_views = "simclr"

@@ -45,3 +45,4 @@ def build_simclr(cfg, backbone, feat_dim, proj_layers: int = 2):
 
 build_simclr.family = SimCLR.family
 build_simclr.default_views = "simclr"
+build_simclr.multicrop = True

@@ -93,3 +93,4 @@ def build_swav(cfg, backbone, feat_dim, num_prototypes: int = 3000, epsilon: flo
 
 build_swav.family = SwAV.family
 build_swav.default_views = "swav"
+build_swav.multicrop = True
