@@ -213,6 +213,16 @@ def test_methods_without_local_crops_refuse_them_by_key(name):
         check_method_config(cfg)
 
 
+def test_a_presets_default_local_crops_are_refused_for_a_two_view_method():
+    """views.preset=dino makes 6 local crops unless told (-1): a two-view method is refused before Ray,
+    not at its first step; told 0, it runs on the preset's two global views."""
+    cfg = load_config("simsiam_cifar10", {"views.preset": "dino"})
+    with pytest.raises(ConfigError, match=r"views\.local_crops.*preset='dino'.*makes 6.*simsiam"):
+        check_method_config(cfg)
+    check_method_config(cfg.replace(**{"views.local_crops": 0}))
+    check_method_config(load_config("byol_cifar10", {"views.preset": "dino"}))  # takes them
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NEW)
 def test_multicrop_runs_the_loop_on_real_cifar_and_its_loss_falls(cifar_small, name):

@@ -413,8 +413,9 @@ def simclr_views(size=32, min_scale=0.08, jitter_strength=0.5, blur=False, n_loc
 MULTICROP_PRESETS = ("dino", "swav", "simclr", "byol")  # presets that make local crops (views.local_crops)
 
 
-def build_views(cfg) -> MultiView:
-    """``cfg`` is the run's ``ViewConfig``."""
+def preset_spec(cfg) -> list:
+    """The ``(AugParams, count)`` list the run's view preset makes (before its policy and overrides);
+    ``cfg`` is the run's ``ViewConfig``."""
     extra = {}
     if getattr(cfg, "local_crops", -1) >= 0:
         extra["n_local"] = cfg.local_crops
@@ -423,9 +424,20 @@ def build_views(cfg) -> MultiView:
     if extra and cfg.preset not in MULTICROP_PRESETS:
         raise ValueError(f"config keys views.local_crops / views.local_size apply to the multi-crop presets "
                          f"({', '.join(MULTICROP_PRESETS)}), not views.preset={cfg.preset!r}")
-    spec = PRESETS.get(cfg.preset)(
+    return PRESETS.get(cfg.preset)(
         size=cfg.crop_size, min_scale=cfg.min_scale, jitter_strength=cfg.jitter_strength, blur=cfg.blur, **extra
     )
+
+
+def local_crop_count(cfg) -> int:
+    """How many local crops the run's views make after the two global ones: ``views.local_crops``, or
+    its preset's default when that is -1 (dino and swav: 6)."""
+    return sum(n for _, n in preset_spec(cfg)) - 2
+
+
+def build_views(cfg) -> MultiView:
+    """``cfg`` is the run's ``ViewConfig``."""
+    spec = preset_spec(cfg)
     from ..augconfig import apply_settings
     from .policies import apply_policy  # here: policies.py imports this module
 

@@ -119,8 +119,17 @@ def multicrop_methods() -> list[str]:
 def check_local_crops(cfg, builder) -> None:
     """``views.local_crops`` > 0 only for a method that takes local crops: any other would fail at its
     first step on the extra views (or, a plugin that ignores them, pay for crops it never reads)."""
-    if cfg.views.local_crops > 0 and not getattr(builder, "multicrop", False):
-        raise ConfigError(f"config key 'views.local_crops': method {cfg.method.name!r} takes no local crops "
+    if getattr(builder, "multicrop", False) or cfg.views.local_crops == 0:
+        return
+    from ...datasets.views import local_crop_count
+
+    try:
+        n = local_crop_count(cfg.views)
+    except ValueError:  # local crops on a preset that makes none: check_method_config names that next
+        n = cfg.views.local_crops
+    if n > 0:
+        said = "" if cfg.views.local_crops > 0 else f" (views.preset={cfg.views.preset!r} makes {n} by default)"
+        raise ConfigError(f"config key 'views.local_crops'{said}: method {cfg.method.name!r} takes no local crops "
                           f"(multi-crop methods: {', '.join(multicrop_methods())}); set views.local_crops=0")
 
 
