@@ -26,6 +26,13 @@ FAMILIES: dict[str, str] = {
     "vicregl": "non-contrastive",
 }
 
+# The methods that take local crops (views.local_crops), mirroring the builders' ``.multicrop``.
+MULTICROP = frozenset({"barlowtwins", "byol", "dino", "simclr", "swav", "vicreg"})
+
+
+def _crops(multicrop: bool) -> str:
+    return "multi-crop" if multicrop else "-"
+
 
 def recipes_by_method() -> dict[str, list[str]]:
     """Built-in recipe names (sslray/configs/*.yaml) per ``method.name`` they train, sorted."""
@@ -37,11 +44,12 @@ def recipes_by_method() -> dict[str, list[str]]:
 
 
 def method_lines(plugins: Sequence[str] = ()) -> list[str]:
-    """One line per method: name, family, and the recipes that train it. Given ``method.plugins``
+    """One line per method: name, family, whether it takes local crops, and the recipes that train
+    it. Given ``method.plugins``
     modules, their methods follow, with the module in place of recipes: listing them means importing
     the registry (torch, timm), which the built-in table alone never does."""
     recipes = recipes_by_method()
-    lines = [f"{name:14s} {family:16s} {', '.join(recipes.get(name, [])) or '-'}".rstrip()
+    lines = [f"{name:14s} {family:16s} {_crops(name in MULTICROP):11s} {', '.join(recipes.get(name, [])) or '-'}"
              for name, family in sorted(FAMILIES.items())]
     if plugins:
         from .raytrain.methods import METHODS, import_plugins
@@ -51,5 +59,6 @@ def method_lines(plugins: Sequence[str] = ()) -> list[str]:
             if name not in FAMILIES:
                 builder = METHODS.get(name)
                 family = getattr(builder, "family", "-")
-                lines.append(f"{name:14s} {family:16s} plugin {getattr(builder, '__module__', '?')}")
+                lines.append(f"{name:14s} {family:16s} {_crops(getattr(builder, 'multicrop', False)):11s} "
+                             f"plugin {getattr(builder, '__module__', '?')}")
     return lines

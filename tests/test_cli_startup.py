@@ -49,5 +49,9 @@ def test_torch_free_method_families_match_the_registry():
     from sslray.methodinfo import FAMILIES, recipes_by_method
     from sslray.raytrain.methods import METHODS
 
+    from sslray.methodinfo import MULTICROP
+    from sslray.raytrain.methods import multicrop_methods
+
     assert FAMILIES == {name: METHODS.get(name).family for name in METHODS.names()}
+    assert MULTICROP == set(multicrop_methods())
     assert set(recipes_by_method()) <= set(METHODS.names())  # every recipe names a registered method

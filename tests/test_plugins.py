@@ -178,7 +178,7 @@ def test_methods_listing_adds_plugins_only_when_asked(plugin, capsys):
     assert [line.split()[0] for line in plain] == sorted(FAMILIES)
     lines = method_lines([MODULE])
     assert lines[: len(plain)] == plain
-    assert lines[len(plain):] == [f"{NAME:14s} {'contrastive':16s} plugin {MODULE}"]
+    assert lines[len(plain):] == [f"{NAME:14s} {'contrastive':16s} {'-':11s} plugin {MODULE}"]
     forget_plugin()
     assert main(["methods", "--plugins", MODULE]) == 0  # `sslray methods --plugins mylab.ssl_methods`
     assert capsys.readouterr().out.splitlines() == lines
