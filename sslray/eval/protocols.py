@@ -245,6 +245,9 @@ def finetune(ctx: EvalContext) -> ProtocolResult:
 
     s = ctx.finetune or FinetuneSettings()
     st = ctx.store
+    if st.state_path is None:  # run_eval refuses it before any work; a store handed in directly gets here
+        raise ValueError(f"eval protocol finetune needs an sslray checkpoint (its method and config); "
+                         f"{st.source.label} is an sslray {st.source.kind} source")
     # A checkpoint fetched from s3:// or gs:// sits in this machine's cache only: workers on other nodes
     # get its URI and fetch it into their own.
     # Local paths absolute: the workers run in another working dir ("runs/<name>" found nothing there).
