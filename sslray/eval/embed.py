@@ -104,10 +104,8 @@ def embed_data(checkpoint: str, data: str, *, source=None, head: bool = False, b
     return out
 
 
-def write_npz(arrays: dict, out: str, force: bool = False) -> Path:
-    """``arrays`` as ``out`` (a .npz), never half-written; an existing file only with ``force``."""
-    import numpy as np
-
+def check_out(out: str, force: bool = False) -> Path:
+    """``--out`` as a path: a .npz file name, not there yet unless ``force``."""
     p = Path(out)
     if p.suffix != ".npz":
         raise ValueError(f"--out {out}: give a .npz file name")
@@ -115,6 +113,14 @@ def write_npz(arrays: dict, out: str, force: bool = False) -> Path:
         raise FileExistsError(f"--out {out} is a folder; give a .npz file name")
     if p.exists() and not force:
         raise FileExistsError(f"--out {out} already exists; pass --force to replace it")
+    return p
+
+
+def write_npz(arrays: dict, out: str, force: bool = False) -> Path:
+    """``arrays`` as ``out`` (a .npz), never half-written; an existing file only with ``force``."""
+    import numpy as np
+
+    p = check_out(out, force)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.partial-{os.getpid()}")
     try:
@@ -131,8 +137,7 @@ def cmd_embed(a) -> int:
     from .cli import source_options
 
     opts = source_options(a)
-    if Path(a.out).exists() and not a.force:  # before the backbone runs over the data
-        write_npz({}, a.out, force=False)
+    check_out(a.out, a.force)  # before the backbone runs over the data
     arrays = embed_data(a.checkpoint, _abs(a.data), source=opts, head=a.head, batch_size=a.batch_size, use_gpu=a.gpu)
     path = write_npz(arrays, a.out, force=a.force)
     n, d = arrays["embeddings"].shape

@@ -181,7 +181,7 @@ class FeatureStore:
         arguments would extract: a caller handed a store must never score another checkpoint's features."""
         if str(checkpoint) != self.checkpoint and (
                 self.state_path is None or find_state(checkpoint).resolve() != self.state_path.resolve()):
-            raise ValueError(f"the feature store is of {self.source.label}, not {checkpoint}")
+            raise ValueError(f"the feature store is of {self.source.kind} {self.source.label}, not {checkpoint}")
         for role, given, held in (("train", train, self.train), ("val", val, self.val)):
             if Path(given).resolve() != Path(held).resolve():
                 raise ValueError(f"the feature store's {role} split is {held}, not {given}")
