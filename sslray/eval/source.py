@@ -81,7 +81,8 @@ class EncoderSource:
         from ..datasets.views import normalisation
 
         mean, std = normalisation(v)
-        return (f"eval: {self.kind} {self.label}; eval transform {v.crop_size} px, mean "
+        what = {"checkpoint": "sslray checkpoint", "export": "sslray export", "timm": "timm model"}[self.kind]
+        return (f"eval: {what} {self.label}; eval transform {v.crop_size} px, mean "
                 f"{[round(x, 4) for x in mean]}, std {[round(x, 4) for x in std]} ({self.transform_from}), "
                 f"images decoded at {self.cfg.data.decode_res} px")
 
