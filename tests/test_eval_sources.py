@@ -69,7 +69,7 @@ def test_an_export_scores_exactly_what_its_checkpoint_scores(sources, cifar_smal
     assert (ex.cfg.views.crop_size, ex.cfg.data.decode_res) == (ck.cfg.views.crop_size, ck.cfg.data.decode_res)
     np.testing.assert_array_equal(ex.get("pretrained").val_x, ck.get("pretrained").val_x)
     np.testing.assert_array_equal(ex.get("pretrained").train_x, ck.get("pretrained").train_x)
-    a, b = _eval(sources["state"], cifar_small), _eval(sources["export"], cifar_small)
+    a, b = _eval(sources["state"], cifar_small, store=ck), _eval(sources["export"], cifar_small, store=ex)
     assert [r.name for r in b.results] == ["linear", "knn"]
     for ra, rb in zip(a.results, b.results):
         assert rb.pretrained == ra.pretrained and ra.pretrained
@@ -85,14 +85,16 @@ def test_timm_with_another_tools_state_dict_scores_what_the_export_scores(source
     opts = SourceOptions(weights=str(sources["other"]), mean=mean, std=std)
     tm = _store("timm:resnet18", cifar_small, opts)
     np.testing.assert_array_equal(tm.get("pretrained").val_x, ex.get("pretrained").val_x)
-    a = _eval(sources["export"], cifar_small)
-    b = _eval("timm:resnet18", cifar_small, source=opts)
+    a = _eval(sources["export"], cifar_small, store=ex)
+    b = _eval("timm:resnet18", cifar_small, store=tm)  # the store's features, scored by run_eval's protocols
     assert [r.pretrained for r in b.results] == [r.pretrained for r in a.results]
     assert b.checkpoint.startswith("timm:resnet18 with the weights of")
+    c = _eval("timm:resnet18", cifar_small, source=opts)  # run_eval resolving the source itself
+    assert [r.pretrained for r in c.results] == [r.pretrained for r in a.results]
 
 
 def test_a_timm_model_without_weights_is_its_seeded_random_init(cifar_small):
-    a, b = _store("timm:resnet18", cifar_small), _store("timm:resnet18", cifar_small)
+    a, b = (_store("timm:resnet18", cifar_small, train_subset=20, val_subset=20) for _ in range(2))
     np.testing.assert_array_equal(a.get("pretrained").val_x, b.get("pretrained").val_x)
     assert not np.allclose(a.get("pretrained").val_x, a.get("random_init").val_x, atol=1e-3)
 
