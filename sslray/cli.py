@@ -16,6 +16,7 @@ COMMAND_MODULES: list[str] = ["doctor", "submit", "compare", "ui", "tune.cli", "
 COMMAND_MODULES += ["study"]  # `sslray study`: methods x view policies (sslray/study.py)
 COMMAND_MODULES += ["viewscmd"]  # `sslray views`: a method's augmented views of a .beton (sslray/viewscmd.py)
 COMMAND_MODULES += ["export"]  # `sslray export`: a checkpoint's backbone as safetensors + JSON (sslray/export.py)
+COMMAND_MODULES += ["eval.embed"]  # `sslray embed`: one split's embeddings as .npz (sslray/eval/embed.py)
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:

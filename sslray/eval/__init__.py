@@ -30,7 +30,7 @@ _EXPORTS = {
     "log_eval": "runner",
     "run_eval": "runner",
 }
-_SUBMODULES = ("cli", "features", "lowshot", "protocols", "runner")
+_SUBMODULES = ("cli", "embed", "features", "lowshot", "protocols", "runner", "source")
 
 __all__ = ["FeatureStore", "Features", "stratified_indices", "PROTOCOLS", "EvalContext", "ProtocolResult",
            "parse_protocols", "register_protocol", "EvalReport", "find_run", "format_eval_table", "log_eval", "run_eval"]

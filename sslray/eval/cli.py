@@ -1,4 +1,5 @@
-"""`sslray eval --protocol linear,knn,finetune,linear_sgd,lowshot,embed`: evaluation protocols on a checkpoint."""
+"""`sslray eval --protocol linear,knn,finetune,linear_sgd,lowshot,embed`: evaluation protocols on a
+checkpoint, an exported backbone or a timm model; `sslray embed`: one split's embeddings as .npz."""
 
 from __future__ import annotations
 
@@ -10,14 +11,42 @@ def _numbers(text: str, kind: type, option: str) -> list:
         raise ValueError(f"{option} {text!r}: expected a comma list of {kind.__name__}s") from None
 
 
+def source_options(a):
+    """``--weights``, ``--crop-size``, ``--mean``, ``--std``, ``--cifar-stem`` -> ``SourceOptions``."""
+    from .source import SourceOptions
+
+    return SourceOptions(weights=a.weights, crop_size=a.crop_size,
+                         mean=tuple(_numbers(a.mean, float, "--mean")) if a.mean else (),
+                         std=tuple(_numbers(a.std, float, "--std")) if a.std else (), cifar_stem=a.cifar_stem)
+
+
+def add_source_args(p) -> None:
+    """What ``--checkpoint`` may name besides an sslray checkpoint, and how to feed it (eval, embed)."""
+    from ..cli import count
+
+    p.add_argument("--weights", metavar="FILE",
+                   help="with --checkpoint timm:NAME: a state_dict to load (.safetensors, .pt, .pth; another tool's "
+                        "backbone); without it the timm model keeps its seeded random init")
+    p.add_argument("--crop-size", type=count(1), default=0,
+                   help="eval input size, px (default: the checkpoint's or backbone.json's, else the data's "
+                        "resolution)")
+    p.add_argument("--mean", metavar="R,G,B", help="eval normalisation mean (default: the checkpoint's or "
+                                                   "backbone.json's, else ImageNet's); give --std with it")
+    p.add_argument("--std", metavar="R,G,B", help="eval normalisation std (see --mean)")
+    p.add_argument("--cifar-stem", action="store_true",
+                   help="with timm:NAME: a ResNet with a 3x3 stride-1 first conv and no max-pool (CIFAR weights)")
+
+
 def cmd_eval(a) -> int:
     from ..cli import _abs
     from ..raytrain.finetune import FinetuneSettings, linear_sgd_settings
     from ..tracking import Tracker, existing_run
     from .protocols import parse_protocols
     from .runner import close_figures, find_run, format_eval_table, log_eval, run_eval
+    from .source import source_kind
 
     names = parse_protocols(a.protocol)  # before any data or model is touched
+    opts = source_options(a)
     if a.run_id and not a.no_log:
         existing_run(a.tracking_uri, a.run_id)  # a run id or store that is not there, before the protocols run
     ft = FinetuneSettings(epochs=a.ft_epochs, max_steps=a.ft_max_steps, batch_size=a.ft_batch_size,
@@ -34,12 +63,16 @@ def cmd_eval(a) -> int:
                       if a.knn_temperature is not None else None,
                       linear_c=_numbers(a.linear_c, float, "--linear-c"),
                       lowshot_fractions=_numbers(a.lowshot_fractions, float, "--lowshot-fractions"),
-                      lowshot_seeds=_numbers(a.lowshot_seeds, int, "--lowshot-seeds"), finetune=ft, linear_sgd=lin)
+                      lowshot_seeds=_numbers(a.lowshot_seeds, int, "--lowshot-seeds"), finetune=ft, linear_sgd=lin,
+                      source=opts)
     print(format_eval_table(report))
     run = {"run_id": a.run_id, "tracking_uri": a.tracking_uri} if a.run_id else find_run(a.checkpoint)
     if run and not a.no_log:
         log_eval(Tracker(a.tracking_uri or run.get("tracking_uri"), run["run_id"]), report)
         print(f"sslray: eval metrics and artifacts logged to MLflow run {run['run_id']}")
+    elif not a.no_log and source_kind(a.checkpoint) != "checkpoint":
+        print(f"sslray: {a.checkpoint} is no sslray checkpoint, so no pretraining run is looked up; "
+              "pass --run-id to log")
     elif not a.no_log:
         print("sslray: no MLflow run found for this checkpoint (no sslray_run.json above it); pass --run-id to log")
     close_figures(report)
@@ -51,9 +84,12 @@ def register(sub) -> None:
 
     e = sub.add_parser("eval", help="evaluation protocols on a checkpoint: linear, knn, finetune, linear_sgd, lowshot, "
                                     "embed")
-    e.add_argument("--checkpoint", required=True, help="state.pt, a checkpoint folder, or a run folder")
+    e.add_argument("--checkpoint", required=True,
+                   help="state.pt, a checkpoint folder, or a run folder; an `sslray export` folder; or timm:NAME "
+                        "(with --weights FILE for another tool's backbone)")
     e.add_argument("--protocol", required=True,
                    help="one or more of linear,knn,finetune,linear_sgd,lowshot,embed (comma list)")
+    add_source_args(e)
     e.add_argument("--train", help="labelled .beton to fit on (default: the checkpoint's data.train)")
     e.add_argument("--val", help="labelled .beton to score on (default: the checkpoint's data.val)")
     e.add_argument("--train-subset", type=count(), default=0, help="seeded random subset of train images (0: all)")

@@ -1,11 +1,13 @@
-"""Frozen features, extracted once per (checkpoint, data, eval transform, init) and cached as .npz.
+"""Frozen features, extracted once per (encoder, data, eval transform, init) and cached as .npz.
 
-Every scikit-learn protocol (linear, kNN, low-shot, t-SNE) reads the same arrays, so a checkpoint's
-backbone runs over the data once, not once per protocol. The cache file sits beside the checkpoint
-(``<checkpoint dir>/features/<init>-<key>.npz``); its key hashes the checkpoint's resolved path,
-mtime and size, each data file's path, mtime and size, the eval transform, the image subsets, the
-backbone init (pretrained, or random with its seed), the device type and the precision the features
-were computed in, so any change there means a new file.
+Every scikit-learn protocol (linear, kNN, low-shot, t-SNE) reads the same arrays, so a backbone runs
+over the data once, not once per protocol. The encoder is what ``--checkpoint`` names
+(``source.resolve_source``: an sslray checkpoint, an ``sslray export`` folder, or ``timm:<name>``).
+The cache file sits beside it (``<checkpoint dir>/features/<init>-<key>.npz``); its key hashes the
+encoder's identity (a checkpoint's resolved path, mtime and size; an export's or ``--weights``
+file's, with the architecture), each data file's path, mtime and size, the eval transform, the image
+subsets, the backbone init (pretrained, or random with its seed), the device type and the precision
+the features were computed in, so any change there means a new file.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 from ..datasets.loader import DataError, check_same_classes, dataset_info, make_loader, subset_indices
 from ..datasets.views import eval_transform
 from ..raytrain.amp import resolve_precision
-from ..raytrain.evaluate import RANDOM_INIT_SEED_OFFSET, find_state, random_init_model, read_checkpoint
+from ..raytrain.evaluate import RANDOM_INIT_SEED_OFFSET, find_state
 from ..raytrain.knn import extract_features
 from ..raytrain.session import pick_device
 
@@ -80,32 +82,53 @@ def transform_id(t) -> dict:
             "mean": [round(float(v), 6) for v in t.mean.flatten()], "std": [round(float(v), 6) for v in t.std.flatten()]}
 
 
+def extract_split(backbone, path: str, cfg, device, batch_size: int, indices=None, label: str = "",
+                  progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Frozen features (float32, N x D) and labels (int64) of ``path``'s images (``indices``, in order;
+    None: all), decoded at ``cfg.data.decode_res`` and fed through ``cfg.views``' eval transform in
+    ``cfg.train.precision``: what every protocol and ``sslray embed`` score."""
+    from tqdm.auto import tqdm
+
+    loader = make_loader(path, batch_size, res=cfg.data.decode_res, device=device, train=False, indices=indices,
+                         num_workers=cfg.data.loader_workers)
+    batches = tqdm(loader, total=len(loader), desc=f"features {label}".strip(), unit="batch", disable=not progress,
+                   leave=False)
+    x, y = extract_features(backbone, batches, eval_transform(cfg.views).to(device), device, cfg.train.precision)
+    return x.cpu().numpy().astype(np.float32, copy=False), y.cpu().numpy().astype(np.int64, copy=False)
+
+
 def _indices_id(idx: Optional[np.ndarray]) -> str:
     return "all" if idx is None else hashlib.sha1(np.asarray(idx, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
 class FeatureStore:
-    """Lazily loads the checkpoint and extracts (or reads back) features per backbone init.
+    """Lazily builds the encoder and extracts (or reads back) features per backbone init.
 
-    ``cache_dir`` defaults to ``features/`` beside the checkpoint's state file; ``cache=False``
-    always extracts and writes nothing.
+    ``checkpoint``: what ``--checkpoint`` names, or an ``EncoderSource`` resolved already.
+    ``cache_dir`` defaults to ``features/`` beside the checkpoint's state file (an export's folder, a
+    ``--weights`` file's folder); ``cache=False`` always extracts and writes nothing.
     """
 
-    def __init__(self, checkpoint: str, train: str, val: str, *, train_subset: int = 0, val_subset: int = 0,
+    def __init__(self, checkpoint, train: str, val: str, *, train_subset: int = 0, val_subset: int = 0,
                  use_gpu: str = "auto", batch_size: int = 512, cache_dir: Optional[str] = None, cache: bool = True,
                  progress: bool = True, log: Callable[[str], None] = print):
-        self.checkpoint = str(checkpoint)
-        self.state_path = find_state(checkpoint)  # FileNotFoundError naming the path
+        from .source import EncoderSource, resolve_source
+
         self.train, self.val = str(train), str(val)
+        # FileNotFoundError / ValueError naming a path that is not there or is no encoder
+        self.source = checkpoint if isinstance(checkpoint, EncoderSource) else resolve_source(
+            checkpoint, data=(self.train, self.val))
+        self.checkpoint = self.source.name
+        self.state_path = self.source.state_path  # None for a source that is no sslray checkpoint
         self.train_info = labelled_info(self.train, "train")
         self.val_info = labelled_info(self.val, "val")
         self._classes = check_same_classes(self.train_info, self.val_info)  # as `sslray probe` and fine-tuning
         self.device = pick_device(0, use_gpu)
         self.batch_size = batch_size
         self.cache = cache
-        self.cache_dir = Path(cache_dir) if cache_dir else self.state_path.parent / "features"
+        self.cache_dir = Path(cache_dir) if cache_dir else self.source.home / "features"
         self.progress, self.log = progress, log
-        self.cfg, self._state = read_checkpoint(self.state_path, "cpu")  # ValueError naming a file that is none
+        self.cfg = self.source.cfg  # the eval settings: transform, decode size, seed, precision, kNN temperature
         self.train_idx = subset_indices(self.train_info.num_images, train_subset, self.cfg.train.seed)
         self.val_idx = subset_indices(self.val_info.num_images, val_subset, self.cfg.train.seed)
         self._mem: dict[str, Features] = {}
@@ -119,7 +142,7 @@ class FeatureStore:
         if init not in INITS:
             raise ValueError(f"unknown backbone init {init!r}; expected one of {', '.join(INITS)}")
         parts = {
-            "version": CACHE_VERSION, "checkpoint": _file_id(str(self.state_path)),
+            "version": CACHE_VERSION, "checkpoint": self.source.identity,
             "init": init if init == "pretrained" else f"random_init(seed={self.cfg.train.seed + RANDOM_INIT_SEED_OFFSET})",
             "train": _file_id(self.train), "val": _file_id(self.val),
             "transform": transform_id(eval_transform(self.cfg.views)), "decode_res": self.cfg.data.decode_res,
@@ -156,8 +179,9 @@ class FeatureStore:
                use_gpu: str = "auto") -> None:
         """A ValueError naming what differs unless this store holds the features a new store for these
         arguments would extract: a caller handed a store must never score another checkpoint's features."""
-        if str(checkpoint) != self.checkpoint and find_state(checkpoint).resolve() != self.state_path.resolve():
-            raise ValueError(f"the feature store is of checkpoint {self.state_path}, not {checkpoint}")
+        if str(checkpoint) != self.checkpoint and (
+                self.state_path is None or find_state(checkpoint).resolve() != self.state_path.resolve()):
+            raise ValueError(f"the feature store is of {self.source.kind} {self.source.label}, not {checkpoint}")
         for role, given, held in (("train", train, self.train), ("val", val, self.val)):
             if Path(given).resolve() != Path(held).resolve():
                 raise ValueError(f"the feature store's {role} split is {held}, not {given}")
@@ -194,29 +218,17 @@ class FeatureStore:
         return self._fits[key]
 
     def backbone(self, init: str):
-        if init == "pretrained":
-            from ..raytrain.methods import create_method
-
-            model = create_method(self.cfg)
-            model.load_state_dict(self._state["model"])
-        else:
-            model = random_init_model(self.cfg)
-        return model.backbone.to(self.device)
+        if init not in INITS:
+            raise ValueError(f"unknown backbone init {init!r}; expected one of {', '.join(INITS)}")
+        return self.source.backbone(init).to(self.device)
 
     def _split(self, backbone, path: str, indices, label: str):
-        from tqdm.auto import tqdm
-
-        cfg = self.cfg
-        loader = make_loader(path, self.batch_size, res=cfg.data.decode_res, device=self.device, train=False,
-                             indices=indices, num_workers=cfg.data.loader_workers)
-        batches = tqdm(loader, total=len(loader), desc=f"features {label}", unit="batch", disable=not self.progress,
-                       leave=False)
-        x, y = extract_features(backbone, batches, eval_transform(cfg.views).to(self.device), self.device,
-                                cfg.train.precision)
-        return x.cpu().numpy().astype(np.float32, copy=False), y.cpu().numpy().astype(np.int64, copy=False)
+        return extract_split(backbone, path, self.cfg, self.device, self.batch_size, indices, label, self.progress)
 
     def _extract(self, init: str) -> Features:
-        self.log(f"eval: extracting {init} features of {self.state_path} ...")
+        if init == "pretrained":
+            self.log(self.source.describe())
+        self.log(f"eval: extracting {init} features of {self.source.label} ...")
         bb = self.backbone(init)
         tx, ty = self._split(bb, self.train, self.train_idx, f"{init} train")
         vx, vy = self._split(bb, self.val, self.val_idx, f"{init} val")

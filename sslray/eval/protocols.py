@@ -296,6 +296,9 @@ def _ray_trained(ctx: EvalContext, s) -> ProtocolResult:
     from ..raytrain import finetune as ft
 
     st = ctx.store
+    if st.state_path is None:  # run_eval refuses it before any work; a store handed in directly gets here
+        raise ValueError(f"eval protocol {s.protocol} needs an sslray checkpoint (its method and config); "
+                         f"{st.source.label} is a {st.source.kind} source")
     # A checkpoint fetched from s3:// or gs:// sits in this machine's cache only: workers on other nodes
     # get its URI and fetch it into their own.
     # Local paths absolute: the workers run in another working dir ("runs/<name>" found nothing there).

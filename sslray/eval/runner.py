@@ -13,6 +13,7 @@ from ..raytrain.evaluate import find_state, read_checkpoint
 from ..storage import RUN_FILE
 from .features import FeatureStore
 from .protocols import PROTOCOLS, EvalContext, ProtocolResult, check_settings, parse_protocols, reads_features
+from .source import TIMM_PREFIX, SourceOptions, resolve_source, source_kind
 
 
 @dataclass
@@ -46,9 +47,15 @@ def _entry(r: ProtocolResult) -> dict:
 BASELINE_SKIPPED = "random-init baseline skipped (--no-baseline)"
 
 
+SOURCE_KINDS = {"export": "an exported backbone", "timm": "a timm model"}  # source_kind's, said in messages
+
+
 def find_run(checkpoint: str) -> Optional[dict]:
     """The ``{"run_id", "tracking_uri"}`` that ``sslray pretrain`` recorded for the run holding this
-    checkpoint (``sslray_run.json`` in the run folder), or None."""
+    checkpoint (``sslray_run.json`` in the run folder), or None (always for an export or a
+    ``timm:<name>`` source: an export may sit in a run folder, but a run's metrics are its checkpoint's)."""
+    if source_kind(checkpoint) != "checkpoint":
+        return None
     p = find_state(checkpoint).resolve().parent
     for d in (p, *p.parents):
         f = d / RUN_FILE
@@ -63,9 +70,12 @@ def find_run(checkpoint: str) -> Optional[dict]:
 def run_eval(checkpoint: str, train: Optional[str], val: Optional[str], protocols: str | Sequence[str], *,
              train_subset: int = 0, val_subset: int = 0, use_gpu: str = "auto", batch_size: int = 512,
              cache_dir: Optional[str] = None, cache: bool = True, progress: bool = True,
-             log: Callable[[str], None] = print, store: Optional[FeatureStore] = None, **ctx_kw) -> EvalReport:
-    """Run ``protocols`` (names or ``"linear,knn"``) on ``checkpoint``. ``train``/``val`` default to the
-    checkpoint's own ``data.train``/``data.val``; ``ctx_kw`` sets ``EvalContext`` fields (knn_ks, ...).
+             log: Callable[[str], None] = print, store: Optional[FeatureStore] = None,
+             source: Optional[SourceOptions] = None, **ctx_kw) -> EvalReport:
+    """Run ``protocols`` (names or ``"linear,knn"``) on ``checkpoint``: an sslray checkpoint, an export
+    folder or ``timm:<name>`` (``source``: ``--weights``, the eval transform; see ``sslray.eval.source``).
+    ``train``/``val`` default to a checkpoint's own ``data.train``/``data.val``; ``ctx_kw`` sets
+    ``EvalContext`` fields (knn_ks, ...).
 
     ``store``: a ``FeatureStore`` of this checkpoint, data, subsets and device (``shared_store``) whose
     features and linear fits the protocols take as they are; ``batch_size`` and the cache settings are
@@ -76,13 +86,24 @@ def run_eval(checkpoint: str, train: Optional[str], val: Optional[str], protocol
         store.serves(checkpoint, train or store.train, val or store.val, train_subset=train_subset,
                      val_subset=val_subset, use_gpu=use_gpu)
         return _run(store, names, log, ctx_kw)
+    kind = source_kind(checkpoint)
+    trained = [n for n in names if not reads_features(n)]  # finetune, linear_sgd: Ray-trained from a checkpoint
+    if trained and kind != "checkpoint":
+        raise ValueError(f"--protocol {','.join(trained)}: {checkpoint} is {SOURCE_KINDS[kind]}, not an sslray "
+                         "checkpoint: these protocols rebuild the method and its training settings from a "
+                         "checkpoint's config (a state.pt of sslray pretrain); the frozen-feature protocols "
+                         "(linear, knn, lowshot, embed) score any source")
+    if (not train or not val) and kind != "checkpoint":
+        raise ValueError(f"--train and --val are needed for {checkpoint}: only an sslray checkpoint names its "
+                         "data (data.train / data.val in its config)")
     if not train or not val:
         cfg, _ = read_checkpoint(find_state(checkpoint), "cpu")
         for role, given, key in (("train", train, cfg.data.train), ("val", val, cfg.data.val)):
             if not given and not key:
                 raise ValueError(f"no --{role} split given and the checkpoint's config key 'data.{role}' is empty")
         train, val = train or cfg.data.train, val or cfg.data.val
-    store = FeatureStore(checkpoint, train, val, train_subset=train_subset, val_subset=val_subset, use_gpu=use_gpu,
+    enc = resolve_source(checkpoint, source, data=(train, val))
+    store = FeatureStore(enc, train, val, train_subset=train_subset, val_subset=val_subset, use_gpu=use_gpu,
                          batch_size=batch_size, cache_dir=cache_dir, cache=cache, progress=progress, log=log)
     return _run(store, names, log, ctx_kw)
 
@@ -95,7 +116,7 @@ def _run(store: FeatureStore, names: Sequence[str], log: Callable[[str], None], 
         results.append(PROTOCOLS.get(name)(ctx))
     feats = {init: {"path": str(f.path) if f.path else None, "from_cache": f.from_cache}
              for init, f in store._mem.items()}
-    return EvalReport(str(store.state_path), results, feats)
+    return EvalReport(store.source.label, results, feats)
 
 
 def shared_store(checkpoint: str, train: str, val: str, protocols: str | Sequence[str], *, train_subset: int = 0,
@@ -243,7 +264,9 @@ def format_eval_table(report: EvalReport, markdown: bool = False) -> str:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"eval protocols on the val split: {Path(report.checkpoint).parent.name}", caption=note or None)
+    src = report.checkpoint
+    name = src.split()[0] if src.startswith(TIMM_PREFIX) else Path(src).parent.name
+    t = Table(title=f"eval protocols on the val split: {name}", caption=note or None)
     for c in cols:
         t.add_column(c, justify="left" if c == "metric" else "right")
     for r in rows:

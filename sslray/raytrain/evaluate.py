@@ -179,8 +179,13 @@ def probe_checkpoint(checkpoint: str, train: str, val: str, *, train_subset: int
     (``sslray pretrain --eval``; ``batch_size`` is then the store's); without one, a store that caches
     nothing serves this probe alone."""
     from ..eval.features import FeatureStore  # sslray.eval imports this module
+    from ..eval.source import source_kind
     from .probe import linear_cs
 
+    if store is None and source_kind(checkpoint) != "checkpoint":
+        raise ValueError(f"sslray probe takes an sslray checkpoint (state.pt); {checkpoint} is an sslray "
+                         f"{source_kind(checkpoint)} source: score it with `sslray eval --checkpoint {checkpoint} "
+                         "--protocol linear,knn`")
     cs = linear_cs(linear_c)  # a bad C fails before any feature is extracted
     train_info, info = dataset_info(train), dataset_info(val)
     classes = check_same_classes(train_info, info)  # before any model is loaded or feature extracted
