@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..datasets.loader import DataError, check_same_classes, dataset_info, make_loader, subset_indices
+from ..datasets.loader import DataError, check_same_classes, dataset_info, make_loader, square_note, subset_indices
 from ..datasets.views import eval_transform
 from ..raytrain.amp import resolve_precision
 from ..raytrain.evaluate import RANDOM_INIT_SEED_OFFSET, find_state
@@ -128,6 +128,8 @@ class FeatureStore:
         self.cache = cache
         self.cache_dir = Path(cache_dir) if cache_dir else self.source.home / "features"
         self.progress, self.log = progress, log
+        if note := square_note(self.train_info, self.val_info):
+            log(f"eval: note: {note}")
         self.cfg = self.source.cfg  # the eval settings: transform, decode size, seed, precision, kNN temperature
         self.train_idx = subset_indices(self.train_info.num_images, train_subset, self.cfg.train.seed)
         self.val_idx = subset_indices(self.val_info.num_images, val_subset, self.cfg.train.seed)
