@@ -209,6 +209,23 @@ def tb_events(folder) -> dict:
 
 
 @pytest.fixture
+def finetune_folders(monkeypatch, tmp_path) -> list:
+    """The temporary Ray run folders fine-tuning makes (``tempfile.mkdtemp``), made under ``tmp_path``
+    and listed, so a test can check they are gone after the run."""
+    from sslray.raytrain import finetune
+
+    made: list = []
+
+    def mkdtemp(prefix=""):
+        made.append(tmp_path / f"{prefix}{len(made)}")
+        made[-1].mkdir()
+        return str(made[-1])
+
+    monkeypatch.setattr(finetune.tempfile, "mkdtemp", mkdtemp)
+    return made
+
+
+@pytest.fixture
 def no_ray(monkeypatch):
     """This process as a fresh CLI sees it: no Ray started here and none to connect to (so the workers
     would run on this machine), and starting Ray fails the test: for checks that must come first."""

@@ -342,19 +342,12 @@ def test_finetune_loop_runs_in_one_process(tiny_ckpt, cifar_small):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_finetune_against_scratch_on_ray(ray_cluster, tiny_ckpt, cifar_small, tmp_path, monkeypatch):
-    from sslray.raytrain import finetune
+def test_finetune_against_scratch_on_ray(ray_cluster, tiny_ckpt, cifar_small, tmp_path, monkeypatch,
+                                         finetune_folders):
     from sslray.raytrain.finetune import FinetuneSettings
 
     # No storage given: each fit gets a folder of its own, removed after it (2 were left per call).
-    made = []
-
-    def mkdtemp(prefix=""):
-        made.append(tmp_path / f"{prefix}{len(made)}")
-        made[-1].mkdir()
-        return str(made[-1])
-
-    monkeypatch.setattr(finetune.tempfile, "mkdtemp", mkdtemp)
+    made = finetune_folders
     s = FinetuneSettings(max_steps=2, batch_size=32, num_workers=2, use_gpu="false", train_subset=128)
     # the checkpoint as a user names it, relative to the shell's folder (the workers run elsewhere)
     monkeypatch.chdir(tiny_ckpt["run_dir"].parent)

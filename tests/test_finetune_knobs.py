@@ -239,7 +239,7 @@ def test_the_cli_flags_reach_the_settings(tmp_path, monkeypatch):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_ft_save_on_ray_writes_rank_0s_classifier_before_the_run_folder_goes(ray_cluster, ckpt, cifar_small,
-                                                                             tmp_path, monkeypatch):
+                                                                             tmp_path, finetune_folders):
     """Two Ray Train workers: rank 0 puts the classifier in the final checkpoint, the driver copies it to
     --ft-save before the run's temporary folder is removed; read back, it scores the val split as reported."""
     from sslray.datasets.loader import make_loader
@@ -249,14 +249,7 @@ def test_ft_save_on_ray_writes_rank_0s_classifier_before_the_run_folder_goes(ray
     from sslray.raytrain.finetune import evaluate_logits
     from sslray.raytrain.finetuned import load_classifier
 
-    made = []
-
-    def mkdtemp(prefix=""):
-        made.append(tmp_path / f"{prefix}{len(made)}")
-        made[-1].mkdir()
-        return str(made[-1])
-
-    monkeypatch.setattr(finetune.tempfile, "mkdtemp", mkdtemp)
+    made = finetune_folders
     out = tmp_path / "clf"
     s = FinetuneSettings(max_steps=2, batch_size=32, num_workers=2, use_gpu="false", train_subset=128, save=str(out))
     report = run_eval(str(ckpt["run_dir"]), cifar_small["train"], cifar_small["test"], "finetune", use_gpu="false",
