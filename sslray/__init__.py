@@ -6,7 +6,7 @@ The Python API (``sslray.pretrain``, ``sslray.train_local``, ``sslray.probe``, .
 
 __version__ = "0.1.0"
 
-API = ("Run", "convert", "evaluate", "export_backbone", "load_backbone", "load_config", "pretrain", "probe",
+API = ("Run", "convert", "embed", "evaluate", "export_backbone", "load_backbone", "load_config", "pretrain", "probe",
        "sweep", "train_local")
 __all__ = ["__version__", *API]
 

@@ -133,6 +133,19 @@ def evaluate(checkpoint: str | os.PathLike, protocols: str | Sequence[str] = "li
     return run_eval(str(checkpoint), train, val, protocols, **kw)
 
 
+def embed(checkpoint: str | os.PathLike, data: str | os.PathLike, *, weights: Optional[str] = None,
+          head: bool = False, use_gpu: str = "auto", progress: bool = True, **transform: Any) -> dict:
+    """``sslray embed``: one split's frozen embeddings as arrays (``embeddings`` N x D float32, ``labels``
+    and ``classes`` when labelled, ``paths`` when the file names are known, ``meta``), written nowhere.
+    ``checkpoint``: an sslray checkpoint, an export folder or ``timm:<name>`` (``weights``: a state_dict
+    for it); ``transform``: ``crop_size``, ``mean``, ``std``, ``cifar_stem`` as the command's options."""
+    from .eval.embed import embed_data
+    from .eval.source import SourceOptions
+
+    return embed_data(str(checkpoint), str(data), source=SourceOptions(weights=weights, **transform), head=head,
+                      use_gpu=use_gpu, progress=progress)
+
+
 def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike, which: str = "student",
                     force: bool = False) -> str:
     """``sslray export``: a checkpoint's backbone -> ``out/backbone.safetensors`` + ``backbone.json``
@@ -149,5 +162,5 @@ def load_backbone(path: str | os.PathLike, device: str = "cpu"):
     return load(path, device)
 
 
-__all__ = ["Run", "convert", "evaluate", "export_backbone", "load_backbone", "load_config", "pretrain", "probe",
+__all__ = ["Run", "convert", "embed", "evaluate", "export_backbone", "load_backbone", "load_config", "pretrain", "probe",
            "sweep", "train_local"]

@@ -135,6 +135,10 @@ def test_embed_writes_eval_features_labels_and_file_names(sources, cifar_small, 
     assert list(arrays["classes"]) == f.classes
     meta = json.loads(str(arrays["meta"]))
     assert meta["kind"] == "export" and meta["crop_size"] == 32 and meta["dim"] == 512
+    import sslray
+
+    again = sslray.embed(sources["export"], beton, use_gpu="false", progress=False)  # the Python API
+    np.testing.assert_array_equal(again["embeddings"], arrays["embeddings"])
 
     # the list `sslray convert` writes beside a .beton: each row's source file, found under the source tree
     from sslray.datasets.convert import paths_path
