@@ -250,10 +250,13 @@ def export_after_training(checkpoint: Optional[str], tracker, log=print) -> Opti
     return dest
 
 
+BACKBONE_PREFIXES = ("backbone.", "encoder_q.", "base_encoder.")  # the online backbone in a whole model's keys
+
+
 def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Path]:
     """A backbone ``state_dict`` from an export folder, a ``.safetensors`` file, or a ``.pt``/``.pth``
-    file holding a state_dict (timm's names; a ``state_dict``/``model`` entry or a ``backbone.``
-    prefix, as other tools save them, is unwrapped)."""
+    file holding a state_dict (timm's names; a ``state_dict``/``model`` entry, DDP's ``module.`` and a
+    whole model's backbone prefix (``BACKBONE_PREFIXES``), as other tools save them, are unwrapped)."""
     import torch
 
     from .storage import fetch
@@ -290,10 +293,15 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Path
             sd = sd[key]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"model.init_weights: {p} holds no state_dict of tensors")
-    if sd and any(k.startswith("backbone.") for k in sd):
-        # A whole method's state_dict (sslray's own state.pt, or a backbone saved under a wrapper): its
-        # backbone is the student's ``backbone.*``; heads, teachers and queues stay behind.
-        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    if sd and all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel / DataParallel
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    # A whole method's state_dict (sslray's own state.pt, solo-learn's and lightly's `backbone.`, MoCo's
+    # official `encoder_q.` / `base_encoder.`): its online backbone is taken; heads, teachers and queues
+    # stay behind.
+    for prefix in BACKBONE_PREFIXES:
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            break
     return sd, p
 
 

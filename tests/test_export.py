@@ -222,6 +222,17 @@ def test_init_weights_take_a_classifier_checkpoint_and_name_what_does_not_fit(tm
     clf.reset_classifier(0)
     _same_features(model.backbone, clf)
 
+    # other tools' wrappings of the same backbone: DDP's module., MoCo's encoder_q. beside its key encoder
+    enc = {k: v for k, v in clf.state_dict().items()}
+    for i, wrapped in enumerate(({f"module.{k}": v for k, v in enc.items()},
+                                 {**{f"module.encoder_q.{k}": v for k, v in enc.items()},
+                                  **{f"module.encoder_k.{k}": torch.zeros_like(v) for k, v in enc.items()},
+                                  "module.queue": torch.zeros(8, 4)})):
+        torch.save({"state_dict": wrapped}, tmp_path / f"wrapped{i}.pth")
+        again = create_method(load_config("simclr_cifar10", SMALL))
+        init_backbone(again, tmp_path / f"wrapped{i}.pth")
+        _same_features(again.backbone, clf)
+
     stem = create_method(load_config("simclr_cifar10",
                                      {**SMALL, "model.backbone": "resnet18", "model.cifar_stem": True}))
     torch.save(stem.backbone.state_dict(), tmp_path / "cifar_stem.pt")
