@@ -252,3 +252,23 @@ def test_probe_points_a_backbone_without_a_checkpoint_to_eval(sources, cifar_sma
     for src in (sources["export"], "timm:resnet18"):
         with pytest.raises(ValueError, match=r"sslray probe takes an sslray checkpoint .* `sslray eval --checkpoint"):
             probe_checkpoint(str(src), cifar_small["train"], cifar_small["test"], use_gpu="false", log=_quiet)
+
+
+def test_splits_converted_two_ways_are_noted_when_the_store_opens(sources, cifar_small, tmp_path):
+    """A val split stored with `convert --square pad` beside a cropped train split: the probes would
+    compare two kinds of image, and the eval log says so before any feature is extracted."""
+    from sslray.datasets.convert import manifest_path
+
+    val = tmp_path / "val.beton"
+    shutil.copy(cifar_small["test"], val)
+    manifest = json.loads(manifest_path(cifar_small["test"]).read_text())
+    manifest["write_params"]["square"] = "pad"
+    manifest_path(val).write_text(json.dumps(manifest))
+    said: list[str] = []
+    F.FeatureStore(str(sources["export"]), cifar_small["train"], str(val), use_gpu="false", cache=False,
+                   progress=False, log=said.append)
+    assert any("eval: note:" in s and "--square crop" in s and "--square pad" in s for s in said), said
+    said.clear()
+    F.FeatureStore(str(sources["export"]), cifar_small["train"], cifar_small["test"], use_gpu="false", cache=False,
+                   progress=False, log=said.append)
+    assert not any("--square" in s for s in said)
