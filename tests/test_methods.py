@@ -381,6 +381,23 @@ def test_multicrop_on_a_vit_takes_the_smaller_local_crops(name):
     assert torch.isfinite(out["loss"]) and float(model.backbone.pos_embed.grad.norm()) > 0
 
 
+@pytest.mark.parametrize("name", ["simclr", "byol", "vicreg", "barlowtwins"])
+def test_a_vit_takes_the_local_crops_a_preset_makes_by_default(name):
+    """views.local_crops left at -1 on the dino preset: its default local crops reach the method, and a
+    ViT backbone takes them (it was made to take any size only when the key was set)."""
+    from sslray.datasets.views import build_views, local_crop_count
+
+    params = {f"method.params.{k}": v for k, v in PARAMS[name].items()}
+    cfg = load_config(f"{name}_cifar10", {**TINY, **params, "model.backbone": "vit_tiny_patch16_224",
+                                          "views.preset": "dino", "views.local_size": 16})
+    assert cfg.views.local_crops == -1 and local_crop_count(cfg.views) > 0
+    model = create_method(cfg)
+    imgs = (torch.rand(BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 255).to(torch.uint8)
+    views = build_views(cfg.views)(imgs)
+    assert len(views) == 2 + local_crop_count(cfg.views) and views[-1].shape[-1] == 16
+    assert torch.isfinite(model(views)["loss"])
+
+
 def _layout(head: nn.Module) -> list[str]:
     return [type(m).__name__ for m in head.net]
 

@@ -22,6 +22,14 @@ def allow_any_size(backbone: nn.Module) -> nn.Module:
     return backbone
 
 
+def multicrop_backbone(cfg, backbone: nn.Module) -> nn.Module:
+    """``backbone`` made to take any size when the run's views include local crops, smaller than the
+    global ones: ``views.local_crops``, or its preset's default when that is -1 (dino, swav: 6)."""
+    from ...datasets.views import local_crop_count
+
+    return allow_any_size(backbone) if local_crop_count(cfg.views) > 0 else backbone
+
+
 def encode_crops(encode: Callable[[torch.Tensor], torch.Tensor], views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """``encode`` every view, batching consecutive views of the same size together (DINO's
     MultiCropWrapper): one pass for the global crops, one for the local crops."""

@@ -17,7 +17,7 @@ from ..distributed import gather_with_grad
 from ..heads import MLPHead
 from ..losses import multicrop_barlow_twins_loss, multicrop_vicreg_loss
 from . import register_method
-from ._multicrop import allow_any_size, encode_crops
+from ._multicrop import encode_crops, multicrop_backbone
 
 
 class BatchStatTwins(nn.Module):
@@ -50,7 +50,7 @@ def build_barlowtwins(cfg, backbone, feat_dim, lambda_: float = 5e-3, proj_layer
         raise ConfigError(f"config key 'method.params.scale_loss': must be a finite number above 0, "
                           f"got {scale_loss!r}")
     h, d = cfg.model.proj_hidden_dim, cfg.model.proj_out_dim
-    return BatchStatTwins(_multicrop_backbone(cfg, backbone), MLPHead(feat_dim, h, d, layers=proj_layers),
+    return BatchStatTwins(multicrop_backbone(cfg, backbone), MLPHead(feat_dim, h, d, layers=proj_layers),
                           partial(multicrop_barlow_twins_loss, lambda_=lambda_, scale_loss=scale_loss), "Barlow Twins")
 
 
@@ -59,14 +59,10 @@ def build_vicreg(cfg, backbone, feat_dim, sim_coeff: float = 25.0, std_coeff: fl
                  proj_layers: int = 3):
     """Expander: 3 linear layers, BN+ReLU between (8192 wide in the paper); lambda=mu=25, nu=1."""
     h, d = cfg.model.proj_hidden_dim, cfg.model.proj_out_dim
-    return BatchStatTwins(_multicrop_backbone(cfg, backbone), MLPHead(feat_dim, h, d, layers=proj_layers),
+    return BatchStatTwins(multicrop_backbone(cfg, backbone), MLPHead(feat_dim, h, d, layers=proj_layers),
                           partial(multicrop_vicreg_loss, sim_coeff=sim_coeff, std_coeff=std_coeff,
                                   cov_coeff=cov_coeff), "VICReg")
 
-
-def _multicrop_backbone(cfg, backbone: nn.Module) -> nn.Module:
-    # Local crops are smaller than the global ones: a ViT must take any size.
-    return allow_any_size(backbone) if cfg.views.local_crops > 0 else backbone
 
 
 build_barlowtwins.family = build_vicreg.family = BatchStatTwins.family

@@ -16,7 +16,7 @@ from ..heads import MLPHead
 from ..losses import multicrop_cosine_loss, negative_cosine_similarity
 from . import register_method
 from ._ema import EMATeacher, check_momentum_end, ema_momentum
-from ._multicrop import allow_any_size, encode_crops
+from ._multicrop import encode_crops, multicrop_backbone
 
 
 class PredictorSiamese(nn.Module):
@@ -82,8 +82,7 @@ def build_byol(cfg, backbone, feat_dim, momentum: float = 0.996, pred_hidden_dim
     (``views.local_crops`` above 0), multi-crop (Caron et al. 2020): each crop's prediction against the
     target of each other global crop."""
     check_momentum_end(momentum, momentum_end)
-    if cfg.views.local_crops > 0:  # local crops are smaller than the global ones: a ViT must take any size
-        backbone = allow_any_size(backbone)
+    backbone = multicrop_backbone(cfg, backbone)  # local crops are smaller: a ViT must take any size
     h, d = cfg.model.proj_hidden_dim, cfg.model.proj_out_dim
     return BYOL(backbone, MLPHead(feat_dim, h, d, layers=2), MLPHead(d, pred_hidden_dim, d, layers=2), momentum,
                 momentum_end)

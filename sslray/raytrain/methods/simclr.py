@@ -11,7 +11,7 @@ from ..distributed import gather_with_grad
 from ..heads import MLPHead
 from ..losses import multiview_nt_xent_loss, nt_xent_loss
 from . import register_method
-from ._multicrop import allow_any_size, encode_crops
+from ._multicrop import encode_crops, multicrop_backbone
 
 
 class SimCLR(nn.Module):
@@ -37,8 +37,7 @@ class SimCLR(nn.Module):
 
 @register_method("simclr")
 def build_simclr(cfg, backbone, feat_dim, proj_layers: int = 2):
-    if cfg.views.local_crops > 0:  # local crops are smaller than the global ones: a ViT must take any size
-        backbone = allow_any_size(backbone)
+    backbone = multicrop_backbone(cfg, backbone)  # local crops are smaller: a ViT must take any size
     return SimCLR(backbone, feat_dim, cfg.method.temperature, cfg.model.proj_hidden_dim, cfg.model.proj_out_dim,
                   proj_layers)
 
