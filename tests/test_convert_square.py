@@ -121,7 +121,7 @@ def test_another_square_mode_converts_again_and_older_manifests_read_as_crop(tmp
     # for crop, and the rerun adds the missing paths list without converting again.
     mp = manifest_path(out)
     old = json.loads(mp.read_text())
-    del old["settings"]["square"], old["write_params"]["square"]
+    del old["settings"]["square"], old["write_params"]["square"], old["paths_root"]
     mp.write_text(json.dumps(old))
     lines = paths_path(out).read_text()
     paths_path(out).unlink()
@@ -130,6 +130,7 @@ def test_another_square_mode_converts_again_and_older_manifests_read_as_crop(tmp
     convert(tmp_path / "src", out, params=WriteParams(write_mode="raw", max_resolution=64), workers=1)
     assert "up to date" in capsys.readouterr().out
     assert out.stat().st_mtime_ns == mtime and paths_path(out).read_text() == lines == "a/wide.png\n"
+    assert read_manifest(out)["paths_root"] == str(tmp_path / "src")  # what the lines are relative to
     with pytest.raises(ConversionError, match="--square 'fill' is not one of crop, pad, squash"):
         convert(tmp_path / "src", out, params=WriteParams(square="fill"), workers=1, verbose=False)
 

@@ -583,25 +583,29 @@ def _write_lines(path: Path, lines: Sequence[str]) -> None:
 
 def _backfill_paths(out: Path, old: dict, listing: SourceListing) -> None:
     """An up-to-date .beton converted before the paths list existed gets one without converting again:
-    its rows are the listed records less the skipped ones, in order (the source is unchanged)."""
+    its rows are the listed records less the skipped ones, in order (the source is unchanged). The
+    manifest gains the ``paths_root`` the lines are relative to, as a conversion writes it."""
     gone = {s["path"] for s in old.get("skipped", [])}
-    lines = _path_lines([r for r in listing.records if r.path not in gone], _paths_root(listing))
+    root = _paths_root(listing)
+    lines = _path_lines([r for r in listing.records if r.path not in gone], root)
     if lines is None or len(lines) != old.get("num_images"):
         return
-    ppath = paths_path(out)
-    tmp = ppath.with_name(f".{ppath.name}.partial-{os.getpid()}")
+    ppath, mpath = paths_path(out), manifest_path(out)
+    tmp, tmp_manifest = (q.with_name(f".{q.name}.partial-{os.getpid()}") for q in (ppath, mpath))
     try:
         _write_lines(tmp, lines)
+        tmp_manifest.write_text(json.dumps({**old, "paths_root": str(root)}, indent=2))
+        os.replace(tmp_manifest, mpath)  # the root first: a list is never read without it
         os.replace(tmp, ppath)
     finally:
         tmp.unlink(missing_ok=True)
+        tmp_manifest.unlink(missing_ok=True)
 
 
 def source_paths(beton: str | os.PathLike) -> Optional[list[str]]:
     """The source file of each row of ``beton``, in row order, as ``sslray convert`` wrote them to
     ``paths_path(beton)``: relative to the manifest's ``paths_root`` (the source folder, or the CSV's
-    folder; a manifest older than the key: its ``source``, or that CSV's folder), absolute for files
-    outside it; ``name#i`` for image ``i`` of a pickle batch. None when
+    folder), absolute for files outside it; ``name#i`` for image ``i`` of a pickle batch. None when
     there is no such file (converted before it existed, or elsewhere)."""
     p = paths_path(beton)
     if not p.is_file():
