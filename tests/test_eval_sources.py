@@ -100,6 +100,14 @@ def test_a_timm_model_without_weights_is_its_seeded_random_init(cifar_small):
     assert not np.allclose(a.get("pretrained").val_x, a.get("random_init").val_x, atol=1e-3)
 
 
+@pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "swin_tiny_patch4_window7_224"])
+def test_a_fixed_size_timm_model_is_built_at_the_datas_resolution(name, cifar_small):
+    """Not only names with "vit" in them take timm's img_size: a DeiT or Swin given the 32-px CIFAR
+    split is built for 32 px (at its default 224 the first batch failed)."""
+    store = _store(f"timm:{name}", cifar_small, train_subset=8, val_subset=8)
+    assert store.cfg.views.crop_size == 32 and store.get("pretrained").val_x.shape[0] == 8
+
+
 def test_cache_keys_differ_between_sources_and_live_beside_each(sources, cifar_small, tmp_path, monkeypatch):
     monkeypatch.setenv("SSLRAY_CACHE_DIR", str(tmp_path / "cache"))
     with_weights = SourceOptions(weights=str(sources["other"]))

@@ -253,8 +253,7 @@ def _timm(checkpoint: str, opts: SourceOptions, data: Sequence[str]) -> EncoderS
     cfg = _settings(base, crop, mean, std, data, opts)
 
     def build():
-        kw = {"img_size": crop} if "vit" in base else {}
-        return create_backbone(base, cifar_stem_=opts.cifar_stem, **kw)
+        return create_backbone(base, cifar_stem_=opts.cifar_stem, img_size=crop)  # a fixed-size model at the crop
 
     def pretrained():
         if not weights:  # timm's own init, seeded: the same "pretrained" features every time

@@ -40,11 +40,13 @@ def create_backbone(name: str, *, cifar_stem_: bool = False, img_size: int | Non
     the feature width."""
     if name in BACKBONES:
         return BACKBONES.get(name)(cifar_stem_=cifar_stem_, img_size=img_size, **kw)
-    extra = {"img_size": img_size} if img_size and "vit" in name else {}
+    # Models with a fixed input size (ViT, DeiT, BEiT, EVA, Swin, CaiT...) are built at the crop size;
+    # the others (ResNets, ConvNeXts, FastViT) take no img_size and any size as they are.
+    extra = {"img_size": img_size} if img_size else {}
     try:
         try:
             model = timm.create_model(name, pretrained=False, num_classes=0, **extra, **kw)
-        except TypeError as e:  # "vit" in the name but no img_size argument (fastvit, levit): built at its own size
+        except TypeError as e:  # no img_size argument: built as it is
             if not extra or "img_size" not in str(e):
                 raise
             model = timm.create_model(name, pretrained=False, num_classes=0, **kw)
