@@ -100,6 +100,19 @@ def test_a_timm_model_without_weights_is_its_seeded_random_init(cifar_small):
     assert not np.allclose(a.get("pretrained").val_x, a.get("random_init").val_x, atol=1e-3)
 
 
+def test_an_export_in_object_storage_scores_what_the_local_one_does(sources, cifar_small, s3_server):
+    """`sslray export` (and pretrain with s3:// storage) writes exports to object storage: eval and
+    embed take its URI as an export (not a checkpoint without a state.pt)."""
+    from sslray.export import export_to
+
+    uri = s3_server.bucket("exports") + "/c10"
+    export_to(sources["run_dir"], uri)
+    assert source_kind(uri) == "export" and source_kind(uri + "/backbone.json") == "export"
+    assert source_kind(s3_server.bucket("runs") + "/r1") == "checkpoint"
+    local, remote = (_store(x, cifar_small) for x in (sources["export"], uri))
+    np.testing.assert_array_equal(remote.get("pretrained").val_x, local.get("pretrained").val_x)
+
+
 @pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "swin_tiny_patch4_window7_224"])
 def test_a_fixed_size_timm_model_is_built_at_the_datas_resolution(name, cifar_small):
     """Not only names with "vit" in them take timm's img_size: a DeiT or Swin given the 32-px CIFAR

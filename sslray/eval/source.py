@@ -95,8 +95,10 @@ def source_kind(checkpoint: str | os.PathLike) -> str:
     text = str(checkpoint)
     if text.startswith(TIMM_PREFIX):
         return "timm"
-    if is_remote(text):
-        return "checkpoint"
+    if is_remote(text):  # an export folder holds backbone.json (one probe of the store); else a checkpoint
+        from ..storage import exists, join
+
+        return "export" if text.endswith((WEIGHTS, META)) or exists(join(text, META)) else "checkpoint"
     p = Path(text)
     if p.is_dir():
         return "export" if (p / META).exists() or (p / WEIGHTS).exists() else "checkpoint"
@@ -195,6 +197,11 @@ def _export(path: str, opts: SourceOptions, data: Sequence[str]) -> EncoderSourc
     from ..raytrain.evaluate import RANDOM_INIT_SEED_OFFSET
     from .features import _file_id
 
+    from ..export import META, WEIGHTS
+    from ..storage import fetch, is_remote
+
+    if is_remote(path):  # s3:// or gs://: the export's files are read from this machine's copy (fetched once)
+        path = str(fetch(path.rsplit("/", 1)[0] if path.endswith((WEIGHTS, META)) else path))
     _, meta = load_backbone(path)  # FileNotFoundError / ValueError naming the file; checks the weights fit
     p = Path(path)
     folder = p if p.is_dir() else p.parent
