@@ -13,13 +13,18 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
 TB_TAG = "sslray.tensorboard"
 
-_writers: dict[str, Any] = {}  # log folder -> events file writer: one file per process and run
+# log folder -> events file writer: one file per process and run, the most recently used ones kept
+# open (a sweep's driver logs for hundreds of trials; each open file is a descriptor)
+_writers: "OrderedDict[str, Any]" = OrderedDict()
+MAX_OPEN = 16
+_opened = 0  # writers made by this process: in the file name, so a reopened folder never reuses a name
 _lock = threading.Lock()
 
 
@@ -35,15 +40,22 @@ def _write(logdir: str, summary, step: int) -> None:
     tensorboardX's SummaryWriter queues events for a background thread, and its flush() does not wait
     for that queue: the Train controller, ended without notice, would lose the last epochs. Its
     synchronous file writer is used instead; the pid in the file name keeps two processes of one host
-    (the controller and the driver) out of each other's file."""
+    (the controller and the driver) out of each other's file. A folder whose writer was closed to keep
+    ``MAX_OPEN`` gets a new file when written again; TensorBoard reads a folder's files as one run."""
     from tensorboardX.event_file_writer import EventsWriter
     from tensorboardX.proto.event_pb2 import Event
 
+    global _opened
     with _lock:
-        w = _writers.get(logdir)
+        w = _writers.pop(logdir, None)
         if w is None:
             os.makedirs(logdir, exist_ok=True)
-            w = _writers[logdir] = EventsWriter(os.path.join(logdir, "events"), f".{os.getpid()}")
+            _opened += 1
+            # the file name holds the time in whole seconds: the pid and a count keep names apart
+            w = EventsWriter(os.path.join(logdir, "events"), f".{os.getpid()}.{_opened}")
+            while len(_writers) >= MAX_OPEN:
+                _writers.popitem(last=False)[1].close()
+        _writers[logdir] = w  # the most recently used last
         w.write_event(Event(wall_time=time.time(), step=int(step), summary=summary))
         w.flush()
 

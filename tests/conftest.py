@@ -185,7 +185,7 @@ def count_work(monkeypatch) -> dict:
 
 def tb_events(folder) -> dict:
     """What TensorBoard would show from the event files under ``folder``: ``{"scalars": {tag: [(step,
-    value), ...]}, "texts": {tag: text}, "images": {tag: (height, width)}}``, read with the protobufs
+    value), ...] in writing order}, "texts": {tag: text}, "images": {tag: (height, width)}}``, read with the protobufs
     the writer uses (TFRecord framing: length, its crc, the event, its crc)."""
     import struct
 
@@ -204,7 +204,10 @@ def tb_events(folder) -> dict:
                 elif v.metadata.plugin_data.plugin_name == "text":
                     out["texts"][v.tag.removesuffix("/text_summary")] = v.tensor.string_val[0].decode()
                 else:
-                    out["scalars"].setdefault(v.tag, []).append((event.step, v.simple_value))
+                    out["scalars"].setdefault(v.tag, []).append((event.wall_time, event.step, v.simple_value))
+    # in the order they were written, across the files of several processes (as TensorBoard merges them)
+    out["scalars"] = {tag: [(step, value) for _, step, value in sorted(points, key=lambda p: p[0])]
+                      for tag, points in out["scalars"].items()}
     return out
 
 

@@ -123,3 +123,38 @@ def test_a_sweeps_trials_mirror_side_by_side(tmp_path, monkeypatch):
         cb.on_trial_result(0, [], trial, {"epoch": 1, "knn_top1": lr})
     for tid, lr in (("t1", 0.1), ("t2", 0.2)):
         assert tb_events(tmp_path / "tb" / "sweep" / tid)["scalars"]["knn_top1"] == [(1, pytest.approx(lr))]
+
+
+def test_a_sweeps_many_runs_keep_few_files_open_and_lose_no_event(tmp_path, monkeypatch):
+    """A sweep driver mirrors hundreds of trials: only the most recently used writers stay open; a run
+    written again after its writer was closed gets a second file, read with the first as one run."""
+    from sslray import tbmirror
+
+    monkeypatch.setattr(tbmirror, "_writers", type(tbmirror._writers)())
+    monkeypatch.setattr(tbmirror, "MAX_OPEN", 2)
+    runs = [tbmirror.Mirror(str(tmp_path / f"trial{i}")) for i in range(3)]
+    for step in (1, 2):
+        for m in runs:
+            m.metrics({"loss": float(step)}, step)
+            assert len(tbmirror._writers) <= 2
+    for m in runs:
+        assert tb_events(m.logdir)["scalars"]["loss"] == [(1, 1.0), (2, 2.0)]
+    assert len(list((tmp_path / "trial0").glob("events.out.tfevents.*"))) == 2  # closed, then reopened
+
+
+def test_a_resumed_run_starts_mirroring_or_keeps_its_folder(tmp_path, capsys):
+    from sslray.config import load_config
+    from sslray.raytrain.trainer import resume_mirror
+    from sslray.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    t = Tracker.start(uri, "tb", "r")  # a run started without the mirror
+    resume_mirror(Tracker(uri, t.run_id), load_config("smoke"), "r")  # resumed without it: nothing
+    assert Tracker(uri, t.run_id).mirror() is None
+    resume_mirror(Tracker(uri, t.run_id), load_config("smoke", {"tracking.tensorboard": str(tmp_path / "a")}), "r")
+    later = Tracker(uri, t.run_id)  # the tag tells every later writer
+    assert later.mirror().logdir == str(tmp_path / "a" / "r")
+    later.log_metrics({"loss": 1.0}, step=3)
+    resume_mirror(Tracker(uri, t.run_id), load_config("smoke", {"tracking.tensorboard": str(tmp_path / "b")}), "r")
+    assert "goes on there" in capsys.readouterr().out and Tracker(uri, t.run_id).mirror().logdir.endswith("a/r")
+    assert tb_events(tmp_path / "a")["scalars"]["loss"] == [(3, 1.0)] and not (tmp_path / "b").exists()

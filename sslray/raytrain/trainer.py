@@ -582,8 +582,7 @@ def _open_run(cfg: Config, tracker: Optional[Tracker], name: str, run_dir: str) 
     if tracker is None and previous and previous.get("tracking_uri") == uri:
         tracker = Tracker(uri, previous["run_id"])
         tracker.client.update_run(tracker.run_id, status="RUNNING")
-        if cfg.tracking.tensorboard and tracker.mirror() is None:  # mirrored from this resume on
-            tracker.mirror_to(run_logdir(cfg.tracking.tensorboard, name))
+        resume_mirror(tracker, cfg, name)
         print(f"sslray: resuming run {name} (MLflow run {tracker.run_id}) from its latest checkpoint in {run_dir}")
         log_resumed_config(tracker, cfg)
     else:
@@ -596,6 +595,19 @@ def _open_run(cfg: Config, tracker: Optional[Tracker], name: str, run_dir: str) 
         tracker.log_text(dump_yaml(cfg), "config.yaml")
         _write_run_file(run_dir, {"run_id": tracker.run_id, "tracking_uri": uri, "name": name})
     return tracker, use_gpu, uri
+
+
+def resume_mirror(tracker: Tracker, cfg: Config, name: str) -> None:
+    """A resumed run and ``tracking.tensorboard``: a run that did not mirror starts to; one that does
+    keeps its folder (one run's curves are not split over two), with a note if the key names another."""
+    if not cfg.tracking.tensorboard:
+        return
+    want, have = run_logdir(cfg.tracking.tensorboard, name), tracker.mirror()
+    if have is None:
+        tracker.mirror_to(want)
+    elif have.logdir != want:
+        print(f"sslray: note: run {name} mirrors to TensorBoard in {have.logdir} since it started; it goes on "
+              f"there (tracking.tensorboard now points at {want})")
 
 
 def _remove_if_empty(run_dir: str) -> None:
