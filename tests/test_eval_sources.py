@@ -293,3 +293,29 @@ def test_splits_converted_two_ways_are_noted_when_the_store_opens(sources, cifar
     F.FeatureStore(str(sources["export"]), cifar_small["train"], cifar_small["test"], use_gpu="false", cache=False,
                    progress=False, log=said.append)
     assert not any("--square" in s for s in said)
+
+
+def test_crop_size_is_refused_where_a_vit_takes_one_size(tmp_path):
+    """A ViT checkpoint or export is built for its training crop (its position embedding): another
+    --crop-size is named before any feature is extracted (it failed at the first batch)."""
+    import torch
+
+    from sslray.config import load_config
+    from sslray.export import rebuild_meta, write_export
+    from sslray.raytrain.methods import create_method
+
+    cfg = load_config("mae_cifar10", {"model.backbone": "vit_tiny_patch16_224", "views.crop_size": 32})
+    model = create_method(cfg)
+    torch.save({"config": cfg.to_dict(), "model": model.state_dict()}, tmp_path / "state.pt")
+    write_export(tmp_path / "exp", model.backbone, rebuild_meta(model.backbone, cfg))
+    for src in (tmp_path / "state.pt", tmp_path / "exp"):
+        with pytest.raises(ValueError, match=r"--crop-size 64: the backbone of .* takes 32-px inputs"):
+            resolve_source(str(src), SourceOptions(crop_size=64))
+        assert resolve_source(str(src), SourceOptions(crop_size=32)).cfg.views.crop_size == 32
+
+
+def test_source_options_beside_a_store_are_refused(sources, cifar_small):
+    store = _store(sources["export"], cifar_small)
+    with pytest.raises(ValueError, match="give source= .* to the FeatureStore"):
+        run_eval(str(sources["export"]), cifar_small["train"], cifar_small["test"], "knn", store=store,
+                 source=SourceOptions(crop_size=32), log=_quiet)

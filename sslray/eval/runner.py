@@ -83,6 +83,9 @@ def run_eval(checkpoint: str, train: Optional[str], val: Optional[str], protocol
     names = parse_protocols(protocols)  # unknown names fail before any work
     check_settings(names, **ctx_kw)
     if store is not None:
+        if source is not None:  # the store's source was resolved when it was made; these would go unused
+            raise ValueError("run_eval: give source= (--weights, the eval transform) to the FeatureStore, not "
+                             "beside a store")
         store.serves(checkpoint, train or store.train, val or store.val, train_subset=train_subset,
                      val_subset=val_subset, use_gpu=use_gpu)
         return _run(store, names, log, ctx_kw)

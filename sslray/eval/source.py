@@ -168,10 +168,19 @@ def _checkpoint(checkpoint: str, opts: SourceOptions) -> EncoderSource:
         model.load_state_dict(state["model"])
         return model
 
+    if any(k.startswith("backbone.patch_embed.") for k in state["model"]):  # a ViT: built for one size
+        _check_fixed_size(opts, cfg.views.crop_size, str(state_path))
     over = _transform_overrides(opts)
     return EncoderSource("checkpoint", checkpoint, str(state_path), cfg.replace(**over) if over else cfg,
                          _file_id(str(state_path)), state_path.parent, _given(opts, "the checkpoint's views"),
                          state_path, method, lambda: method().backbone, lambda: random_init_model(cfg).backbone)
+
+
+def _check_fixed_size(opts: SourceOptions, size: int, where: str) -> None:
+    """``--crop-size`` for a backbone built for one input size (a ViT's position embedding): that size only."""
+    if opts.crop_size and opts.crop_size != size:
+        raise ValueError(f"--crop-size {opts.crop_size}: the backbone of {where} takes {size}-px inputs (a ViT, "
+                         f"its position embedding is for that size); leave --crop-size out or give {size}")
 
 
 def _settings(backbone: str, crop: int, mean, std, data: Sequence[str], opts: SourceOptions):
@@ -203,6 +212,8 @@ def _export(path: str, opts: SourceOptions, data: Sequence[str]) -> EncoderSourc
     if is_remote(path):  # s3:// or gs://: the export's files are read from this machine's copy (fetched once)
         path = str(fetch(path.rsplit("/", 1)[0] if path.endswith((WEIGHTS, META)) else path))
     _, meta = load_backbone(path)  # FileNotFoundError / ValueError naming the file; checks the weights fit
+    if meta.get("timm_kwargs", {}).get("img_size"):  # a ViT: built for one size
+        _check_fixed_size(opts, int(meta["timm_kwargs"]["img_size"]), path)
     p = Path(path)
     folder = p if p.is_dir() else p.parent
     weights = p if p.suffix == ".safetensors" else folder / "backbone.safetensors"
