@@ -157,6 +157,17 @@ def _verify(path: Path, meta: dict, weights: dict, load_file) -> None:
             raise RuntimeError(f"export: tensor {k} read back from {path} differs from the checkpoint's")
 
 
+def local_export(path: str | os.PathLike) -> Path:
+    """An export (its folder or one of its files) on this machine: a remote one's folder is copied into
+    the local cache (once) and that copy returned; a local path as it is."""
+    from .storage import fetch, is_remote
+
+    if not is_remote(path):
+        return Path(path)
+    uri = str(path).rstrip("/")
+    return fetch(uri.rsplit("/", 1)[0] if uri.endswith((WEIGHTS, META)) else uri)
+
+
 def load_backbone(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """An exported backbone folder (or its ``backbone.safetensors``) -> (module in eval mode, metadata).
 
@@ -166,13 +177,10 @@ def load_backbone(path: str | os.PathLike, device: str | torch.device = "cpu") -
     """
     from safetensors.torch import load_file
 
-    from .storage import fetch, is_remote
+    from .storage import is_remote
 
-    p = Path(path)
-    if is_remote(path):
-        uri = str(path).rstrip("/")
-        p = fetch(uri.rsplit("/", 1)[0] if uri.endswith((WEIGHTS, META)) else uri)
-    elif not p.exists():  # never fall back to the parent folder: it may hold another export
+    p = local_export(path)
+    if not is_remote(path) and not p.exists():  # never fall back to the parent folder: it may hold another export
         raise FileNotFoundError(f"load_backbone: {p} not found (an export folder, or its {WEIGHTS} / {META})")
     if p.is_file() and p.name == META:
         p = p.parent

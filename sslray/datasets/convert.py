@@ -80,6 +80,11 @@ def _beside(beton: str | os.PathLike, suffix: str) -> Path:
     return p.with_name(stem + suffix)
 
 
+def _partial(path: Path) -> Path:
+    """The temporary name ``path`` is written under before it is renamed into place."""
+    return path.with_name(f".{path.name}.partial-{os.getpid()}")
+
+
 def manifest_path(beton: str | os.PathLike) -> Path:
     """``data/train.beton`` -> ``data/train.manifest.json``."""
     return _beside(beton, ".manifest.json")
@@ -455,10 +460,9 @@ def convert(
     notes = list(listing.notes)
     if lines is None:
         notes.append(f"no {paths_path(out).name}: a source path holds a line break")
-    tmp_beton = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    tmp_beton = _partial(out)
     mpath, ppath = manifest_path(out), paths_path(out)
-    tmp_manifest = mpath.with_name(f".{mpath.name}.partial-{os.getpid()}")
-    tmp_paths = ppath.with_name(f".{ppath.name}.partial-{os.getpid()}")
+    tmp_manifest, tmp_paths = _partial(mpath), _partial(ppath)
     try:
         writer = _supervised(DatasetWriter)(
             str(tmp_beton),
@@ -591,7 +595,7 @@ def _backfill_paths(out: Path, old: dict, listing: SourceListing) -> None:
     if lines is None or len(lines) != old.get("num_images"):
         return
     ppath, mpath = paths_path(out), manifest_path(out)
-    tmp, tmp_manifest = (q.with_name(f".{q.name}.partial-{os.getpid()}") for q in (ppath, mpath))
+    tmp, tmp_manifest = _partial(ppath), _partial(mpath)
     try:
         _write_lines(tmp, lines)
         tmp_manifest.write_text(json.dumps({**old, "paths_root": str(root)}, indent=2))

@@ -21,9 +21,12 @@ def source_options(a):
 
 
 def add_source_args(p) -> None:
-    """What ``--checkpoint`` may name besides an sslray checkpoint, and how to feed it (eval, embed)."""
+    """``--checkpoint`` (an sslray checkpoint or another source) and how to feed it (eval, embed)."""
     from ..cli import count
 
+    p.add_argument("--checkpoint", required=True,
+                   help="state.pt, a checkpoint folder, or a run folder; an `sslray export` folder; or timm:NAME "
+                        "(with --weights FILE for another tool's backbone)")
     p.add_argument("--weights", metavar="FILE",
                    help="with --checkpoint timm:NAME: a state_dict to load (.safetensors, .pt, .pth; another tool's "
                         "backbone); without it the timm model keeps its seeded random init")
@@ -84,12 +87,9 @@ def register(sub) -> None:
 
     e = sub.add_parser("eval", help="evaluation protocols on a checkpoint: linear, knn, finetune, linear_sgd, lowshot, "
                                     "embed")
-    e.add_argument("--checkpoint", required=True,
-                   help="state.pt, a checkpoint folder, or a run folder; an `sslray export` folder; or timm:NAME "
-                        "(with --weights FILE for another tool's backbone)")
+    add_source_args(e)
     e.add_argument("--protocol", required=True,
                    help="one or more of linear,knn,finetune,linear_sgd,lowshot,embed (comma list)")
-    add_source_args(e)
     e.add_argument("--train", help="labelled .beton to fit on (default: the checkpoint's data.train)")
     e.add_argument("--val", help="labelled .beton to score on (default: the checkpoint's data.val)")
     e.add_argument("--train-subset", type=count(), default=0, help="seeded random subset of train images (0: all)")

@@ -142,12 +142,9 @@ def register(sub) -> None:
     from .cli import add_source_args
 
     e = sub.add_parser("embed", help="one split's frozen embeddings (and labels, file names) as .npz")
-    e.add_argument("--checkpoint", required=True,
-                   help="state.pt, a checkpoint folder, or a run folder; an `sslray export` folder; or timm:NAME "
-                        "(with --weights FILE for another tool's backbone)")
     add_source_args(e)
-    e.add_argument("--data", required=True, help=".beton (file names from <beton>.paths.txt when there) or an "
-                                                 "ImageFolder tree")
+    e.add_argument("--data", required=True, help=".beton (file names from the paths list `sslray convert` writes "
+                                                 "beside it) or an ImageFolder tree")
     e.add_argument("--out", required=True, help="the .npz to write: embeddings, labels, classes, paths, meta")
     e.add_argument("--head", action="store_true",
                    help="the method's projector output instead of the backbone's (an sslray checkpoint's only)")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from ..raytrain.evaluate import find_state, read_checkpoint
+from ..raytrain.evaluate import find_state
 from ..storage import RUN_FILE
 from .features import FeatureStore
 from .protocols import PROTOCOLS, EvalContext, ProtocolResult, check_settings, parse_protocols, reads_features
@@ -99,13 +99,13 @@ def run_eval(checkpoint: str, train: Optional[str], val: Optional[str], protocol
     if (not train or not val) and kind != "checkpoint":
         raise ValueError(f"--train and --val are needed for {checkpoint}: only an sslray checkpoint names its "
                          "data (data.train / data.val in its config)")
-    if not train or not val:
-        cfg, _ = read_checkpoint(find_state(checkpoint), "cpu")
+    enc = resolve_source(checkpoint, source, data=(train, val))  # the checkpoint is read once, here
+    if not train or not val:  # a checkpoint (the others were refused above): its own splits
+        cfg = enc.cfg
         for role, given, key in (("train", train, cfg.data.train), ("val", val, cfg.data.val)):
             if not given and not key:
                 raise ValueError(f"no --{role} split given and the checkpoint's config key 'data.{role}' is empty")
         train, val = train or cfg.data.train, val or cfg.data.val
-    enc = resolve_source(checkpoint, source, data=(train, val))
     store = FeatureStore(enc, train, val, train_subset=train_subset, val_subset=val_subset, use_gpu=use_gpu,
                          batch_size=batch_size, cache_dir=cache_dir, cache=cache, progress=progress, log=log)
     return _run(store, names, log, ctx_kw)

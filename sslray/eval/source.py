@@ -202,29 +202,28 @@ def _seeded(cfg, build: Callable[[], Any], offset: int):
 
 
 def _export(path: str, opts: SourceOptions, data: Sequence[str]) -> EncoderSource:
-    from ..export import build_from_meta, load_backbone
+    from ..export import WEIGHTS, build_from_meta, load_backbone, local_export
     from ..raytrain.evaluate import RANDOM_INIT_SEED_OFFSET
     from .features import _file_id
 
-    from ..export import META, WEIGHTS
-    from ..storage import fetch, is_remote
-
-    if is_remote(path):  # s3:// or gs://: the export's files are read from this machine's copy (fetched once)
-        path = str(fetch(path.rsplit("/", 1)[0] if path.endswith((WEIGHTS, META)) else path))
-    _, meta = load_backbone(path)  # FileNotFoundError / ValueError naming the file; checks the weights fit
+    path = str(local_export(path))  # s3:// or gs://: this machine's copy of the export's files
+    # FileNotFoundError / ValueError naming the file; the weights are checked to fit, and kept for the first use
+    backbone, meta = load_backbone(path)
+    built = [backbone]
     if meta.get("timm_kwargs", {}).get("img_size"):  # a ViT: built for one size
         _check_fixed_size(opts, int(meta["timm_kwargs"]["img_size"]), path)
     p = Path(path)
     folder = p if p.is_dir() else p.parent
-    weights = p if p.suffix == ".safetensors" else folder / "backbone.safetensors"
+    weights = p if p.suffix == ".safetensors" else folder / WEIGHTS
     crop = opts.crop_size or int(meta.get("input_size") or 0) or data_resolution(data) or DEFAULT_CROP
-    mean = opts.mean or tuple(meta.get("mean") or ()) or _imagenet()[0]
-    std = opts.std or tuple(meta.get("std") or ()) or _imagenet()[1]
+    im_mean, im_std = _imagenet()
+    mean = opts.mean or tuple(meta.get("mean") or ()) or im_mean
+    std = opts.std or tuple(meta.get("std") or ()) or im_std
     cfg = _settings(meta["backbone"], crop, mean, std, data, opts)
     ident = {"kind": "export", "weights": _file_id(str(weights)),
              "build": {k: meta[k] for k in ("backbone", "cifar_stem", "timm_kwargs")}}
     return EncoderSource("export", path, str(weights), cfg, ident, folder, _given(opts, "backbone.json"),
-                         None, None, lambda: load_backbone(path)[0],
+                         None, None, lambda: built.pop() if built else load_backbone(path)[0],
                          lambda: _seeded(cfg, lambda: build_from_meta(meta), RANDOM_INIT_SEED_OFFSET))
 
 
@@ -255,7 +254,7 @@ def _timm(checkpoint: str, opts: SourceOptions, data: Sequence[str]) -> EncoderS
     from ..export import init_backbone
     from ..raytrain.backbones import create_backbone
     from ..raytrain.evaluate import RANDOM_INIT_SEED_OFFSET
-    from ..storage import CACHE_ENV
+    from ..storage import cache_root
     from .features import _file_id
 
     name = checkpoint[len(TIMM_PREFIX):].strip()
@@ -289,7 +288,7 @@ def _timm(checkpoint: str, opts: SourceOptions, data: Sequence[str]) -> EncoderS
     if weights:
         home, how = Path(weights).resolve().parent, f"the weights of {weights}"
     else:
-        home = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sslray").expanduser() / "timm"
+        home = cache_root().parent / "timm"  # beside the copies of remote files, in sslray's cache
         how = "timm's random init (no --weights)"
     built = [pretrained()] if weights else []  # a file that does not fit fails now, before any data is read
     ident = {"kind": "timm", "model": base, "cifar_stem": opts.cifar_stem,
