@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -25,6 +26,18 @@ def require_archive(archive: Path) -> None:
     if os.environ.get("SSLRAY_REQUIRE_DATA") == "1":
         pytest.fail(f"{archive} not found (SSLRAY_REQUIRE_DATA=1: the shared datasets must be beside the repo)")
     pytest.skip(f"{archive} not found")
+
+# Ray forwards its processes' log lines to the driver's stdout/stderr ("(raylet) ...", "(Worker pid=1)
+# ...") whenever they come, also in the middle of a test that reads what a command printed (a raylet
+# warned the disk was 95% full during a CLI test). Tests that check a message's exact start or line
+# count read the captured text through this.
+_RAY_LINE = re.compile(r"^(?:\x1b\[[0-9;]*m)?\((?:raylet|[^)\n]*pid=\d+[^)\n]*)\)")
+
+
+def drop_ray_lines(text: str) -> str:
+    """``text`` without the lines Ray forwarded from its own processes."""
+    return "".join(line for line in text.splitlines(keepends=True) if not _RAY_LINE.match(line))
+
 
 # Ray Train's controller polls its workers every 2 s by default; a finished run, a report or a dead
 # worker is seen only at the next poll. The suite runs ~60 short Ray Train runs, so it polls every

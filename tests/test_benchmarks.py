@@ -14,7 +14,7 @@ from sslray.datasets.resident import ResidentDataset, ResidentLoader, load_archi
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from conftest import CIFAR_ARCHIVE as ARCHIVE, require_archive  # noqa: E402
+from conftest import CIFAR_ARCHIVE as ARCHIVE, drop_ray_lines, require_archive  # noqa: E402
 
 
 def _data(n=50, res=4):
@@ -146,7 +146,7 @@ def test_throughput_compare_times_an_override_beside_the_row(bench_cache, capsys
                             "--compare", "optim.base_lr=0.5"]) == 0
     assert [c.optim.base_lr for c in seen] == [0.12, 0.5]  # the recipe's, then the override's
     assert seen[0].replace(**{"optim.base_lr": 0.5}) == seen[1]  # and nothing else differs
-    out = capsys.readouterr().out
+    out = drop_ray_lines(capsys.readouterr().out)
     assert "| vs optim.base_lr=0.5 |" in out.splitlines()[0]
     rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in out.splitlines() if ln.startswith("| SimCLR")]
     src = "resident (cifar10-jpeg.tar.gz)"

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import drop_ray_lines
 from sslray.cli import main
 from sslray.config import ConfigError
 from sslray.export import read_weights
@@ -87,7 +88,7 @@ def test_cli_commands_give_one_line_naming_the_file(bad, betons, tmp_path, capsy
     }
     for what, argv in runs.items():
         assert main(argv) == 2, what
-        err = capsys.readouterr().err.strip()
+        err = drop_ray_lines(capsys.readouterr().err).strip()
         cmd = argv[0]
         assert err.startswith(f"sslray {cmd}: error: {path} {expect}") and "\n" not in err, (what, err)
     assert not (tmp_path / "out").exists()
@@ -136,7 +137,7 @@ def test_export_of_the_storage_root_writes_nothing(tmp_path, capsys):
     for run, epoch in (("runA", 9), ("runB.old-2026", 12)):
         _checkpoint(tmp_path / "st2" / run, "smoke", SMALL, epoch=epoch)  # <st2>/<run>/run/epoch_*/state.pt
     assert main(["export", str(tmp_path / "st2"), str(tmp_path / "exp3")]) == 2
-    err = capsys.readouterr().err
+    err = drop_ray_lines(capsys.readouterr().err)
     assert err.startswith(f"sslray export: error: {tmp_path / 'st2'} holds the checkpoints of 2 runs: runA/run, "
                           "runB.old-2026/run; give one run folder")
     assert not (tmp_path / "exp3").exists()

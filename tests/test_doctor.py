@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import drop_ray_lines
 from sslray import doctor, rayhead
 from sslray.cli import main
 
@@ -77,7 +78,7 @@ def http_server(status: int, body: dict):
 
 def run(capsys, *argv) -> tuple[int, str]:
     rc = main(["doctor", *argv])
-    return rc, capsys.readouterr().out
+    return rc, drop_ray_lines(capsys.readouterr().out)
 
 
 def healthy_args(tmp_path) -> list[str]:
