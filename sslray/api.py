@@ -67,19 +67,23 @@ class Run:
 
 def pretrain(cfg: "Config", *, probe: bool = True, restart: bool = False, evaluate: Optional[str] = None,
              probe_train_subset: Optional[int] = None, probe_val_subset: Optional[int] = None,
-             baseline: bool = True, linear_c: Sequence[float] = (1.0,)) -> Run:
+             baseline: bool = True, linear_c: Sequence[float] = (1.0,),
+             eval_settings: Optional[Mapping[str, Any]] = None) -> Run:
     """``sslray pretrain``: train ``cfg`` with ``cfg.ray.num_workers`` Ray Train workers (a local Ray
     instance unless ``RAY_ADDRESS`` names a cluster), log it to MLflow, export the backbone, probe it
     beside a random-init backbone when ``cfg.data.val`` is set, and run ``evaluate`` protocols
     (``"linear,knn,lowshot"``...). The same ``cfg.ray.name`` resumes; ``restart=True`` starts over.
     ``baseline=False``: no random-init baseline; ``linear_c``: the linear probes' C, chosen on held-out
-    train features when several are given (``--no-baseline``, ``--linear-c``)."""
+    train features when several are given (``--no-baseline``, ``--linear-c``). ``eval_settings``: the
+    protocols' settings, as ``run_eval`` takes them (``{"knn_ks": [20], "linear_sgd":
+    linear_sgd_settings(FinetuneSettings(), epochs=20)}``; the ``--knn-k``, ``--ft-*`` and ``--lin-*``
+    flags); unset Ray-trained budgets run on the training run's workers."""
     from .cli import run_pretrain
     from .config import absolute_paths
 
     cfg = absolute_paths(cfg)
     return run_pretrain(cfg, probe=probe, restart=restart, eval_protocols=evaluate, baseline=baseline,
-                        linear_c=tuple(linear_c),
+                        linear_c=tuple(linear_c), eval_settings=eval_settings,
                         probe_train_subset=cfg.data.train_subset if probe_train_subset is None else probe_train_subset,
                         probe_val_subset=cfg.data.val_subset if probe_val_subset is None else probe_val_subset)
 

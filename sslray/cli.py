@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from .config import ConfigError, absolute_paths, flag_overrides, load_config
 from .storage import absolute as _abs
@@ -92,10 +92,13 @@ AFTER_TRAINING_TAG = "sslray.after_training_error"  # the export, probe or --eva
 
 def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val_subset: int = 0,
                  restart: bool = False, eval_protocols: Optional[str] = None, baseline: bool = True,
-                 linear_c: Sequence[float] = (1.0,)):
+                 linear_c: Sequence[float] = (1.0,), eval_settings: Optional[Mapping[str, Any]] = None):
     """Pretrain, export, probe and evaluate as ``sslray pretrain`` does; returns an ``sslray.api.Run``.
     ``baseline=False`` scores no random-init backbone after training; ``linear_c``: the probes' C, or
-    several to choose from on held-out train features (the probe and the linear and lowshot protocols)."""
+    several to choose from on held-out train features (the probe and the linear and lowshot protocols).
+    ``eval_settings``: the ``eval_protocols``' settings (``EvalContext`` fields: knn_ks, lowshot_fractions,
+    finetune and linear_sgd ``FinetuneSettings``...); by default the Ray-trained protocols run on the
+    training run's workers and the probe's subsets, with their default budgets."""
     from .api import Run
     from .raytrain.evaluate import format_table, log_probe, probe_checkpoint
     from .raytrain.trainer import completed_epochs, pretrain, resumes, run_location
@@ -120,6 +123,11 @@ def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val
         init_backbone(create_method(cfg), cfg.model.init_weights)
     if eval_protocols and not cfg.data.val:  # every protocol scores on a val split
         raise ValueError(f"--eval {eval_protocols} scores the checkpoint on a val split: give --val")
+    if eval_protocols:  # a bad setting (or --ft-save folder) fails now, not after hours of training
+        from .eval.protocols import check_settings, parse_protocols
+
+        eval_settings = eval_defaults(cfg, probe_train_subset, probe_val_subset, eval_settings)
+        check_settings(parse_protocols(eval_protocols, option="--eval"), linear_c=linear_c, **eval_settings)
     if (eval_protocols or probe) and cfg.data.val and all(map(os.path.exists, (cfg.data.train, cfg.data.val))):
         from .datasets import DataError
         from .eval.features import check_labelled
@@ -159,13 +167,10 @@ def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val
         if eval_protocols and res.checkpoint:  # `--eval linear,knn,...`: the protocols of `sslray eval`, same run
             from .eval import format_eval_table, log_eval, run_eval
             from .eval.runner import close_figures
-            from .raytrain.finetune import FinetuneSettings
 
-            ft = FinetuneSettings(num_workers=cfg.ray.num_workers, cpus_per_worker=cfg.ray.cpus_per_worker,
-                                  use_gpu=cfg.ray.use_gpu, seed=cfg.train.seed)  # the training run's workers
             ev = run_eval(res.checkpoint, cfg.data.train, cfg.data.val or None, eval_protocols,
                           train_subset=probe_train_subset, val_subset=probe_val_subset, use_gpu=cfg.ray.use_gpu,
-                          finetune=ft, store=store, baseline=baseline, linear_c=linear_c)
+                          store=store, baseline=baseline, linear_c=linear_c, **eval_settings)
             log_eval(tracker, ev)
             close_figures(ev)
             print(format_eval_table(ev))
@@ -182,6 +187,21 @@ def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val
     return Run(res.run_id, res.tracking_uri, res.checkpoint, res.metrics, res.name, res.storage, backbone, report, ev)
 
 
+def eval_defaults(cfg, train_subset: int, val_subset: int, settings: Optional[Mapping[str, Any]] = None) -> dict:
+    """``pretrain --eval``'s protocol settings: ``settings``, and for the Ray-trained protocols not given
+    there the default budgets on the training run's workers, device and seed and the probe's subsets."""
+    from .raytrain.finetune import FinetuneSettings, linear_sgd_settings
+
+    out = dict(settings or {})
+    if out.get("finetune") is None:
+        out["finetune"] = FinetuneSettings(num_workers=cfg.ray.num_workers, cpus_per_worker=cfg.ray.cpus_per_worker,
+                                           use_gpu=cfg.ray.use_gpu, seed=cfg.train.seed, train_subset=train_subset,
+                                           val_subset=val_subset)
+    if out.get("linear_sgd") is None:
+        out["linear_sgd"] = linear_sgd_settings(out["finetune"])
+    return out
+
+
 def _linear_c(text: str) -> tuple[float, ...]:
     """``--linear-c 0.01,0.1,1``: checked here, before any training or feature extraction."""
     from .eval.cli import _numbers
@@ -192,14 +212,24 @@ def _linear_c(text: str) -> tuple[float, ...]:
 
 def cmd_pretrain(a) -> int:
     cfg = config_from_args(a)
+    from .eval.cli import protocol_flags_given, protocol_settings
+
     linear_c = _linear_c(a.linear_c)
-    if a.eval:  # an unknown protocol fails now, not after hours of training
+    train_subset, val_subset = a.probe_train_subset or cfg.data.train_subset, a.probe_val_subset or cfg.data.val_subset
+    settings = None
+    if a.eval:  # an unknown protocol or a bad setting fails now, not after hours of training
         from .eval import parse_protocols
 
         parse_protocols(a.eval, option="--eval")
-    run_pretrain(cfg, probe=not a.no_probe, probe_train_subset=a.probe_train_subset or cfg.data.train_subset,
-                 probe_val_subset=a.probe_val_subset or cfg.data.val_subset, restart=a.restart,
-                 eval_protocols=a.eval, baseline=not a.no_baseline, linear_c=linear_c)
+        settings = protocol_settings(a, use_gpu=cfg.ray.use_gpu, num_workers=cfg.ray.num_workers,
+                                     cpus_per_worker=cfg.ray.cpus_per_worker, seed=cfg.train.seed,
+                                     train_subset=train_subset, val_subset=val_subset)
+    elif protocol_flags_given(a):
+        raise ValueError(f"{', '.join(protocol_flags_given(a))}: settings of the --eval protocols, and no --eval "
+                         "was given (e.g. --eval linear_sgd --lin-epochs 20)")
+    run_pretrain(cfg, probe=not a.no_probe, probe_train_subset=train_subset, probe_val_subset=val_subset,
+                 restart=a.restart, eval_protocols=a.eval, baseline=not a.no_baseline, linear_c=linear_c,
+                 eval_settings=settings)
     return 0
 
 
@@ -290,12 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(p)
     p.add_argument("--no-probe", action="store_true", help="skip the offline linear probe after training")
     p.add_argument("--probe-train-subset", type=count(), default=0,
-                   help="train images for the probe (0: as training)")
+                   help="train images for the probe and --eval (0: as training)")
     p.add_argument("--probe-val-subset", type=count(), default=0,
-                   help="val images for the probe (0: as data.val_subset)")
+                   help="val images for the probe and --eval (0: as data.val_subset)")
     p.add_argument("--eval", metavar="PROTOCOLS",
                    help="after training, also run these eval protocols (e.g. linear,knn,lowshot; see `sslray eval`)")
     add_probe_args(p, "the probe and --eval after training")
+    from .eval.cli import add_protocol_args
+
+    add_protocol_args(p, ft_workers="finetune and linear_sgd: Ray Train workers (default: the run's ray.num_workers)",
+                      title="--eval protocol settings")
     p.set_defaults(func=cmd_pretrain)
 
     q = sub.add_parser("probe", help="linear probe + kNN on frozen features, beside a random-init baseline")

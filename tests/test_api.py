@@ -123,7 +123,9 @@ def test_pretrain_and_probe_take_the_cli_probe_options(monkeypatch):
     seen = {}
     monkeypatch.setattr(cli, "run_pretrain", lambda cfg, **kw: seen.setdefault("pretrain", kw))
     monkeypatch.setattr(evaluate, "probe_checkpoint", lambda *a, **kw: seen.setdefault("probe", kw))
-    sslray.pretrain(load_config("smoke"), baseline=False, linear_c=[0.1, 1.0])
+    sslray.pretrain(load_config("smoke"), baseline=False, linear_c=[0.1, 1.0], evaluate="knn",
+                    eval_settings={"knn_ks": [5]})
     sslray.probe("ckpt", "train", "val", random_baseline=False, linear_c=[0.1, 1.0])
     assert (seen["pretrain"]["baseline"], seen["pretrain"]["linear_c"]) == (False, (0.1, 1.0))
+    assert seen["pretrain"]["eval_settings"] == {"knn_ks": [5]}  # the --knn-k, --ft-*, --lin-* settings
     assert (seen["probe"]["random_baseline"], seen["probe"]["linear_c"]) == (False, (0.1, 1.0))

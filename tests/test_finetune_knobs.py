@@ -236,6 +236,61 @@ def test_the_cli_flags_reach_the_settings(tmp_path, monkeypatch):
     assert lin.base_lr == 0.3 and lin.num_workers == 3 and lin.save == ""
 
 
+def _pretrain_argv(tmp_path, *flags) -> list[str]:
+    return ["pretrain", "--recipe", "smoke", "--data", str(tmp_path / "t.beton"), "--val", str(tmp_path / "v.beton"),
+            "--storage", str(tmp_path / "runs"), *[f.format(tmp=tmp_path) for f in flags]]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--eval", "linear_sgd", "--lin-lr", "0"], "--lin-lr (linear_sgd base_lr) must be above 0"),
+    (["--eval", "finetune", "--ft-save", "{tmp}"], "exists and is not an empty folder"),
+    (["--eval", "knn", "--ft-save", "{tmp}/clf"], "--ft-save (finetune.save) keeps the finetune protocol's model"),
+    (["--eval", "knn", "--knn-k", "0"], "--knn-k (knn_ks) needs neighbour counts of 1 or more"),
+    (["--lin-epochs", "7", "--ft-epochs", "2"], "--ft-epochs, --lin-epochs: settings of the --eval protocols, and no "
+                                                "--eval was given"),
+])
+def test_pretrain_checks_its_eval_settings_before_training(flags, message, tmp_path, capsys, monkeypatch):
+    """`sslray pretrain --eval linear_sgd --lin-lr 0` used to train for hours first (and had no --lin-* at all)."""
+    from sslray.cli import main
+    from sslray.raytrain import trainer
+
+    (tmp_path / "x").write_text("")
+    monkeypatch.setattr(trainer, "pretrain", lambda *a, **k: pytest.fail("trained before the check"))
+    assert main(_pretrain_argv(tmp_path, *flags)) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_pretrain_eval_flags_reach_the_protocols_on_the_runs_workers_and_subsets(tmp_path, monkeypatch):
+    """`sslray pretrain --eval finetune,linear_sgd --lin-epochs 7 ...`: the protocols get `sslray eval`'s
+    settings, the Ray-trained ones on the training run's workers, seed and the probe's subsets."""
+    from sslray import cli
+    from sslray.eval import runner
+    from sslray.raytrain import trainer
+
+    res = trainer.PretrainResult("r1", "sqlite:///x.db", str(tmp_path / "ckpt"), {}, "tiny", "")
+    monkeypatch.setattr(trainer, "pretrain", lambda cfg, restart=False: res)
+    got = {}
+
+    def run_eval(*a, **k):
+        got.update(k)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(runner, "run_eval", run_eval)
+    monkeypatch.setattr("sslray.eval.run_eval", run_eval)
+    monkeypatch.setattr("sslray.tracking.Tracker", lambda *a, **k: SimpleNamespace(set_tags=_quiet, end=_quiet))
+    with pytest.raises(SystemExit):
+        cli.main(_pretrain_argv(tmp_path, "--no-probe", "--eval", "knn,finetune,linear_sgd", "--knn-k", "5",
+                                "--lin-epochs", "7", "--ft-epochs", "3", "--ft-drop-path", "0.1",
+                                "--probe-train-subset", "120", "train.export_backbone=false", "train.seed=11"))
+    ft, lin = got["finetune"], got["linear_sgd"]
+    cfg = cli.load_config("smoke")
+    assert got["knn_ks"] == [5] and (ft.epochs, ft.drop_path, lin.epochs) == (3, 0.1, 7)
+    assert lin.freeze_backbone and lin.base_lr == 0.1  # the paper protocol, with its own budget
+    for s in (ft, lin):
+        assert (s.num_workers, s.cpus_per_worker, s.seed) == (cfg.ray.num_workers, cfg.ray.cpus_per_worker, 11)
+        assert (s.train_subset, s.val_subset) == (120, cfg.data.val_subset) == (got["train_subset"], got["val_subset"])
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_ft_save_on_ray_writes_rank_0s_classifier_before_the_run_folder_goes(ray_cluster, ckpt, cifar_small,

@@ -40,9 +40,72 @@ def add_source_args(p) -> None:
                    help="with timm:NAME: a ResNet with a 3x3 stride-1 first conv and no max-pool (CIFAR weights)")
 
 
+def add_protocol_args(p, ft_workers: str, title: str = "protocol settings") -> None:
+    """The protocols' settings: kNN neighbours and temperatures, low-shot fractions and seeds, and the
+    budgets of the Ray-trained protocols (``--ft-*``, ``--lin-*``); ``sslray eval`` and ``sslray pretrain
+    --eval`` take the same flags (``protocol_settings`` reads them)."""
+    p = p.add_argument_group(title)
+    p.add_argument("--knn-k", default="10,20,100,200", help="kNN neighbour counts")
+    p.add_argument("--knn-temperature", metavar="T[,T...]",
+                   help="kNN vote temperatures, each scored with every k (default: the checkpoint's "
+                        "train.knn_temperature); several name their metrics eval_knn_k{k}_t{T}_top1")
+    p.add_argument("--lowshot-fractions", default="0.01,0.1,1.0", help="label fractions per class")
+    p.add_argument("--lowshot-seeds", default="0,1,2", help="seeds of the stratified subsets")
+    p.add_argument("--ft-epochs", type=int, default=10, help="finetune: epochs (the same for the scratch run)")
+    p.add_argument("--ft-max-steps", type=int, default=0, help="finetune: cap on optimizer steps (0: none)")
+    p.add_argument("--ft-batch-size", type=int, default=256, help="finetune: global batch")
+    p.add_argument("--ft-lr", type=float, default=1e-3, help="finetune: AdamW lr per 256 images")
+    p.add_argument("--ft-layer-decay", type=float, default=0.75, help="finetune: ViT layer-wise lr decay")
+    p.add_argument("--ft-views", default="mae", help="finetune: view preset for the train images")
+    p.add_argument("--ft-workers", type=int, default=None, help=ft_workers)
+    p.add_argument("--ft-weight-decay", type=float, default=0.05,
+                   help="finetune: AdamW weight decay (none on biases, norms and tokens)")
+    p.add_argument("--ft-label-smoothing", type=float, default=0.1, help="finetune: label smoothing of the loss")
+    p.add_argument("--ft-drop-path", type=float, default=0.0,
+                   help="finetune: stochastic depth rate (timm drop_path_rate; ViTs, ResNets, ConvNeXts)")
+    p.add_argument("--ft-save", metavar="DIR",
+                   help="finetune: write the fine-tuned pretrained-init classifier (backbone + head, the `sslray "
+                        "export` format plus head.safetensors) to DIR, a new or empty folder")
+    p.add_argument("--lin-epochs", type=int, default=100, help="linear_sgd: epochs of the frozen-backbone linear head")
+    p.add_argument("--lin-max-steps", type=int, default=0, help="linear_sgd: cap on optimizer steps (0: none)")
+    p.add_argument("--lin-batch-size", type=int, default=256, help="linear_sgd: global batch")
+    p.add_argument("--lin-lr", type=float, default=0.1,
+                   help="linear_sgd: SGD (momentum 0.9, no weight decay) lr per 256 images, cosine to 0")
+
+
+def protocol_flags_given(a) -> list[str]:
+    """The protocol-settings flags set on ``a``'s command line (for ``sslray pretrain`` without ``--eval``,
+    where they would go unused)."""
+    import argparse
+
+    bare = argparse.ArgumentParser(add_help=False)
+    add_protocol_args(bare, "")
+    return ["--" + k.replace("_", "-") for k, v in vars(bare.parse_args([])).items() if getattr(a, k) != v]
+
+
+def protocol_settings(a, *, use_gpu: str, num_workers: int = 2, cpus_per_worker: float = 1.0,
+                      seed=None, train_subset: int = 0, val_subset: int = 0) -> dict:
+    """``add_protocol_args``' flags -> ``run_eval``'s protocol settings (``EvalContext`` fields). The
+    Ray-trained protocols run ``--ft-workers`` workers, else ``num_workers``, on these subsets."""
+    from ..raytrain.finetune import FinetuneSettings, linear_sgd_settings
+
+    ft = FinetuneSettings(epochs=a.ft_epochs, max_steps=a.ft_max_steps, batch_size=a.ft_batch_size,
+                          base_lr=a.ft_lr, layer_decay=a.ft_layer_decay, views=a.ft_views,
+                          num_workers=a.ft_workers or num_workers, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu,
+                          train_subset=train_subset, val_subset=val_subset, seed=seed,
+                          weight_decay=a.ft_weight_decay, label_smoothing=a.ft_label_smoothing,
+                          drop_path=a.ft_drop_path, save=a.ft_save or "")
+    return {"knn_ks": _numbers(a.knn_k, int, "--knn-k"),
+            "knn_temperature": _numbers(a.knn_temperature, float, "--knn-temperature")
+            if a.knn_temperature is not None else None,
+            "lowshot_fractions": _numbers(a.lowshot_fractions, float, "--lowshot-fractions"),
+            "lowshot_seeds": _numbers(a.lowshot_seeds, int, "--lowshot-seeds"), "finetune": ft,
+            "linear_sgd": linear_sgd_settings(ft, epochs=a.lin_epochs, base_lr=a.lin_lr, max_steps=a.lin_max_steps,
+                                              batch_size=a.lin_batch_size)}
+
+
 def cmd_eval(a) -> int:
     from ..cli import _abs
-    from ..raytrain.finetune import FinetuneSettings, linear_sgd_settings
     from ..tracking import Tracker, existing_run
     from .protocols import parse_protocols
     from .runner import close_figures, find_run, format_eval_table, log_eval, run_eval
@@ -52,22 +115,11 @@ def cmd_eval(a) -> int:
     opts = source_options(a)
     if a.run_id and not a.no_log:
         existing_run(a.tracking_uri, a.run_id)  # a run id or store that is not there, before the protocols run
-    ft = FinetuneSettings(epochs=a.ft_epochs, max_steps=a.ft_max_steps, batch_size=a.ft_batch_size,
-                          base_lr=a.ft_lr, layer_decay=a.ft_layer_decay, views=a.ft_views, num_workers=a.ft_workers,
-                          use_gpu=a.gpu, train_subset=a.train_subset, val_subset=a.val_subset,
-                          weight_decay=a.ft_weight_decay, label_smoothing=a.ft_label_smoothing,
-                          drop_path=a.ft_drop_path, save=a.ft_save or "")
-    lin = linear_sgd_settings(ft, epochs=a.lin_epochs, base_lr=a.lin_lr, max_steps=a.lin_max_steps,
-                              batch_size=a.lin_batch_size)
+    settings = protocol_settings(a, use_gpu=a.gpu, train_subset=a.train_subset, val_subset=a.val_subset)
     report = run_eval(a.checkpoint, _abs(a.train), _abs(a.val), names, train_subset=a.train_subset,
                       val_subset=a.val_subset, use_gpu=a.gpu, cache_dir=a.cache_dir, cache=not a.no_cache,
-                      knn_ks=_numbers(a.knn_k, int, "--knn-k"), baseline=not a.no_baseline,
-                      knn_temperature=_numbers(a.knn_temperature, float, "--knn-temperature")
-                      if a.knn_temperature is not None else None,
-                      linear_c=_numbers(a.linear_c, float, "--linear-c"),
-                      lowshot_fractions=_numbers(a.lowshot_fractions, float, "--lowshot-fractions"),
-                      lowshot_seeds=_numbers(a.lowshot_seeds, int, "--lowshot-seeds"), finetune=ft, linear_sgd=lin,
-                      source=opts)
+                      baseline=not a.no_baseline, linear_c=_numbers(a.linear_c, float, "--linear-c"), source=opts,
+                      **settings)
     print(format_eval_table(report))
     run = {"run_id": a.run_id, "tracking_uri": a.tracking_uri} if a.run_id else find_run(a.checkpoint)
     if run and not a.no_log:
@@ -102,33 +154,8 @@ def register(sub) -> None:
     e.add_argument("--no-cache", action="store_true", help="always extract features, write no cache")
     e.add_argument("--no-baseline", action="store_true",
                    help="score the pretrained backbone only: no random-init features, fits or fine-tune, no gains")
-    e.add_argument("--knn-k", default="10,20,100,200", help="kNN neighbour counts")
-    e.add_argument("--knn-temperature", metavar="T[,T...]",
-                   help="kNN vote temperatures, each scored with every k (default: the checkpoint's "
-                        "train.knn_temperature); several name their metrics eval_knn_k{k}_t{T}_top1")
     e.add_argument("--linear-c", default="1.0", metavar="C[,C...]",
                    help="linear and lowshot probes: LogisticRegression C; several (e.g. 0.01,0.1,1,10): the best on "
                         "a held-out 10%% of the train features, refitted on all of them (logged as eval_linear_c)")
-    e.add_argument("--lowshot-fractions", default="0.01,0.1,1.0", help="label fractions per class")
-    e.add_argument("--lowshot-seeds", default="0,1,2", help="seeds of the stratified subsets")
-    e.add_argument("--ft-epochs", type=int, default=10, help="finetune: epochs (the same for the scratch run)")
-    e.add_argument("--ft-max-steps", type=int, default=0, help="finetune: cap on optimizer steps (0: none)")
-    e.add_argument("--ft-batch-size", type=int, default=256, help="finetune: global batch")
-    e.add_argument("--ft-lr", type=float, default=1e-3, help="finetune: AdamW lr per 256 images")
-    e.add_argument("--ft-layer-decay", type=float, default=0.75, help="finetune: ViT layer-wise lr decay")
-    e.add_argument("--ft-views", default="mae", help="finetune: view preset for the train images")
-    e.add_argument("--ft-workers", type=int, default=2, help="finetune and linear_sgd: Ray Train workers")
-    e.add_argument("--ft-weight-decay", type=float, default=0.05,
-                   help="finetune: AdamW weight decay (none on biases, norms and tokens)")
-    e.add_argument("--ft-label-smoothing", type=float, default=0.1, help="finetune: label smoothing of the loss")
-    e.add_argument("--ft-drop-path", type=float, default=0.0,
-                   help="finetune: stochastic depth rate (timm drop_path_rate; ViTs, ResNets, ConvNeXts)")
-    e.add_argument("--ft-save", metavar="DIR",
-                   help="finetune: write the fine-tuned pretrained-init classifier (backbone + head, the `sslray "
-                        "export` format plus head.safetensors) to DIR, a new or empty folder")
-    e.add_argument("--lin-epochs", type=int, default=100, help="linear_sgd: epochs of the frozen-backbone linear head")
-    e.add_argument("--lin-max-steps", type=int, default=0, help="linear_sgd: cap on optimizer steps (0: none)")
-    e.add_argument("--lin-batch-size", type=int, default=256, help="linear_sgd: global batch")
-    e.add_argument("--lin-lr", type=float, default=0.1,
-                   help="linear_sgd: SGD (momentum 0.9, no weight decay) lr per 256 images, cosine to 0")
+    add_protocol_args(e, ft_workers="finetune and linear_sgd: Ray Train workers (default 2)")
     e.set_defaults(func=cmd_eval)
