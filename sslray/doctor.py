@@ -419,7 +419,9 @@ def check_data(data: str, storage: Optional[str]) -> list[Check]:
             p = p.parent
         places["storage"] = str(p)
     free = {k: shutil.disk_usage(v).free for k, v in places.items()}
-    detail = f"{data}: {info.num_images} images, {_gib(size)}; free: " + ", ".join(
+    # What the job will read, as convert wrote it: labels and how non-square images were stored.
+    kind = f"{info.num_classes} class{'es' * (info.num_classes != 1)}" if info.classes else "unlabelled"
+    detail = f"{data}: {info.num_images} images, {kind}, --square {info.square}, {_gib(size)}; free: " + ", ".join(
         f"{_gib(f)} in {places[k]} ({k})" for k, f in free.items())
     low = min(free.values())
     if low < size:

@@ -277,7 +277,10 @@ def test_missing_data_fails_and_names_it(tmp_path, capsys):
 def test_disk_against_beton_size(tmp_path, monkeypatch):
     beton = fake_beton(tmp_path)
     [ok] = doctor.check_data(str(beton), str(tmp_path / "runs"))
-    assert ok.status == "OK" and "3 images" in ok.detail and str(beton) in ok.detail
+    assert ok.status == "OK" and "3 images, 1 class, --square crop" in ok.detail and str(beton) in ok.detail
+    manifest = tmp_path / "d.manifest.json"  # a padded conversion says so (its whole images have grey borders)
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "write_params": {"square": "pad"}}))
+    assert "--square pad" in doctor.check_data(str(beton), str(tmp_path / "runs"))[0].detail
     monkeypatch.setattr(doctor.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
     [full] = doctor.check_data(str(beton), str(tmp_path / "runs"))
     assert full.status == "FAIL" and "free" in full.fix
