@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 DEFAULT_DB = "mlflow.db"
 
@@ -160,6 +160,17 @@ class Tracker:
             self.client.log_batch(self.run_id, metrics=items[i : i + 500])
         if items:
             self._mirrored("metrics", {m.key: m.value for m in items}, int(step or 0))
+
+    def clear_metrics(self, keys: Iterable[str]) -> None:
+        """Make NaN the latest value of ``keys``: numbers an earlier call logged that no longer hold (a
+        probe re-run without its baseline leaves no random-init score to pair with). MLflow cannot delete
+        a metric; the UI and ``sslray compare`` show NaN as no value, and the history keeps the old one."""
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float("nan"), ts, 0) for k in sorted(set(keys))]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 500])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for k, v in tags.items():

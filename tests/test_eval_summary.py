@@ -7,6 +7,7 @@ built by hand (their numbers are tested in tests/test_eval_protocols.py); the lo
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,44 @@ def test_cli_eval_twice_on_one_run_merges(run, tmp_path, monkeypatch, capsys):
     assert tag == "embed,knn,linear,lowshot" and set(summary["protocols"]) == {"linear", "knn", "lowshot", "embed"}
     assert summary["protocols"]["linear"]["pretrained"]["linear_top1"] == 0.45
     assert "knn_k20_top1" in table and "lowshot_10pct_top1" in table
+
+
+def test_a_protocol_run_again_without_its_baseline_clears_the_earlier_baseline_metrics(run, tmp_path):
+    """`sslray eval --protocol linear,knn` then `--protocol linear --no-baseline` on one run: the run kept the
+    first call's eval_random_init_linear_* and eval_gain_linear_* beside the second call's pretrained score."""
+    log_eval(run, _report("/ck/state.pt", FULL[0], FULL[1]))
+    again = _result("linear", {"linear_top1": 0.47}, {})  # no baseline, and no macro F1 this time
+    log_eval(run, _report("/ck/state.pt", again))
+    m = run.client.get_run(run.run_id).data.metrics
+    assert m["eval_linear_top1"] == 0.47
+    cleared = ("eval_random_init_linear_top1", "eval_gain_linear_top1", "eval_linear_macro_f1",
+               "eval_random_init_linear_macro_f1", "eval_gain_linear_macro_f1")
+    assert all(math.isnan(m[k]) for k in cleared), {k: m[k] for k in cleared}
+    # the protocol not run again keeps its baseline, and the history keeps the cleared values
+    assert (m["eval_random_init_knn_k20_top1"], m["eval_gain_knn_k20_top1"]) == (0.15, pytest.approx(0.20))
+    history = run.client.get_metric_history(run.run_id, "eval_gain_linear_top1")
+    assert [h.value for h in history][0] == pytest.approx(0.20) and math.isnan(history[-1].value)
+    summary, table, _ = _logged(run, tmp_path)
+    assert summary["protocols"]["linear"]["baseline"].startswith("random-init baseline skipped")
+    log_eval(run, _report("/ck/state.pt", LINEAR_AGAIN))  # with its baseline again: numbers, not NaN
+    m = run.client.get_run(run.run_id).data.metrics
+    assert m["eval_gain_linear_top1"] == pytest.approx(0.24) and m["eval_random_init_linear_macro_f1"] == 0.19
+
+
+def test_a_probe_without_its_baseline_clears_an_earlier_probes_baseline(run):
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from sslray.raytrain import evaluate
+
+    def report(pre, rnd):
+        probe = SimpleNamespace(converged=True, report="r", confusion=np.eye(2, dtype=int))
+        return SimpleNamespace(pretrained=pre, random_init=rnd, probe=probe, classes=["a", "b"], pictures={})
+
+    evaluate.log_probe(run, report({"linear_top1": 0.6, "knn_top1": 0.5}, {"linear_top1": 0.3, "knn_top1": 0.2}))
+    run.log_metrics({"knn_top1": 0.55})  # the training loop's own monitor metric is not the probe's to clear
+    evaluate.log_probe(run, report({"linear_top1": 0.62, "knn_top1": 0.51}, {}))  # `--no-baseline`
+    m = run.client.get_run(run.run_id).data.metrics
+    assert (m["probe_linear_top1"], m["probe_knn_top1"], m["knn_top1"]) == (0.62, 0.51, 0.55)
+    assert all(math.isnan(m[f"{p}_{k}"]) for p in ("random_init", "gain") for k in ("linear_top1", "knn_top1"))

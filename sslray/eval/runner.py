@@ -172,6 +172,17 @@ def merged_summary(earlier: dict, report: EvalReport) -> dict:
     return {**now, "protocols": {k: protocols[k] for k in sorted(protocols)}}
 
 
+def superseded_metrics(earlier: dict, report: EvalReport) -> set[str]:
+    """The metrics an earlier summary's entries logged for the protocols ``report`` runs again."""
+    out = set()
+    for r in report.results:
+        entry = (earlier.get("protocols") or {}).get(r.name)
+        if isinstance(entry, dict):
+            for prefix, side in (("eval_", "pretrained"), ("eval_random_init_", "random_init"), ("eval_gain_", "gain")):
+                out |= {prefix + k for k in _numbers_of(entry.get(side))}
+    return out
+
+
 def _numbers_of(side) -> dict[str, float]:
     """A summary entry's metrics read back from JSON (a number written as text by ``default=str`` too)."""
     out = {}
@@ -195,9 +206,15 @@ def log_eval(tracker, report: EvalReport) -> None:
 
     A later call on the same run merges into what is there: the summary, its table and the
     ``sslray.eval_protocols`` tag hold every protocol logged to the run so far (a protocol run again
-    replaces its earlier entry), as the run's metrics do."""
-    tracker.log_metrics(report.metrics())
+    replaces its earlier entry), as the run's metrics do: an earlier metric of a protocol run again that
+    this call does not log (its baseline and gains after ``--no-baseline``, a k no longer asked for) is
+    cleared, so no pretrained number sits beside a baseline of another call."""
     earlier, tagged = _logged_summary(tracker)
+    metrics = report.metrics()
+    tracker.log_metrics(metrics)
+    stale = superseded_metrics(earlier, report) - set(metrics)
+    if stale:
+        tracker.clear_metrics(stale)
     summary = merged_summary(earlier, report)
     names = sorted(set(tagged) | set(summary["protocols"]))
     tracker.set_tags({PROTOCOLS_TAG: ",".join(names)})

@@ -224,9 +224,13 @@ def probe_checkpoint(checkpoint: str, train: str, val: str, *, train_subset: int
     return ProbeReport(pre, rnd, pre_res, rnd_res, classes, extra, pictures)
 
 
+PROBE_BASELINE_PREFIXES = ("random_init_", "gain_")  # log_probe's baseline metrics; the loop logs none of these
+
+
 def log_probe(tracker, report: ProbeReport) -> None:
     """Probe metrics as ``probe_*``, ``random_init_*`` and ``gain_*`` (the last two only with a baseline),
-    the per-class report and the confusion PNG."""
+    the per-class report and the confusion PNG. A baseline an earlier probe logged to the run and this one
+    has not (``--no-baseline``) is cleared, so the run never pairs this probe with another's baseline."""
     from .. import plots
 
     metrics = {f"probe_{k}": v for k, v in report.pretrained.items()}
@@ -234,6 +238,10 @@ def log_probe(tracker, report: ProbeReport) -> None:
     metrics.update({f"gain_{k}": report.pretrained[k] - report.random_init[k] for k in report.pretrained
                     if k in report.random_init and k != "linear_c"})
     tracker.log_metrics(metrics)
+    stale = {k for k in tracker.client.get_run(tracker.run_id).data.metrics
+             if k.startswith(PROBE_BASELINE_PREFIXES) and k not in metrics}
+    if stale:
+        tracker.clear_metrics(stale)
     tracker.set_tags({"sslray.probe_converged": report.probe.converged})
     tracker.log_text(report.probe.report, "probe/classification_report.txt")
     fig = plots.confusion(report.probe.confusion, report.classes, "linear probe (pretrained)")
