@@ -99,7 +99,7 @@ def test_driver_logs_each_new_picture_once(tmp_path):
     from mlflow.tracking import MlflowClient
 
     from sslray.raytrain.session import write_picture
-    from sslray.raytrain.trainer import log_pictures
+    from sslray.raytrain.reporting import log_pictures
     from sslray.tracking import Tracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -117,7 +117,7 @@ def test_driver_logs_each_new_picture_once(tmp_path):
     assert names == ["pictures/retrieval.png", "pictures/views.png"]
     assert log_pictures(t, str(tmp_path / "nowhere"), {}) == []  # no folder yet: nothing, no error
     # The driver at the end of a run (the callback's memory is in another process): only what is missing.
-    from sslray.raytrain.trainer import log_missing_pictures
+    from sslray.raytrain.reporting import log_missing_pictures
 
     assert log_missing_pictures(t, str(folder)) == []
     write_picture(str(folder), "final.png", png)
@@ -125,7 +125,7 @@ def test_driver_logs_each_new_picture_once(tmp_path):
 
 
 def test_health_tags_name_the_epoch_and_the_statistic():
-    from sslray.raytrain.trainer import COLLAPSE_TAG, NONFINITE_TAG, health_tags
+    from sslray.raytrain.reporting import COLLAPSE_TAG, NONFINITE_TAG, health_tags
 
     m = {"epoch": 3, "z_std_ratio": 0.001, "z_rankme": 1.0, "z_mean_cos": 0.999, "feats_std_ratio": 0.8,
          "feats_rankme": 40.0, "feats_mean_cos": 0.3, "nonfinite_skipped_frac": 0.02}

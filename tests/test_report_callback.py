@@ -55,7 +55,7 @@ def last_checkpoint(run) -> str:
 
 
 def test_a_failed_report_warns_and_is_logged_at_the_next_one_with_its_step(run, capsys):
-    from sslray.raytrain.trainer import MLflowReportCallback
+    from sslray.raytrain.reporting import MLflowReportCallback
 
     cb = MLflowReportCallback(run.uri, run.tracker.run_id)
     cb.after_report(None, epoch(1), ckpt("epoch_1"))
@@ -75,7 +75,7 @@ def test_a_failed_report_warns_and_is_logged_at_the_next_one_with_its_step(run, 
 
 
 def test_the_driver_logs_what_the_last_reports_could_not(run, capsys):
-    from sslray.raytrain.trainer import MLflowReportCallback
+    from sslray.raytrain.reporting import MLflowReportCallback
 
     driver = MLflowReportCallback(run.uri, run.tracker.run_id)
     controller = pickle.loads(pickle.dumps(driver))  # Ray ships a copy to the controller actor
@@ -98,7 +98,7 @@ def test_the_driver_logs_what_the_last_reports_could_not(run, capsys):
 
 
 def test_an_interrupt_is_not_swallowed(run):
-    from sslray.raytrain.trainer import MLflowReportCallback
+    from sslray.raytrain.reporting import MLflowReportCallback
 
     cb = MLflowReportCallback(run.uri, run.tracker.run_id)
     run.fail.steps, run.fail.error = {1}, KeyboardInterrupt()

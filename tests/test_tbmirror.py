@@ -86,7 +86,7 @@ def test_a_failing_mirror_warns_once_and_mlflow_keeps_everything(tmp_path, capsy
 
 def test_the_training_callback_mirrors_epoch_and_step_reports(tagged_run, tmp_path):
     """The Train controller's callback logs through a Tracker it opens by run id."""
-    from sslray.raytrain.trainer import MLflowReportCallback
+    from sslray.raytrain.reporting import MLflowReportCallback
 
     t, logdir = tagged_run
     cb = MLflowReportCallback(t.uri, t.run_id)
