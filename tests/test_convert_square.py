@@ -209,12 +209,12 @@ def test_paths_list_of_csv_and_unlabelled_sources(tmp_path):
 
 
 def test_pickle_batch_rows_are_named_by_file_and_index(tmp_path):
-    from sslray.datasets.convert import _path_lines
+    from sslray.datasets.sidecars import path_lines
 
     root = tmp_path / "cifar-10-batches-py"
     recs = [Record(f"{root}/data_batch_1#{i}", 0, object()) for i in (0, 1)] + [Record("/x/y\nz.png", 0)]
-    assert _path_lines(recs[:2], root) == ["data_batch_1#0", "data_batch_1#1"]
-    assert _path_lines(recs, root) is None  # a line break cannot be written one path per line
+    assert path_lines(recs[:2], root) == ["data_batch_1#0", "data_batch_1#1"]
+    assert path_lines(recs, root) is None  # a line break cannot be written one path per line
 
 
 def test_no_paths_list_is_left_by_a_failed_conversion(tmp_path, monkeypatch):

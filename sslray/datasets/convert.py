@@ -25,6 +25,8 @@ from PIL import Image, ImageFile
 from tqdm import tqdm
 
 from .. import __version__
+from .sidecars import (ConversionError, backfill_paths, manifest_path, partial_name, path_lines, paths_path,
+                       paths_root_of, read_manifest, source_paths, square_mode, write_lines)
 from .sources import SOURCES, Record, SourceError, SourceListing, select
 
 # Real datasets hold images larger than PIL's bomb guard; --max-res bounds what we keep instead.
@@ -41,10 +43,6 @@ SQUARE_MODES = ("crop", "pad", "squash")
 # padding looks like) and says nothing about the image. A per-image mean would give two views of one
 # image the same flat patch to match on, a shortcut for contrastive and invariance losses.
 PAD_RGB = (124, 116, 104)
-
-
-class ConversionError(RuntimeError):
-    """Conversion cannot go on (strict mode hit a bad file, unwritable output, ...)."""
 
 
 @dataclass(frozen=True)
@@ -72,42 +70,6 @@ class WriteParams:
         if not 0 <= self.compress_probability <= 1:
             raise ConversionError(f"--compress-probability must be a probability in [0, 1], "
                                   f"got {self.compress_probability}")
-
-
-def _beside(beton: str | os.PathLike, suffix: str) -> Path:
-    p = Path(beton)
-    stem = p.name[: -len(".beton")] if p.name.endswith(".beton") else p.name
-    return p.with_name(stem + suffix)
-
-
-def _partial(path: Path) -> Path:
-    """The temporary name ``path`` is written under before it is renamed into place."""
-    return path.with_name(f".{path.name}.partial-{os.getpid()}")
-
-
-def manifest_path(beton: str | os.PathLike) -> Path:
-    """``data/train.beton`` -> ``data/train.manifest.json``."""
-    return _beside(beton, ".manifest.json")
-
-
-def paths_path(beton: str | os.PathLike) -> Path:
-    """``data/train.beton`` -> ``data/train.paths.txt``: row i of the .beton came from line i."""
-    return _beside(beton, ".paths.txt")
-
-
-def square_mode(manifest: dict) -> str:
-    """The ``--square`` a manifest was written with; conversions from before the option cropped."""
-    return (manifest.get("write_params") or {}).get("square", "crop")
-
-
-def read_manifest(beton: str | os.PathLike) -> Optional[dict]:
-    mp = manifest_path(beton)
-    if not mp.exists():
-        return None
-    try:
-        return json.loads(mp.read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"manifest {mp} is not valid JSON ({e}); delete it and convert again") from None
 
 
 def to_rgb_array(img: Image.Image, max_res: int, square: str = "crop") -> np.ndarray:
@@ -437,7 +399,7 @@ def convert(
     if old and not force and old.get("source_hash") == fingerprint and _same_settings(old.get("settings"), settings) \
             and old.get("beton_bytes") == out.stat().st_size:
         if not paths_path(out).exists():
-            _backfill_paths(out, old, listing)
+            backfill_paths(out, old, listing)
         if verbose:
             print(f"{out}: up to date ({old['num_images']} images, source unchanged); nothing to do")
         return old
@@ -455,14 +417,14 @@ def convert(
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
-    paths_root = _paths_root(listing)
-    lines = _path_lines(ok, paths_root)
+    paths_root = paths_root_of(listing)
+    lines = path_lines(ok, paths_root)
     notes = list(listing.notes)
     if lines is None:
         notes.append(f"no {paths_path(out).name}: a source path holds a line break")
-    tmp_beton = _partial(out)
+    tmp_beton = partial_name(out)
     mpath, ppath = manifest_path(out), paths_path(out)
-    tmp_manifest, tmp_paths = _partial(mpath), _partial(ppath)
+    tmp_manifest, tmp_paths = partial_name(mpath), partial_name(ppath)
     try:
         writer = _supervised(DatasetWriter)(
             str(tmp_beton),
@@ -509,7 +471,7 @@ def convert(
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         if lines is not None:
-            _write_lines(tmp_paths, lines)
+            write_lines(tmp_paths, lines)
         tmp_manifest.write_text(json.dumps(manifest, indent=2))
         # Order matters: an old manifest or paths list must never describe the new .beton.
         mpath.unlink(missing_ok=True)
@@ -557,73 +519,6 @@ def reason_counts(skipped: Sequence[dict]) -> dict[str, int]:
 def _same_settings(before: Any, now: dict) -> bool:
     """Manifests from before ``--square`` cropped: they are up to date for ``square=crop``."""
     return isinstance(before, dict) and {"square": "crop", **before} == now
-
-
-# --- source paths: OUT.paths.txt, line i names the file of row i -------------------------------------
-
-def _paths_root(listing: SourceListing) -> Path:
-    root = Path(listing.root)
-    return root.parent if root.is_file() else root  # a CSV source lists paths relative to its folder
-
-
-def _path_lines(records: Sequence[Record], root: Path) -> Optional[list[str]]:
-    """Each record's path relative to ``root`` (as it is when outside it); None when one holds a line
-    break, which a one-path-per-line file cannot say."""
-    lines = []
-    for r in records:
-        p = Path(r.path)
-        line = str(p.relative_to(root)) if p.is_relative_to(root) else r.path
-        if "\n" in line or "\r" in line:
-            return None
-        lines.append(line)
-    return lines
-
-
-def _write_lines(path: Path, lines: Sequence[str]) -> None:
-    # surrogateescape: a file name that is not UTF-8 comes back as the same bytes
-    with open(path, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
-        f.write("".join(line + "\n" for line in lines))
-
-
-def _backfill_paths(out: Path, old: dict, listing: SourceListing) -> None:
-    """An up-to-date .beton converted before the paths list existed gets one without converting again:
-    its rows are the listed records less the skipped ones, in order (the source is unchanged). The
-    manifest gains the ``paths_root`` the lines are relative to, as a conversion writes it."""
-    gone = {s["path"] for s in old.get("skipped", [])}
-    root = _paths_root(listing)
-    lines = _path_lines([r for r in listing.records if r.path not in gone], root)
-    if lines is None or len(lines) != old.get("num_images"):
-        return
-    ppath, mpath = paths_path(out), manifest_path(out)
-    tmp, tmp_manifest = _partial(ppath), _partial(mpath)
-    try:
-        _write_lines(tmp, lines)
-        tmp_manifest.write_text(json.dumps({**old, "paths_root": str(root)}, indent=2))
-        os.replace(tmp_manifest, mpath)  # the root first: a list is never read without it
-        os.replace(tmp, ppath)
-    finally:
-        tmp.unlink(missing_ok=True)
-        tmp_manifest.unlink(missing_ok=True)
-
-
-def source_paths(beton: str | os.PathLike) -> Optional[list[str]]:
-    """The source file of each row of ``beton``, in row order, as ``sslray convert`` wrote them to
-    ``paths_path(beton)``: relative to the manifest's ``paths_root`` (the source folder, or the CSV's
-    folder), absolute for files outside it; ``name#i`` for image ``i`` of a pickle batch. None when
-    there is no such file (converted before it existed, or elsewhere)."""
-    p = paths_path(beton)
-    if not p.is_file():
-        return None
-    with open(p, encoding="utf-8", errors="surrogateescape", newline="") as f:
-        lines = f.read().split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    manifest = read_manifest(beton)
-    if manifest is not None and manifest.get("num_images") != len(lines):
-        raise ConversionError(f"{p} lists {len(lines)} paths but {manifest_path(beton)} counts "
-                              f"{manifest.get('num_images')} images: they are not from one conversion; "
-                              f"convert again with --force")
-    return lines
 
 
 def _jsonable(d: dict) -> dict:
