@@ -101,7 +101,8 @@ def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val
     training run's workers and the probe's subsets, with their default budgets."""
     from .api import Run
     from .raytrain.evaluate import format_table, log_probe, probe_checkpoint
-    from .raytrain.trainer import completed_epochs, pretrain, resumes, run_location
+    from .raytrain.runfolder import completed_epochs, resumes, run_location
+    from .raytrain.trainer import pretrain
     from .tracking import Tracker
 
     if resumes(cfg, restart):
@@ -379,7 +380,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except Exception as e:  # noqa: BLE001 - name the failure, keep the traceback for debugging
         from .datasets import ConversionError, DataError, SourceError
-        from .raytrain.trainer import StorageError
+        from .raytrain.runfolder import StorageError
 
         if isinstance(e, (ConversionError, DataError, SourceError, StorageError)):
             print(f"sslray {args.command}: error: {e}", file=sys.stderr)

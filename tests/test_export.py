@@ -308,7 +308,7 @@ def test_a_resumed_run_no_longer_needs_its_init_file(tmp_path, monkeypatch):
     """`sslray pretrain` checks --init-weights before a fresh run, naming a missing file; a run that
     resumes (its run file is in storage) takes its weights from its checkpoint and starts without it."""
     from sslray import cli, tracking
-    from sslray.raytrain import trainer
+    from sslray.raytrain import runfolder, trainer
 
     cfg = load_config("smoke", {"model.init_weights": str(tmp_path / "gone.pt"), "ray.name": "r",
                                 "ray.storage": str(tmp_path / "runs"), "train.export_backbone": False})
@@ -321,8 +321,8 @@ def test_a_resumed_run_no_longer_needs_its_init_file(tmp_path, monkeypatch):
     assert started == []
 
     (tmp_path / "runs" / "r").mkdir(parents=True)
-    trainer._write_run_file(str(tmp_path / "runs" / "r"), {"run_id": "x", "tracking_uri": "sqlite:///m.db"})
-    assert trainer.resumes(cfg) and not trainer.resumes(cfg, restart=True)
+    runfolder.write_run_file(str(tmp_path / "runs" / "r"), {"run_id": "x", "tracking_uri": "sqlite:///m.db"})
+    assert runfolder.resumes(cfg) and not runfolder.resumes(cfg, restart=True)
     cli.run_pretrain(cfg, probe=False)
     assert started == [False]
     with pytest.raises(FileNotFoundError, match=r"gone\.pt"):  # --restart starts over: the file is needed again

@@ -227,7 +227,7 @@ def test_multinode_cluster_matches_single_node_and_survives_node_loss(cifar_smal
 
 
 def test_unwritable_storage_fails_before_training(tmp_path):
-    from sslray.raytrain.trainer import StorageError, check_storage
+    from sslray.raytrain.runfolder import StorageError, check_storage
 
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")

@@ -206,7 +206,7 @@ def test_the_command_of_a_finished_run_says_it_is_complete_before_ray(tiny_beton
 
     started = []
     monkeypatch.setattr(trainer, "pretrain", lambda cfg, **k: started.append(cfg.train.epochs) or pytest.skip("ok"))
-    import sslray.raytrain.trainer as T
+    import sslray.raytrain.runfolder as T
 
     assert T.completed_epochs(str(run)) == 2
     (run / "epoch_0002" / "state.pt").unlink()  # the newest is then mid-epoch 3: 2 epochs done

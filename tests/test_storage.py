@@ -18,6 +18,7 @@ import torch
 from sslray import storage
 from sslray.cli import main
 from sslray.export import META, WEIGHTS, export_after_training, export_backbone, load_backbone, read_weights
+from sslray.raytrain import runfolder
 from sslray.raytrain.evaluate import find_state, load_checkpoint
 
 from test_export import SMALL, _checkpoint, _same_features
@@ -169,7 +170,6 @@ def test_restart_on_s3_moves_the_old_run_aside_whole(s3_server, monkeypatch):
     with its bytes, nothing stays at the run's name (so the next run starts fresh), and a copy that
     does not arrive whole keeps the originals."""
     from sslray.config import load_config
-    from sslray.raytrain import trainer
 
     root = s3_server.bucket("restart") + "/runs"
     files = {"sslray_run.json": json.dumps({"run_id": "old"}).encode(), "epoch_0001/state.pt": b"a" * 100,
@@ -178,15 +178,15 @@ def test_restart_on_s3_moves_the_old_run_aside_whole(s3_server, monkeypatch):
         _put(f"{root}/r1/{name}", data)
     _put(f"{root}/r10/sslray_run.json", b"{}")  # a run whose name starts with the same letters stays put
     cfg = load_config("smoke", {"ray.name": "r1", "ray.storage": root})
-    assert trainer.resumes(cfg) and not trainer.resumes(cfg, restart=True)
+    assert runfolder.resumes(cfg) and not runfolder.resumes(cfg, restart=True)
 
-    old = trainer.move_aside(f"{root}/r1")
+    old = runfolder.move_aside(f"{root}/r1")
     assert old.startswith(f"{root}/r1.old-")
     for name, data in files.items():
         assert storage.read_text(f"{old}/{name}") == data.decode()
-    assert not storage.exists(f"{root}/r1") and not trainer.resumes(cfg)
+    assert not storage.exists(f"{root}/r1") and not runfolder.resumes(cfg)
     assert storage.exists(f"{root}/r10/sslray_run.json")
-    assert trainer.move_aside(f"{root}/r1") is None  # nothing there: nothing to move
+    assert runfolder.move_aside(f"{root}/r1") is None  # nothing there: nothing to move
 
     # A copy that comes out short: the originals stay where they were.
     _put(f"{root}/r2/epoch_0001/state.pt", b"c" * 50)
@@ -207,7 +207,7 @@ def test_restart_on_s3_moves_the_old_run_aside_whole(s3_server, monkeypatch):
                                                             real_filesystem(loc)[1]))
     with pytest.raises(OSError, match=r"epoch_0001/state.pt was not copied whole \(1 of 50 bytes\); "
                                       r"the originals are kept"):
-        trainer.move_aside(f"{root}/r2")
+        runfolder.move_aside(f"{root}/r2")
     assert storage.read_text(f"{root}/r2/epoch_0001/state.pt") == "c" * 50
 
 
@@ -216,8 +216,6 @@ def test_gcs_run_folder_probe_export_and_restart(gcs, cache, tmp_path, capsys):
     ``gs://`` is fetched (newest checkpoint and run file only), exported to ``gs://`` and loaded from
     there with equal tensors, the older cached copy is dropped when a newer checkpoint appears, and
     ``--restart`` moves the run aside whole."""
-    from sslray.raytrain import trainer
-
     over = {**SMALL, "model.backbone": "resnet10t"}
     model, ckpt = _checkpoint(tmp_path / "local", "simclr_cifar10", over, epoch=2)
     (ckpt.parent / "sslray_run.json").write_text(json.dumps({"run_id": "gcs-run"}))
@@ -241,7 +239,7 @@ def test_gcs_run_folder_probe_export_and_restart(gcs, cache, tmp_path, capsys):
     before = _tree(run)
     assert {"sslray_run.json", "epoch_0001/state.pt", "epoch_0003/state.pt", f"backbone/{WEIGHTS}"} <= set(before) \
         or {"sslray_run.json", "epoch_0001/state.pt", "epoch_0003/state.pt"} <= set(before)
-    old = trainer.move_aside(run)
+    old = runfolder.move_aside(run)
     assert old.startswith(f"{run}.old-") and not storage.exists(run) and _tree(old) == before
 
 
@@ -375,7 +373,7 @@ def test_uri_special_characters_in_a_remote_run_name_are_refused_before_anything
         T.check_remote_name("gs://bkt/my runs", "r1")
     T.check_remote_name(str(tmp_path / "my #runs"), "r#1")  # a local folder takes any name
     cfg = load_config("smoke", ["data.train=/data/my set/cifar train.beton"])
-    assert " " not in T.run_name(cfg) and "cifar_train" in T.run_name(cfg)
+    assert " " not in runfolder.run_name(cfg) and "cifar_train" in runfolder.run_name(cfg)
 
 
 def test_move_tree_refuses_to_move_a_folder_onto_or_into_itself(tmp_path):
@@ -509,14 +507,14 @@ def test_two_restarts_within_a_second_keep_both_old_runs(tmp_path, monkeypatch):
     for data in (b"first", b"second"):
         (tmp_path / "r1").mkdir()
         (tmp_path / "r1" / "state.pt").write_bytes(data)
-        olds.append(trainer.move_aside(str(tmp_path / "r1")))
+        olds.append(runfolder.move_aside(str(tmp_path / "r1")))
     assert olds == [f"{tmp_path}/r1.old-20261124-120000", f"{tmp_path}/r1.old-20261124-120000-2"]
     assert [Path(o, "state.pt").read_bytes() for o in olds] == [b"first", b"second"]
 
 
 def test_a_broken_run_file_is_named_and_the_run_file_is_written_whole(tmp_path, monkeypatch):
     from sslray.config import load_config
-    from sslray.raytrain import trainer as T
+    from sslray.raytrain import runfolder as T
     from sslray.storage import read_text, write_text
 
     cfg = load_config("smoke", ["ray.name=r1", f"ray.storage={tmp_path / 'runs'}"])
@@ -531,7 +529,7 @@ def test_a_broken_run_file_is_named_and_the_run_file_is_written_whole(tmp_path, 
 
 def test_a_tilde_in_storage_is_the_home_folder(tmp_path, monkeypatch):
     from sslray.config import load_config
-    from sslray.raytrain.trainer import run_location
+    from sslray.raytrain.runfolder import run_location
     from sslray.storage import absolute
 
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -647,7 +645,7 @@ def test_a_local_storage_other_nodes_cannot_see_is_refused_before_training(tmp_p
     only there, and the run failed at its first checkpoint, an epoch later, on a worker node."""
     import ray
 
-    import sslray.raytrain.trainer as T
+    import sslray.raytrain.runfolder as T
 
     cpu = {"CPU": 8.0}
     nodes = [{"NodeID": "a" * 56, "Alive": True, "NodeManagerAddress": "10.0.0.1", "Resources": cpu},
@@ -682,7 +680,7 @@ def test_a_local_storage_other_nodes_cannot_see_is_refused_before_training(tmp_p
 def test_nodes_without_asks_each_node_for_the_file(ray_cluster, tmp_path):
     import ray
 
-    from sslray.raytrain.trainer import nodes_without
+    from sslray.raytrain.runfolder import nodes_without
 
     me = [n for n in ray.nodes() if n["Alive"]]
     (tmp_path / "here").write_text("ok")
