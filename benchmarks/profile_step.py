@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     cfg = T.row_config(row, batch, res, total, 1, args.set, args.tiny).replace(**{"train.epochs": 1})
     ds, _ = T.real_dataset(res, args.tiny, args.cache_dir, device)
     from sslray.datasets.resident import ResidentLoader
-    from sslray.raytrain.loop import Data
+    from sslray.raytrain.data import Data
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     prof = profile(activities=acts)

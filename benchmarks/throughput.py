@@ -93,7 +93,7 @@ def real_dataset(res: int, tiny: bool, cache: str, device: torch.device):
 
 
 def measure(cfg, device, make_data, runs: int) -> dict:
-    from sslray.raytrain.loop import Data  # noqa: F401
+    from sslray.raytrain.data import Data  # noqa: F401
 
     _, hist, peak = C.run_loop(cfg, device, make_data)
     rates = [m["images_per_sec"] for m in hist[1:]]  # epoch 1 = warm-up
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     steps = args.steps or (1 if args.tiny else 30)
     rows = ROWS if not args.rows else [ROWS[int(i) - 1] for i in args.rows.split(",")]
     from sslray.datasets.resident import ResidentLoader
-    from sslray.raytrain.loop import Data
+    from sslray.raytrain.data import Data
 
     cmp_col = f" vs {' '.join(args.compare)} |" if args.compare else ""
     lines = ["| step | batch | px | data path | images/s (median) | runs | real / synthetic | peak memory |" + cmp_col,

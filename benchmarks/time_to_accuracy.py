@@ -62,7 +62,7 @@ def load_cifar(tiny: bool, cache: str, device):
 def run_method(method: str, args, clock0: float, device) -> list[dict]:
     from sslray.config import load_config
     from sslray.datasets.resident import ResidentLoader
-    from sslray.raytrain.loop import Data
+    from sslray.raytrain.data import Data
 
     over = [f"train.knn_every={args.knn_every}", "train.log_every=0", "data.train=", "data.val=",
             "ray.num_workers=1", "train.knn_k=200"]

@@ -175,7 +175,7 @@ def test_accum_steps_is_a_positive_integer(cifar_small):
         with pytest.raises(ConfigError, match="train.accum_steps"):
             load_config("smoke", [f"train.accum_steps={bad}"])
     assert load_config("smoke").train.accum_steps == 1
-    from sslray.raytrain.loop import plan_data
+    from sslray.raytrain.data import plan_data
 
     cfg = load_config("smoke", [f"data.train={cifar_small['train']}", "data.train_subset=64", "data.val=",
                                 "train.accum_steps=4"])

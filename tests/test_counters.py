@@ -3,6 +3,7 @@ mirror, so frozen windows, queue pointers and warm-ups resume where they were.""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sslray.raytrain.methods._counters import add_counters, counter, set_counter
@@ -60,7 +61,7 @@ def _same(a: tuple, b: tuple) -> bool:
 
 def test_restore_rng_derives_a_per_rank_stream_when_the_checkpoint_has_fewer_ranks():
     """Catches a resume on more workers reusing a saved stream, or a derived seed ignoring rank or step."""
-    from sslray.raytrain.loop import rank_seed, restore_rng, rng_state, seed_everything, set_rng_state
+    from sslray.raytrain.rng import rank_seed, restore_rng, rng_state, seed_everything, set_rng_state
 
     outer = rng_state()
     try:
@@ -98,7 +99,7 @@ def test_restore_rng_derives_a_per_rank_stream_when_the_checkpoint_has_fewer_ran
 
 def test_restore_rng_gives_each_rank_its_own_saved_state():
     """Catches restore_rng handing a rank another rank's saved streams (or rank 0's "rng") back."""
-    from sslray.raytrain.loop import restore_rng, rng_state, seed_everything, set_rng_state
+    from sslray.raytrain.rng import restore_rng, rng_state, seed_everything, set_rng_state
 
     outer = rng_state()
     try:
@@ -121,7 +122,7 @@ def test_the_gpu_stream_is_this_rank_s_own_device_and_an_old_list_does_not_break
     """Ray shows a worker every GPU of its group on the node: saving all of them and restoring them by
     index raised IndexError on every rank of a resume with fewer GPUs per node. One state, this device's
     generator, is saved and restored; an earlier checkpoint's list gives this device's entry if it has one."""
-    from sslray.raytrain.loop import restore_rng, rng_state, set_rng_state
+    from sslray.raytrain.rng import restore_rng, rng_state, set_rng_state
 
     saved_by = {}
     set_calls = []

@@ -36,7 +36,7 @@ def _global_views(seed: int = 7):
 
 
 def _build(cfg):
-    from sslray.raytrain.loop import seed_everything
+    from sslray.raytrain.rng import seed_everything
     from sslray.raytrain.methods import create_method
 
     seed_everything(0)

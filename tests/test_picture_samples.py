@@ -71,7 +71,7 @@ def run_pictures(cfg, world: int = 1):
     the bank, as ``build_data`` does on rank 0 of that many workers."""
     from sslray.datasets.loader import eval_slice, make_loader
     from sslray.datasets.views import eval_transform
-    from sslray.raytrain.loop import build_data
+    from sslray.raytrain.data import build_data
     from sslray.raytrain.pictures import RunPictures
     from sslray.raytrain.session import LocalSession
 

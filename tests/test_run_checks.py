@@ -230,7 +230,7 @@ def test_train_wall_seconds_adds_up_the_segments_of_a_resumed_run(tmp_path):
 def test_subsets_larger_than_the_data_are_said_once(tiny_betons):
     """The CPU demo recipe asks for 8,000 training images: on a 1,500-image .beton all were used without
     a word while MLflow recorded 8000. The plan says so (the loop logs it on rank 0)."""
-    from sslray.raytrain.loop import plan_data
+    from sslray.raytrain.data import plan_data
 
     cfg = load_config("smoke", [f"data.train={tiny_betons['train']}", f"data.val={tiny_betons['val']}",
                                 "data.batch_size=8", "data.train_subset=100", "data.val_subset=5", "data.knn_bank=500"])

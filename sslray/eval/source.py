@@ -195,7 +195,7 @@ def _settings(backbone: str, crop: int, mean, std, data: Sequence[str], opts: So
 
 
 def _seeded(cfg, build: Callable[[], Any], offset: int):
-    from ..raytrain.loop import seed_everything
+    from ..raytrain.rng import seed_everything
 
     seed_everything(cfg.train.seed + offset)
     return build()

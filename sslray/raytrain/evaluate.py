@@ -15,7 +15,7 @@ from ..datasets.loader import check_same_classes, dataset_info, make_loader
 from ..datasets.views import eval_transform
 from ..storage import check_one_run, checkpoint_order, fetch_checkpoint, is_remote
 from .knn import knn_accuracy
-from .loop import seed_everything
+from .rng import seed_everything
 from .methods import create_method
 from .probe import ProbeResult
 from .session import STATE_FILE, pick_device

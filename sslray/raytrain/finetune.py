@@ -107,7 +107,7 @@ def finetune_loop(c: dict, session) -> dict:
     from ..datasets.views import BACKENDS, eval_transform
     from .evaluate import load_checkpoint, random_init_model
     from .finetuned import save_classifier
-    from .loop import rank_seed, seed_everything
+    from .rng import rank_seed, seed_everything
     from .optim import warmup_cosine
 
     s = FinetuneSettings(**c["settings"])

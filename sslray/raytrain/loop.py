@@ -8,22 +8,18 @@ with per-iteration warmup-cosine lr. Each epoch: kNN monitor on the val split, t
 from __future__ import annotations
 
 import math
-import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 
 from ..config import Config, effective_batch, effective_lr, from_dict
-from ..datasets.loader import DataError, check_same_classes, dataset_info, eval_slice, make_loader, subset_indices
-from ..datasets.resident import make_resident_loader
 from ..datasets.views import build_views, eval_transform
 from . import distributed as D
-from .accum import Accumulator, coupling_note, plan_steps
+from .accum import Accumulator, coupling_note
 from .amp import autocast_for, grad_scaler, resolve_precision
+from .data import Data, build_data
 from .knn import extract_features, knn_accuracy
 from .memory import SSLOutOfMemoryError, auto_batch, explain_oom
 from .methods import compile_method, create_method
@@ -33,167 +29,15 @@ from .online_probe import OnlineProbe
 from .optim import (clip_gradients, load_optimizer_state, optimizer_from_config, set_lr, set_weight_decay,
                     warmup_cosine, weight_decay_at)
 from .pictures import RunPictures
+from .rng import rank_seed, restore_rng, rng_state, seed_everything
 
 __all__ = ["NonFiniteLossError", "train_loop", "run_local", "train_func"]
-
-
-@dataclass
-class Data:
-    train: object
-    bank: object
-    val: object
-    num_classes: int
-    steps_per_epoch: int  # optimizer steps; each takes train.accum_steps loader batches
-    # The whole kNN bank and val split as (path, indices or None for all, images in the file): rank 0's
-    # pictures draw spread samples of them (RunPictures), as its own loaders hold one slice each.
-    bank_split: Optional[tuple] = None
-    val_split: Optional[tuple] = None
-
-
-@dataclass
-class DataPlan:
-    """What the data's headers decide before any image is read: the splits, the training subset, the
-    per-worker batch and the class list."""
-    train_info: object
-    val_info: object
-    train_idx: Optional[np.ndarray]
-    n_train: int
-    per_worker: int
-    classes: list
-
-    def notes(self, d) -> list[str]:
-        """Subsets asked for beyond what the splits hold (``d``: the data config): all is used then,
-        said once (the run's params keep the number asked for)."""
-        out = []
-        val_n = self.val_info.num_images if self.val_info is not None else None
-        for key, asked, have in (("data.train_subset", d.train_subset, self.train_info.num_images),
-                                 ("data.val_subset", d.val_subset, val_n),
-                                 ("data.knn_bank", d.knn_bank, self.n_train if val_n is not None else None)):
-            if have is not None and asked > have:
-                out.append(f"{key} {asked} is more than the {have} images there: all {have} are used")
-        return out
-
-
-def plan_data(cfg: Config, world: int, check_batch: bool = True) -> DataPlan:
-    """The checks the workers would otherwise make after Ray started: readable splits with the same
-    classes, labels where the kNN monitor and online probe need them, a batch that divides over the
-    workers and fits the data. ``sslray pretrain`` runs it before Ray (without the batch checks under
-    ``data.auto_batch``, where the loop picks the batch); every worker runs it again."""
-    d = cfg.data
-    if check_batch and d.batch_size % world:
-        raise ValueError(f"config key 'data.batch_size' ({d.batch_size}) must divide evenly over {world} workers")
-    train_info = dataset_info(d.train)
-    val_info = dataset_info(d.val) if d.val else None
-    classes = train_info.classes
-    if val_info is not None:
-        for key, info in (("data.val", val_info), ("data.train", train_info)):
-            if not info.classes:
-                raise DataError(f"{key}={info.path} has no class labels, but a val split is given: the kNN monitor and "
-                                "the online probe score the val images against labelled training images. Drop "
-                                "data.val (--val) to pretrain without labels, or convert that split from class folders")
-        classes = check_same_classes(train_info, val_info)
-    train_idx = subset_indices(train_info.num_images, d.train_subset, cfg.train.seed)
-    n_train = train_info.num_images if train_idx is None else len(train_idx)
-    per_worker = d.batch_size // world
-    if check_batch and n_train // world < per_worker:
-        raise ValueError(
-            f"data.batch_size {d.batch_size} is larger than the {n_train} training images allow over {world} workers"
-        )
-    k = cfg.train.accum_steps
-    if check_batch and k > 1 and n_train // world < per_worker * k:
-        raise ValueError(f"config key 'train.accum_steps' ({k}) times data.batch_size {d.batch_size} is more than the "
-                         f"{n_train} training images allow over {world} workers: no optimizer step would be taken")
-    return DataPlan(train_info, val_info, train_idx, n_train, per_worker, classes)
-
-
-def build_data(cfg: Config, session) -> Data:
-    d, world = cfg.data, session.world_size
-    plan = plan_data(cfg, world)
-    for note in plan.notes(d):
-        session.log(f"sslray: note: {note}")
-    train_info, val_info, train_idx, n_train, per_worker = (plan.train_info, plan.val_info, plan.train_idx,
-                                                            plan.n_train, plan.per_worker)
-    common = dict(res=d.decode_res, device=session.device, num_workers=d.loader_workers, distributed=world > 1,
-                  os_cache=d.os_cache, batches_ahead=d.batches_ahead)
-    load = make_resident_loader if d.resident else make_loader
-    train = load(d.train, per_worker, train=True, seed=cfg.train.seed, indices=train_idx, **common)
-    bank = val = bank_split = val_split = None
-    classes = plan.classes
-    if val_info is not None:
-        bank_n = d.knn_bank or n_train
-        bank_idx = train_idx if bank_n >= n_train else (
-            subset_indices(train_info.num_images, bank_n, cfg.train.seed) if train_idx is None
-            else np.sort(np.random.default_rng(cfg.train.seed + 1).choice(train_idx, bank_n, replace=False)))
-        val_idx = subset_indices(val_info.num_images, d.val_subset, cfg.train.seed)
-        eval_bs = max(per_worker, 256)
-        # Each rank scores its own slice, every image once: a distributed loader pads the last shard with
-        # repeats, which the kNN monitor and the online probe would count twice.
-        ev = {**common, "distributed": False}
-        r = (session.rank, world)
-        bank = load(d.train, eval_bs, train=False, indices=eval_slice(bank_idx, train_info.num_images, *r), **ev)
-        val = load(d.val, eval_bs, train=False, indices=eval_slice(val_idx, val_info.num_images, *r), **ev)
-        bank_split, val_split = (d.train, bank_idx, train_info.num_images), (d.val, val_idx, val_info.num_images)
-    steps, note = plan_steps(len(train), cfg.train.accum_steps, cfg.train.max_steps_per_epoch)
-    if note:
-        session.log(f"sslray: note: {note}")
-    return Data(train, bank, val, len(classes), steps, bank_split, val_split)
-
-
-def rng_state(device: Optional[torch.device] = None) -> dict:
-    """This process's random streams; on a GPU, the generator of ``device`` only (the one it trains on).
-    Ray shows each worker every GPU its group holds on the node, so the state of all visible devices
-    would not fit a resume on another layout (fewer GPUs per node, another node type)."""
-    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if device is not None and device.type == "cuda":
-        s["cuda"] = torch.cuda.get_rng_state(device)
-    return s
-
-
-def set_rng_state(s: dict, device: Optional[torch.device] = None) -> None:
-    torch.set_rng_state(s["torch"].cpu())
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    cuda = s.get("cuda")
-    if cuda is None or device is None or device.type != "cuda":
-        return
-    if isinstance(cuda, (list, tuple)):
-        # Checkpoints of earlier versions hold every visible device's state: this device's index, where
-        # the saved list has one (the layout matches), else the stream seeded at the start is kept.
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        cuda = cuda[index] if index < len(cuda) else None
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda.cpu(), device)
 
 
 def region(name: str):
     """A named torch.profiler range around one part of the step (benchmarks/profile_step.py reports
     ops, host and device time per part); a no-op unless a profiler is recording."""
     return torch.profiler.record_function(name) if torch.autograd._profiler_enabled() else nullcontext()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rank_seed(seed: int, rank: int, step: int = 0) -> int:
-    """The seed of one rank's own random stream (its views, masks and crops) from global step ``step``."""
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
-
-
-def restore_rng(state: dict, rank: int, seed: int, device: Optional[torch.device] = None) -> None:
-    """Put this rank's random streams back as the checkpoint left them: its own saved state when the
-    checkpoint holds one per rank, else rank 0's (a one-process checkpoint), else a stream derived from
-    the seed, the rank and the step (a run resumed on more workers than it saved). ``device``: the GPU
-    this rank trains on, whose generator gets the saved GPU stream."""
-    per_rank = state.get("rng_ranks") or []
-    if rank < len(per_rank):
-        set_rng_state(per_rank[rank], device)
-    elif rank == 0:
-        set_rng_state(state["rng"], device)
-    else:
-        seed_everything(rank_seed(seed, rank, int(state["step"])))
 
 
 def knn_monitor(model, data: Data, cfg: Config, session, evalT) -> dict:

@@ -58,7 +58,7 @@ def check_data(cfg: Config):
     import ray
 
     from ..datasets.loader import DataError, square_note
-    from .loop import plan_data
+    from .data import plan_data
 
     if not cfg.data.train:
         raise DataError("data.train: no dataset given (expected a .beton written by `sslray convert`, or an "
