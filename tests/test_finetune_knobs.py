@@ -181,6 +181,25 @@ def test_ft_save_writes_the_trained_classifier_and_it_loads_back(ckpt, cifar_sma
         assert torch.equal(backbone(x), trained.backbone(x))
 
 
+def test_ft_save_to_object_storage_uploads_the_classifier_and_it_loads_back(ckpt, cifar_small, spy, s3_server,
+                                                                            tmp_path, monkeypatch, one_thread):
+    """`--ft-save s3://bucket/clf` on a cluster whose storage is object storage: it was a local folder only."""
+    from sslray import storage
+    from sslray.raytrain.finetuned import HEAD_WEIGHTS, load_classifier
+
+    monkeypatch.setattr(storage, "cache_root", lambda: tmp_path / "cache")
+    out = s3_server.bucket("ftsave") + "/team/clf"
+    _run(ckpt, cifar_small, FinetuneSettings(**TINY, save=out))
+    assert storage.list_files(out) == sorted(["backbone.json", "backbone.safetensors", HEAD_WEIGHTS])
+    net, meta = load_classifier(out)  # read back through the local cache
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(net(x), spy.nets[0].eval()(x))
+    monkeypatch.setattr(finetune, "finetune_loop", lambda *a: pytest.fail("trained before the check"))
+    with pytest.raises(FileExistsError, match=f"{out} already holds files"):  # never over another classifier
+        _run(ckpt, cifar_small, FinetuneSettings(**TINY, save=out + "/"))
+
+
 def test_ft_save_refuses_a_folder_with_files_before_training(ckpt, cifar_small, tmp_path, monkeypatch):
     out = tmp_path / "taken"
     out.mkdir()

@@ -65,7 +65,7 @@ def add_protocol_args(p, ft_workers: str, title: str = "protocol settings") -> N
                    help="finetune: stochastic depth rate (timm drop_path_rate; ViTs, ResNets, ConvNeXts)")
     p.add_argument("--ft-save", metavar="DIR",
                    help="finetune: write the fine-tuned pretrained-init classifier (backbone + head, the `sslray "
-                        "export` format plus head.safetensors) to DIR, a new or empty folder")
+                        "export` format plus head.safetensors) to DIR, a new or empty folder or s3:// / gs:// URI")
     p.add_argument("--lin-epochs", type=int, default=100, help="linear_sgd: epochs of the frozen-backbone linear head")
     p.add_argument("--lin-max-steps", type=int, default=0, help="linear_sgd: cap on optimizer steps (0: none)")
     p.add_argument("--lin-batch-size", type=int, default=256, help="linear_sgd: global batch")

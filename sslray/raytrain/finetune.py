@@ -260,7 +260,7 @@ def run_finetune(state_path: str, train: str, val: str, init: str, s: FinetuneSe
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .finetuned import check_save_dir
+    from .finetuned import check_save_dir, keep_saved
     from .methods import import_plugins
     from .trainer import ensure_ray, worker_runtime_env
 
@@ -293,7 +293,7 @@ def run_finetune(state_path: str, train: str, val: str, init: str, s: FinetuneSe
         raise RuntimeError(f"{s.protocol} ({init}): the Ray Train run in {storage} reported no final scores")
     if save:  # out of the final checkpoint, before a temporary storage folder goes
         with result.checkpoint.as_directory() as d:
-            shutil.copytree(Path(d, SAVED), check_save_dir(s.save), dirs_exist_ok=True)
+            keep_saved(Path(d, SAVED), s.save)
     if not s.storage:  # a folder made for this fit: its checkpoints are not kept
         shutil.rmtree(storage, ignore_errors=True)
     return metrics
@@ -335,14 +335,18 @@ def run_local_finetune(state_path: str, train: str, val: str, init: str, s: Fine
 
 def local_session(use_gpu: str = "auto", printer: Optional[Callable] = None, save_dir: Optional[str] = None):
     """A session for ``finetune_loop`` outside Ray: each report lands in its ``history``; no checkpoints.
-    The loop's classifier, when it hands one over, is written to ``save_dir``."""
+    The loop's classifier, when it hands one over, is written to ``save_dir`` (as ``run_finetune`` does:
+    into a folder of its own, then kept there)."""
+    from .finetuned import keep_saved
     from .session import LocalSession
 
     class _S(LocalSession):
         def report(self, metrics, state=None, final=False, save=None):
             self.history.append(dict(metrics))
             if save is not None and save_dir:
-                save(Path(save_dir))
+                with tempfile.TemporaryDirectory(prefix="sslray-classifier-") as d:
+                    save(Path(d, SAVED))
+                    keep_saved(Path(d, SAVED), save_dir)
 
     return _S(None, use_gpu, printer or print)
 

@@ -9,7 +9,8 @@ backbone as it reads a pretrained one, with one file more beside it:
 - ``head.safetensors``: the linear head (``weight``, ``bias``); ``backbone.json``'s ``head`` entry
   names the file, the class count and the class names in label order.
 
-``load_classifier(DIR)`` rebuilds backbone + head as the ``Classifier`` that was trained.
+``load_classifier(DIR)`` rebuilds backbone + head as the ``Classifier`` that was trained. ``DIR`` may
+be object storage (``s3://bucket/classifier``): the files are written locally, then uploaded.
 """
 
 from __future__ import annotations
@@ -25,12 +26,42 @@ from torch import nn
 HEAD_WEIGHTS = "head.safetensors"
 
 
-def check_save_dir(path: str | os.PathLike, option: str = "--ft-save (finetune.save)") -> Path:
-    """``path`` as a folder the classifier may be written into: absent, or an empty folder."""
+# The upload order: a reader that finds backbone.json (written last) finds the whole classifier.
+SAVED_FILES = (HEAD_WEIGHTS, "backbone.safetensors", "backbone.json")
+
+
+def check_save_dir(path: str | os.PathLike, option: str = "--ft-save (finetune.save)") -> str | Path:
+    """``path`` as a folder the classifier may be written into: absent, or an empty folder (a URI: no
+    object under it)."""
+    from ..storage import filesystem, is_remote
+
+    if is_remote(path):
+        import pyarrow.fs as pafs
+
+        uri = str(path).rstrip("/")
+        fs, where = filesystem(uri)
+        if fs.get_file_info(pafs.FileSelector(where, allow_not_found=True)):
+            raise FileExistsError(f"{option}: {uri} already holds files; give a new or empty folder")
+        return uri
     p = Path(path)
     if p.exists() and (not p.is_dir() or any(p.iterdir())):
         raise FileExistsError(f"{option}: {p} exists and is not an empty folder; give a new or empty one")
     return p
+
+
+def keep_saved(folder: Path, dest: str | os.PathLike) -> None:
+    """The classifier ``save_classifier`` wrote into ``folder`` (a checkpoint's, or a temporary one) to
+    ``dest``: a local folder, or object storage (uploaded file by file, ``backbone.json`` last)."""
+    import shutil
+
+    from ..storage import is_remote, join, upload
+
+    out = check_save_dir(dest)
+    if not is_remote(dest):
+        shutil.copytree(folder, out, dirs_exist_ok=True)
+        return
+    for name in SAVED_FILES:
+        upload(folder / name, join(str(out), name))
 
 
 def save_classifier(net: nn.Module, cfg, classes: list[str], out: str | os.PathLike, *, checkpoint: str,
@@ -68,10 +99,10 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu")
     class names are ``meta["head"]["classes"]``."""
     from safetensors.torch import load_file
 
-    from ..export import load_backbone
+    from ..export import load_backbone, local_export
     from .classifier import Classifier
 
-    folder = Path(path)
+    folder = local_export(path)  # a URI: copied into the local cache first
     backbone, meta = load_backbone(folder)
     head: Optional[dict] = meta.get("head")
     if not head or not (folder / head.get("file", HEAD_WEIGHTS)).exists():
@@ -82,4 +113,4 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu")
     return net.to(device).eval(), meta
 
 
-__all__ = ["HEAD_WEIGHTS", "check_save_dir", "load_classifier", "save_classifier"]
+__all__ = ["HEAD_WEIGHTS", "check_save_dir", "keep_saved", "load_classifier", "save_classifier"]
