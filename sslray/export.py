@@ -107,7 +107,8 @@ def export_backbone(checkpoint: str | os.PathLike, out: str | os.PathLike, which
 
 def rebuild_meta(backbone: nn.Module, cfg) -> dict[str, Any]:
     """The metadata keys that rebuild ``backbone`` (format, timm name and kwargs, CIFAR stem, width)
-    and feed it (input size, the run's eval normalisation)."""
+    and feed it (input size, the run's eval normalisation); ``seed``: the run's ``train.seed``, which
+    ``sslray eval`` of the export seeds its random-init baseline and subsets with, as for the checkpoint."""
     from .datasets.views import eval_transform
 
     tf = eval_transform(cfg.views)
@@ -120,6 +121,7 @@ def rebuild_meta(backbone: nn.Module, cfg) -> dict[str, Any]:
         "input_size": int(cfg.views.crop_size),
         "mean": [round(float(v), 6) for v in tf.mean.flatten()],
         "std": [round(float(v), 6) for v in tf.std.flatten()],
+        "seed": int(cfg.train.seed),
     }
 
 

@@ -8,6 +8,7 @@ import re
 import shutil
 import tarfile
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 
@@ -153,7 +154,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def tiny_checkpoint(cifar_small: dict, root: Path, experiment: str) -> dict:
+def tiny_checkpoint(cifar_small: dict, root: Path, experiment: str, overrides: Sequence[str] = ()) -> dict:
     """A checkpoint trained for 2 SimCLR steps in one process (no Ray), inside a run folder that names an
     MLflow run the way `sslray pretrain` does (sslray_run.json), for the probe and eval tests."""
     import json
@@ -163,7 +164,7 @@ def tiny_checkpoint(cifar_small: dict, root: Path, experiment: str) -> dict:
     from sslray.tracking import Tracker
 
     cfg = load_config("smoke", [f"data.train={cifar_small['train']}", "data.val=", "train.epochs=1",
-                                "train.max_steps_per_epoch=2", "ray.use_gpu=false"])
+                                "train.max_steps_per_epoch=2", "ray.use_gpu=false", *overrides])
     run_local(cfg, str(root / "run" / "checkpoints"))
     uri = f"sqlite:///{root / 'mlflow.db'}"
     tracker = Tracker.start(uri, experiment, "tiny")

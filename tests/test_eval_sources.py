@@ -77,6 +77,26 @@ def test_an_export_scores_exactly_what_its_checkpoint_scores(sources, cifar_smal
     assert b.checkpoint == str(sources["export"] / "backbone.safetensors")
 
 
+def test_an_exports_random_init_baseline_and_subsets_are_its_runs(cifar_small, tmp_path, one_thread):
+    """backbone.json records the run's train.seed: an export's random-init baseline (and its subsets) were
+    seeded with 0 whatever the run's seed, so only its pretrained numbers were the checkpoint's."""
+    import json
+
+    from sslray.export import META, export_backbone
+
+    ck = tiny_checkpoint(cifar_small, tmp_path, "eval-sources-seed", ["train.seed=7"])
+    export = export_backbone(ck["state"], tmp_path / "exported")
+    assert json.loads((export / META).read_text())["seed"] == 7
+    a, b = _store(ck["state"], cifar_small), _store(export, cifar_small)
+    assert b.cfg.train.seed == a.cfg.train.seed == 7
+    for split in ("train_x", "val_x"):
+        np.testing.assert_array_equal(getattr(b.get("random_init"), split), getattr(a.get("random_init"), split))
+    old = json.loads((export / META).read_text())
+    del old["seed"]  # an export written before the seed was recorded reads as seed 0
+    (export / META).write_text(json.dumps(old))
+    assert _store(export, cifar_small).cfg.train.seed == 0
+
+
 def test_timm_with_another_tools_state_dict_scores_what_the_export_scores(sources, cifar_small):
     opts = SourceOptions(weights=str(sources["other"]))
     tm, ex = _store("timm:resnet18", cifar_small, opts), _store(sources["export"], cifar_small)

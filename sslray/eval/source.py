@@ -219,7 +219,8 @@ def _export(path: str, opts: SourceOptions, data: Sequence[str]) -> EncoderSourc
     im_mean, im_std = _imagenet()
     mean = opts.mean or tuple(meta.get("mean") or ()) or im_mean
     std = opts.std or tuple(meta.get("std") or ()) or im_std
-    cfg = _settings(meta["backbone"], crop, mean, std, data, opts)
+    # The run's seed (exports from before it was recorded: 0): the baseline and subsets are the checkpoint's
+    cfg = _settings(meta["backbone"], crop, mean, std, data, opts).replace(**{"train.seed": int(meta.get("seed", 0))})
     ident = {"kind": "export", "weights": _file_id(str(weights)),
              "build": {k: meta[k] for k in ("backbone", "cifar_stem", "timm_kwargs")}}
     return EncoderSource("export", path, str(weights), cfg, ident, folder, _given(opts, "backbone.json"),
