@@ -217,6 +217,22 @@ def test_requirements_match_setup_cfg():
     assert not missing, f"cluster/requirements.txt lacks {missing}"
 
 
+def test_every_source_folder_is_a_package_the_wheel_holds():
+    """`pip install .` (the cluster image) packs what setup.cfg's `packages = find:` finds: a folder of
+    modules without __init__.py is left out with all below it. sslray/raytrain had none, so the installed
+    sslray had no training code (jobs worked only because the submitted working_dir came first)."""
+    import configparser
+
+    from setuptools import find_packages
+
+    cp = configparser.ConfigParser()
+    cp.read(REPO / "setup.cfg")
+    include = cp["options.packages.find"]["include"].replace(",", " ").split()
+    found = set(find_packages(str(REPO), include=include))
+    folders = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "sslray").rglob("*.py")}
+    assert folders - found == set()
+
+
 # ----------------------------------------------------------------------------- Dockerfile
 
 DOCKER_KEYWORDS = {"FROM", "RUN", "CMD", "LABEL", "MAINTAINER", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT",
