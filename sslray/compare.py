@@ -106,8 +106,9 @@ SOURCES = {"knn_top1": ("probe_knn_top1", "eval_knn_k200_top1"),
 
 
 def source_metric(r: "RunRecord", key: str) -> str:
-    """The MLflow metric a probe column shows for this run (the first of ``SOURCES[key]`` it has)."""
-    return next((m for m in SOURCES[key] if m in r.metrics), SOURCES[key][0])
+    """The MLflow metric a probe column shows for this run: the first of ``SOURCES[key]`` it holds a
+    number for (a probe re-run without its baseline leaves ``gain_*`` NaN, and eval's may hold one)."""
+    return next((m for m in SOURCES[key] if not math.isnan(_num(r.metrics.get(m)))), SOURCES[key][0])
 
 
 def _metric(r: "RunRecord", key: str) -> float:

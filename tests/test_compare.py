@@ -188,6 +188,9 @@ def test_eval_metrics_fill_the_probe_columns_and_study_parents_are_skipped():
     assert (rows["b"]["knn_top1"], rows["b"]["linear_top1"], rows["b"]["macro_f1"], rows["b"]["gain_linear_top1"]) \
         == (0.6, 0.7, 0.65, 0.3)
     assert math.isnan(rows["a"]["linear_top1"])
+    # a probe re-run without its baseline cleared gain_linear_top1 (NaN): eval's gain shows instead
+    cleared = _rec("e", "byol", metrics={"gain_linear_top1": float("nan"), "eval_gain_linear_top1": 0.31})
+    assert build_rows([cleared])[0]["gain_linear_top1"] == 0.31
 
 
 def test_ui_command_points_mlflow_at_the_store(tmp_path):
