@@ -75,9 +75,10 @@ def pretrain(cfg: "Config", *, probe: bool = True, restart: bool = False, evalua
     (``"linear,knn,lowshot"``...). The same ``cfg.ray.name`` resumes; ``restart=True`` starts over.
     ``baseline=False``: no random-init baseline; ``linear_c``: the linear probes' C, chosen on held-out
     train features when several are given (``--no-baseline``, ``--linear-c``). ``eval_settings``: the
-    protocols' settings, as ``run_eval`` takes them (``{"knn_ks": [20], "linear_sgd":
-    linear_sgd_settings(FinetuneSettings(), epochs=20)}``; the ``--knn-k``, ``--ft-*`` and ``--lin-*``
-    flags); unset Ray-trained budgets run on the training run's workers."""
+    protocols' settings, as ``run_eval`` takes them (``{"knn_ks": [20], "finetune": FinetuneSettings(
+    epochs=5, num_workers=4, use_gpu="true")}``; the ``--knn-k``, ``--ft-*`` and ``--lin-*`` flags);
+    a Ray-trained protocol left out runs its default budget on the training run's workers, device and seed
+    and the probe's subsets (``linear_sgd`` without its own: ``linear_sgd_settings(finetune)``)."""
     from .cli import run_pretrain
     from .config import absolute_paths
 

@@ -124,6 +124,8 @@ def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val
         init_backbone(create_method(cfg), cfg.model.init_weights)
     if eval_protocols and not cfg.data.val:  # every protocol scores on a val split
         raise ValueError(f"--eval {eval_protocols} scores the checkpoint on a val split: give --val")
+    if eval_settings and not eval_protocols:
+        raise ValueError("eval_settings are the settings of the evaluate= protocols, and none were given")
     if eval_protocols:  # a bad setting (or --ft-save folder) fails now, not after hours of training
         from .eval.protocols import check_settings, parse_protocols
 
@@ -191,9 +193,18 @@ def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val
 def eval_defaults(cfg, train_subset: int, val_subset: int, settings: Optional[Mapping[str, Any]] = None) -> dict:
     """``pretrain --eval``'s protocol settings: ``settings``, and for the Ray-trained protocols not given
     there the default budgets on the training run's workers, device and seed and the probe's subsets."""
+    import dataclasses
+
+    from .eval.protocols import EvalContext
     from .raytrain.finetune import FinetuneSettings, linear_sgd_settings
 
     out = dict(settings or {})
+    # pretrain's own arguments (linear_c, baseline, the probe's subsets) and the store are not settings
+    known = {f.name for f in dataclasses.fields(EvalContext)} - {"store", "log", "linear_c", "baseline"}
+    unknown = sorted(set(out) - known)
+    if unknown:
+        raise ValueError(f"eval_settings: {', '.join(unknown)} is not a protocol setting; expected some of "
+                         f"{', '.join(sorted(known))} (linear_c, baseline and the subsets are pretrain's arguments)")
     if out.get("finetune") is None:
         out["finetune"] = FinetuneSettings(num_workers=cfg.ray.num_workers, cpus_per_worker=cfg.ray.cpus_per_worker,
                                            use_gpu=cfg.ray.use_gpu, seed=cfg.train.seed, train_subset=train_subset,

@@ -4,6 +4,7 @@ protocol (frozen backbone, SGD head), on a tiny checkpoint of real CIFAR-10 subs
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -277,6 +278,24 @@ def test_pretrain_checks_its_eval_settings_before_training(flags, message, tmp_p
     monkeypatch.setattr(trainer, "pretrain", lambda *a, **k: pytest.fail("trained before the check"))
     assert main(_pretrain_argv(tmp_path, *flags)) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("protocols, settings, message", [
+    ("knn", {"knn_k": [5]}, "eval_settings: knn_k is not a protocol setting"),  # a typo of knn_ks
+    ("knn", {"baseline": False}, "baseline and the subsets are pretrain's arguments"),
+    (None, {"knn_ks": [5]}, "eval_settings are the settings of the evaluate= protocols, and none were given"),
+])
+def test_the_apis_eval_settings_are_checked_before_training(protocols, settings, message, tmp_path, monkeypatch):
+    """`sslray.pretrain(cfg, evaluate="knn", eval_settings={"knn_k": [5]})` failed only after training."""
+    import sslray
+    from sslray.config import load_config
+    from sslray.raytrain import trainer
+
+    monkeypatch.setattr(trainer, "pretrain", lambda *a, **k: pytest.fail("trained before the check"))
+    cfg = load_config("smoke", [f"data.train={tmp_path / 't.beton'}", f"data.val={tmp_path / 'v.beton'}",
+                                f"ray.storage={tmp_path / 'runs'}"])
+    with pytest.raises(ValueError, match=re.escape(message)):
+        sslray.pretrain(cfg, evaluate=protocols, eval_settings=settings)
 
 
 def test_pretrain_eval_flags_reach_the_protocols_on_the_runs_workers_and_subsets(tmp_path, monkeypatch):

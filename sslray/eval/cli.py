@@ -44,6 +44,8 @@ def add_protocol_args(p, ft_workers: str, title: str = "protocol settings") -> N
     """The protocols' settings: kNN neighbours and temperatures, low-shot fractions and seeds, and the
     budgets of the Ray-trained protocols (``--ft-*``, ``--lin-*``); ``sslray eval`` and ``sslray pretrain
     --eval`` take the same flags (``protocol_settings`` reads them)."""
+    from ..cli import count
+
     p = p.add_argument_group(title)
     p.add_argument("--knn-k", default="10,20,100,200", help="kNN neighbour counts")
     p.add_argument("--knn-temperature", metavar="T[,T...]",
@@ -57,7 +59,7 @@ def add_protocol_args(p, ft_workers: str, title: str = "protocol settings") -> N
     p.add_argument("--ft-lr", type=float, default=1e-3, help="finetune: AdamW lr per 256 images")
     p.add_argument("--ft-layer-decay", type=float, default=0.75, help="finetune: ViT layer-wise lr decay")
     p.add_argument("--ft-views", default="mae", help="finetune: view preset for the train images")
-    p.add_argument("--ft-workers", type=int, default=None, help=ft_workers)
+    p.add_argument("--ft-workers", type=count(1), default=None, help=ft_workers)
     p.add_argument("--ft-weight-decay", type=float, default=0.05,
                    help="finetune: AdamW weight decay (none on biases, norms and tokens)")
     p.add_argument("--ft-label-smoothing", type=float, default=0.1, help="finetune: label smoothing of the loss")
