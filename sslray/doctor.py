@@ -405,7 +405,7 @@ def _gib(n: float) -> str:
 
 
 def check_data(data: str, storage: Optional[str]) -> list[Check]:
-    from .datasets import ConversionError, DataError, dataset_info
+    from .datasets import ConversionError, DataError, dataset_info, manifest_path
 
     try:
         info = dataset_info(data)
@@ -421,7 +421,9 @@ def check_data(data: str, storage: Optional[str]) -> list[Check]:
     free = {k: shutil.disk_usage(v).free for k, v in places.items()}
     # What the job will read, as convert wrote it: labels and how non-square images were stored.
     kind = f"{info.num_classes} class{'es' * (info.num_classes != 1)}" if info.classes else "unlabelled"
-    detail = f"{data}: {info.num_images} images, {kind}, --square {info.square}, {_gib(size)}; free: " + ", ".join(
+    if manifest_path(data).is_file():  # a folder, or a .beton converted elsewhere, says nothing of it
+        kind += f", --square {info.square}"
+    detail = f"{data}: {info.num_images} images, {kind}, {_gib(size)}; free: " + ", ".join(
         f"{_gib(f)} in {places[k]} ({k})" for k, f in free.items())
     low = min(free.values())
     if low < size:

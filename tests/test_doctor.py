@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from PIL import Image
 
 from conftest import drop_ray_lines
 from sslray import doctor, rayhead
@@ -281,6 +282,11 @@ def test_disk_against_beton_size(tmp_path, monkeypatch):
     manifest = tmp_path / "d.manifest.json"  # a padded conversion says so (its whole images have grey borders)
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "write_params": {"square": "pad"}}))
     assert "--square pad" in doctor.check_data(str(beton), str(tmp_path / "runs"))[0].detail
+    folder = tmp_path / "imgs" / "cat"  # an ImageFolder has no conversion settings to show
+    folder.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(folder / "a.jpg")
+    [plain] = doctor.check_data(str(folder.parent), str(tmp_path / "runs"))
+    assert "1 images, 1 class," in plain.detail and "--square" not in plain.detail
     monkeypatch.setattr(doctor.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
     [full] = doctor.check_data(str(beton), str(tmp_path / "runs"))
     assert full.status == "FAIL" and "free" in full.fix

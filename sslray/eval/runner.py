@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -212,7 +213,7 @@ def log_eval(tracker, report: EvalReport) -> None:
     earlier, tagged = _logged_summary(tracker)
     metrics = report.metrics()
     tracker.log_metrics(metrics)
-    stale = superseded_metrics(earlier, report) - set(metrics)
+    stale = superseded_metrics(earlier, report) - {k for k, v in metrics.items() if math.isfinite(v)}
     if stale:
         tracker.clear_metrics(stale)
     summary = merged_summary(earlier, report)

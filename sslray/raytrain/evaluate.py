@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 from dataclasses import dataclass, field
@@ -239,7 +240,7 @@ def log_probe(tracker, report: ProbeReport) -> None:
                     if k in report.random_init and k != "linear_c"})
     tracker.log_metrics(metrics)
     stale = {k for k in tracker.client.get_run(tracker.run_id).data.metrics
-             if k.startswith(PROBE_BASELINE_PREFIXES) and k not in metrics}
+             if k.startswith(PROBE_BASELINE_PREFIXES) and not math.isfinite(metrics.get(k, math.nan))}
     if stale:
         tracker.clear_metrics(stale)
     tracker.set_tags({"sslray.probe_converged": report.probe.converged})

@@ -53,7 +53,7 @@ def check_data(cfg: Config):
     """Fail before Ray starts on a dataset that is not given or not on this machine, when the workers
     will run here (a Ray instance this process starts). A cluster's workers may read files this
     machine does not have (node-local copies), so there a missing path is only reported. Data that is
-    here gets the workers' own header checks (``loop.plan_data``: readable files, class lists, labels,
+    here gets the workers' own header checks (``data.plan_data``: readable files, class lists, labels,
     batch against workers and images) and its ``DataPlan`` is returned (else None)."""
     import ray
 
