@@ -164,7 +164,9 @@ class Tracker:
     def clear_metrics(self, keys: Iterable[str]) -> None:
         """Make NaN the latest value of ``keys``: numbers an earlier call logged that no longer hold (a
         probe re-run without its baseline leaves no random-init score to pair with). MLflow cannot delete
-        a metric; the UI and ``sslray compare`` show NaN as no value, and the history keeps the old one."""
+        a metric; the UI and ``sslray compare`` show NaN as no value, and the history keeps the old one.
+        MLflow's latest value is the highest step, then the newest time: the keys cleared here (probe
+        and eval scores) are all logged at step 0. The TensorBoard mirror keeps its old points."""
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
