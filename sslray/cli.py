@@ -223,9 +223,9 @@ def _linear_c(text: str) -> tuple[float, ...]:
 
 
 def cmd_pretrain(a) -> int:
-    cfg = config_from_args(a)
     from .eval.cli import protocol_flags_given, protocol_settings
 
+    cfg = config_from_args(a)
     linear_c = _linear_c(a.linear_c)
     train_subset, val_subset = a.probe_train_subset or cfg.data.train_subset, a.probe_val_subset or cfg.data.val_subset
     settings = None
