@@ -154,9 +154,11 @@ def test_a_probe_without_its_baseline_clears_an_earlier_probes_baseline(run):
         probe = SimpleNamespace(converged=True, report="r", confusion=np.eye(2, dtype=int))
         return SimpleNamespace(pretrained=pre, random_init=rnd, probe=probe, classes=["a", "b"], pictures={})
 
-    evaluate.log_probe(run, report({"linear_top1": 0.6, "knn_top1": 0.5}, {"linear_top1": 0.3, "knn_top1": 0.2}))
+    evaluate.log_probe(run, report({"linear_top1": 0.6, "knn_top1": 0.5, "linear_c": 0.1},  # `--linear-c 0.1,1`
+                                   {"linear_top1": 0.3, "knn_top1": 0.2, "linear_c": 1.0}))
     run.log_metrics({"knn_top1": 0.55})  # the training loop's own monitor metric is not the probe's to clear
     evaluate.log_probe(run, report({"linear_top1": 0.62, "knn_top1": 0.51}, {}))  # `--no-baseline`
     m = run.client.get_run(run.run_id).data.metrics
     assert (m["probe_linear_top1"], m["probe_knn_top1"], m["knn_top1"]) == (0.62, 0.51, 0.55)
     assert all(math.isnan(m[f"{p}_{k}"]) for p in ("random_init", "gain") for k in ("linear_top1", "knn_top1"))
+    assert math.isnan(m["probe_linear_c"]) and math.isnan(m["random_init_linear_c"])  # one C given: none chosen

@@ -226,12 +226,14 @@ def probe_checkpoint(checkpoint: str, train: str, val: str, *, train_subset: int
 
 
 PROBE_BASELINE_PREFIXES = ("random_init_", "gain_")  # log_probe's baseline metrics; the loop logs none of these
+PROBE_CHOICE = "probe_linear_c"  # logged only when the probe chose among several C
 
 
 def log_probe(tracker, report: ProbeReport) -> None:
     """Probe metrics as ``probe_*``, ``random_init_*`` and ``gain_*`` (the last two only with a baseline),
     the per-class report and the confusion PNG. A baseline an earlier probe logged to the run and this one
-    has not (``--no-baseline``) is cleared, so the run never pairs this probe with another's baseline."""
+    has not (``--no-baseline``) is cleared, so the run never pairs this probe with another's baseline; so
+    is an earlier probe's chosen C when this one was given one C."""
     from .. import plots
 
     metrics = {f"probe_{k}": v for k, v in report.pretrained.items()}
@@ -239,8 +241,9 @@ def log_probe(tracker, report: ProbeReport) -> None:
     metrics.update({f"gain_{k}": report.pretrained[k] - report.random_init[k] for k in report.pretrained
                     if k in report.random_init and k != "linear_c"})
     tracker.log_metrics(metrics)
-    stale = {k for k in tracker.client.get_run(tracker.run_id).data.metrics
-             if k.startswith(PROBE_BASELINE_PREFIXES) and not math.isfinite(metrics.get(k, math.nan))}
+    ours = (k for k in tracker.client.get_run(tracker.run_id).data.metrics
+            if k.startswith(PROBE_BASELINE_PREFIXES) or k == PROBE_CHOICE)
+    stale = {k for k in ours if not math.isfinite(metrics.get(k, math.nan))}
     if stale:
         tracker.clear_metrics(stale)
     tracker.set_tags({"sslray.probe_converged": report.probe.converged})
