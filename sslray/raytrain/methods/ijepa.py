@@ -3,8 +3,8 @@ the representations that an EMA target encoder gives four target blocks of the s
 reconstructed and no views are augmented beyond a random-resized crop.
 
 The context encoder is the run's timm ViT (``backbone``, the one probed and exported), run on the
-context patches only; it is built without a class token and with average pooling, the paper's
-evaluation feature (the mean of the last layer's patch tokens), so ``backbone(x)`` gives that.
+context patches only; it is built without a class token and with average pooling of its normed patch
+tokens, the paper's evaluation feature (the mean of the last layer's tokens), which ``backbone(x)`` gives.
 """
 
 from __future__ import annotations
@@ -157,13 +157,15 @@ def build_ijepa(cfg, backbone, feat_dim, patch_size: int = 0, pred_dim: int = 38
     0 (e.g. 4 for 32-px CIFAR: 8x8 patches)."""
     check_momentum_end(momentum, momentum_end, momentum_schedule)
     size = cfg.views.crop_size
-    patch = patch_size or getattr(getattr(backbone, "patch_embed", None), "patch_size", (0,))[0]
-    if not patch:
-        raise ValueError(f"I-JEPA needs a timm VisionTransformer backbone, got {cfg.model.backbone!r}")
+    if not hasattr(backbone, "patch_embed"):
+        raise ValueError(f"I-JEPA needs a timm VisionTransformer backbone, got model.backbone "
+                         f"{cfg.model.backbone!r} ({type(backbone).__name__})")
+    patch = patch_size or int(backbone.patch_embed.patch_size[0])
     if size % patch:
         raise ValueError(f"method.params.patch_size {patch} must divide views.crop_size {size}")
+    # fc_norm off: the final LayerNorm stays on the tokens (the loss trains it), then they are averaged
     backbone = create_backbone(cfg.model.backbone, img_size=size, patch_size=patch, class_token=False,
-                               global_pool="avg")
+                               global_pool="avg", fc_norm=False)
     return IJEPA(backbone, pred_dim, pred_depth, pred_heads, num_targets, (target_scale_min, target_scale_max),
                  (target_aspect_min, target_aspect_max), (context_scale_min, context_scale_max), min_context,
                  momentum, momentum_end, momentum_schedule)
