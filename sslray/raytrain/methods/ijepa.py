@@ -150,11 +150,11 @@ def build_ijepa(cfg, backbone, feat_dim, patch_size: int = 0, pred_dim: int = 38
                 momentum: float = 0.996, momentum_end: float = 1.0, momentum_schedule: str = "linear"):
     """Paper defaults (sec. 4, appendix A): 4 target blocks of scale 0.15-0.2 and aspect ratio 0.75-1.5,
     one context block of scale 0.85-1 (aspect 1) without the target patches; target momentum 0.996 -> 1
-    along a straight line. The predictor is 384 wide as the paper's (12 blocks there, for ViT-H; 6 by
+    along a straight line (``momentum_schedule``: linear, cosine or constant). The predictor is 384 wide as the paper's (12 blocks there, for ViT-H; 6 by
     default here, for the smaller ViTs), ``pred_heads`` 0: ``pred_dim // 64``. ``min_context``: the
     fewest context patches before the masks relax (the paper code's ``min_keep``). The ViT is rebuilt
-    without a class token, with average pooling, at the crop size, and with ``patch_size`` when above
-    0 (e.g. 4 for 32-px CIFAR: 8x8 patches)."""
+    without a class token, averaging its normed patch tokens (the features probed and exported), at
+    the crop size, and with ``patch_size`` when above 0 (e.g. 4 for 32-px CIFAR: 8x8 patches)."""
     check_momentum_end(momentum, momentum_end, momentum_schedule)
     size = cfg.views.crop_size
     if not hasattr(backbone, "patch_embed"):
