@@ -227,3 +227,17 @@ def test_the_preset_crops_without_flip_or_colour():
 def test_a_cnn_backbone_is_refused_by_name():
     with pytest.raises(ValueError, match="VisionTransformer"):
         create_method(load_config("ijepa_cifar10", {"model.backbone": "resnet10t"}))
+
+
+@pytest.mark.parametrize("params, key", [
+    ({"momentum_schedule": "cosin"}, "momentum_schedule"),
+    ({"target_scale_min": 0.3, "target_scale_max": 0.2}, "target_scale"),
+    ({"context_scale_max": 1.2}, "context_scale"),
+    ({"target_aspect_min": 0.0}, "target_aspect"),
+    ({"num_targets": 0}, "num_targets"),
+])
+def test_bad_mask_and_momentum_params_are_refused_by_key(params, key):
+    from sslray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"method.params.{key}"):
+        _tiny(**params)

@@ -15,6 +15,7 @@ import torch
 from timm.models import checkpoint_seq
 from torch import nn
 
+from ...config import ConfigError
 from ..backbones import create_backbone, trunk_modules
 from ..losses import ijepa_loss, multiblock_masks
 from . import register_method
@@ -98,7 +99,6 @@ class IJEPA(nn.Module):
         self.target = EMATeacher(backbone)  # starts equal to the context encoder (sec. 3)
         self.masks = dict(num_targets=num_targets, target_scale=target_scale, target_aspect=target_aspect,
                           context_scale=context_scale, min_context=min_context)
-        ema_momentum(0, 1, momentum, momentum_schedule)  # an unknown schedule fails here, not at step 1
         self.base_momentum, self.momentum_end, self.momentum_schedule = momentum, momentum_end, momentum_schedule
 
     def _tokens(self, vit: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
@@ -150,12 +150,25 @@ def build_ijepa(cfg, backbone, feat_dim, patch_size: int = 0, pred_dim: int = 38
                 momentum: float = 0.996, momentum_end: float = 1.0, momentum_schedule: str = "linear"):
     """Paper defaults (sec. 4, appendix A): 4 target blocks of scale 0.15-0.2 and aspect ratio 0.75-1.5,
     one context block of scale 0.85-1 (aspect 1) without the target patches; target momentum 0.996 -> 1
-    along a straight line (``momentum_schedule``: linear, cosine or constant). The predictor is 384 wide as the paper's (12 blocks there, for ViT-H; 6 by
-    default here, for the smaller ViTs), ``pred_heads`` 0: ``pred_dim // 64``. ``min_context``: the
-    fewest context patches before the masks relax (the paper code's ``min_keep``). The ViT is rebuilt
-    without a class token, averaging its normed patch tokens (the features probed and exported), at
-    the crop size, and with ``patch_size`` when above 0 (e.g. 4 for 32-px CIFAR: 8x8 patches)."""
+    along a straight line (``momentum_schedule``: linear, cosine or constant). The predictor is 384
+    wide as the paper's (12 blocks there, for ViT-H; 6 by default here, for the smaller ViTs),
+    ``pred_heads`` 0: ``pred_dim // 64``. ``min_context``: the fewest context patches before the masks
+    relax (the paper code's ``min_keep``). The ViT is rebuilt without a class token, averaging its
+    normed patch tokens (the features probed and exported), at the crop size, and with ``patch_size``
+    when above 0 (e.g. 4 for 32-px CIFAR: 8x8 patches)."""
+    if momentum_schedule not in ("linear", "cosine", "constant"):
+        raise ConfigError(f"config key 'method.params.momentum_schedule': linear, cosine or constant, "
+                          f"got {momentum_schedule!r}")
     check_momentum_end(momentum, momentum_end, momentum_schedule)
+    for key, lo, hi, ok in (("target_scale", target_scale_min, target_scale_max, target_scale_max < 1),
+                            ("context_scale", context_scale_min, context_scale_max, context_scale_max <= 1),
+                            ("target_aspect", target_aspect_min, target_aspect_max, True)):
+        if not (0 < lo <= hi and ok):
+            raise ConfigError(f"config keys 'method.params.{key}_min' and '_max': need 0 < min <= max (a scale "
+                              f"at most 1, a target's below 1), got {lo}, {hi}")
+    if num_targets < 1 or min_context < 1:
+        raise ConfigError(f"config keys 'method.params.num_targets' and 'min_context' must be 1 or more, got "
+                          f"{num_targets}, {min_context}")
     size = cfg.views.crop_size
     if not hasattr(backbone, "patch_embed"):
         raise ValueError(f"I-JEPA needs a timm VisionTransformer backbone, got model.backbone "
