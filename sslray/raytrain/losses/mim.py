@@ -116,7 +116,7 @@ def multiblock_masks(batch: int, grid: int, num_targets: int = 4, target_scale: 
     ch, cw = _block_size(u_c, context_scale, (1.0, 1.0), grid)
     targets = _blocks((num_targets, batch), th, tw, grid)  # (M, B, N)
     block = _blocks((batch, tries), ch, cw, grid)  # (B, R, N)
-    # excluded[j]: the union of the first j target blocks, j = M .. 0 (strictest first)
+    # unions[j]: the first j target blocks together; flipped, the context excludes all M first, then fewer
     unions = torch.cumsum(torch.cat([torch.zeros_like(targets[:1]), targets]).int(), 0).bool()
     context = block.unsqueeze(0) & ~unions.flip(0).unsqueeze(2)  # (M + 1, B, R, N)
     ok = context.sum(-1) >= min(min_context, ch * cw)  # (M + 1, B, R); j = 0 always holds
