@@ -55,6 +55,17 @@ def timm_kwargs(backbone: nn.Module, cfg) -> dict[str, Any]:
     if pe is not None and hasattr(pe, "patch_size"):  # a ViT: its input size and patch size (MAE may change it)
         kw["img_size"] = int(cfg.views.crop_size)
         kw["patch_size"] = int(pe.patch_size[0])
+        from timm.models.vision_transformer import VisionTransformer
+        from torch.nn import Identity
+
+        if isinstance(backbone, VisionTransformer):  # I-JEPA's: no class token, its patch tokens averaged
+            if backbone.cls_token is None:
+                kw["class_token"] = False
+            if backbone.global_pool != "token":
+                kw["global_pool"] = backbone.global_pool
+            fc_norm = not isinstance(backbone.fc_norm, Identity)  # timm's default: on with pooled patches
+            if fc_norm != (backbone.global_pool in ("avg", "avgmax", "max")):
+                kw["fc_norm"] = fc_norm
     return kw
 
 

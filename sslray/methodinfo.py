@@ -15,6 +15,7 @@ FAMILIES: dict[str, str] = {
     "barlowtwins": "non-contrastive",
     "byol": "non-contrastive",
     "dino": "distillation",
+    "ijepa": "MIM",
     "mae": "MIM",
     "mocov2": "contrastive",
     "mocov3": "contrastive",

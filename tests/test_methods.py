@@ -34,9 +34,12 @@ PARAMS = {
     "swav": {"num_prototypes": 32, "queue_size": 64, "queue_start_step": 0, "freeze_prototypes_steps": 2},
     "dino": {"out_dim": 128, "hidden_dim": 64, "bottleneck_dim": 32, "freeze_last_layer_epochs": 0.1},
     "mae": {"patch_size": 8, "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2},
+    # a 4x4 grid: 1-2 patch target blocks, the context cut to its batch minimum
+    "ijepa": {"patch_size": 8, "pred_dim": 32, "pred_depth": 1, "min_context": 4},
 }
-# ViTs where the method needs tokens: MAE, and VICRegL's local matching (a 2x2 grid at 32 px).
-EXTRA = {"mae": {"model.backbone": "vit_tiny_patch16_224"}, "vicregl": {"model.backbone": "vit_tiny_patch16_224"}}
+# ViTs where the method needs tokens: MAE and I-JEPA, and VICRegL's local matching (a 2x2 grid at 32 px).
+EXTRA = {"mae": {"model.backbone": "vit_tiny_patch16_224"}, "ijepa": {"model.backbone": "vit_tiny_patch16_224"},
+         "vicregl": {"model.backbone": "vit_tiny_patch16_224"}}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: faster on one thread

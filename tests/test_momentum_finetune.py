@@ -19,9 +19,10 @@ from sslray.raytrain.methods import METHODS, create_method
 from sslray.raytrain.methods._ema import EMATeacher, ema_momentum
 from sslray.raytrain.optim import cosine_momentum
 
-EMA_METHODS = ("byol", "dino", "mocov2", "mocov3")
+EMA_METHODS = ("byol", "dino", "ijepa", "mocov2", "mocov3")
 # mocov2's recipe keeps its momentum constant (the paper's); the cosine schedule is the one that ends.
-COSINE = {"mocov2": {"momentum_schedule": "cosine"}}
+# I-JEPA's default is linear (tests/test_ijepa.py); here it runs the cosine the others share.
+COSINE = {"mocov2": {"momentum_schedule": "cosine"}, "ijepa": {"momentum_schedule": "cosine"}}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: faster on one thread

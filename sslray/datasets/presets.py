@@ -103,6 +103,14 @@ def mae_views(size=32, min_scale=0.2, jitter_strength=0.5, blur=False, **_):
     return [(replace(base, jitter_p=0.0, grey_p=0.0, blur_p=0.0, solarize_p=0.0), 1)]
 
 
+@PRESETS.register("ijepa")
+def ijepa_views(size=32, min_scale=0.3, jitter_strength=0.5, blur=False, **_):
+    """I-JEPA (Assran et al. 2023, appendix A): one view, random-resized crop (scale 0.3-1) alone: no
+    flip and no colour ops (the paper code's ``make_transforms``: ``horizontal_flip=False``)."""
+    base = _base(size, min_scale, jitter_strength, False, _small(size))
+    return [(replace(base, hflip_p=0.0, jitter_p=0.0, grey_p=0.0, blur_p=0.0, solarize_p=0.0), 1)]
+
+
 @PRESETS.register("vicregl")
 def vicregl_views(size=32, min_scale=0.08, jitter_strength=0.5, blur=False, **_):
     """VICRegL: BYOL's colour jitter and greyscale on the whole image (no crop, no flip). The method
@@ -123,4 +131,5 @@ def vicregl_tail(size=32, blur=False) -> tuple[AugParams, AugParams]:
     return _byol_pair(size, 0.08, 0.5, blur)
 
 
-__all__ = ["byol_views", "dino_views", "local_crop_size", "mae_views", "swav_views", "vicregl_tail", "vicregl_views"]
+__all__ = ["byol_views", "dino_views", "ijepa_views", "local_crop_size", "mae_views", "swav_views", "vicregl_tail",
+           "vicregl_views"]

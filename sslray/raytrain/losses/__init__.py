@@ -7,7 +7,7 @@ family: contrastive, non-contrastive, clustering, distillation, masked image mod
 from .clustering import prototype_scores, sinkhorn, swav_loss
 from .contrastive import infonce_loss, multiview_nt_xent_loss, nt_xent_loss
 from .distillation import dino_loss, update_center
-from .mim import mae_loss, num_masked, patchify, random_masking
+from .mim import ijepa_loss, mae_loss, multiblock_masks, num_masked, patchify, random_masking
 from .non_contrastive import (
     barlow_twins_loss,
     covariance_loss,
@@ -28,6 +28,7 @@ __all__ = [
     "barlow_twins_loss",
     "covariance_loss",
     "dino_loss",
+    "ijepa_loss",
     "infonce_loss",
     "invariance_loss",
     "local_vicreg_loss",
@@ -36,6 +37,7 @@ __all__ = [
     "multicrop_cosine_loss",
     "multicrop_pairs",
     "multicrop_vicreg_loss",
+    "multiblock_masks",
     "multiview_nt_xent_loss",
     "nearest_by_feature",
     "nearest_by_location",

@@ -209,7 +209,7 @@ def compile_method(model: nn.Module, mode: str = "default") -> list[nn.Module]:
     return targets
 
 
-from . import dino, mae, moco, nnclr, redundancy, siamese, simclr, swav, vicregl  # noqa: F401  (register)
+from . import dino, ijepa, mae, moco, nnclr, redundancy, siamese, simclr, swav, vicregl  # noqa: F401  (register)
 
 __all__ = ["COMPILE_MODES", "METHODS", "build_backbone", "check_local_crops", "compile_method", "create_method",
            "import_plugins", "method_builder", "multicrop_methods", "register_method"]

@@ -1,4 +1,4 @@
-"""Momentum (EMA) teachers shared by MoCo v2/v3, BYOL and DINO."""
+"""Momentum (EMA) teachers shared by MoCo v2/v3, BYOL, DINO and I-JEPA."""
 
 from __future__ import annotations
 
@@ -53,13 +53,16 @@ class EMATeacher(nn.Module):
 
 
 def ema_momentum(step: int, total: int, base: float, schedule: str = "cosine", end: float = 1.0) -> float:
-    """``cosine``: base -> ``end`` over training (1 in BYOL, MoCo v3, DINO); ``constant``: base (MoCo v2).
-    One curve, ``optim.cosine_momentum``, for the teachers' updates and the schedule picture."""
+    """``cosine``: base -> ``end`` over training (1 in BYOL, MoCo v3, DINO); ``linear``: base -> ``end``
+    along a straight line (I-JEPA's 0.996 -> 1); ``constant``: base (MoCo v2). One function for the
+    teachers' updates and the schedule picture."""
     if schedule == "cosine":
         return cosine_momentum(step, total, base, end)
+    if schedule == "linear":
+        return base + (end - base) * min(step, total) / max(1, total)
     if schedule == "constant":
         return base
-    raise ValueError(f"momentum schedule must be 'cosine' or 'constant', got {schedule!r}")
+    raise ValueError(f"momentum schedule must be 'cosine', 'linear' or 'constant', got {schedule!r}")
 
 
 def check_momentum_end(base: float, end: float, schedule: str = "cosine") -> float:
