@@ -26,10 +26,6 @@ from torch import nn
 HEAD_WEIGHTS = "head.safetensors"
 
 
-# The upload order: a reader that finds backbone.json (written last) finds the whole classifier.
-SAVED_FILES = (HEAD_WEIGHTS, "backbone.safetensors", "backbone.json")
-
-
 def check_save_dir(path: str | os.PathLike, option: str = "--ft-save (finetune.save)") -> str | Path:
     """``path`` as a folder the classifier may be written into: absent, or an empty folder (a URI: no
     object under it)."""
@@ -54,13 +50,14 @@ def keep_saved(folder: Path, dest: str | os.PathLike) -> None:
     ``dest``: a local folder, or object storage (uploaded file by file, ``backbone.json`` last)."""
     import shutil
 
+    from ..export import META, WEIGHTS
     from ..storage import is_remote, join, upload
 
     out = check_save_dir(dest)
     if not is_remote(dest):
         shutil.copytree(folder, out, dirs_exist_ok=True)
         return
-    for name in SAVED_FILES:
+    for name in (HEAD_WEIGHTS, WEIGHTS, META):  # a reader that finds backbone.json finds the whole classifier
         upload(folder / name, join(str(out), name))
 
 
