@@ -190,13 +190,23 @@ def run_pretrain(cfg, probe: bool = True, probe_train_subset: int = 0, probe_val
     return Run(res.run_id, res.tracking_uri, res.checkpoint, res.metrics, res.name, res.storage, backbone, report, ev)
 
 
+def run_finetune_base(cfg, train_subset: int, val_subset: int):
+    """The ``FinetuneSettings`` of ``pretrain --eval``'s Ray-trained protocols before their budget: the
+    training run's workers, device and seed, on the probe's subsets."""
+    from .raytrain.finetune import FinetuneSettings
+
+    return FinetuneSettings(num_workers=cfg.ray.num_workers, cpus_per_worker=cfg.ray.cpus_per_worker,
+                            use_gpu=cfg.ray.use_gpu, seed=cfg.train.seed, train_subset=train_subset,
+                            val_subset=val_subset)
+
+
 def eval_defaults(cfg, train_subset: int, val_subset: int, settings: Optional[Mapping[str, Any]] = None) -> dict:
     """``pretrain --eval``'s protocol settings: ``settings``, and for the Ray-trained protocols not given
     there the default budgets on the training run's workers, device and seed and the probe's subsets."""
     import dataclasses
 
     from .eval.protocols import EvalContext
-    from .raytrain.finetune import FinetuneSettings, linear_sgd_settings
+    from .raytrain.finetune import linear_sgd_settings
 
     out = dict(settings or {})
     # pretrain's own arguments (linear_c, baseline, the probe's subsets) and the store are not settings
@@ -206,9 +216,7 @@ def eval_defaults(cfg, train_subset: int, val_subset: int, settings: Optional[Ma
         raise ValueError(f"eval_settings: {', '.join(unknown)} is not a protocol setting; expected some of "
                          f"{', '.join(sorted(known))} (linear_c, baseline and the subsets are pretrain's arguments)")
     if out.get("finetune") is None:
-        out["finetune"] = FinetuneSettings(num_workers=cfg.ray.num_workers, cpus_per_worker=cfg.ray.cpus_per_worker,
-                                           use_gpu=cfg.ray.use_gpu, seed=cfg.train.seed, train_subset=train_subset,
-                                           val_subset=val_subset)
+        out["finetune"] = run_finetune_base(cfg, train_subset, val_subset)
     if out.get("linear_sgd") is None:
         out["linear_sgd"] = linear_sgd_settings(out["finetune"])
     return out
@@ -233,9 +241,7 @@ def cmd_pretrain(a) -> int:
         from .eval import parse_protocols
 
         parse_protocols(a.eval, option="--eval")
-        settings = protocol_settings(a, use_gpu=cfg.ray.use_gpu, num_workers=cfg.ray.num_workers,
-                                     cpus_per_worker=cfg.ray.cpus_per_worker, seed=cfg.train.seed,
-                                     train_subset=train_subset, val_subset=val_subset)
+        settings = protocol_settings(a, run_finetune_base(cfg, train_subset, val_subset))
     elif protocol_flags_given(a):
         raise ValueError(f"{', '.join(protocol_flags_given(a))}: settings of the --eval protocols, and no --eval "
                          "was given (e.g. --eval linear_sgd --lin-epochs 20)")

@@ -85,18 +85,18 @@ def protocol_flags_given(a) -> list[str]:
     return ["--" + k.replace("_", "-") for k, v in vars(bare.parse_args([])).items() if getattr(a, k) != v]
 
 
-def protocol_settings(a, *, use_gpu: str, num_workers: int = 2, cpus_per_worker: float = 1.0,
-                      seed=None, train_subset: int = 0, val_subset: int = 0) -> dict:
-    """``add_protocol_args``' flags -> ``run_eval``'s protocol settings (``EvalContext`` fields). The
-    Ray-trained protocols run ``--ft-workers`` workers, else ``num_workers``, on these subsets."""
-    from ..raytrain.finetune import FinetuneSettings, linear_sgd_settings
+def protocol_settings(a, base) -> dict:
+    """``add_protocol_args``' flags -> ``run_eval``'s protocol settings (``EvalContext`` fields). ``base``:
+    the ``FinetuneSettings`` of where the Ray-trained protocols run (workers, device, seed, subsets),
+    which the ``--ft-*`` flags complete; ``--ft-workers`` replaces its worker count."""
+    import dataclasses
 
-    ft = FinetuneSettings(epochs=a.ft_epochs, max_steps=a.ft_max_steps, batch_size=a.ft_batch_size,
-                          base_lr=a.ft_lr, layer_decay=a.ft_layer_decay, views=a.ft_views,
-                          num_workers=a.ft_workers or num_workers, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu,
-                          train_subset=train_subset, val_subset=val_subset, seed=seed,
-                          weight_decay=a.ft_weight_decay, label_smoothing=a.ft_label_smoothing,
-                          drop_path=a.ft_drop_path, save=a.ft_save or "")
+    from ..raytrain.finetune import linear_sgd_settings
+
+    ft = dataclasses.replace(base, epochs=a.ft_epochs, max_steps=a.ft_max_steps, batch_size=a.ft_batch_size,
+                             base_lr=a.ft_lr, layer_decay=a.ft_layer_decay, views=a.ft_views,
+                             num_workers=a.ft_workers or base.num_workers, weight_decay=a.ft_weight_decay,
+                             label_smoothing=a.ft_label_smoothing, drop_path=a.ft_drop_path, save=a.ft_save or "")
     return {"knn_ks": _numbers(a.knn_k, int, "--knn-k"),
             "knn_temperature": _numbers(a.knn_temperature, float, "--knn-temperature")
             if a.knn_temperature is not None else None,
@@ -117,7 +117,10 @@ def cmd_eval(a) -> int:
     opts = source_options(a)
     if a.run_id and not a.no_log:
         existing_run(a.tracking_uri, a.run_id)  # a run id or store that is not there, before the protocols run
-    settings = protocol_settings(a, use_gpu=a.gpu, train_subset=a.train_subset, val_subset=a.val_subset)
+    from ..raytrain.finetune import FinetuneSettings
+
+    settings = protocol_settings(a, FinetuneSettings(use_gpu=a.gpu, train_subset=a.train_subset,
+                                                     val_subset=a.val_subset))
     report = run_eval(a.checkpoint, _abs(a.train), _abs(a.val), names, train_subset=a.train_subset,
                       val_subset=a.val_subset, use_gpu=a.gpu, cache_dir=a.cache_dir, cache=not a.no_cache,
                       baseline=not a.no_baseline, linear_c=_numbers(a.linear_c, float, "--linear-c"), source=opts,
